@@ -1,0 +1,409 @@
+"""The typed run configuration: YAML + dotted ``key=value`` overrides + validation.
+
+One dataclass per section; every component receives only its own section (``cfg.data``,
+``cfg.loss``, ...), never the whole run config. Loading rejects unknown keys and wrong types with
+the dotted name of the offending field, and :meth:`RunConfig.validate` checks the cross-field rules
+(batch sizes that divide, prompt length below max length, ...) before any process group exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or inconsistent."""
+
+
+@dataclass
+class ModelConfig:
+    checkpoint: str | None = None
+    """A megatron checkpoint written by ``tools/convert_hf_to_mcore.py`` (or a simpo-train
+    checkpoint directory). ``None`` only for the embedded tiny default, which builds its own."""
+
+    tokenizer: str | None = None
+    """Local tokenizer directory or hub name. ``None``: the tokenizer recorded in the checkpoint."""
+
+    spec: Literal["auto", "te", "local", "sdpa"] = "auto"
+    """Layer implementation. ``auto``: Transformer Engine when it imports and a GPU is used, else
+    megatron's local layers with a torch SDPA core attention (``sdpa``). ``local`` keeps megatron's
+    unfused ``DotProductAttention`` (slow and memory hungry; for comparisons only)."""
+
+    make_vocab_size_divisible_by: int = 128
+    """The vocabulary is padded to a multiple of this times TP; padded rows never carry probability."""
+
+    logprob_chunk_tokens: int = 4096
+    """Tokens per chunk in the fused output-projection + log-prob head (memory flat in tokens x
+    vocab). 0 computes full logits and uses megatron's ``vocab_parallel_cross_entropy``."""
+
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation: ``selective`` recomputes the attention core, ``full`` whole layers."""
+
+    recompute_num_layers: int = 1
+    """With ``recompute: full``: layers per recomputed block (uniform method)."""
+
+
+@dataclass
+class DataConfig:
+    train_path: str | None = None
+    """Training preferences: a hub dataset name, a local parquet/jsonl/json file or directory, or
+    ``synthetic`` (the learnable arithmetic preferences generated in code)."""
+
+    train_split: str = "train_prefs"
+    """Split of ``train_path`` (hub datasets; local files are always one ``train`` split)."""
+
+    eval_path: str | None = None
+    """Held-out preferences, same forms as ``train_path``. ``None``: no evaluation."""
+
+    eval_split: str = "test_prefs"
+    """Split of ``eval_path``."""
+
+    max_length: int = 2048
+    """Longest prompt + response in tokens; longer pairs are truncated as the reference does."""
+
+    max_prompt_length: int = 1800
+    """Longest prompt after truncation; must be below ``max_length``."""
+
+    truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
+    """Which end of an over-long prompt to keep."""
+
+    on_bad_row: Literal["drop", "error"] = "drop"
+    """Rows that cannot form a valid pair (missing field, last turn not from the assistant, empty
+    response, no room left by the prompt): ``drop`` with a counted warning, or ``error``."""
+
+    max_pairs: int | None = None
+    """Use only the first N rows of the training split (debugging); ``None`` uses all."""
+
+    max_eval_pairs: int | None = None
+    """Use only the first N rows of the evaluation split."""
+
+    num_proc: int | None = None
+    """Processes for tokenisation (``datasets.map``); ``None`` picks min(8, cpu count)."""
+
+    cache_dir: str | None = None
+    """Where tokenised datasets are cached; ``None`` uses ``<output_dir>/data_cache``."""
+
+    synthetic_pairs: int = 2048
+    """With ``train_path: synthetic``: number of generated training pairs (evaluation gets 256)."""
+
+
+@dataclass
+class LossConfig:
+    type: Literal["simpo", "simpo_hinge", "dpo"] = "simpo"
+    """``simpo`` (sigmoid on average log-probs), ``simpo_hinge``, or ``dpo`` (sigmoid on summed
+    log-prob ratios against the frozen starting checkpoint)."""
+
+    beta: float = 2.0
+    """Reward scale. SimPO uses 2-10; DPO baselines 0.01 (SimPO paper) or 0.1 (Marin)."""
+
+    gamma_beta_ratio: float = 0.5
+    """SimPO target margin divided by beta (gamma = beta * gamma_beta_ratio). Ignored by DPO."""
+
+    label_smoothing: float = 0.0
+    """Conservative sigmoid loss; 0 is the plain loss. Ignored by the hinge loss."""
+
+    sft_weight: float = 0.0
+    """Weight of the token-mean cross-entropy on chosen responses added to the loss."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size."""
+
+    pp: int = 1
+    """Pipeline-parallel size."""
+
+    vpp: int | None = None
+    """Virtual pipeline stages per pipeline rank (interleaved schedule); ``None`` for none."""
+
+    sequence_parallel: bool = False
+    """Shard activations along the sequence between tensor-parallel regions (needs tp > 1)."""
+
+    distributed_optimizer: bool = True
+    """Shard optimizer state across data-parallel ranks (megatron's distributed optimizer)."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto``: CUDA + NCCL when a GPU is present, else CPU + gloo. ``cpu`` forces CPU mode."""
+
+    timeout_minutes: int = 30
+    """Collective timeout."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-7
+    """Peak learning rate."""
+
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up."""
+
+    warmup_ratio: float = 0.1
+    """Fraction of the total steps spent in linear warm-up."""
+
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 disables clipping."""
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_pairs: int = 1
+    """Preference pairs per micro-batch (2x sequences: chosen then rejected)."""
+
+    global_batch_pairs: int = 128
+    """Pairs per optimizer step = micro_batch_pairs x accumulation steps x data-parallel size."""
+
+    epochs: float = 1.0
+    """Passes over the training set; ignored when ``max_steps`` is set."""
+
+    max_steps: int | None = None
+    """Optimizer steps to run; ``None`` derives it from ``epochs``."""
+
+    seed: int = 42
+    """Seeds data order and any random initialisation."""
+
+    precision: Literal["fp32", "bf16", "fp8"] = "bf16"
+    """Parameters and activations: fp32, bf16 mixed precision (fp32 master weights), or FP8
+    matmuls through Transformer Engine on top of bf16."""
+
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    """FP8 scaling recipe (Transformer Engine), with ``precision: fp8``."""
+
+    fp8_format: Literal["hybrid", "e4m3"] = "hybrid"
+    """FP8 format: ``hybrid`` (e4m3 forward, e5m2 backward) or ``e4m3`` everywhere."""
+
+    eval_interval: int = 0
+    """Evaluate on ``data.eval_path`` every N steps (and at the end); 0 only at the end."""
+
+    log_interval: int = 1
+    """Write metrics every N steps."""
+
+    max_nonfinite_steps: int = 3
+    """Abort after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
+
+    tensorboard: bool = True
+    """Write TensorBoard event files under ``<output_dir>/tensorboard``."""
+
+    progress_bar: bool = True
+    """Rank-0 progress bar on stderr."""
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 0
+    """Save every N steps (0: only at the end and on a signal)."""
+
+    keep_last: int = 2
+    """Keep the newest K step checkpoints."""
+
+    resume: bool = True
+    """Resume from ``<output_dir>/checkpoints/latest`` when it exists."""
+
+    export_hf: bool = False
+    """Also write a Hugging Face model to ``<output_dir>/hf`` at the end."""
+
+    save_optimizer: bool = True
+    """Include optimizer state (needed for exact resume)."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output_dir: str = "runs/simpo"
+    """Everything a run writes: checkpoints, metrics.jsonl, TensorBoard, eval_metrics.json."""
+
+    def validate(self) -> "RunConfig":
+        """Cross-field checks that need no process group. Raises ConfigError naming the field."""
+        d, t, p, loss = self.data, self.train, self.parallel, self.loss
+        _positive(self, ["data.max_length", "data.max_prompt_length", "train.micro_batch_pairs",
+                         "train.global_batch_pairs", "parallel.tp", "parallel.pp",
+                         "model.make_vocab_size_divisible_by", "train.log_interval",
+                         "model.recompute_num_layers", "parallel.timeout_minutes"])
+        if d.max_prompt_length >= d.max_length:
+            raise ConfigError(
+                f"data.max_prompt_length ({d.max_prompt_length}) must be below data.max_length "
+                f"({d.max_length}): no room would be left for the responses")
+        if t.global_batch_pairs % t.micro_batch_pairs:
+            raise ConfigError(
+                f"train.global_batch_pairs ({t.global_batch_pairs}) must be a multiple of "
+                f"train.micro_batch_pairs ({t.micro_batch_pairs})")
+        if p.vpp is not None:
+            if p.vpp < 2:
+                raise ConfigError(f"parallel.vpp must be >= 2 or null, got {p.vpp}")
+            if p.pp < 2:
+                raise ConfigError("parallel.vpp needs parallel.pp >= 2")
+        if p.sequence_parallel and p.tp == 1:
+            raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
+        if loss.beta <= 0:
+            raise ConfigError(f"loss.beta must be positive, got {loss.beta}")
+        if not 0.0 <= loss.label_smoothing < 0.5:
+            raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {loss.label_smoothing}")
+        if loss.sft_weight < 0:
+            raise ConfigError(f"loss.sft_weight must be >= 0, got {loss.sft_weight}")
+        if loss.type == "simpo_hinge" and loss.label_smoothing:
+            raise ConfigError("loss.label_smoothing has no effect with loss.type: simpo_hinge; set it to 0")
+        if t.max_steps is not None and t.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be >= 1 or null, got {t.max_steps}")
+        if t.epochs <= 0:
+            raise ConfigError(f"train.epochs must be positive, got {t.epochs}")
+        if not 0.0 <= self.optim.warmup_ratio < 1.0:
+            raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.optim.warmup_ratio}")
+        if self.model.logprob_chunk_tokens < 0:
+            raise ConfigError("model.logprob_chunk_tokens must be >= 0")
+        for name in ("save_interval", "keep_last"):
+            if getattr(self.checkpoint, name) < 0:
+                raise ConfigError(f"checkpoint.{name} must be >= 0")
+        if self.checkpoint.keep_last < 1:
+            raise ConfigError("checkpoint.keep_last must be >= 1")
+        if t.precision == "fp8" and self.model.spec in ("local", "sdpa"):
+            raise ConfigError(
+                f"train.precision: fp8 needs the Transformer Engine spec; model.spec is {self.model.spec!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive(cfg: RunConfig, names: list[str]) -> None:
+    for name in names:
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, name)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"{name}: {value!r} is not a {_type_name(tp)}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{name}: {value!r} is not one of {list(allowed)}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{name}: unsupported field type {tp}")
+
+
+def _build(cls, data: dict[str, Any], prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key {where}{unknown[0]} (known keys{' of ' + prefix if prefix else ''}: "
+            f"{', '.join(sorted(known))})")
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else key
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, name)
+        else:
+            kwargs[key] = _coerce(value, tp, name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["train.seed=3", "model.checkpoint=ckpt"]`` -> [(key, YAML-parsed value), ...]."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML file (or none: all defaults), apply dotted overrides, type-check and validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    return _build(RunConfig, tree, "").validate()
+
+
+def config_from_dict(tree: dict[str, Any]) -> RunConfig:
+    return _build(RunConfig, tree, "").validate()

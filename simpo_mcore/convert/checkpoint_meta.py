@@ -1,0 +1,54 @@
+"""``simpo_mcore.json``: what a megatron checkpoint directory of ours holds besides tensors.
+
+Megatron's ``dist_checkpointing`` stores tensors and a pickled common state; the architecture and
+tokenizer a checkpoint belongs to live in this small JSON file beside them, so every tool can
+rebuild the model without the original HF directory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from simpo_mcore.model.hf_config import LlamaArch
+
+META_FILE = "simpo_mcore.json"
+TOKENIZER_DIR = "tokenizer"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CheckpointMeta:
+    arch: LlamaArch
+    tokenizer: str | None = None
+    """A directory relative to the checkpoint (``tokenizer``), an absolute path, or a hub name."""
+    kind: str = "converted"
+    """``converted`` (from HF, model only) or ``train`` (model + optimizer + progress)."""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def write(self, ckpt_dir: str | Path) -> None:
+        data = {"format_version": FORMAT_VERSION, "kind": self.kind, "arch": self.arch.to_json(),
+                "tokenizer": self.tokenizer, "info": self.info}
+        (Path(ckpt_dir) / META_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def read(cls, ckpt_dir: str | Path) -> "CheckpointMeta":
+        path = Path(ckpt_dir) / META_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{ckpt_dir} is not a simpo_mcore checkpoint: {META_FILE} is missing "
+                "(convert a Hugging Face model with tools/convert_hf_to_mcore.py)")
+        data = json.loads(path.read_text())
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: format_version {data.get('format_version')} is not {FORMAT_VERSION}")
+        return cls(arch=LlamaArch.from_json(data["arch"]), tokenizer=data.get("tokenizer"),
+                   kind=data.get("kind", "converted"), info=data.get("info", {}))
+
+    def tokenizer_path(self, ckpt_dir: str | Path) -> str | None:
+        """The tokenizer as ``AutoTokenizer.from_pretrained`` takes it."""
+        if self.tokenizer is None:
+            return None
+        local = Path(ckpt_dir) / self.tokenizer
+        return str(local) if local.is_dir() else self.tokenizer

@@ -1,0 +1,104 @@
+"""HF Llama directory -> megatron ``dist_checkpointing`` directory that loads at any TP / PP.
+
+Every tensor is read lazily from safetensors, checked against the shape the config implies,
+packed (QKV, gate/up) and handed to ``dist_checkpointing.save`` as one layer slice of the stacked
+global tensor, so peak memory is about one copy of the weights (only QKV and FC1 are new
+allocations; the rest are views of memory-mapped files).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from simpo_mcore.convert import keymap
+from simpo_mcore.convert.checkpoint_meta import TOKENIZER_DIR, CheckpointMeta
+from simpo_mcore.convert.hf_io import CheckpointError, SafetensorsReader, copy_tokenizer_files
+from simpo_mcore.model.hf_config import LlamaArch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_hf_tensors(reader: SafetensorsReader, arch: LlamaArch) -> None:
+    """Refuse missing, unexpected or wrongly shaped tensors, naming the first one."""
+    expected = keymap.expected_hf_shapes(arch)
+    present = reader.names()
+    if arch.tie_word_embeddings:
+        present.discard("lm_head.weight")  # some tied checkpoints store the copy anyway
+    missing = sorted(set(expected) - present)
+    if missing:
+        raise CheckpointError(f"{reader.dir}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
+    unexpected = sorted(present - set(expected))
+    if unexpected:
+        raise CheckpointError(
+            f"{reader.dir}: unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected in all); "
+            "the config does not describe this checkpoint")
+    for name, shape in expected.items():
+        got = reader.shape(name)
+        if got != shape:
+            raise CheckpointError(f"{reader.dir}: tensor {name} has shape {list(got)}, the config implies {list(shape)}")
+
+
+def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
+                        log: Callable[[str], None] = print) -> CheckpointMeta:
+    """Write ``out_dir`` (must not exist or be empty). Needs a (one-process) torch.distributed group."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from simpo_mcore.checkpoint import save_sharded
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    start = time.time()
+    arch = LlamaArch.from_hf_dir(hf_dir)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    reader = SafetensorsReader(hf_dir)
+    check_hf_tensors(reader, arch)
+    cast = DTYPES[dtype] if dtype else None
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not empty")
+    # Written under a temporary name and renamed at the end: a failed run leaves no half checkpoint.
+    tmp_dir = out_dir.with_name(out_dir.name + ".incomplete")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+
+    def load(name: str) -> torch.Tensor:
+        t = reader.get(name)
+        return t.to(cast) if cast is not None and t.dtype != cast else t
+
+    state: dict[str, ShardedTensor] = {}
+    for mkey, hkey in keymap.global_tensors(arch):
+        state[mkey] = ShardedTensor.from_rank_offsets(mkey, load(hkey), replica_id=0)
+    n = arch.num_layers
+    for i in range(n):
+        for t in keymap.LAYER_TENSORS:
+            parts = [load(keymap.hf_layer_key(i, name)) for name in t.hf]
+            data = keymap.pack(parts, t.packing, arch)
+            key = keymap.layer_key(t.mcore)
+            state[f"{key}.{i}"] = ShardedTensor.from_rank_offsets(
+                key, data, (0, i, n), replica_id=0, prepend_axis_num=1)
+        log(f"[convert] read layer {i + 1}/{n}")
+    log(f"[convert] writing {out_dir}")
+    save_sharded(state, tmp_dir)
+    del state
+
+    meta = CheckpointMeta(arch=arch if cast is None else _with_dtype(arch, dtype), kind="converted",
+                          info={"source": str(hf_dir.resolve())})
+    if copy_tokenizer_files(hf_dir, tmp_dir / TOKENIZER_DIR):
+        meta.tokenizer = TOKENIZER_DIR
+    meta.write(tmp_dir)
+    if out_dir.exists():
+        out_dir.rmdir()
+    tmp_dir.rename(out_dir)
+    log(f"[convert] done in {time.time() - start:.1f} s: {n} layers, vocab {arch.vocab_size}")
+    return meta
+
+
+def _with_dtype(arch: LlamaArch, dtype: str) -> LlamaArch:
+    from dataclasses import replace
+
+    return replace(arch, torch_dtype=dtype)
+

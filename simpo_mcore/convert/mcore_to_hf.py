@@ -1,0 +1,122 @@
+"""megatron checkpoint (converted or written by simpo-train) -> HF ``config.json`` + safetensors.
+
+Reads one layer at a time from the distributed checkpoint (whatever TP / PP wrote it), unpacks
+QKV and gate/up, strips padded vocabulary rows and streams the tensors into safetensors shards of
+at most ``max_shard_bytes``: peak memory is about one shard plus one layer.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from simpo_mcore.convert import keymap
+from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
+from simpo_mcore.convert.hf_io import CheckpointError, ShardedSafetensorsWriter, copy_tokenizer_files
+from simpo_mcore.convert.hf_to_mcore import DTYPES
+
+
+def check_mcore_tensors(metadata: dict, arch, ckpt_dir: Path) -> None:
+    """Every model tensor present with the global shape ``arch`` implies (vocab may be padded)."""
+    expected = keymap.expected_mcore_shapes(arch)
+    for key, shape in expected.items():
+        if key not in metadata:
+            raise CheckpointError(f"{ckpt_dir}: tensor {key} is missing")
+        got = tuple(metadata[key].global_shape)
+        if key in keymap.VOCAB_KEYS:
+            if got[1:] != shape[1:] or got[0] < shape[0]:
+                raise CheckpointError(
+                    f"{ckpt_dir}: tensor {key} has shape {list(got)}, expected [>= {shape[0]}, {shape[1]}]")
+        elif got != shape:
+            raise CheckpointError(f"{ckpt_dir}: tensor {key} has shape {list(got)}, expected {list(shape)}")
+    model_keys = {k for k in metadata if k.startswith(("embedding.", "decoder.", "output_layer."))}
+    unexpected = sorted(model_keys - set(expected))
+    if arch.tie_word_embeddings:
+        unexpected = [k for k in unexpected if k != keymap.OUTPUT_LAYER[0]]
+    if unexpected:
+        raise CheckpointError(f"{ckpt_dir}: unexpected model tensor {unexpected[0]} for this architecture")
+
+
+def _read(ckpt_dir: Path, requests: dict[str, tuple[str, tuple[int, ...], torch.dtype, int | None, int]]):
+    """Load ``{name: (key, local_shape, dtype, layer or None, num_layers)}`` slices in one call."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    sharded = {}
+    for name, (key, shape, dtype, layer, n) in requests.items():
+        buf = torch.empty(shape, dtype=dtype)
+        if layer is None:
+            sharded[name] = ShardedTensor.from_rank_offsets(key, buf, replica_id=0)
+        else:
+            sharded[name] = ShardedTensor.from_rank_offsets(key, buf, (0, layer, n), replica_id=0,
+                                                            prepend_axis_num=1)
+    return dist_checkpointing.load(sharded, str(ckpt_dir))
+
+
+def convert_mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 * 10**9,
+                        dtype: str | None = None, tokenizer_dir: str | Path | None = None,
+                        log: Callable[[str], None] = print) -> Path:
+    """Write an HF model directory. Needs a (one-process) torch.distributed group."""
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    start = time.time()
+    meta = CheckpointMeta.read(ckpt_dir)
+    arch = meta.arch
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    out_dtype = DTYPES[dtype or arch.torch_dtype] if (dtype or arch.torch_dtype) in DTYPES else None
+    metadata = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+    check_mcore_tensors(metadata, arch, ckpt_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not empty")
+    tmp_dir = out_dir.with_name(out_dir.name + ".incomplete")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    writer = ShardedSafetensorsWriter(tmp_dir, max_shard_bytes)
+
+    def emit(name: str, tensor: torch.Tensor) -> None:
+        writer.add(name, tensor.to(out_dtype) if out_dtype is not None else tensor)
+
+    def global_request(key: str):
+        md = metadata[key]
+        return (key, tuple(md.global_shape), md.dtype, None, 0)
+
+    first = _read(ckpt_dir, {hkey: global_request(mkey) for mkey, hkey in keymap.global_tensors(arch)})
+    emit(keymap.EMBEDDING[1], first[keymap.EMBEDDING[1]][: arch.vocab_size])  # strip padded rows
+    n = arch.num_layers
+    for i in range(n):
+        requests = {}
+        for t in keymap.LAYER_TENSORS:
+            key = keymap.layer_key(t.mcore)
+            md = metadata[key]
+            requests[t.mcore] = (key, tuple(md.global_shape[1:]), md.dtype, i, n)
+        loaded = _read(ckpt_dir, requests)
+        for t in keymap.LAYER_TENSORS:
+            for hf_name, tensor in zip(t.hf, keymap.unpack(loaded[t.mcore], t.packing, arch)):
+                emit(keymap.hf_layer_key(i, hf_name), tensor)
+        log(f"[export] layer {i + 1}/{n}")
+    emit(keymap.FINAL_NORM[1], first[keymap.FINAL_NORM[1]])
+    if not arch.tie_word_embeddings:
+        emit(keymap.OUTPUT_LAYER[1], first[keymap.OUTPUT_LAYER[1]][: arch.vocab_size])
+    del first
+    files = writer.finish()
+
+    hf_config = arch.to_hf_dict()
+    if out_dtype is not None:
+        hf_config["torch_dtype"] = str(out_dtype).replace("torch.", "")
+    (tmp_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    tok_src = Path(tokenizer_dir) if tokenizer_dir else None
+    if tok_src is None and meta.tokenizer_path(ckpt_dir) and Path(meta.tokenizer_path(ckpt_dir)).is_dir():
+        tok_src = Path(meta.tokenizer_path(ckpt_dir))
+    copied = copy_tokenizer_files(tok_src, tmp_dir) if tok_src else []
+    if out_dir.exists():
+        out_dir.rmdir()
+    tmp_dir.rename(out_dir)
+    log(f"[export] done in {time.time() - start:.1f} s: {len(files)} safetensors file(s), "
+        f"{writer.total_bytes / 2**30:.2f} GiB, tokenizer files: {', '.join(copied) or 'none'}")
+    return out_dir

@@ -1,0 +1,149 @@
+"""Process groups, device choice and seeds.
+
+One code path for GPUs (NCCL) and CPUs (gloo + :mod:`simpo_mcore.cpu_mode`). Launch under
+``torchrun`` for several ranks; a plain ``python`` process becomes a world of one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from simpo_mcore import cpu_mode
+from simpo_mcore.config import ConfigError, ParallelConfig
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this rank sits; everything the rest of the code asks of the process groups."""
+
+    device: torch.device
+    world_size: int
+    rank: int
+    tp: int
+    pp: int
+    dp: int
+    vpp: int | None
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
+def use_cuda(device: str) -> bool:
+    """Resolve ``parallel.device``: CUDA when asked for (and present) or when auto finds a GPU."""
+    if device == "cpu":
+        return False
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("parallel.device is 'cuda' but no CUDA device is visible")
+        return True
+    return torch.cuda.is_available()
+
+
+def ensure_process_group() -> None:
+    """A world of one (gloo) for single-process tools that call dist_checkpointing."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group(backend="gloo")
+
+
+def init_distributed(cfg: ParallelConfig, seed: int) -> Layout:
+    """Create the default process group and megatron's model-parallel groups; seed every RNG.
+
+    Safe to call twice in one process with the same layout (tests, eval after train).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    cuda = use_cuda(cfg.device)
+    if not cuda:
+        cpu_mode.enable()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # a plain process: a world of one
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo",
+            timeout=datetime.timedelta(minutes=cfg.timeout_minutes),
+        )
+    elif cuda != (dist.get_backend() == "nccl"):
+        raise RuntimeError(f"a {dist.get_backend()} process group exists but device={'cuda' if cuda else 'cpu'}")
+    world = dist.get_world_size()
+    if world % (cfg.tp * cfg.pp):
+        raise ConfigError(
+            f"world size {world} is not divisible by parallel.tp x parallel.pp = {cfg.tp} x {cfg.pp}")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.tp,
+        pipeline_model_parallel_size=cfg.pp,
+        virtual_pipeline_model_parallel_size=cfg.vpp,
+        distributed_timeout_minutes=cfg.timeout_minutes,
+        create_gloo_process_groups=not cuda,
+    )
+    seed_everything(seed)
+    model_parallel_cuda_manual_seed(seed)
+    return current_layout(cfg.vpp)
+
+
+def current_layout(vpp: int | None = None) -> Layout:
+    from megatron.core import parallel_state as ps
+
+    device = torch.device("cpu") if cpu_mode.enabled() else torch.device("cuda", torch.cuda.current_device())
+    return Layout(
+        device=device,
+        world_size=dist.get_world_size(),
+        rank=dist.get_rank(),
+        tp=ps.get_tensor_model_parallel_world_size(),
+        pp=ps.get_pipeline_model_parallel_world_size(),
+        dp=ps.get_data_parallel_world_size(),
+        vpp=vpp,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def shutdown() -> None:
+    """Tear the groups down (megatron-core 0.19 aborts at exit otherwise)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
