@@ -235,7 +235,7 @@ class RunConfig:
     output_dir: str = "runs/simpo"
     """Everything a run writes: checkpoints, metrics.jsonl, TensorBoard, eval_metrics.json."""
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         """Cross-field checks that need no process group. Raises ConfigError naming the field."""
         d, t, p, loss = self.data, self.train, self.parallel, self.loss
         _positive(self, ["data.max_length", "data.max_prompt_length", "train.micro_batch_pairs",
@@ -334,6 +334,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             raise ConfigError(f"{name}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "2e-6" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
         return float(value)
@@ -389,17 +394,42 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+BASE_KEY = "_base_"
+"""A YAML may name files (relative to itself) that it extends, merged in order, then itself:
+``_base_: ../common.yaml`` or ``_base_: [row.yaml, _8gpu.yaml]``."""
+
+
+def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in child.items():
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if nested else value
+    return out
+
+
+def read_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The YAML mapping of ``path`` with its ``_base_`` chain merged in (child keys win)."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path in _seen:
+        raise ConfigError(f"config file {path} includes itself through {BASE_KEY}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    bases = tree.pop(BASE_KEY, None) or []
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _merge(merged, read_yaml_tree(path.parent / base, (*_seen, path)))
+    return _merge(merged, tree)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML file (or none: all defaults), apply dotted overrides, type-check and validate."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    tree: dict[str, Any] = read_yaml_tree(path) if path is not None else {}
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
     return _build(RunConfig, tree, "").validate()
