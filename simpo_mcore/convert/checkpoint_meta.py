@@ -34,7 +34,7 @@ class CheckpointMeta:
         (Path(ckpt_dir) / META_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def read(cls, ckpt_dir: str | Path) -> "CheckpointMeta":
+    def read(cls, ckpt_dir: str | Path) -> CheckpointMeta:
         path = Path(ckpt_dir) / META_FILE
         if not path.is_file():
             raise FileNotFoundError(

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from simpo_mcore.convert.keymap import IGNORED_HF_SUFFIXES
@@ -24,43 +25,90 @@ class CheckpointError(ValueError):
     """A checkpoint is missing a tensor, holds an unexpected one, or has a wrong shape or config."""
 
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """``{name: (dtype, shape, begin, end)}`` with absolute byte offsets, from the JSON header
+    (8-byte little-endian length, then the header; see the safetensors format)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} does not fit in a file of {size} bytes")
+            header = json.loads(f.read(n))
+        out = {}
+        for name, info in header.items():
+            if name != "__metadata__":
+                begin, end = info["data_offsets"]
+                out[name] = (SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + begin, 8 + n + end)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+    last = max((entry[3] for entry in out.values()), default=8 + n)
+    if last > size:
+        raise CheckpointError(f"{path} is truncated: its header needs {last} bytes, the file has {size}")
+    return out
+
+
 class SafetensorsReader:
-    """Lazy access to the tensors of an HF model directory (single file or sharded with an index)."""
+    """Lazy access to the tensors of an HF model directory (single file or sharded with an index).
+
+    Tensors are read with plain file reads into fresh memory, not memory-mapped: a mapped file
+    stays resident in this process as it is touched, so a converter holding packed copies of
+    some tensors and mapped views of the others peaks at well over one copy of the weights.
+    """
 
     def __init__(self, hf_dir: str | Path):
         self.dir = Path(hf_dir)
         index = self.dir / INDEX_FILE
+        self._headers: dict[str, dict] = {}
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
         elif (self.dir / SINGLE_FILE).is_file():
-            with safe_open(self.dir / SINGLE_FILE, framework="pt") as f:
-                weight_map = {name: SINGLE_FILE for name in f.keys()}
+            weight_map = {name: SINGLE_FILE for name in self._header(SINGLE_FILE)}
         else:
             bins = sorted(p.name for p in self.dir.glob("*.bin"))
             hint = f" (found {bins[0]}: pickled weights are not read; re-save with safetensors)" if bins else ""
             raise CheckpointError(f"{self.dir}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
         self.weight_map = {k: v for k, v in weight_map.items() if not k.endswith(IGNORED_HF_SUFFIXES)}
-        self._handles: dict[str, object] = {}
 
     def names(self) -> set[str]:
         return set(self.weight_map)
 
-    def _handle(self, name: str):
-        file = self.weight_map[name]
-        if file not in self._handles:
-            path = self.dir / file
-            if not path.is_file():
-                raise CheckpointError(f"{path} (listed in {INDEX_FILE} for tensor {name}) does not exist")
-            self._handles[file] = safe_open(path, framework="pt")
-        return self._handles[file]
+    def _header(self, file: str) -> dict:
+        if file not in self._headers:
+            self._headers[file] = read_safetensors_header(self.dir / file)
+        return self._headers[file]
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
-
-    def get(self, name: str) -> torch.Tensor:
+    def _entry(self, name: str):
         if name not in self.weight_map:
             raise CheckpointError(f"{self.dir}: tensor {name} is missing")
-        return self._handle(name).get_tensor(name)
+        file = self.weight_map[name]
+        path = self.dir / file
+        if not path.is_file():
+            raise CheckpointError(f"{path} (listed in {INDEX_FILE} for tensor {name}) does not exist")
+        header = self._header(file)
+        if name not in header:
+            raise CheckpointError(f"{path} does not hold tensor {name} ({INDEX_FILE} says it does)")
+        return path, header[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name)[1][1]
+
+    def get(self, name: str) -> torch.Tensor:
+        path, (dtype, shape, begin, end) = self._entry(name)
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        with open(path, "rb") as f:
+            f.seek(begin)
+            got = f.readinto(buf.numpy())
+        if got != end - begin:
+            raise CheckpointError(f"{path} is truncated: tensor {name} needs bytes {begin}..{end}, got {got}")
+        return buf.view(dtype).reshape(shape)
 
 
 class ShardedSafetensorsWriter:
@@ -107,6 +155,22 @@ class ShardedSafetensorsWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         return paths
+
+
+@contextmanager
+def staged_output(out_dir: Path) -> Iterator[Path]:
+    """Yield ``<out_dir>.incomplete`` to write into; it becomes ``out_dir`` (absent or empty) only
+    on success and is deleted on any failure, so an interrupted conversion leaves no half output."""
+    tmp = out_dir.with_name(out_dir.name + ".incomplete")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        out_dir.rmdir()
+    tmp.rename(out_dir)
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:

@@ -8,16 +8,15 @@ allocations; the rest are views of memory-mapped files).
 
 from __future__ import annotations
 
-import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from simpo_mcore.convert import keymap
 from simpo_mcore.convert.checkpoint_meta import TOKENIZER_DIR, CheckpointMeta
-from simpo_mcore.convert.hf_io import CheckpointError, SafetensorsReader, copy_tokenizer_files
+from simpo_mcore.convert.hf_io import CheckpointError, SafetensorsReader, copy_tokenizer_files, staged_output
 from simpo_mcore.model.hf_config import LlamaArch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,16 +39,13 @@ def check_hf_tensors(reader: SafetensorsReader, arch: LlamaArch) -> None:
     for name, shape in expected.items():
         got = reader.shape(name)
         if got != shape:
-            raise CheckpointError(f"{reader.dir}: tensor {name} has shape {list(got)}, the config implies {list(shape)}")
+            raise CheckpointError(
+                f"{reader.dir}: tensor {name} has shape {list(got)}, the config implies {list(shape)}")
 
 
 def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
                         log: Callable[[str], None] = print) -> CheckpointMeta:
     """Write ``out_dir`` (must not exist or be empty). Needs a (one-process) torch.distributed group."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    from simpo_mcore.checkpoint import save_sharded
-
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     start = time.time()
     arch = LlamaArch.from_hf_dir(hf_dir)
@@ -60,39 +56,41 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | No
     cast = DTYPES[dtype] if dtype else None
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty")
+    # Input checked: only now pay for importing megatron (bad input fails in a second or two).
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from simpo_mcore.checkpoint import save_sharded
+
+    _cpu_mode_without_gpu()
     # Written under a temporary name and renamed at the end: a failed run leaves no half checkpoint.
-    tmp_dir = out_dir.with_name(out_dir.name + ".incomplete")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
+    with staged_output(out_dir) as tmp_dir:
+        tmp_dir.mkdir(parents=True)
 
-    def load(name: str) -> torch.Tensor:
-        t = reader.get(name)
-        return t.to(cast) if cast is not None and t.dtype != cast else t
+        def load(name: str) -> torch.Tensor:
+            t = reader.get(name)
+            return t.to(cast) if cast is not None and t.dtype != cast else t
 
-    state: dict[str, ShardedTensor] = {}
-    for mkey, hkey in keymap.global_tensors(arch):
-        state[mkey] = ShardedTensor.from_rank_offsets(mkey, load(hkey), replica_id=0)
-    n = arch.num_layers
-    for i in range(n):
-        for t in keymap.LAYER_TENSORS:
-            parts = [load(keymap.hf_layer_key(i, name)) for name in t.hf]
-            data = keymap.pack(parts, t.packing, arch)
-            key = keymap.layer_key(t.mcore)
-            state[f"{key}.{i}"] = ShardedTensor.from_rank_offsets(
-                key, data, (0, i, n), replica_id=0, prepend_axis_num=1)
-        log(f"[convert] read layer {i + 1}/{n}")
-    log(f"[convert] writing {out_dir}")
-    save_sharded(state, tmp_dir)
-    del state
+        state: dict[str, ShardedTensor] = {}
+        for mkey, hkey in keymap.global_tensors(arch):
+            state[mkey] = ShardedTensor.from_rank_offsets(mkey, load(hkey), replica_id=0)
+        n = arch.num_layers
+        for i in range(n):
+            for t in keymap.LAYER_TENSORS:
+                parts = [load(keymap.hf_layer_key(i, name)) for name in t.hf]
+                data = keymap.pack(parts, t.packing, arch)
+                key = keymap.layer_key(t.mcore)
+                state[f"{key}.{i}"] = ShardedTensor.from_rank_offsets(
+                    key, data, (0, i, n), replica_id=0, prepend_axis_num=1)
+            log(f"[convert] read layer {i + 1}/{n}")
+        log(f"[convert] writing {out_dir}")
+        save_sharded(state, tmp_dir)
+        del state
 
-    meta = CheckpointMeta(arch=arch if cast is None else _with_dtype(arch, dtype), kind="converted",
-                          info={"source": str(hf_dir.resolve())})
-    if copy_tokenizer_files(hf_dir, tmp_dir / TOKENIZER_DIR):
-        meta.tokenizer = TOKENIZER_DIR
-    meta.write(tmp_dir)
-    if out_dir.exists():
-        out_dir.rmdir()
-    tmp_dir.rename(out_dir)
+        meta = CheckpointMeta(arch=arch if cast is None else _with_dtype(arch, dtype), kind="converted",
+                              info={"source": str(hf_dir.resolve())})
+        if copy_tokenizer_files(hf_dir, tmp_dir / TOKENIZER_DIR):
+            meta.tokenizer = TOKENIZER_DIR
+        meta.write(tmp_dir)
     log(f"[convert] done in {time.time() - start:.1f} s: {n} layers, vocab {arch.vocab_size}")
     return meta
 
@@ -102,3 +100,11 @@ def _with_dtype(arch: LlamaArch, dtype: str) -> LlamaArch:
 
     return replace(arch, torch_dtype=dtype)
 
+
+def _cpu_mode_without_gpu() -> None:
+    """dist_checkpointing calls ``torch.cuda.synchronize`` (and more) unconditionally: without a
+    GPU, route those calls to the CPU as training does."""
+    if not torch.cuda.is_available():
+        from simpo_mcore import cpu_mode
+
+        cpu_mode.enable()

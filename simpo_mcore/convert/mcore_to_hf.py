@@ -8,17 +8,21 @@ at most ``max_shard_bytes``: peak memory is about one shard plus one layer.
 from __future__ import annotations
 
 import json
-import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from simpo_mcore.convert import keymap
 from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
-from simpo_mcore.convert.hf_io import CheckpointError, ShardedSafetensorsWriter, copy_tokenizer_files
-from simpo_mcore.convert.hf_to_mcore import DTYPES
+from simpo_mcore.convert.hf_io import (
+    CheckpointError,
+    ShardedSafetensorsWriter,
+    copy_tokenizer_files,
+    staged_output,
+)
+from simpo_mcore.convert.hf_to_mcore import DTYPES, _cpu_mode_without_gpu
 
 
 def check_mcore_tensors(metadata: dict, arch, ckpt_dir: Path) -> None:
@@ -49,21 +53,24 @@ def _read(ckpt_dir: Path, requests: dict[str, tuple[str, tuple[int, ...], torch.
 
     sharded = {}
     for name, (key, shape, dtype, layer, n) in requests.items():
-        buf = torch.empty(shape, dtype=dtype)
         if layer is None:
-            sharded[name] = ShardedTensor.from_rank_offsets(key, buf, replica_id=0)
+            sharded[name] = ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=dtype), replica_id=0)
         else:
-            sharded[name] = ShardedTensor.from_rank_offsets(key, buf, (0, layer, n), replica_id=0,
-                                                            prepend_axis_num=1)
-    return dist_checkpointing.load(sharded, str(ckpt_dir))
+            # One layer as a [1, ...] slice of the stacked [n, ...] tensor. Not ``prepend_axis_num``:
+            # that legacy form builds a torch ShardedTensor that, in a world of one, places all n
+            # layer fragments on this rank and then fails on holding only one of them.
+            buf = torch.empty((1, *shape), dtype=dtype)  # [1, ...]
+            sharded[name] = ShardedTensor.from_rank_offsets(key, buf, (0, layer, n), replica_id=0)
+    # A slice of the checkpoint (one layer) on purpose: megatron's access-integrity check wants
+    # every shard of every requested tensor covered and refuses a partial read.
+    loaded = dist_checkpointing.load(sharded, str(ckpt_dir), validate_access_integrity=False)
+    return {name: loaded[name][0] if requests[name][3] is not None else loaded[name] for name in requests}
 
 
 def convert_mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 * 10**9,
                         dtype: str | None = None, tokenizer_dir: str | Path | None = None,
                         log: Callable[[str], None] = print) -> Path:
     """Write an HF model directory. Needs a (one-process) torch.distributed group."""
-    from megatron.core import dist_checkpointing
-
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     start = time.time()
     meta = CheckpointMeta.read(ckpt_dir)
@@ -71,52 +78,51 @@ def convert_mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_byt
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     out_dtype = DTYPES[dtype or arch.torch_dtype] if (dtype or arch.torch_dtype) in DTYPES else None
-    metadata = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
-    check_mcore_tensors(metadata, arch, ckpt_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty")
-    tmp_dir = out_dir.with_name(out_dir.name + ".incomplete")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    writer = ShardedSafetensorsWriter(tmp_dir, max_shard_bytes)
+    from megatron.core import dist_checkpointing  # imported once the cheap checks passed
 
-    def emit(name: str, tensor: torch.Tensor) -> None:
-        writer.add(name, tensor.to(out_dtype) if out_dtype is not None else tensor)
+    _cpu_mode_without_gpu()
+    metadata = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+    check_mcore_tensors(metadata, arch, ckpt_dir)
+    with staged_output(out_dir) as tmp_dir:
+        writer = ShardedSafetensorsWriter(tmp_dir, max_shard_bytes)
 
-    def global_request(key: str):
-        md = metadata[key]
-        return (key, tuple(md.global_shape), md.dtype, None, 0)
+        def emit(name: str, tensor: torch.Tensor) -> None:
+            writer.add(name, tensor.to(out_dtype) if out_dtype is not None else tensor)
 
-    first = _read(ckpt_dir, {hkey: global_request(mkey) for mkey, hkey in keymap.global_tensors(arch)})
-    emit(keymap.EMBEDDING[1], first[keymap.EMBEDDING[1]][: arch.vocab_size])  # strip padded rows
-    n = arch.num_layers
-    for i in range(n):
-        requests = {}
-        for t in keymap.LAYER_TENSORS:
-            key = keymap.layer_key(t.mcore)
+        def global_request(key: str):
             md = metadata[key]
-            requests[t.mcore] = (key, tuple(md.global_shape[1:]), md.dtype, i, n)
-        loaded = _read(ckpt_dir, requests)
-        for t in keymap.LAYER_TENSORS:
-            for hf_name, tensor in zip(t.hf, keymap.unpack(loaded[t.mcore], t.packing, arch)):
-                emit(keymap.hf_layer_key(i, hf_name), tensor)
-        log(f"[export] layer {i + 1}/{n}")
-    emit(keymap.FINAL_NORM[1], first[keymap.FINAL_NORM[1]])
-    if not arch.tie_word_embeddings:
-        emit(keymap.OUTPUT_LAYER[1], first[keymap.OUTPUT_LAYER[1]][: arch.vocab_size])
-    del first
-    files = writer.finish()
+            return (key, tuple(md.global_shape), md.dtype, None, 0)
 
-    hf_config = arch.to_hf_dict()
-    if out_dtype is not None:
-        hf_config["torch_dtype"] = str(out_dtype).replace("torch.", "")
-    (tmp_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    tok_src = Path(tokenizer_dir) if tokenizer_dir else None
-    if tok_src is None and meta.tokenizer_path(ckpt_dir) and Path(meta.tokenizer_path(ckpt_dir)).is_dir():
-        tok_src = Path(meta.tokenizer_path(ckpt_dir))
-    copied = copy_tokenizer_files(tok_src, tmp_dir) if tok_src else []
-    if out_dir.exists():
-        out_dir.rmdir()
-    tmp_dir.rename(out_dir)
+        first = _read(ckpt_dir, {hkey: global_request(mkey) for mkey, hkey in keymap.global_tensors(arch)})
+        emit(keymap.EMBEDDING[1], first[keymap.EMBEDDING[1]][: arch.vocab_size])  # strip padded rows
+        n = arch.num_layers
+        for i in range(n):
+            requests = {}
+            for t in keymap.LAYER_TENSORS:
+                key = keymap.layer_key(t.mcore)
+                md = metadata[key]
+                requests[t.mcore] = (key, tuple(md.global_shape[1:]), md.dtype, i, n)
+            loaded = _read(ckpt_dir, requests)
+            for t in keymap.LAYER_TENSORS:
+                for hf_name, tensor in zip(t.hf, keymap.unpack(loaded[t.mcore], t.packing, arch)):
+                    emit(keymap.hf_layer_key(i, hf_name), tensor)
+            log(f"[export] layer {i + 1}/{n}")
+        emit(keymap.FINAL_NORM[1], first[keymap.FINAL_NORM[1]])
+        if not arch.tie_word_embeddings:
+            emit(keymap.OUTPUT_LAYER[1], first[keymap.OUTPUT_LAYER[1]][: arch.vocab_size])
+        del first
+        files = writer.finish()
+
+        hf_config = arch.to_hf_dict()
+        if out_dtype is not None:
+            hf_config["torch_dtype"] = str(out_dtype).replace("torch.", "")
+        (tmp_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        tok_src = Path(tokenizer_dir) if tokenizer_dir else None
+        if tok_src is None and meta.tokenizer_path(ckpt_dir) and Path(meta.tokenizer_path(ckpt_dir)).is_dir():
+            tok_src = Path(meta.tokenizer_path(ckpt_dir))
+        copied = copy_tokenizer_files(tok_src, tmp_dir) if tok_src else []
     log(f"[export] done in {time.time() - start:.1f} s: {len(files)} safetensors file(s), "
         f"{writer.total_bytes / 2**30:.2f} GiB, tokenizer files: {', '.join(copied) or 'none'}")
     return out_dir

@@ -53,7 +53,7 @@ class LlamaArch:
     # ------------------------------------------------------------------ HF config in / out
 
     @classmethod
-    def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config") -> "LlamaArch":
+    def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config") -> LlamaArch:
         def need(key):
             if key not in cfg or cfg[key] is None:
                 raise UnsupportedConfigError(f"{source}: required field '{key}' is missing")
@@ -118,7 +118,7 @@ class LlamaArch:
         )
 
     @classmethod
-    def from_hf_dir(cls, path: str | Path) -> "LlamaArch":
+    def from_hf_dir(cls, path: str | Path) -> LlamaArch:
         path = Path(path) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist (expected a Hugging Face model directory)")
@@ -158,7 +158,7 @@ class LlamaArch:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "LlamaArch":
+    def from_json(cls, data: dict[str, Any]) -> LlamaArch:
         return cls(**data)
 
     # ------------------------------------------------------------------ derived quantities

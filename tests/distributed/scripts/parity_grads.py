@@ -1,0 +1,164 @@
+"""Gradient parity at TP=2 (with and without sequence parallelism) vs HF ``LlamaForCausalLM``.
+
+    torchrun --nproc-per-node=2 parity_grads.py OUT.json PADDED_CKPT_DIR NAME=HF_DIR=CKPT_DIR ...
+
+The same scalar loss on both sides, over the real positions of a right-padded batch::
+
+    loss = sum_{b, t real} w[b, t] * log_softmax(logits[b, t])[target[b, t]]
+
+(random targets and weights, fixed seed). The TP shards of every megatron gradient are gathered,
+unpacked through the key map (QKV, gate/up) and compared per HF parameter with HF's ``.grad``.
+Rank 0 writes ``{model: {"sp" | "nosp": {hf_name: relative_error}, ...}}``.
+
+It also saves the first model as loaded at TP=2 into PADDED_CKPT_DIR (a training-style checkpoint:
+padded vocabulary rows, which are filled with a sentinel so an export that leaks them shows it).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from parity_common import LENGTHS, batches, load_hf
+
+from simpo_mcore.checkpoint import load_model_weights, model_sharded_state_dict, save_sharded
+from simpo_mcore.config import ParallelConfig
+from simpo_mcore.convert import keymap
+from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
+from simpo_mcore.model.builder import ModelOptions, build_model
+from simpo_mcore.model.forward import position_ids_like
+from simpo_mcore.parallel import init_distributed, shutdown
+
+PADDED_ROW_SENTINEL = 1.0e4
+
+
+def weighted_logp_sum(logits: torch.Tensor, targets, weights, mask) -> torch.Tensor:
+    """The shared loss: logits [b, s, vocab] -> scalar."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [b, s]
+    return (logp * weights * mask).sum()
+
+
+def gather_tp(param: torch.Tensor, name: str) -> torch.Tensor:
+    """The full gradient of a (possibly TP-sharded) megatron parameter."""
+    grad = param.grad
+    if not getattr(param, "tensor_model_parallel", False):
+        return grad
+    group = ps.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(grad) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, grad.contiguous(), group=group)
+    if name.endswith("linear_fc1.weight"):  # each rank holds [gate_r; up_r]
+        halves = [p.chunk(2, dim=0) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)  # [gate; up]
+    return torch.cat(parts, dim=param.partition_dim)
+
+
+def to_hf_grads(named_grads: dict[str, torch.Tensor], arch) -> dict[str, torch.Tensor]:
+    """Megatron module parameter names (local spec) -> HF parameter names, unpacked, vocab unpadded."""
+    out = {}
+    layer_map = {  # local-spec module names -> key-map entry
+        "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+        "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+    }
+    by_mcore = {t.mcore: t for t in keymap.LAYER_TENSORS}
+    for name, grad in named_grads.items():
+        if name == "embedding.word_embeddings.weight":
+            out["model.embed_tokens.weight"] = grad[: arch.vocab_size]
+        elif name == "output_layer.weight":
+            out["lm_head.weight"] = grad[: arch.vocab_size]
+        elif name == "decoder.final_layernorm.weight":
+            out["model.norm.weight"] = grad
+        else:
+            _, _, i, rest = name.split(".", 3)  # decoder.layers.<i>.<rest>
+            t = by_mcore[layer_map.get(rest, rest)]
+            for hf_name, g in zip(t.hf, keymap.unpack(grad, t.packing, arch)):
+                out[keymap.hf_layer_key(int(i), hf_name)] = g
+    return out
+
+
+def hf_grads(hf_dir, tokens, mask, targets, weights) -> dict[str, torch.Tensor]:
+    model = load_hf(hf_dir)
+    logits = model(input_ids=tokens, attention_mask=mask).logits  # [b, s, vocab]
+    weighted_logp_sum(logits, targets, weights, mask).backward()
+    # named_parameters lists a tied lm_head once, as model.embed_tokens.weight (both uses summed).
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def mcore_grads(chunks, arch, tokens, mask, targets, weights) -> tuple[dict[str, torch.Tensor], float]:
+    (model,) = chunks
+    model.zero_grad(set_to_none=True)
+    out = model(tokens, position_ids_like(tokens), attention_mask=None)  # [b, s, v_padded / tp]
+    logits = gather_from_tensor_model_parallel_region(out)[..., : arch.vocab_size]  # [b, s, vocab]
+    weighted_logp_sum(logits, targets, weights, mask).backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        if getattr(p, "sequence_parallel", False):  # partial sums over this rank's sequence shard
+            dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
+        grads[name] = gather_tp(p, name)
+    padded_rows_grad = max(  # vocab rows megatron pads: no gradient may reach them
+        grads[k][arch.vocab_size:].abs().max().item()
+        for k in ("embedding.word_embeddings.weight", "output_layer.weight") if k in grads)
+    return grads, padded_rows_grad
+
+
+def save_padded(chunks, arch, ckpt_dir: str, out_dir: str) -> None:
+    """Save the TP=2 model with its padded vocabulary rows set to a sentinel."""
+    with torch.no_grad():
+        for name, p in chunks[0].named_parameters():
+            if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                start = ps.get_tensor_model_parallel_rank() * p.shape[0]
+                pad_from = max(arch.vocab_size - start, 0)  # local index of the first padded row
+                p[pad_from:] = PADDED_ROW_SENTINEL
+    if dist.get_rank() == 0:
+        Path(out_dir).mkdir(parents=True)
+    dist.barrier()
+    save_sharded(model_sharded_state_dict(chunks), out_dir)
+    if dist.get_rank() == 0:
+        meta = CheckpointMeta.read(ckpt_dir)
+        CheckpointMeta(arch=meta.arch, tokenizer=None, kind="converted", info={"saved_at": "tp2"}).write(out_dir)
+    dist.barrier()
+
+
+def main(out_path: str, padded_dir: str, models: list[str]) -> None:
+    init_distributed(ParallelConfig(tp=2, pp=1, device="cpu"), seed=1234)
+    results = {}
+    for index, spec in enumerate(models):
+        name, hf_dir, ckpt_dir = spec.split("=")
+        arch = CheckpointMeta.read(ckpt_dir).arch
+        tokens, mask = batches(arch.vocab_size, 11)["padded"]
+        if arch.pad_token_id is not None:
+            # HF builds nn.Embedding(padding_idx=pad_token_id), whose lookup never passes a gradient
+            # to that row; megatron has no such notion. Keep the pad id out of the batch, as in
+            # training, where it only fills padding (whose gradient is zero on both sides anyway).
+            tokens[tokens == arch.pad_token_id] = (arch.pad_token_id + 1) % arch.vocab_size
+        g = torch.Generator().manual_seed(5)
+        targets = torch.randint(0, arch.vocab_size, tokens.shape, generator=g)  # [b, s]
+        weights = torch.rand(tokens.shape, generator=g) - 0.5  # [b, s], both signs
+        ref = hf_grads(hf_dir, tokens, mask, targets, weights)
+        results[name] = {"num_hf_params": len(ref), "real_tokens": sum(LENGTHS)}
+        for sp in (False, True):
+            chunks = build_model(arch, ModelOptions(tp=2, sequence_parallel=sp, precision="fp32"))
+            load_model_weights(chunks, ckpt_dir)
+            grads, padded_rows_grad = mcore_grads(chunks, arch, tokens, mask, targets, weights)
+            got = to_hf_grads(grads, arch)
+            key = "sp" if sp else "nosp"
+            results[name][key] = {
+                n: ((got[n] - ref[n]).norm() / ref[n].norm()).item() for n in ref if n in got}
+            results[name][f"{key}_missing"] = sorted(set(ref) - set(got))
+            results[name][f"{key}_unexpected"] = sorted(set(got) - set(ref))
+            results[name][f"{key}_padded_rows_grad"] = padded_rows_grad
+            if index == 0 and not sp:
+                save_padded(chunks, arch, ckpt_dir, padded_dir)
+            del chunks
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=2)
+    shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])
