@@ -54,7 +54,7 @@ class ModelConfig:
 class DataConfig:
     train_path: str | None = None
     """Training preferences: a hub dataset name, a local parquet/jsonl/json file or directory, or
-    ``synthetic`` (the learnable arithmetic preferences generated in code)."""
+    ``synthetic`` (the learnable digit-sorting preferences generated in code)."""
 
     train_split: str = "train_prefs"
     """Split of ``train_path`` (hub datasets; local files are always one ``train`` split)."""

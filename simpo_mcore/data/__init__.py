@@ -1,0 +1,18 @@
+"""Preference data: rows -> rendered text -> token ids and labels -> padded micro-batches.
+
+- :mod:`render`     a row (UltraFeedback messages or plain strings) -> prompt / chosen / rejected text
+- :mod:`tokenize`   text -> ids and labels, the reference's boundary / BOS / EOS / truncation rules
+- :mod:`sources`    hub datasets, local parquet/jsonl/json, or the synthetic rows
+- :mod:`cache`      the on-disk cache of tokenised datasets
+- :mod:`preference` the entry point: :func:`build_preference_dataset`
+- :mod:`sampler`    deterministic, resumable, DP-invariant order of pairs per step and rank
+- :mod:`batching`   pairs -> ``tokens`` / ``labels`` [2k, S] micro-batches
+- :mod:`synthetic`  the embedded character tokenizer and learnable preference rows
+"""
+
+from simpo_mcore.data.batching import pad_token_id, step_micro_batches
+from simpo_mcore.data.preference import BadRowError, DataReport, build_preference_dataset
+from simpo_mcore.data.sampler import PairSampler, eval_micro_batches
+
+__all__ = ["BadRowError", "DataReport", "PairSampler", "build_preference_dataset",
+           "eval_micro_batches", "pad_token_id", "step_micro_batches"]

@@ -1,0 +1,78 @@
+"""Tokenised pairs -> padded micro-batch tensors.
+
+A micro-batch of k pairs is ``tokens [2k, S]`` and ``labels [2k, S]`` (int64): rows 0..k-1 are the
+chosen sequences and rows k..2k-1 the rejected ones, so rows i and i + k are one pair (as the
+reference concatenates them). Sequences are right-padded with the pad id; labels are -100 on the
+prompt and on padding and are NOT shifted (logits at t predict labels[t + 1]). S is a multiple of
+``pad_to_multiple_of`` (sequence parallelism needs S % tp == 0; FP8 GEMMs want multiples of 16).
+
+All micro-batches of one optimizer step on one rank share S (pipeline parallelism sends fixed
+shapes), so :func:`step_micro_batches` pads them to the step's longest sequence.
+"""
+
+from __future__ import annotations
+
+import datasets
+import torch
+
+from simpo_mcore.data.tokenize import LABEL_PAD
+
+PAD_TO_MULTIPLE_OF = 16
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, else 0 (padding never carries a label, so its value is free)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def round_up(length: int, multiple: int) -> int:
+    return -(-length // multiple) * multiple
+
+
+def float_columns(dataset: datasets.Dataset) -> dict[str, torch.dtype]:
+    """Per-pair float columns (e.g. ``ref_chosen_sum_logps``) that ride along into the batch, with
+    their dtype (float64 columns stay float64; other float widths become float32)."""
+    return {name: torch.float64 if feature.dtype == "float64" else torch.float32
+            for name, feature in dataset.features.items()
+            if isinstance(feature, datasets.Value) and feature.dtype.startswith("float")}
+
+
+def collate_pairs(rows: dict[str, list], row_index: list[int], seq_len: int, pad_id: int,
+                  extra_columns: dict[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
+    """k pairs (``rows``: column -> k values) -> ``tokens``/``labels`` [2k, S], ``row_index`` [k]
+    (int64) and each of ``extra_columns`` (name -> dtype) as a [k] tensor."""
+    sequences = rows["chosen_input_ids"] + rows["rejected_input_ids"]
+    labels = rows["chosen_labels"] + rows["rejected_labels"]
+    tokens_out = torch.full((len(sequences), seq_len), pad_id, dtype=torch.int64)  # [2k, S]
+    labels_out = torch.full((len(sequences), seq_len), LABEL_PAD, dtype=torch.int64)  # [2k, S]
+    for i, (ids, labs) in enumerate(zip(sequences, labels)):
+        if len(ids) > seq_len:
+            raise ValueError(f"pair at dataset index {row_index[i % len(row_index)]} has a sequence "
+                             f"of {len(ids)} tokens, longer than the batch length {seq_len}")
+        tokens_out[i, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        labels_out[i, :len(labs)] = torch.tensor(labs, dtype=torch.int64)
+    batch = {"tokens": tokens_out, "labels": labels_out,
+             "row_index": torch.tensor(row_index, dtype=torch.int64)}  # [k]
+    for name, dtype in (extra_columns or {}).items():
+        batch[name] = torch.tensor(rows[name], dtype=dtype)  # [k]
+    return batch
+
+
+def step_micro_batches(dataset: datasets.Dataset, micro_batches: list[list[int]], pad_id: int,
+                       pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF,
+                       seq_len: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Collate one step's micro-batches (lists of dataset indices) to one shared S: the longest
+    sequence of the step rounded up to ``pad_to_multiple_of``, or ``seq_len`` when given."""
+    extra = float_columns(dataset)
+    flat = [index for micro in micro_batches for index in micro]
+    rows = dataset.select_columns(["chosen_input_ids", "chosen_labels", "rejected_input_ids",
+                                   "rejected_labels", *extra])[flat]
+    if seq_len is None:
+        longest = max(len(ids) for ids in rows["chosen_input_ids"] + rows["rejected_input_ids"])
+        seq_len = round_up(longest, pad_to_multiple_of)
+    batches, start = [], 0
+    for micro in micro_batches:
+        part = {name: values[start:start + len(micro)] for name, values in rows.items()}
+        batches.append(collate_pairs(part, micro, seq_len, pad_id, extra))
+        start += len(micro)
+    return batches

@@ -1,0 +1,180 @@
+"""Preference rows -> a cached, tokenised ``datasets.Dataset`` of chosen/rejected ids and labels.
+
+    dataset, report = build_preference_dataset(cfg.data, tokenizer, "train", f"{output_dir}/data_cache")
+
+Columns: ``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids``, ``rejected_labels`` (int32
+lists; labels are -100 on the prompt, not shifted) and ``row_id`` (the row's ``prompt_id``, else its
+index in the source split). Rows are rendered (:mod:`render`) and tokenised (:mod:`tokenize`) once
+with ``datasets.map`` and cached on disk (:mod:`cache`). Rows that cannot form a valid pair are
+dropped with one warning that counts them by reason, or raise under ``data.on_bad_row: error``.
+
+Every rank may call this; the first to finish publishes the cache entry and the others' copies are
+discarded. Callers that want one build should call it on rank 0 first, then barrier, then elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import datasets
+
+from simpo_mcore.config import DataConfig
+from simpo_mcore.data import cache, sources
+from simpo_mcore.data.render import render_row
+from simpo_mcore.data.tokenize import BadRow, tokenize_pair
+
+logger = logging.getLogger(__name__)
+
+PAIR_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+ROWS_PER_PROCESS = 1000
+"""With ``data.num_proc: null``, tokenise with one process per this many rows (at most 8)."""
+REPORTED_BAD_ROWS = 5
+"""How many bad rows the warning (and the report) name."""
+
+
+class BadRowError(ValueError):
+    """A bad row under ``data.on_bad_row: error``."""
+
+
+@dataclass
+class DataReport:
+    source: str
+    """The configured path (``synthetic``, a hub name, or local files)."""
+    split: str
+    """``train`` or ``eval``."""
+    rows_in: int
+    """Rows read (after ``max_pairs`` / ``max_eval_pairs``)."""
+    rows_kept: int
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Dropped rows by reason (see :mod:`tokenize` for the reasons)."""
+    first_dropped: list[dict] = field(default_factory=list)
+    """The first few dropped rows: ``row_id``, ``index``, ``reason``, ``detail``."""
+    cache_path: str = ""
+    cache_hit: bool = False
+
+    def drop_summary(self) -> str:
+        counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.dropped.items()))
+        named = "; ".join(f"{r['row_id']} ({r['reason']}: {r['detail']})" for r in self.first_dropped)
+        return (f"dropped {self.rows_in - self.rows_kept} of {self.rows_in} {self.split} rows from "
+                f"{self.source} ({counts}); first: {named}")
+
+
+def build_preference_dataset(cfg: DataConfig, tokenizer, split: Literal["train", "eval"],
+                             cache_dir: str | Path) -> tuple[datasets.Dataset, DataReport]:
+    """Load, render, tokenise and cache one split; ``cache_dir`` is used when ``cfg.cache_dir`` is
+    unset. Returns the tokenised dataset (kept rows, source order) and its :class:`DataReport`."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    path, hub_split, limit = ((cfg.train_path, cfg.train_split, cfg.max_pairs) if split == "train"
+                              else (cfg.eval_path, cfg.eval_split, cfg.max_eval_pairs))
+    if path is None:
+        raise ValueError(f"data.{split}_path is not set")
+    if cfg.max_prompt_length >= cfg.max_length:
+        raise ValueError(f"data.max_prompt_length ({cfg.max_prompt_length}) must be below "
+                         f"data.max_length ({cfg.max_length})")
+    cache_dir = Path(cfg.cache_dir or cache_dir)
+    settings = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                    truncation_mode=cfg.truncation_mode)
+
+    rows, files = None, None
+    if path == sources.SYNTHETIC:
+        num = cfg.synthetic_pairs if split == "train" else sources.SYNTHETIC_EVAL_PAIRS
+        rows, fingerprint = sources.load_synthetic(split, num)
+    elif (files := sources.local_files(path)) is not None:
+        fingerprint = sources.local_fingerprint(files)
+    else:
+        rows, fingerprint = sources.load_hub(path, hub_split)
+    key = cache.cache_key(source=fingerprint, tokenizer=cache.tokenizer_fingerprint(tokenizer),
+                          limit=limit, **settings)
+    entry = cache.entry_dir(cache_dir, split, key)
+    hit = cache.is_complete(entry)
+    if not hit:
+        if rows is None:
+            rows = sources.load_local(files, cache_dir / "raw")
+        if limit is not None:
+            rows = rows.select(range(min(limit, len(rows))))
+        _build_entry(rows, tokenizer, settings, cfg.num_proc, cache_dir, key, entry,
+                     source=path, split=split)
+    report = DataReport(**cache.read_report(entry), cache_path=str(entry), cache_hit=hit)
+    _check_drops(report, cfg.on_bad_row)
+    logger.info("%s data from %s: %d of %d rows kept (%s %s)", split, path, report.rows_kept,
+                report.rows_in, "cache hit" if hit else "tokenised into", entry)
+    return datasets.load_from_disk(str(entry / "dataset")), report
+
+
+def _check_drops(report: DataReport, on_bad_row: str) -> None:
+    if report.rows_kept == 0:
+        raise ValueError(f"no valid preference pairs in {report.source} ({report.split}): "
+                         f"{report.drop_summary()}")
+    if report.rows_kept == report.rows_in:
+        return
+    if on_bad_row == "error":
+        first = report.first_dropped[0]
+        raise BadRowError(f"data.on_bad_row is 'error' and row {first['row_id']} (index "
+                          f"{first['index']}) of {report.source} is bad: {first['reason']}: "
+                          f"{first['detail']}. In all, {report.drop_summary()}")
+    logger.warning(report.drop_summary())
+
+
+def _build_entry(rows: datasets.Dataset, tokenizer, settings: dict, num_proc: int | None,
+                 cache_dir: Path, key: str, entry: Path, *, source: str, split: str) -> None:
+    if num_proc is None:
+        num_proc = min(8, os.cpu_count() or 1, len(rows) // ROWS_PER_PROCESS)
+    num_proc = max(1, min(num_proc, len(rows)))
+    ids = datasets.List(datasets.Value("int32")) if hasattr(datasets, "List") else \
+        datasets.Sequence(datasets.Value("int32"))
+    features = datasets.Features({**{c: ids for c in PAIR_COLUMNS}, "row_id": datasets.Value("string"),
+                                  "drop_reason": datasets.Value("string"),
+                                  "drop_detail": datasets.Value("string")})
+    tmp = cache.new_tmp_dir(cache_dir, key)
+    try:
+        (tmp / "work").mkdir()
+        # new_fingerprint: our key already covers the tokenizer, so datasets need not hash it.
+        mapped = rows.map(_tokenize_batch, batched=True, with_indices=True, num_proc=num_proc,
+                          fn_kwargs=dict(tokenizer=tokenizer, settings=settings),
+                          remove_columns=rows.column_names, features=features,
+                          cache_file_name=str(tmp / "work" / "tokenized.arrow"),
+                          new_fingerprint=key, desc=f"Tokenising {split} preferences")
+        reasons = list(mapped["drop_reason"])
+        bad = [i for i, reason in enumerate(reasons) if reason]
+        first_bad = mapped.select(bad[:REPORTED_BAD_ROWS])
+        report = DataReport(
+            source=source, split=split, rows_in=len(rows), rows_kept=len(rows) - len(bad),
+            dropped=dict(Counter(reasons[i] for i in bad)),
+            first_dropped=[{"row_id": r["row_id"], "index": i, "reason": r["drop_reason"],
+                            "detail": r["drop_detail"]} for i, r in zip(bad, first_bad)])
+        kept = mapped.select([i for i, reason in enumerate(reasons) if not reason])
+        kept.remove_columns(["drop_reason", "drop_detail"]).save_to_disk(str(tmp / "dataset"))
+        shutil.rmtree(tmp / "work")
+        report_dict = asdict(report)
+        for transient in ("cache_path", "cache_hit"):
+            report_dict.pop(transient)
+        cache.commit(tmp, entry, report_dict)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer,
+                    settings: dict) -> dict[str, list]:
+    """``datasets.map`` body: every input row gives one output row; bad rows carry a reason."""
+    out = {c: [] for c in (*PAIR_COLUMNS, "row_id", "drop_reason", "drop_detail")}
+    for i, index in enumerate(indices):
+        row = {name: values[i] for name, values in batch.items()}
+        prompt_id = row.get("prompt_id")
+        out["row_id"].append(str(prompt_id) if prompt_id is not None else str(index))
+        try:
+            pair = tokenize_pair(tokenizer, *render_row(row, tokenizer), **settings)
+            reason = detail = ""
+        except BadRow as exc:
+            pair, reason, detail = {c: [] for c in PAIR_COLUMNS}, exc.reason, exc.detail
+        for c in PAIR_COLUMNS:
+            out[c].append(pair[c])
+        out["drop_reason"].append(reason)
+        out["drop_detail"].append(detail)
+    return out
