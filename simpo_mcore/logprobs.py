@@ -1,0 +1,425 @@
+r"""Token log-probs from a vocab-parallel output layer, without full fp32 logits.
+
+SimPO scores a response by the *average* log-prob of its tokens. With a 128k vocabulary the naive head
+(``logits -> .float() -> log_softmax -> gather``) materialises several ``[tokens, vocab]`` fp32 tensors and
+dominates memory. This module computes the same numbers chunk by chunk, for an output layer whose weight
+is sharded by vocabulary rows across the tensor-parallel (TP) group, as megatron-core's is.
+
+Math (one token with hidden state ``h``, target id ``y``, TP rank ``r`` holding rows ``V_r``)::
+
+    z_j      = <h, W_j>                          logits, j < vocab_size (padded rows j >= vocab_size
+                                                 are excluded: they never carry probability)
+    M        = max_r max_{j in V_r} z_j          one all-reduce MAX over TP
+    S        = sum_r sum_{j in V_r} exp(z_j - M)  \  one all-reduce SUM over TP of the stacked pair;
+    z_y      = sum_r [y in V_r] z_y              /  only the rank owning y contributes z_y
+    lse      = M + log S
+    logp     = z_y - lse                         0.0 where the label is -100 (prompt, padding)
+
+    d logp / d z_j = [j == y] - p_j,   p_j = exp(z_j - lse)
+    g_j            = grad_out * ([j == y] - p_j)           (0 for ignored tokens)
+    grad_h         = sum_j g_j W_j      a partial sum over this rank's rows: the TP region reduces it
+    grad_W_j       = g_j h
+
+Public API:
+
+* :func:`vocab_parallel_token_logps`: from vocab-parallel logits (megatron's unfused cross-entropy,
+  sequence chunk by sequence chunk, recomputed in backward);
+* :func:`fused_token_logps`: from hidden states and the weight shard, never holding more than one chunk of
+  logits (forward chunks over tokens, backward over vocabulary rows; see :class:`_FusedTokenLogps`);
+* :func:`token_logps_output_processor` + :class:`TokenLogpsContext`: the ``GPTModel.forward(...,
+  output_processor=...)`` hook that returns ``[b, s]`` token log-probs instead of logits;
+* :func:`sequence_logps`: per-sequence ``sum_logps``, ``num_tokens`` and ``avg_logps``.
+
+Layouts follow megatron: hidden ``[s, b, h]`` (``[s/tp, b, h]`` under sequence parallelism), weight
+``[v_pad/tp, h]``, logits ``[s, b, v_pad/tp]``; labels are batch-first ``[b, s]`` as ``GPTModel`` receives
+them, already shifted (label ``t`` is the target of the logits at ``t``), ``-100`` = ignore. Every token
+log-prob returned is fp32 ``[b, s]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core.tensor_parallel import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    vocab_parallel_cross_entropy,
+)
+
+IGNORE_INDEX = -100
+
+# Vocabulary slices in the fused backward are a multiple of this many rows: GEMMs on 16-byte aligned
+# leading dimensions pick the fast kernels, and 8 rows cost nothing in memory.
+_VOCAB_ALIGN = 8
+
+# The fused head's fp32 temporaries cover 1/_FP32_BLOCKS of a chunk at a time: blocks stay large enough
+# (a quarter of 4096 x 128256 in fp32 is 0.5 GiB) for elementwise kernels to run at memory bandwidth.
+_FP32_BLOCKS = 4
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _tp_group_or_default(tp_group):
+    if tp_group is not None:
+        return tp_group
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def _check_labels(labels: torch.Tensor, vocab_size: int) -> None:
+    """Labels must be ``-100`` or a real token id. A label on a padded row would silently get a log-prob
+    of -inf (unfused) or of a token that has no logit (fused); one device sync per call buys the error."""
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must be int64, got {labels.dtype}")
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        raise ValueError(
+            f"labels must be {IGNORE_INDEX} or in [0, {vocab_size}); found {labels[bad][:8].tolist()}")
+
+
+def _valid_rows(vocab_size: int, rows_per_rank: int, tp_rank: int) -> tuple[int, int]:
+    """First global id held by this rank and how many of its rows are real (not padding)."""
+    vocab_start = tp_rank * rows_per_rank
+    return vocab_start, max(0, min(rows_per_rank, vocab_size - vocab_start))
+
+
+def _all_reduce(tensor: torch.Tensor, op, group) -> None:
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+
+
+# ----------------------------------------------------------------------------------- unfused: logits in
+
+
+class _ChunkedVocabParallelLogps(torch.autograd.Function):
+    """Token log-probs from vocab-parallel logits via megatron's ``vocab_parallel_cross_entropy``.
+
+    Called directly per chunk under autograd, megatron's function saves its fp32 softmax for backward,
+    so all chunks together would keep an fp32 copy of the whole ``[s, b, v/tp]`` logits alive until the
+    backward, and slicing the caller's logits would allocate one full-size gradient per chunk. Instead
+    the forward runs it without a graph and the backward recomputes it one chunk at a time (a second pass
+    of elementwise work, no matmul), writing each chunk's gradient into one preallocated tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, valid, vocab_size, tp_group, seq_chunk):
+        s = logits.shape[0]
+        tp_rank = dist.get_rank(tp_group)
+        _, n_valid = _valid_rows(vocab_size, logits.shape[-1], tp_rank)
+        token_logps = torch.empty(target.shape, dtype=torch.float32, device=logits.device)  # [s, b]
+        for s0 in range(0, s, seq_chunk):
+            s1 = min(s, s0 + seq_chunk)
+            logits32 = _masked_fp32_copy(logits[s0:s1], n_valid)  # [c, b, v/tp]
+            # megatron returns -logp and overwrites logits32 in place (our private copy).
+            token_logps[s0:s1] = -vocab_parallel_cross_entropy(logits32, target[s0:s1], tp_group=tp_group)
+            del logits32
+        token_logps.masked_fill_(~valid, 0.0)
+        ctx.save_for_backward(logits, target, valid)
+        ctx.tp_group, ctx.n_valid, ctx.seq_chunk = tp_group, n_valid, seq_chunk
+        return token_logps
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_token_logps):
+        logits, target, valid = ctx.saved_tensors
+        # d(-nll) = -d(nll); ignored tokens are constant 0.0, so they pass no gradient.
+        grad_nll = torch.where(valid, -grad_token_logps.float(), 0.0)  # [s, b]
+        grad_logits = torch.empty_like(logits)  # [s, b, v/tp]
+        s = logits.shape[0]
+        for s0 in range(0, s, ctx.seq_chunk):
+            s1 = min(s, s0 + ctx.seq_chunk)
+            logits32 = _masked_fp32_copy(logits[s0:s1], ctx.n_valid).requires_grad_()  # [c, b, v/tp]
+            with torch.enable_grad():
+                nll = vocab_parallel_cross_entropy(logits32, target[s0:s1], tp_group=ctx.tp_group)
+            # megatron's backward returns its softmax buffer turned into the gradient (no new chunk).
+            (grad_chunk,) = torch.autograd.grad(nll, logits32, grad_nll[s0:s1])
+            grad_logits[s0:s1] = grad_chunk  # cast to the logits dtype on the copy
+            del logits32, nll, grad_chunk
+        return grad_logits, None, None, None, None, None
+
+
+def _masked_fp32_copy(logits_chunk: torch.Tensor, n_valid: int) -> torch.Tensor:
+    """A private fp32 copy (``.float()`` of fp32 logits would alias the caller's tensor, which megatron
+    then overwrites), with padded vocabulary columns at -inf so that they get probability 0."""
+    logits32 = logits_chunk.to(torch.float32, copy=True)
+    if n_valid < logits32.shape[-1]:
+        logits32[..., n_valid:] = float("-inf")
+    return logits32
+
+
+def vocab_parallel_token_logps(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                               tp_group=None, chunk_tokens: int = 4096) -> torch.Tensor:
+    """Token log-probs ``[b, s]`` (fp32, 0.0 at label -100) from vocab-parallel logits ``[s, b, v_pad/tp]``.
+
+    Args:
+        logits: this rank's vocabulary shard of the logits, any float dtype; never modified.
+        labels: ``[b, s]`` int64 targets (already shifted), ``-100`` = ignore.
+        vocab_size: the real vocabulary size; columns with global id >= ``vocab_size`` are padding.
+        tp_group: the tensor-parallel group the vocabulary is sharded over (``None``: megatron's).
+        chunk_tokens: tokens per chunk; each chunk becomes ``chunk_tokens x v/tp`` fp32 temporaries
+            (rounded to whole sequence positions, at least one).
+    """
+    tp_group = _tp_group_or_default(tp_group)
+    s, b = logits.shape[0], logits.shape[1]
+    if labels.shape != (b, s):
+        raise ValueError(f"labels {tuple(labels.shape)} do not match logits [s, b, v] = {tuple(logits.shape)}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    _check_labels(labels, vocab_size)
+    labels_sb = labels.t().contiguous()  # [s, b]; megatron views its target flat
+    valid = labels_sb != IGNORE_INDEX  # [s, b]
+    # megatron has no ignore_index: any real id keeps its arithmetic finite; the result is zeroed.
+    target = torch.where(valid, labels_sb, 0)  # [s, b]
+    seq_chunk = max(1, chunk_tokens // b)
+    token_logps = _ChunkedVocabParallelLogps.apply(logits, target, valid, vocab_size, tp_group, seq_chunk)
+    return token_logps.t().contiguous()  # [b, s]
+
+
+# ------------------------------------------------------------------------------ fused: hidden states in
+
+
+class _FusedTokenLogps(torch.autograd.Function):
+    """Token log-probs from hidden states ``[T, h]`` and this rank's weight rows ``[v_pad/tp, h]``.
+
+    Forward, per chunk of ``chunk_tokens`` tokens: ``z = h_c W_real^T`` in the input dtype (bf16 on a
+    GPU, as the output layer computes it), fp32 statistics, the TP all-reduces, ``logp = z_y - lse``.
+    Only ``lse`` ([T] fp32) is saved besides the inputs.
+
+    Backward, per slice of vocabulary rows (``lse`` is known for every token now): recompute
+    ``z = h W_slice^T``, ``g = grad_out * (onehot - exp(z - lse))``, then ``grad_W_slice = g^T h`` is final
+    (one GEMM, one rounding, written in place) and ``grad_h += g W_slice`` accumulates in fp32. Slicing
+    the backward by vocabulary rather than by tokens means the accumulator is ``[T, h]`` (128 MiB for
+    8192 tokens x 4096 in fp32) instead of an fp32 ``[v/tp, h]`` weight gradient (2 GiB for Llama-3 8B
+    at TP=1). Slices hold ``~chunk_tokens * v/tp / T`` rows so a backward chunk is as big as a forward one.
+
+    The fp32 elementwise work on a chunk runs in ``_FP32_BLOCKS`` row blocks (see :func:`_row_blocks`),
+    and ``g`` overwrites the recomputed logits, so a bf16 chunk costs 2 + 4/_FP32_BLOCKS bytes per
+    element instead of 2 + 4 (+ 2 for ``g``).
+
+    Padded rows (global id >= ``vocab_size``) are left out of every GEMM; their gradient is zero.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, local_id, owned, valid, n_valid, chunk_tokens, tp_group):
+        num_tokens = hidden.shape[0]
+        weight_real = weight[:n_valid]  # [n_valid, h]
+        token_logps = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)  # [T]
+        lse = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)  # [T]
+        for t0 in range(0, num_tokens, chunk_tokens):
+            t1 = min(num_tokens, t0 + chunk_tokens)
+            logits = hidden[t0:t1] @ weight_real.t()  # [c, n_valid], input dtype
+            if n_valid > 0:
+                logits_max = logits.max(dim=-1).values.float()  # [c]; exact in any dtype
+                # From the same rounded logits as the softmax, so the two agree to the last bit.
+                target_logits = logits.gather(1, local_id[t0:t1, None]).squeeze(1).float()  # [c]
+            else:  # this rank holds only padding
+                logits_max = torch.full((t1 - t0,), float("-inf"), device=hidden.device)
+                target_logits = torch.zeros(t1 - t0, device=hidden.device)
+            target_logits = torch.where(owned[t0:t1], target_logits, 0.0)
+            _all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
+            sum_exp = torch.zeros(t1 - t0, dtype=torch.float32, device=hidden.device)  # [c]
+            for r0, r1 in _row_blocks(t1 - t0):
+                shifted = _minus_rows_fp32(logits[r0:r1], logits_max[r0:r1])  # [rows, n_valid] fp32
+                sum_exp[r0:r1] = shifted.exp_().sum(dim=-1)
+                del shifted
+            del logits
+            stats = torch.stack([sum_exp, target_logits])  # [2, c]
+            _all_reduce(stats, dist.ReduceOp.SUM, tp_group)
+            lse[t0:t1] = logits_max + stats[0].log()
+            token_logps[t0:t1] = stats[1] - lse[t0:t1]
+        token_logps.masked_fill_(~valid, 0.0)
+        ctx.save_for_backward(hidden, weight, lse, local_id, owned, valid)
+        ctx.n_valid, ctx.chunk_tokens = n_valid, chunk_tokens
+        return token_logps
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_token_logps):
+        hidden, weight, lse, local_id, owned, valid = ctx.saved_tensors
+        n_valid = ctx.n_valid
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        num_tokens = hidden.shape[0]
+        # Ignored tokens output a constant 0.0: no gradient flows from them.
+        grad_out = torch.where(valid, grad_token_logps.float(), 0.0)  # [T]
+        grad_hidden32 = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) \
+            if need_hidden else None  # [T, h]
+        grad_weight = torch.zeros_like(weight) if need_weight else None  # [v_pad/tp, h]; padded rows stay 0
+        rows = _vocab_slice_rows(ctx.chunk_tokens, n_valid, num_tokens)
+        for v0 in range(0, n_valid, rows):
+            v1 = min(n_valid, v0 + rows)
+            weight_slice = weight[v0:v1]  # [r, h]
+            grad_logits = hidden @ weight_slice.t()  # [T, r], input dtype: the logits, overwritten by g
+            # -1 at the target column for the tokens whose target lies in this slice; a scatter of zeros
+            # elsewhere (boolean indexing would sync the device).
+            in_slice = owned & (local_id >= v0) & (local_id < v1)  # [T]
+            col = (local_id - v0).clamp(0, v1 - v0 - 1)[:, None]  # [T, 1]
+            minus_onehot = torch.where(in_slice, -1.0, 0.0)[:, None]  # [T, 1]
+            for r0, r1 in _row_blocks(num_tokens):
+                block = _minus_rows_fp32(grad_logits[r0:r1], lse[r0:r1])  # [rows, r] fp32: z - lse
+                block.exp_()  # p
+                # p - onehot in fp32, before any rounding, so that it stays accurate when p -> 1.
+                block.scatter_add_(1, col[r0:r1], minus_onehot[r0:r1])
+                # g = -grad_out * (p - onehot), written straight into the logits' storage (cast on write).
+                torch.mul(block, -grad_out[r0:r1, None], out=grad_logits[r0:r1])
+                del block
+            if need_weight:
+                torch.mm(grad_logits.t(), hidden, out=grad_weight[v0:v1])  # [r, h]
+            if need_hidden:
+                grad_hidden32 += grad_logits @ weight_slice  # [T, h]
+            del grad_logits
+        grad_hidden = grad_hidden32.to(hidden.dtype) if need_hidden else None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def _row_blocks(num_rows: int):
+    """``_FP32_BLOCKS`` contiguous row ranges ``(r0, r1)`` covering ``num_rows`` (fewer if it is small)."""
+    step = max(1, -(-num_rows // _FP32_BLOCKS))
+    return [(r0, min(num_rows, r0 + step)) for r0 in range(0, num_rows, step)]
+
+
+def _minus_rows_fp32(logits: torch.Tensor, row_values: torch.Tensor) -> torch.Tensor:
+    """``logits - row_values[:, None]`` in fp32: one pass that casts and subtracts (bf16 logits, a new
+    tensor), or in place (fp32 logits, which the caller owns)."""
+    if logits.dtype == torch.float32:
+        return logits.sub_(row_values[:, None])
+    return torch.sub(logits, row_values[:, None])  # type promotion: bf16 - fp32 -> fp32
+
+
+def _vocab_slice_rows(chunk_tokens: int, n_valid: int, num_tokens: int) -> int:
+    """Rows per backward slice so that ``[T, rows]`` holds about ``chunk_tokens x n_valid`` elements."""
+    rows = -(-chunk_tokens * n_valid // max(1, num_tokens))
+    rows = -(-rows // _VOCAB_ALIGN) * _VOCAB_ALIGN
+    return max(1, min(n_valid, rows))
+
+
+def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                      tp_group=None, sequence_parallel: bool = False,
+                      chunk_tokens: int = 4096) -> torch.Tensor:
+    """Token log-probs ``[b, s]`` (fp32, 0.0 at label -100) from the output layer's input and weight.
+
+    Computes what ``ColumnParallelLinear`` (the output layer) followed by :func:`vocab_parallel_token_logps`
+    computes, without ``[tokens, v/tp]`` logits beyond one chunk.
+
+    Args:
+        hidden: ``[s, b, h]`` after the final norm; ``[s/tp, b, h]`` (this rank's sequence shard) when
+            ``sequence_parallel``.
+        weight: this rank's output-layer rows ``[v_pad/tp, h]`` (rank r holds global ids
+            ``[r * v_pad/tp, (r+1) * v_pad/tp)``), same dtype as ``hidden``.
+        labels: ``[b, s]`` int64 (full sequence on every TP rank), ``-100`` = ignore.
+        vocab_size: the real vocabulary size; rows with global id >= ``vocab_size`` are padding.
+        tp_group: the tensor-parallel group (``None``: megatron's).
+        sequence_parallel: whether ``hidden`` is sharded along ``s`` across ``tp_group``.
+        chunk_tokens: tokens per forward chunk (the last may be smaller); each chunk allocates about
+            ``chunk_tokens x v/tp`` elements in the input dtype plus the same in fp32.
+    """
+    tp_group = _tp_group_or_default(tp_group)
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    tp = dist.get_world_size(tp_group)
+    # The TP region around the projection mirrors ColumnParallelLinear: grad_h from this function is a
+    # partial sum over this rank's vocabulary rows, so the region's backward must sum it over TP.
+    if sequence_parallel and tp > 1:
+        # all-gather [s/tp, b, h] -> [s, b, h]; backward reduce-scatters back to this rank's shard.
+        hidden = gather_from_sequence_parallel_region(hidden, group=tp_group)
+    elif tp > 1:
+        # identity; backward all-reduces (megatron's allreduce_dgrad does the same inside its linear).
+        hidden = copy_to_tensor_model_parallel_region(hidden, group=tp_group)
+    s, b, h = hidden.shape
+    if labels.shape != (b, s):
+        raise ValueError(f"labels {tuple(labels.shape)} do not match hidden [s, b, h] = {(s, b, h)}"
+                         f"{' after the sequence-parallel gather' if sequence_parallel else ''}")
+    _check_labels(labels, vocab_size)
+
+    vocab_start, n_valid = _valid_rows(vocab_size, weight.shape[0], dist.get_rank(tp_group))
+    labels_tokens = labels.t().reshape(-1)  # [s*b], the order of hidden's rows below
+    valid = labels_tokens != IGNORE_INDEX  # [s*b]
+    local_id = labels_tokens - vocab_start  # [s*b]
+    owned = valid & (local_id >= 0) & (local_id < n_valid)  # [s*b]: this rank holds the target's row
+    local_id = torch.where(owned, local_id, 0)  # [s*b], a harmless index where not owned
+
+    token_logps = _FusedTokenLogps.apply(
+        hidden.reshape(s * b, h),  # [s*b, h]
+        weight, local_id, owned, valid, n_valid, chunk_tokens, tp_group)  # [s*b]
+    return token_logps.view(s, b).t().contiguous()  # [b, s]
+
+
+# ----------------------------------------------------------------------------------------- GPTModel hook
+
+
+@dataclass(frozen=True)
+class TokenLogpsContext:
+    """What :func:`token_logps_output_processor` needs besides what ``GPTModel`` passes it."""
+
+    vocab_size: int
+    """The real (unpadded) vocabulary size; padded output rows never carry probability."""
+
+    chunk_tokens: int = 4096
+    """Tokens per chunk of the fused projection + log-prob head. 0: the output layer computes the full
+    vocab-parallel logits and :func:`vocab_parallel_token_logps` reduces them (for comparisons)."""
+
+
+def token_logps_output_processor(*, hidden_states: torch.Tensor, output_layer, output_weight, labels,
+                                 context: TokenLogpsContext, config=None, **_) -> torch.Tensor:
+    """``GPTModel.forward(..., labels=labels, output_processor=this, output_processor_context=ctx)``.
+
+    Called on the last pipeline stage with the hidden states after the final norm; returns token log-probs
+    ``[b, s]`` fp32 in place of the logits. ``output_weight`` is the shared embedding weight when the
+    embeddings are tied, else ``None`` (the output layer's own weight).
+    """
+    if labels is None:
+        raise ValueError("token_logps_output_processor needs labels: call the model with labels=")
+    if config is not None:
+        # Both change what the output layer computes; this head does not reproduce them.
+        if getattr(config, "use_mup", False):
+            raise NotImplementedError("MuP logit scaling is not supported by the log-prob head")
+        if getattr(config, "defer_embedding_wgrad_compute", False):
+            raise NotImplementedError("defer_embedding_wgrad_compute is not supported by the log-prob head")
+    if getattr(output_layer, "bias", None) is not None:
+        raise NotImplementedError("an output layer with a bias is not supported by the log-prob head")
+    weight = output_weight if output_weight is not None else output_layer.weight
+    # The layer's own flag: megatron turns sequence parallelism off in it when TP is 1.
+    sequence_parallel = bool(output_layer.sequence_parallel)
+    if context.chunk_tokens > 0:
+        return fused_token_logps(hidden_states, weight, labels, context.vocab_size,
+                                 tp_group=output_layer.tp_group, sequence_parallel=sequence_parallel,
+                                 chunk_tokens=context.chunk_tokens)
+    logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=False)  # [s, b, v/tp]
+    return vocab_parallel_token_logps(logits, labels, context.vocab_size, tp_group=output_layer.tp_group)
+
+
+# ------------------------------------------------------------------------------------- per sequence
+
+
+def sequence_logps(token_logps: torch.Tensor, labels: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sum_logps [b] fp32, num_tokens [b] int64, avg_logps [b] fp32)`` over the tokens with label != -100.
+
+    Raises if a sequence has no such token: the data pipeline guarantees at least one, and 0/0 would
+    otherwise be a NaN in the loss (the SimPO reference's failure on empty responses).
+    """
+    if token_logps.shape != labels.shape:
+        raise ValueError(f"token_logps {tuple(token_logps.shape)} and labels {tuple(labels.shape)} differ")
+    mask = labels != IGNORE_INDEX  # [b, s]
+    num_tokens = mask.sum(dim=-1)  # [b]
+    if bool((num_tokens == 0).any()):
+        empty = torch.nonzero(num_tokens == 0).flatten().tolist()
+        raise ValueError(f"sequences {empty} have no token with a label (all -100): the average is undefined")
+    sum_logps = torch.where(mask, token_logps.float(), 0.0).sum(dim=-1)  # [b]
+    avg_logps = sum_logps / num_tokens
+    return sum_logps, num_tokens, avg_logps
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TokenLogpsContext",
+    "fused_token_logps",
+    "sequence_logps",
+    "token_logps_output_processor",
+    "vocab_parallel_token_logps",
+]

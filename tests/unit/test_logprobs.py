@@ -1,0 +1,201 @@
+"""Single-process (TP=1) checks of the log-prob head against ``log_softmax`` over the full vocabulary.
+
+The reference is plain autograd in float64 through ``log_softmax(logits[..., :vocab_size])``: padded rows
+are simply not part of it, so any probability they carry shows up as an error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from simpo_mcore.logprobs import (
+    TokenLogpsContext,
+    fused_token_logps,
+    sequence_logps,
+    token_logps_output_processor,
+    vocab_parallel_token_logps,
+)
+from simpo_mcore.parallel import ensure_process_group
+
+S, B, H = 13, 3, 16  # 39 tokens
+VOCAB, V_PAD = 50, 64
+
+
+@pytest.fixture(scope="module")
+def tp_group():
+    ensure_process_group()
+    return dist.new_group([dist.get_rank()])
+
+
+def make_inputs(dtype=torch.float32, seed=0):
+    """hidden [s, b, h], weight [v_pad, h] with large random padded rows, labels [b, s] with a -100 prompt
+    prefix and -100 right padding of different lengths per sequence."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(S, B, H, generator=g)
+    weight = torch.randn(V_PAD, H, generator=g) * 0.5
+    # Padded rows that would dominate the softmax if they were not masked.
+    weight[VOCAB:] = torch.randn(V_PAD - VOCAB, H, generator=g) * 5.0
+    labels = torch.randint(0, VOCAB, (B, S), generator=g)
+    labels[0, :4] = -100  # prompt
+    labels[1, :2] = -100
+    labels[1, 10:] = -100  # right padding
+    labels[2, :7] = -100
+    labels[2, 12:] = -100
+    labels[0, 5] = VOCAB - 1  # the last real id
+    return hidden.to(dtype), weight.to(dtype), labels
+
+
+def reference_token_logps(logits, labels, vocab_size):
+    """``[b, s]`` from full logits ``[s, b, v_pad]``, by plain autograd (any dtype in, float64 math)."""
+    logps = torch.log_softmax(logits[..., :vocab_size].double(), dim=-1)  # [s, b, v]
+    valid = labels.t() != -100  # [s, b]
+    target = torch.where(valid, labels.t(), 0)
+    token = logps.gather(-1, target[..., None]).squeeze(-1)  # [s, b]
+    return torch.where(valid, token, 0.0).t()  # [b, s]
+
+
+def simpo_like_objective(token_logps, labels, seed=1):
+    """A random linear combination of per-sequence averages: an upstream gradient that differs per sequence
+    and per token count, like SimPO's."""
+    mask = labels != -100
+    avg = (token_logps.double() * mask).sum(-1) / mask.sum(-1)
+    coef = torch.randn(labels.shape[0], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (coef * avg).sum()
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def abs_err(x, ref):
+    return (x.double() - ref.double()).abs().max().item()
+
+
+def reference_grads(hidden, weight, labels):
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    ref = reference_token_logps(h @ w.t(), labels, VOCAB)
+    simpo_like_objective(ref, labels).backward()
+    return ref.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 16, 39, 1000])
+def test_fused_values_and_grads_match_full_log_softmax(tp_group, chunk_tokens):
+    hidden, weight, labels = make_inputs()
+    ref, ref_grad_h, ref_grad_w = reference_grads(hidden, weight, labels)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    token_logps = fused_token_logps(h, w, labels, VOCAB, tp_group, sequence_parallel=False,
+                                    chunk_tokens=chunk_tokens)
+    assert token_logps.dtype == torch.float32 and token_logps.shape == (B, S)
+    assert abs_err(token_logps, ref) < 1e-5
+    assert (token_logps[labels == -100] == 0).all()
+    simpo_like_objective(token_logps, labels).backward()
+    assert rel_err(h.grad, ref_grad_h) < 1e-5
+    assert rel_err(w.grad, ref_grad_w) < 1e-5
+    assert (w.grad[VOCAB:] == 0).all()
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 39, 1000])
+def test_unfused_values_and_grads_match_and_logits_untouched(tp_group, chunk_tokens):
+    hidden, weight, labels = make_inputs()
+    logits = (hidden @ weight.t()).requires_grad_()  # [s, b, v_pad], fp32: megatron would overwrite it
+    before = logits.detach().clone()
+    ref_logits = logits.detach().double().requires_grad_()
+    ref = reference_token_logps(ref_logits, labels, VOCAB)
+    simpo_like_objective(ref, labels).backward()
+
+    token_logps = vocab_parallel_token_logps(logits, labels, VOCAB, tp_group, chunk_tokens=chunk_tokens)
+    assert torch.equal(logits.detach(), before), "the caller's logits were modified"
+    assert token_logps.dtype == torch.float32 and token_logps.shape == (B, S)
+    assert abs_err(token_logps, ref) < 1e-5
+    assert (token_logps[labels == -100] == 0).all()
+    simpo_like_objective(token_logps, labels).backward()
+    assert rel_err(logits.grad, ref_logits.grad) < 1e-5
+    assert (logits.grad[..., VOCAB:] == 0).all()
+    assert torch.equal(logits.detach(), before), "backward modified the caller's logits"
+
+
+def test_bf16_within_bf16_tolerance_of_fp32_reference(tp_group):
+    """Logits are rounded to bf16 as the output layer would produce them: |z| ~ 3 here gives errors of
+    a few 1e-2 at most; gradients are cast to bf16 (relative 2^-8) once per GEMM."""
+    hidden, weight, labels = make_inputs()
+    ref, ref_grad_h, ref_grad_w = reference_grads(hidden, weight, labels)
+    h = hidden.to(torch.bfloat16).requires_grad_()
+    w = weight.to(torch.bfloat16).requires_grad_()
+    fused = fused_token_logps(h, w, labels, VOCAB, tp_group, chunk_tokens=7)
+    simpo_like_objective(fused, labels).backward()
+    logits = (h.detach() @ w.detach().t()).requires_grad_()  # [s, b, v_pad] bf16
+    unfused = vocab_parallel_token_logps(logits, labels, VOCAB, tp_group, chunk_tokens=7)
+    assert fused.dtype == unfused.dtype == torch.float32
+    assert abs_err(fused, ref) < 5e-2
+    assert abs_err(unfused, ref) < 5e-2
+    assert abs_err(fused, unfused) < 2e-2  # same bf16 logits up to GEMM accumulation order
+    assert rel_err(h.grad, ref_grad_h) < 2e-2
+    assert rel_err(w.grad, ref_grad_w) < 2e-2
+    assert (w.grad[VOCAB:] == 0).all()
+
+
+def test_frozen_weight_and_no_grad(tp_group):
+    hidden, weight, labels = make_inputs()
+    ref, ref_grad_h, _ = reference_grads(hidden, weight, labels)
+    h = hidden.clone().requires_grad_()
+    token_logps = fused_token_logps(h, weight, labels, VOCAB, tp_group, chunk_tokens=5)
+    simpo_like_objective(token_logps, labels).backward()
+    assert rel_err(h.grad, ref_grad_h) < 1e-5
+    with torch.no_grad():
+        assert abs_err(fused_token_logps(hidden, weight, labels, VOCAB, tp_group, chunk_tokens=5), ref) < 1e-5
+
+
+def test_labels_on_padded_rows_are_rejected(tp_group):
+    hidden, weight, labels = make_inputs()
+    labels[0, 6] = VOCAB  # a padded row: no real token has this id
+    with pytest.raises(ValueError, match="labels must be"):
+        fused_token_logps(hidden, weight, labels, VOCAB, tp_group)
+    with pytest.raises(ValueError, match="labels must be"):
+        vocab_parallel_token_logps(hidden @ weight.t(), labels, VOCAB, tp_group)
+
+
+class _FakeOutputLayer:
+    """What the output processor reads from megatron's ColumnParallelLinear."""
+
+    def __init__(self, weight, tp_group):
+        self.weight, self.tp_group, self.sequence_parallel, self.bias = weight, tp_group, False, None
+
+    def __call__(self, hidden, weight=None, runtime_gather_output=None):
+        assert runtime_gather_output is False  # vocab-parallel logits, never gathered
+        return hidden @ (self.weight if weight is None else weight).t(), None
+
+
+@pytest.mark.parametrize("chunk_tokens", [0, 7])
+@pytest.mark.parametrize("tied", [False, True])
+def test_output_processor_uses_the_right_weight(tp_group, chunk_tokens, tied):
+    hidden, weight, labels = make_inputs()
+    ref = reference_token_logps(hidden @ weight.t(), labels, VOCAB)
+    # Tied: the layer's own weight is absent (megatron skips its allocation) or unused.
+    layer = _FakeOutputLayer(torch.zeros_like(weight) if tied else weight, tp_group)
+    token_logps = token_logps_output_processor(
+        hidden_states=hidden, output_layer=layer, output_weight=weight if tied else None, labels=labels,
+        context=TokenLogpsContext(vocab_size=VOCAB, chunk_tokens=chunk_tokens), loss_mask=None)
+    assert abs_err(token_logps, ref) < 1e-5
+
+
+def test_sequence_logps_by_hand():
+    """Sequence 0: tokens -1.0 and -3.0 count (label -100 at t=0) -> sum -4, count 2, avg -2.
+    Sequence 1: only t=2 counts -> sum -0.5, count 1, avg -0.5. The value under a -100 label (7.0) must
+    not leak in even if a caller passes unmasked log-probs."""
+    token_logps = torch.tensor([[7.0, -1.0, -3.0], [7.0, 7.0, -0.5]])
+    labels = torch.tensor([[-100, 4, 5], [-100, -100, 9]])
+    sum_logps, num_tokens, avg_logps = sequence_logps(token_logps, labels)
+    assert sum_logps.tolist() == [-4.0, -0.5]
+    assert num_tokens.tolist() == [2, 1]
+    assert avg_logps.tolist() == [-2.0, -0.5]
+    assert sum_logps.dtype == avg_logps.dtype == torch.float32
+
+
+def test_sequence_logps_rejects_empty_sequences():
+    labels = torch.tensor([[-100, 4], [-100, -100]])
+    with pytest.raises(ValueError, match=r"sequences \[1\]"):
+        sequence_logps(torch.zeros(2, 2), labels)
