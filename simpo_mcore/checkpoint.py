@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
+from simpo_mcore.convert.checkpoint_meta import TOKENIZER_DIR, CheckpointMeta
+from simpo_mcore.convert.hf_io import copy_tokenizer_files
 
 
 def save_sharded(sharded: dict, ckpt_dir: str | Path) -> None:
@@ -75,3 +76,168 @@ def _load_chunk(chunk, state: dict) -> None:
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Training checkpoints: model + optimizer + scheduler + RNG + data position, resumable at any layout
+
+LATEST = "latest"
+OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+"""The distributed optimizer's default format cannot be saved on 0.19 ("flattened_range is not
+supported"); ``fully_reshardable`` saves per-parameter state that reloads at any TP / PP / DP."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The directory ``root/latest`` names, if both exist."""
+    root = Path(root)
+    marker = root / LATEST
+    if not marker.is_file():
+        return None
+    path = root / marker.read_text().strip()
+    if not (path / "metadata.json").is_file():
+        raise FileNotFoundError(f"{marker} names {path.name}, which is not a complete checkpoint")
+    return path
+
+
+def _rng_object(layout):
+    """This rank's RNG states, one ShardedObject per (pp, tp, dp) position."""
+    import random
+
+    import numpy as np
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    return ShardedObject("rng_state", state, (layout.pp, layout.tp, layout.dp),
+                         (layout.pp_rank, layout.tp_rank, layout.dp_rank), replica_id=0)
+
+
+def _restore_rng(state: dict) -> None:
+    import random
+
+    import numpy as np
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def train_state_dict(ddp_chunks: list, optimizer, layout, with_optimizer: bool, is_loading: bool) -> dict:
+    chunks = [c.module for c in ddp_chunks]
+    state = model_sharded_state_dict(chunks)
+    if with_optimizer:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=OPTIM_SHARDING)
+    state["rng_state"] = _rng_object(layout)
+    return state
+
+
+def save_train_checkpoint(root: str | Path, step: int, ddp_chunks: list, optimizer, scheduler,
+                          progress: dict, meta: CheckpointMeta, layout, keep_last: int,
+                          with_optimizer: bool = True, tokenizer: str | None = None) -> Path:
+    """Write ``root/step_N`` atomically and point ``root/latest`` at it; keep the newest K.
+
+    The tensors go to ``step_N.incomplete``; only when every rank has finished does rank 0 add
+    ``simpo_mcore.json``, rename the directory and replace ``latest`` (an atomic rename), so a
+    crash at any point leaves the previous checkpoint and ``latest`` untouched. ``tokenizer``: a
+    local tokenizer directory (its files are copied in, so exports carry them) or a hub name.
+    """
+    import os
+    import shutil
+
+    import torch.distributed as dist
+
+    root = Path(root)
+    final = root / step_dir_name(step)
+    tmp = root / (step_dir_name(step) + ".incomplete")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    state = train_state_dict(ddp_chunks, optimizer, layout, with_optimizer, is_loading=False)
+    # Plain values land in the common state (rank 0's copy, checked equal across ranks).
+    state["progress"] = dict(progress)
+    state["scheduler"] = scheduler.state_dict()
+    save_sharded(state, tmp)
+    _maybe_crash_for_test("after_tensors")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        info = {**meta.info, "step": step, **progress, "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}}
+        tok = tokenizer
+        if tokenizer and Path(tokenizer).is_dir() and copy_tokenizer_files(tokenizer, tmp / TOKENIZER_DIR):
+            tok = TOKENIZER_DIR
+        CheckpointMeta(arch=meta.arch, tokenizer=tok, kind="train", info=info).write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        marker_tmp = root / (LATEST + ".tmp")
+        marker_tmp.write_text(final.name + "\n")
+        os.replace(marker_tmp, root / LATEST)
+        steps = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".incomplete"))
+        for old in steps[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+@torch.no_grad()
+def load_train_checkpoint(path: str | Path, ddp_chunks: list, optimizer, scheduler, layout,
+                          with_optimizer: bool = True) -> dict:
+    """Restore model, optimizer, scheduler and (same layout only) RNG; return the progress dict."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+    path = Path(path)
+    meta = CheckpointMeta.read(path)
+    if meta.kind != "train":
+        raise ValueError(f"{path} is a {meta.kind} checkpoint, not a training checkpoint")
+    common = load_common_state_dict(str(path))
+    saved = meta.info.get("layout", {})
+    same_layout = saved == {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}
+    has_optimizer = any(k.startswith("optimizer") for k in common) or _has_optimizer_tensors(path)
+    if with_optimizer and not has_optimizer:
+        raise ValueError(f"{path} holds no optimizer state (saved with checkpoint.save_optimizer: false)")
+    state = train_state_dict(ddp_chunks, optimizer, layout, with_optimizer, is_loading=True)
+    if not same_layout:
+        state.pop("rng_state")  # RNG streams are per rank; a new layout reseeds (no dropout in use)
+    loaded = dist_checkpointing.load(state, str(path))
+    chunks = [c.module for c in ddp_chunks]
+    if len(chunks) == 1:
+        _load_chunk(chunks[0], loaded["model"])
+    else:
+        for i, c in enumerate(chunks):
+            _load_chunk(c, loaded[f"model{i}"])
+    if with_optimizer:
+        optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(common["scheduler"])
+    if same_layout:
+        _restore_rng(loaded["rng_state"])
+    return dict(common["progress"])
+
+
+def _has_optimizer_tensors(path: Path) -> bool:
+    from megatron.core import dist_checkpointing
+
+    return any(k.startswith("optimizer") for k in dist_checkpointing.load_tensors_metadata(str(path)))
+
+
+def _maybe_crash_for_test(point: str) -> None:
+    """Testing hook: ``SIMPO_MCORE_CRASH_IN_SAVE=after_tensors`` kills the process mid-save, to
+    prove an interrupted save leaves the previous checkpoint intact."""
+    import os
+
+    if os.environ.get("SIMPO_MCORE_CRASH_IN_SAVE") == point:
+        os._exit(17)

@@ -1,0 +1,88 @@
+"""The data side of a run: tokenised splits (built once, cached) and per-step micro-batches.
+
+Every rank of a data-parallel replica (all its TP and PP ranks) reads the same micro-batches, so
+the pipeline stages agree on shapes and the tensor-parallel ranks on tokens without broadcasts.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from simpo_mcore.config import RunConfig
+from simpo_mcore.data.batching import PAD_TO_MULTIPLE_OF, pad_token_id, step_micro_batches
+from simpo_mcore.data.preference import build_preference_dataset
+from simpo_mcore.data.sampler import PairSampler, eval_micro_batches
+from simpo_mcore.step import shift_labels
+
+REF_COLUMNS = ("ref_chosen_sum_logps", "ref_rejected_sum_logps")
+
+
+def load_split(cfg: RunConfig, tokenizer, tokenizer_source: str, split: str, layout):
+    """The tokenised ``train`` or ``eval`` split. Rank 0 tokenises (and caches) first; the other
+    ranks then read the cache instead of tokenising the same rows again."""
+    cache_dir = Path(cfg.output_dir) / "data_cache"
+    dataset = report = None
+    if layout.rank == 0:
+        dataset, report = build_preference_dataset(cfg.data, tokenizer, split, cache_dir)
+    dist.barrier()
+    if layout.rank != 0:
+        dataset, report = build_preference_dataset(cfg.data, tokenizer, split, cache_dir)
+    dataset.simpo_cache_key = Path(report.cache_path).name
+    return dataset
+
+
+def pad_multiple(cfg: RunConfig) -> int:
+    """Sequence lengths are padded to a multiple of 16 (and of TP under sequence parallelism)."""
+    tp = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
+    return math.lcm(PAD_TO_MULTIPLE_OF, tp)
+
+
+def _finish(batches: list[dict]) -> list[dict]:
+    """Our micro-batch layout: ``ref_sum_logps [2k]`` (chosen first) for DPO."""
+    for b in batches:
+        if REF_COLUMNS[0] in b:
+            b["ref_sum_logps"] = torch.cat([b.pop(REF_COLUMNS[0]), b.pop(REF_COLUMNS[1])]).double()
+    return batches
+
+
+class TrainBatches:
+    """This rank's micro-batches for any step, recomputed from the pairs consumed so far."""
+
+    def __init__(self, cfg: RunConfig, dataset, tokenizer, layout):
+        t = cfg.train
+        self.dataset = dataset
+        self.sampler = PairSampler(len(dataset), t.global_batch_pairs, t.micro_batch_pairs,
+                                   layout.dp_rank, layout.dp, t.seed)
+        self.pad_id = pad_token_id(tokenizer)
+        self.multiple = pad_multiple(cfg)
+
+    def step(self, consumed_pairs: int) -> tuple[list[dict], int]:
+        """(micro-batches of the step after ``consumed_pairs``, chosen response tokens in them)."""
+        step = self.sampler.step_at(consumed_pairs)
+        batches = _finish(step_micro_batches(self.dataset, self.sampler.micro_batches(step), self.pad_id,
+                                             self.multiple))
+        chosen_tokens = 0
+        for b in batches:
+            k = b["tokens"].shape[0] // 2
+            chosen_tokens += int((shift_labels(b["labels"][:k]) != -100).sum())
+        return batches, chosen_tokens
+
+
+def eval_batch_groups(cfg: RunConfig, dataset, tokenizer, layout, group_size: int = 8):
+    """All pairs once, this rank's shard, as lists of up to ``group_size`` micro-batches of equal
+    shape (one schedule call each: pipeline stages exchange fixed shapes, so a smaller last
+    micro-batch gets a group of its own)."""
+    micro = eval_micro_batches(len(dataset), cfg.train.micro_batch_pairs, layout.dp_rank, layout.dp)
+    pad_id, multiple = pad_token_id(tokenizer), pad_multiple(cfg)
+    group: list[list[int]] = []
+    for m in micro:
+        if group and (len(group) == group_size or len(m) != len(group[0])):
+            yield _finish(step_micro_batches(dataset, group, pad_id, multiple))
+            group = []
+        group.append(m)
+    if group:
+        yield _finish(step_micro_batches(dataset, group, pad_id, multiple))

@@ -1,0 +1,117 @@
+"""DPO's frozen reference: summed log-probs of every pair under the starting weights, computed
+once in a forward-only pass and stored beside the run, so no second model is ever in memory.
+
+The file ``<output_dir>/reference_logps/<split>.npz`` holds ``[N, 2]`` float64 (chosen, rejected)
+and a fingerprint of what produced it: the reference checkpoint, the tokenised data (its cache
+key and row count) and the precision. A run whose fingerprint differs refuses the file instead of
+silently training against a stale reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("simpo_mcore")
+
+
+def fingerprint(rt, dataset, split: str) -> dict:
+    ckpt = Path(rt.ckpt_dir).resolve()
+    meta_bytes = (ckpt / "simpo_mcore.json").read_bytes()
+    md = ckpt / "metadata.json"
+    return {
+        "checkpoint": str(ckpt),
+        "checkpoint_meta_sha256": hashlib.sha256(meta_bytes).hexdigest()[:16],
+        "checkpoint_mtime": int(md.stat().st_mtime) if md.exists() else None,
+        "data": getattr(dataset, "simpo_cache_key", None) or dataset._fingerprint,
+        "rows": len(dataset),
+        "split": split,
+        "precision": rt.cfg.train.precision,
+        "spec": rt.options.spec,
+    }
+
+
+def reference_path(output_dir: str | Path, split: str) -> Path:
+    return Path(output_dir) / "reference_logps" / f"{split}.npz"
+
+
+@torch.no_grad()
+def compute_reference_logps(rt, dataset) -> np.ndarray:
+    """``[N, 2]`` summed log-probs (chosen, rejected) under the model as it is now, on every rank."""
+    from megatron.core import parallel_state as ps
+
+    from simpo_mcore.data.pipeline import eval_batch_groups
+    from simpo_mcore.evaluate import run_schedule
+    from simpo_mcore.logprobs import sequence_logps, token_logps_output_processor
+    from simpo_mcore.step import position_ids_for, shift_labels
+
+    out = torch.zeros(len(dataset), 2, dtype=torch.float64, device=rt.layout.device)
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        tokens = batch["tokens"].to(rt.layout.device)
+        labels = shift_labels(batch["labels"]).to(rt.layout.device)
+        output = model(tokens, position_ids_for(tokens), None, labels=labels,
+                       output_processor=token_logps_output_processor, output_processor_context=rt.head)
+
+        def loss_func(token_logps):
+            sum_logps, _, _ = sequence_logps(token_logps, labels)
+            k = sum_logps.shape[0] // 2
+            rows = batch["row_index"].to(rt.layout.device)
+            out[rows, 0] = sum_logps[:k].double()
+            out[rows, 1] = sum_logps[k:].double()
+            return token_logps.new_zeros(()), {}
+
+        return output, loss_func
+
+    for c in rt.chunks:
+        c.eval()
+    for group in eval_batch_groups(rt.cfg, dataset, rt.tokenizer, rt.layout):
+        run_schedule(rt.chunks, forward_step, group, forward_only=True)
+    for c in rt.chunks:
+        c.train()
+    # Rows were filled on the last pipeline stage of their data-parallel replica, once per TP rank.
+    if not ps.is_pipeline_last_stage() or ps.get_tensor_model_parallel_rank() != 0:
+        out.zero_()
+    dist.all_reduce(out)
+    return out.cpu().numpy()
+
+
+def attach_reference_logps(rt, dataset, split: str):
+    """The dataset with ``ref_chosen_sum_logps`` / ``ref_rejected_sum_logps`` columns, from the
+    stored file when its fingerprint matches, else computed now (under the current weights, which
+    must be the starting checkpoint's) and stored."""
+    path = reference_path(rt.cfg.output_dir, split)
+    want = fingerprint(rt, dataset, split)
+    values = None
+    if path.is_file():
+        stored = np.load(path)
+        have = json.loads(str(stored["fingerprint"]))
+        if have != want:
+            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+            raise ValueError(
+                f"reference log-probs {path} are stale: they were computed for a different "
+                f"{', '.join(diff)} ({', '.join(f'{k}: {have.get(k)!r} -> {want.get(k)!r}' for k in diff)}). "
+                "Delete the file to recompute them from model.checkpoint, or use another output_dir.")
+        values = stored["logps"]
+        log.info("reference log-probs for %s: loaded %s", split, path)
+    else:
+        log.info("reference log-probs for %s: forward pass over %d pairs", split, len(dataset))
+        values = compute_reference_logps(rt, dataset)
+        if rt.layout.rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, logps=values, fingerprint=json.dumps(want))
+            tmp.replace(path)
+        dist.barrier()
+    if values.shape != (len(dataset), 2) or not np.isfinite(values).all():
+        raise ValueError(f"reference log-probs {path} have shape {values.shape} or non-finite values; "
+                         f"expected ({len(dataset)}, 2) finite")
+    dataset = dataset.add_column("ref_chosen_sum_logps", values[:, 0].tolist())
+    return dataset.add_column("ref_rejected_sum_logps", values[:, 1].tolist())

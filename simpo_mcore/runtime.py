@@ -1,0 +1,150 @@
+"""What both ``simpo-train`` and ``simpo-eval`` set up: process groups, tokenizer, model, head."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from simpo_mcore.config import RunConfig
+from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
+from simpo_mcore.logprobs import TokenLogpsContext
+from simpo_mcore.model.builder import ModelOptions, build_model
+from simpo_mcore.model.specs import resolve_spec
+from simpo_mcore.parallel import Layout, init_distributed, use_cuda
+
+log = logging.getLogger("simpo_mcore")
+
+TINY_CHECKPOINT = "tiny-random"
+"""``model.checkpoint`` value for the embedded default: a random tiny Llama over the tokenizer
+built in code (``simpo_mcore.data.synthetic``), created and converted on first use."""
+
+
+@dataclass
+class Runtime:
+    cfg: RunConfig
+    layout: Layout
+    meta: CheckpointMeta
+    ckpt_dir: Path
+    tokenizer: object
+    tokenizer_source: str
+    """A local directory or hub name: what is recorded with checkpoints."""
+    chunks: list
+    options: ModelOptions
+    head: TokenLogpsContext
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="[%(asctime)s simpo_mcore] %(message)s", datefmt="%H:%M:%S", force=True)
+    for noisy in ("megatron", "torch.distributed", "datasets", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def resolve_checkpoint(cfg: RunConfig, layout: Layout) -> Path:
+    """The converted checkpoint to start from; the embedded default builds its tiny one once."""
+    if cfg.model.checkpoint is None:
+        raise ValueError("model.checkpoint is required (a directory written by tools/convert_hf_to_mcore.py)")
+    if cfg.model.checkpoint != TINY_CHECKPOINT:
+        path = Path(cfg.model.checkpoint)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model.checkpoint {path} does not exist")
+        return path
+    path = Path(cfg.output_dir) / "tiny_init"
+    if layout.rank == 0 and not (path / "mcore" / "metadata.json").is_file():
+        # In a fresh process: dist_checkpointing.save works on the default group, which here
+        # spans every rank, while only rank 0 converts.
+        run_python(f"from simpo_mcore.model.tiny import make_tiny_checkpoint; "
+                   f"make_tiny_checkpoint({str(path)!r}, seed={cfg.train.seed})")
+    dist.barrier()
+    return path / "mcore"
+
+
+def run_python(code: str) -> None:
+    """Run ``code`` in a new single-process Python (its own world of one for dist_checkpointing)."""
+    import os
+    import subprocess
+    import sys
+
+    # Drop torchrun's variables: with TORCHELASTIC_USE_AGENT_STORE the child would wait forever
+    # for the launcher's store instead of creating its own one-rank group.
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("TORCHELASTIC")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{code!r} failed:\n{proc.stderr[-4000:]}")
+
+
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the config key that named it
+        raise ValueError(f"model.tokenizer {source!r} could not be loaded: {exc}") from exc
+
+
+def build_runtime(cfg: RunConfig, *, load_weights: bool = True) -> Runtime:
+    layout = init_distributed(cfg.parallel, cfg.train.seed)
+    setup_logging(layout.rank)
+    ckpt_dir = resolve_checkpoint(cfg, layout)
+    meta = CheckpointMeta.read(ckpt_dir)
+    tokenizer_source = cfg.model.tokenizer or meta.tokenizer_path(ckpt_dir)
+    if tokenizer_source is None:
+        raise ValueError(f"model.tokenizer is not set and {ckpt_dir} records no tokenizer")
+    tokenizer = load_tokenizer(tokenizer_source)
+    if len(tokenizer) > meta.arch.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_source} has {len(tokenizer)} tokens but the model's "
+                         f"vocabulary is {meta.arch.vocab_size}")
+    cuda = use_cuda(cfg.parallel.device)
+    spec = resolve_spec(cfg.model.spec, cuda)
+    if cfg.train.precision == "fp8":
+        _check_fp8(spec, cuda)
+    opts = ModelOptions(
+        spec=spec, precision=cfg.train.precision, tp=layout.tp, pp=layout.pp, vpp=layout.vpp,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
+        recompute=cfg.model.recompute, recompute_num_layers=cfg.model.recompute_num_layers,
+        fp8_recipe=cfg.train.fp8_recipe, fp8_format=cfg.train.fp8_format, cuda=cuda,
+    )
+    _check_layout(meta.arch, opts)
+    chunks = build_model(meta.arch, opts)
+    if load_weights:
+        from simpo_mcore.checkpoint import load_model_weights
+
+        load_model_weights(chunks, ckpt_dir)
+    head = TokenLogpsContext(vocab_size=meta.arch.vocab_size, chunk_tokens=cfg.model.logprob_chunk_tokens)
+    log.info("model: %d layers, hidden %d, vocab %d | spec %s, %s | TP %d PP %d%s DP %d%s | %s",
+             meta.arch.num_layers, meta.arch.hidden_size, meta.arch.vocab_size, spec,
+             cfg.train.precision, layout.tp, layout.pp, f" (VPP {layout.vpp})" if layout.vpp else "",
+             layout.dp, " +SP" if opts.sequence_parallel else "", "GPU" if cuda else "CPU (gloo)")
+    return Runtime(cfg, layout, meta, ckpt_dir, tokenizer, str(tokenizer_source), chunks, opts, head)
+
+
+def _check_layout(arch, opts: ModelOptions) -> None:
+    if arch.num_attention_heads % opts.tp or arch.num_key_value_heads % opts.tp:
+        raise ValueError(f"parallel.tp={opts.tp} must divide the attention heads ({arch.num_attention_heads}) "
+                         f"and key/value heads ({arch.num_key_value_heads})")
+    stages = opts.pp * (opts.vpp or 1)
+    if arch.num_layers % stages:
+        raise ValueError(f"parallel.pp x parallel.vpp = {stages} must divide the {arch.num_layers} layers")
+
+
+def _check_fp8(spec: str, cuda: bool) -> None:
+    if not cuda:
+        raise ValueError("train.precision: fp8 needs a GPU (none is used)")
+    if spec != "te":
+        raise ValueError("train.precision: fp8 needs Transformer Engine (model.spec: te); it is not importable")
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        raise ValueError(f"train.precision: fp8 needs an FP8-capable GPU (compute capability >= 8.9); "
+                         f"this one is {major}.{minor}")
+
+
+def with_overrides(cfg: RunConfig, **sections) -> RunConfig:
+    """A copy of ``cfg`` with whole sections replaced (tests and tools)."""
+    return replace(cfg, **sections)

@@ -1,0 +1,150 @@
+"""``forward_step`` / ``loss_func`` for megatron's pipeline schedules, and metric reduction.
+
+The contract (megatron ``get_forward_backward_func``): ``forward_step(data_iterator, model)``
+returns the model output and a ``loss_func``; on the last pipeline stage the schedule calls
+``loss_func(output)`` which returns ``(loss, report)``; the schedule divides ``loss`` *in place*
+by the number of micro-batches before backward, and megatron's DDP averages gradients over
+data-parallel ranks.
+
+SimPO's batch loss is a mean over the *global* batch of pairs (and the optional SFT term a mean
+over all chosen response tokens of the global batch). Micro-batches may hold different numbers of
+response tokens, so a mean of micro-batch means would be wrong. Each micro-batch therefore
+contributes ``sum(pair losses) / global_pairs + sft_weight * nll_sum / global_chosen_tokens``,
+multiplied by ``num_microbatches * dp`` to undo the schedule's division and DDP's average: the
+gradient summed over micro-batches and ranks is then exactly the gradient of the global mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from simpo_mcore.config import LossConfig
+from simpo_mcore.logprobs import TokenLogpsContext, sequence_logps, token_logps_output_processor
+from simpo_mcore.losses import pair_terms, sft_nll_sum
+
+# Per-micro-batch sums; the metrics are ratios of their totals over the global batch.
+REPORT_FIELDS = (
+    "pairs", "loss_sum", "rewards_chosen_sum", "rewards_rejected_sum", "accuracies_sum",
+    "margins_sum", "logps_chosen_sum", "logps_rejected_sum", "sft_nll_sum", "sft_tokens",
+    "response_tokens", "tokens",
+)
+
+
+@dataclass(frozen=True)
+class LossScale:
+    """Global normalisers of one optimizer step (identical on every rank)."""
+
+    num_microbatches: int
+    dp: int
+    global_pairs: int
+    global_chosen_tokens: int
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """``[b, s]`` labels aligned with the tokens -> targets of the logits at each position."""
+    shifted = torch.full_like(labels, -100)
+    shifted[:, :-1] = labels[:, 1:]
+    return shifted
+
+
+def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
+    b, s = tokens.shape
+    return torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)  # [b, s]
+
+
+def make_forward_step(loss_cfg: LossConfig, head: TokenLogpsContext, device: torch.device,
+                      scale: LossScale | None = None):
+    """A megatron ``forward_step``. ``scale=None`` for forward-only evaluation."""
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        tokens = batch["tokens"].to(device, non_blocking=True)  # [2k, s]
+        labels = shift_labels(batch["labels"]).to(device, non_blocking=True)  # [2k, s]
+        output = model(tokens, position_ids_for(tokens), None, labels=labels,
+                       output_processor=token_logps_output_processor, output_processor_context=head)
+        ref = batch.get("ref_sum_logps")
+        return output, partial(loss_func, loss_cfg, scale, labels, ref.to(device) if ref is not None else None)
+
+    return forward_step
+
+
+def loss_func(loss_cfg: LossConfig, scale: LossScale | None, labels: torch.Tensor,
+              ref_sum_logps: torch.Tensor | None, token_logps: torch.Tensor):
+    """Loss of one micro-batch from its token log-probs ``[2k, s]`` (chosen rows first)."""
+    sum_logps, num_tokens, avg_logps = sequence_logps(token_logps, labels)  # each [2k]
+    k = token_logps.shape[0] // 2
+    terms = pair_terms(loss_cfg.type, loss_cfg.beta, loss_cfg.gamma_beta_ratio,
+                       loss_cfg.label_smoothing, avg_logps, sum_logps, ref_sum_logps)
+    pref_sum = terms.losses.sum()
+    nll_sum, nll_tokens = sft_nll_sum(token_logps[:k], labels[:k])
+
+    if scale is not None:
+        contribution = pref_sum / scale.global_pairs
+        if loss_cfg.sft_weight > 0:
+            contribution = contribution + loss_cfg.sft_weight * nll_sum / scale.global_chosen_tokens
+        loss = contribution * (scale.num_microbatches * scale.dp)
+    else:
+        loss = pref_sum.detach()
+
+    rc, rr = terms.rewards_chosen, terms.rewards_rejected
+    # Fresh tensors: the schedule divides `loss` in place, which must not leak into the report.
+    report = torch.stack([
+        torch.tensor(float(k), device=pref_sum.device),
+        pref_sum.detach().float(),
+        rc.sum().float(), rr.sum().float(),
+        (rc > rr).float().sum(),
+        (rc - rr).sum().float(),
+        terms.logps_chosen.sum().float(), terms.logps_rejected.sum().float(),
+        nll_sum.detach().float(), nll_tokens.float(),
+        num_tokens.sum().float(),
+        (labels.shape[1] * 2 * k) * torch.ones((), device=pref_sum.device),
+    ])
+    return loss, {"report": report}
+
+
+def reduce_reports(reports: list[dict], sft_weight: float) -> dict[str, float]:
+    """Sum micro-batch reports on the last stage, all-reduce over data-parallel ranks, broadcast
+    along the pipeline so every rank returns the same metrics (weighted by pairs)."""
+    from megatron.core import parallel_state as ps
+
+    device = reports[0]["report"].device if reports else _device()
+    total = torch.zeros(len(REPORT_FIELDS), dtype=torch.float64, device=device)
+    if ps.is_pipeline_last_stage():
+        for r in reports:
+            total += r["report"].double()
+        torch.distributed.all_reduce(total, group=ps.get_data_parallel_group())
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(total, src=ps.get_pipeline_model_parallel_last_rank(),
+                                    group=ps.get_pipeline_model_parallel_group())
+    return metrics_from_totals(dict(zip(REPORT_FIELDS, total.tolist())), sft_weight)
+
+
+def metrics_from_totals(t: dict[str, float], sft_weight: float) -> dict[str, float]:
+    """The reference's metric names from summed report fields."""
+    pairs = max(t["pairs"], 1.0)
+    sft = t["sft_nll_sum"] / max(t["sft_tokens"], 1.0)
+    pref = t["loss_sum"] / pairs
+    out = {
+        "loss": pref + (sft_weight * sft if sft_weight > 0 else 0.0),
+        "rewards/chosen": t["rewards_chosen_sum"] / pairs,
+        "rewards/rejected": t["rewards_rejected_sum"] / pairs,
+        "rewards/accuracies": t["accuracies_sum"] / pairs,
+        "rewards/margins": t["margins_sum"] / pairs,
+        "logps/chosen": t["logps_chosen_sum"] / pairs,
+        "logps/rejected": t["logps_rejected_sum"] / pairs,
+        "num_pairs": t["pairs"],
+        "response_tokens": t["response_tokens"],
+        "tokens": t["tokens"],
+    }
+    if sft_weight > 0:
+        out["sft_loss"] = sft
+    return out
+
+
+def _device() -> torch.device:
+    from simpo_mcore import cpu_mode
+
+    return torch.device("cpu") if cpu_mode.enabled() else torch.device("cuda", torch.cuda.current_device())

@@ -1,0 +1,73 @@
+"""Gather a live megatron model's tensors (weights or gradients) into full HF-named tensors.
+
+Run on every rank (it uses TP / PP collectives); returns the dict on global rank 0, ``{}`` elsewhere.
+Independent of the checkpoint path on purpose: it reads megatron's own partition attributes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from simpo_mcore.convert import keymap
+
+
+def _full(param: torch.Tensor, value: torch.Tensor, name: str) -> torch.Tensor:
+    """All-gather a tensor-parallel shard along its partition dim (fc1: re-interleave gate/up)."""
+    if not getattr(param, "tensor_model_parallel", False) or ps.get_tensor_model_parallel_world_size() == 1:
+        return value.detach().clone()
+    tp = ps.get_tensor_model_parallel_world_size()
+    parts = [torch.empty_like(value) for _ in range(tp)]
+    dist.all_gather(parts, value.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
+    if name.endswith("mlp.linear_fc1.weight"):  # each rank holds [gate_r; up_r]
+        gates = [p.chunk(2, dim=0)[0] for p in parts]
+        ups = [p.chunk(2, dim=0)[1] for p in parts]
+        return torch.cat(gates + ups, dim=0)
+    return torch.cat(parts, dim=param.partition_dim)
+
+
+def gather_hf_tensors(chunks: list, arch, kind: str = "grad") -> dict[str, torch.Tensor]:
+    """``kind``: ``grad`` (``main_grad`` under DDP, else ``.grad``) or ``weight``."""
+    local: dict[str, torch.Tensor] = {}
+    for chunk in chunks:
+        model = getattr(chunk, "module", chunk)
+        for name, param in model.named_parameters():
+            if kind == "weight":
+                value = param.data
+            else:
+                value = getattr(param, "main_grad", None)
+                value = param.grad if value is None else value
+            full = _full(param, value.float(), name)
+            if name.startswith("decoder.layers."):
+                _, _, idx, rest = name.split(".", 3)
+                layer = model.decoder.layers[int(idx)].layer_number - 1
+                spec = next(t for t in keymap.LAYER_TENSORS if rest in (t.mcore, _local_norm_name(t.mcore)))
+                for hf_name, tensor in zip(spec.hf, keymap.unpack(full, spec.packing, arch)):
+                    local[keymap.hf_layer_key(layer, hf_name)] = tensor
+            elif name == keymap.EMBEDDING[0]:
+                local[keymap.EMBEDDING[1]] = full[: arch.vocab_size]
+            elif name == keymap.OUTPUT_LAYER[0]:
+                if not arch.tie_word_embeddings:
+                    local[keymap.OUTPUT_LAYER[1]] = full[: arch.vocab_size]
+            elif name == keymap.FINAL_NORM[0]:
+                local[keymap.FINAL_NORM[1]] = full
+            else:
+                raise KeyError(f"unmapped parameter {name}")
+    # Only one TP rank per stage contributes; stages then meet on rank 0.
+    mine = local if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0 else {}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    if dist.get_rank() != 0:
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    for part in gathered:
+        for k, v in part.items():
+            out.setdefault(k, v)  # tied embeddings: stage 0's copy (the grads were summed across stages)
+    return out
+
+
+def _local_norm_name(mcore_name: str) -> str:
+    """The local spec's separate norm modules, under their own names."""
+    return {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+            "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}.get(mcore_name, mcore_name)

@@ -1,0 +1,49 @@
+"""Shared by the end-to-end training tests: a tiny checkpoint, a tiny config, reading metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+TINY_TRAIN = {
+    "model": {"checkpoint": None, "logprob_chunk_tokens": 64},
+    "data": {"train_path": "synthetic", "max_length": 48, "max_prompt_length": 30, "synthetic_pairs": 256},
+    "loss": {"type": "simpo", "beta": 2.5, "gamma_beta_ratio": 0.5, "sft_weight": 0.2},
+    "parallel": {"device": "cpu"},
+    "optim": {"lr": 2.0e-3, "warmup_ratio": 0.1, "weight_decay": 0.01, "clip_grad": 1.0},
+    "train": {"micro_batch_pairs": 2, "global_batch_pairs": 8, "max_steps": 20, "precision": "fp32",
+              "progress_bar": False, "tensorboard": False, "seed": 7},
+    "checkpoint": {"save_interval": 0, "keep_last": 2},
+}
+
+
+def make_tiny(root: Path) -> Path:
+    """A tiny random Llama (4 layers, hidden 64) over the synthetic tokenizer, converted."""
+    from simpo_mcore.model.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(root, seed=3, hidden_size=64, intermediate_size=160, num_hidden_layers=4)
+
+
+def write_config(path: Path, checkpoint: Path, cache: Path, **sections) -> Path:
+    tree = json.loads(json.dumps(TINY_TRAIN))
+    tree["model"]["checkpoint"] = str(checkpoint)
+    tree["data"]["cache_dir"] = str(cache)
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            tree.setdefault(section, {}).update(values)
+        else:
+            tree[section] = values
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def read_metrics(output_dir: Path) -> dict[int, dict]:
+    """Training records of metrics.jsonl by step (the last record of a step wins, as after a resume)."""
+    out = {}
+    for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record
+    return out
