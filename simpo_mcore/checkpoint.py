@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -172,7 +173,7 @@ def save_train_checkpoint(root: str | Path, step: int, ddp_chunks: list, optimiz
     state["progress"] = dict(progress)
     state["scheduler"] = scheduler.state_dict()
     save_sharded(state, tmp)
-    _maybe_crash_for_test("after_tensors")
+    _maybe_crash_for_test(step)
     dist.barrier()
     if dist.get_rank() == 0:
         info = {**meta.info, "step": step, **progress, "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}}
@@ -210,6 +211,8 @@ def load_train_checkpoint(path: str | Path, ddp_chunks: list, optimizer, schedul
     has_optimizer = any(k.startswith("optimizer") for k in common) or _has_optimizer_tensors(path)
     if with_optimizer and not has_optimizer:
         raise ValueError(f"{path} holds no optimizer state (saved with checkpoint.save_optimizer: false)")
+    if with_optimizer:
+        _materialize_optimizer_state(ddp_chunks, optimizer)
     state = train_state_dict(ddp_chunks, optimizer, layout, with_optimizer, is_loading=True)
     if not same_layout:
         state.pop("rng_state")  # RNG streams are per rank; a new layout reseeds (no dropout in use)
@@ -221,11 +224,70 @@ def load_train_checkpoint(path: str | Path, ddp_chunks: list, optimizer, schedul
         for i, c in enumerate(chunks):
             _load_chunk(c, loaded[f"model{i}"])
     if with_optimizer:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with _megatron_019_adam_step_fix(optimizer):
+            optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(common["scheduler"])
     if same_layout:
         _restore_rng(loaded["rng_state"])
     return dict(common["progress"])
+
+
+def _materialize_optimizer_state(ddp_chunks: list, optimizer) -> None:
+    """Allocate Adam's state with one step that changes nothing (zero gradients, learning rate 0):
+    megatron's optimizers can only load state into tensors that exist (an empty state fails
+    ``DistributedOptimizer.state_dict``'s step assertion). The step counters it sets are
+    overwritten by the load."""
+    for chunk in ddp_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    saved = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, saved):
+        group["lr"] = lr
+
+
+@contextlib.contextmanager
+def _megatron_019_adam_step_fix(optimizer):
+    """Work around two megatron-core 0.19 defects when the distributed optimizer loads a
+    ``fully_reshardable`` checkpoint into torch's Adam (no Apex / TE FusedAdam, e.g. on CPU):
+
+    1. ``_set_main_param_and_optimizer_states`` copies every tensor of the live state, including
+       torch Adam's per-parameter ``step``, from the loaded tensors, which (by design) hold no
+       ``step``: ``KeyError: 'step'``. Keys the loaded state lacks are skipped instead.
+    2. ``load_state_dict`` restores the step from the param groups as ONE tensor shared by every
+       parameter; Adam increments each parameter's step in place, so the shared counter would
+       advance once per parameter per update and the bias correction would drift. Each parameter
+       gets its own copy afterwards.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    patched = [o for o in inner if isinstance(o, DistributedOptimizer)]
+    for opt in patched:
+        original = opt._set_main_param_and_optimizer_states
+
+        def tolerant(model_param, tensors, _original=original, _opt=opt):
+            group_index, group_order = _opt.model_param_group_index_map[model_param]
+            main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
+            state = _opt.optimizer.state[main_param]
+            missing = {k: state.pop(k) for k in list(state) if k not in tensors and k != "param"}
+            try:
+                _original(model_param, tensors)
+            finally:
+                state.update(missing)
+
+        opt._set_main_param_and_optimizer_states = tolerant
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
+        for opt in inner:
+            for state in getattr(opt, "optimizer", opt).state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
 
 
 def _has_optimizer_tensors(path: Path) -> bool:
@@ -234,10 +296,21 @@ def _has_optimizer_tensors(path: Path) -> bool:
     return any(k.startswith("optimizer") for k in dist_checkpointing.load_tensors_metadata(str(path)))
 
 
-def _maybe_crash_for_test(point: str) -> None:
-    """Testing hook: ``SIMPO_MCORE_CRASH_IN_SAVE=after_tensors`` kills the process mid-save, to
-    prove an interrupted save leaves the previous checkpoint intact."""
+def _maybe_crash_for_test(step: int) -> None:
+    """Testing hook: ``SIMPO_MCORE_CRASH_IN_SAVE_AT=6`` kills the process in the middle of the
+    step-6 save (tensors written, not yet published), to prove the previous checkpoint survives."""
     import os
 
-    if os.environ.get("SIMPO_MCORE_CRASH_IN_SAVE") == point:
+    if os.environ.get("SIMPO_MCORE_CRASH_IN_SAVE_AT") == str(step):
         os._exit(17)
+
+
+def remove_incomplete(root: str | Path) -> list[str]:
+    """Delete leftovers of interrupted saves (``step_N.incomplete``); returns their names."""
+    import shutil
+
+    removed = []
+    for path in Path(root).glob("step_*.incomplete"):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
+    return removed

@@ -192,6 +192,10 @@ class TrainConfig:
     eval_interval: int = 0
     """Evaluate on ``data.eval_path`` every N steps (and at the end); 0 only at the end."""
 
+    exit_interval: int | None = None
+    """Save a checkpoint and exit cleanly once the step is a multiple of N (a job-time budget, as
+    Megatron-LM's --exit-interval); the schedule still spans the whole run and a relaunch resumes."""
+
     log_interval: int = 1
     """Write metrics every N steps."""
 

@@ -120,6 +120,8 @@ def run_training(cfg: RunConfig) -> dict[str, float]:
         progress = Progress()
         ckpt_root = Path(cfg.output_dir) / "checkpoints"
         resume_from = ckpt.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
+        if layout.rank == 0 and (removed := ckpt.remove_incomplete(ckpt_root)):
+            log.warning("removed interrupted checkpoint save(s): %s", ", ".join(removed))
         if resume_from is not None:
             progress = Progress(**ckpt.load_train_checkpoint(
                 resume_from, ddp_chunks, optimizer, scheduler, layout, cfg.checkpoint.save_optimizer))
@@ -212,6 +214,9 @@ def run_training(cfg: RunConfig) -> dict[str, float]:
             if cfg.checkpoint.save_interval and progress.step % cfg.checkpoint.save_interval == 0:
                 save(progress.step)
                 last_saved = progress.step
+            if cfg.train.exit_interval and progress.step % cfg.train.exit_interval == 0 and progress.step < steps:
+                stopped_by = f"train.exit_interval={cfg.train.exit_interval}"
+                break
 
         if stopped_by is not None:
             if last_saved != progress.step:

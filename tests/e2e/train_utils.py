@@ -26,9 +26,9 @@ def make_tiny(root: Path) -> Path:
     return make_tiny_checkpoint(root, seed=3, hidden_size=64, intermediate_size=160, num_hidden_layers=4)
 
 
-def write_config(path: Path, checkpoint: Path, cache: Path, **sections) -> Path:
+def write_config(path: Path, model_ckpt: Path, cache: Path, **sections) -> Path:
     tree = json.loads(json.dumps(TINY_TRAIN))
-    tree["model"]["checkpoint"] = str(checkpoint)
+    tree["model"]["checkpoint"] = str(model_ckpt)
     tree["data"]["cache_dir"] = str(cache)
     for section, values in sections.items():
         if isinstance(values, dict):
