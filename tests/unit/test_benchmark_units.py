@@ -1,0 +1,89 @@
+"""Pieces of the benchmark that need no model: issue #5's targets as ``benchmarks/bench_report.py`` checks
+them on hand-made results, and how ``bench_common.measure`` times a step and records failures."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+bench_report = importlib.import_module("bench_report")
+bench_common = importlib.import_module("bench_common")
+
+
+def _run(shape="1b", seq=2048, pairs=2, **variants):
+    return {"shape": shape, "seq": seq, "pairs": pairs, "variants": variants,
+            "head": {"tokens": 2 * pairs * seq, "vocab": 128256, "time_vs_naive": 0.9, "peak_vs_naive": 0.35}}
+
+
+def _ok(speedup, peak=None):
+    return {"status": "ok", "speedup_vs_hf": speedup, "peak_vs_hf": peak}
+
+
+def test_targets_1b():
+    """TE bf16 1.5x and 0.45x memory meet 1.45x / 0.5x; the best FP8 recipe counts (1.8 > 1.7, although
+    the other recipe misses); SDPA 1.05x misses 1.1x; the head meets time (0.9 <= 1) and misses memory."""
+    run = _run(mcore_te_bf16=_ok(1.5, 0.45), mcore_te_fp8_delayed=_ok(1.8), mcore_te_fp8_tensorwise=_ok(1.6),
+               mcore_sdpa_bf16=_ok(1.05))
+    got = {t["target"]: (t["variant"], t["value"], t["met"]) for t in bench_report.targets(run)}
+    assert got == {
+        "TE bf16 step speed vs HF": ("mcore_te_bf16", 1.5, True),
+        "TE bf16 peak memory vs HF": ("mcore_te_bf16", 0.45, True),
+        "TE FP8 step speed vs HF (best recipe)": ("mcore_te_fp8_delayed", 1.8, True),
+        "SDPA (no TE) step speed vs HF": ("mcore_sdpa_bf16", 1.05, False),
+        "fused head peak memory vs naive": ("head", 0.35, False),
+        "fused head time vs naive": ("head", 0.9, True),
+    }
+
+
+def test_targets_not_run_and_not_applicable():
+    """A variant that did not run leaves its target unjudged (None), never met; a recompute suffix still
+    matches; another batch size has no step targets; 8b4 has only the FP8 one."""
+    run = _run(mcore_te_bf16={"status": "oom"}, **{"mcore_sdpa_bf16+recompute_full": _ok(1.2)})
+    got = {t["target"]: t["met"] for t in bench_report.targets(run)}
+    assert got["TE bf16 step speed vs HF"] is None and got["TE FP8 step speed vs HF (best recipe)"] is None
+    assert got["SDPA (no TE) step speed vs HF"] is True
+    assert [t["target"] for t in bench_report.targets(_run(seq=1024))] == []  # 4096 tokens: no head target either
+    assert [t["target"] for t in bench_report.targets(_run(shape="8b4", mcore_te_fp8_delayed=_ok(1.5)))][0] == \
+        "TE FP8 step speed vs HF (best recipe)"
+
+
+def test_finite_keeps_json_strict():
+    assert json.dumps(bench_report.finite({"loss": math.nan, "x": [math.inf, 1.0]}), allow_nan=False) == \
+        '{"loss": "nan", "x": ["inf", 1.0]}'
+
+
+def test_measure_times_and_reports():
+    """Median of the timed steps, TFLOP/s = FLOPs / median, the first warm-up step's loss, the report merged."""
+    calls = []
+
+    def build():
+        return bench_common.Workload(step=lambda: calls.append(1) or torch.tensor(float(len(calls))),
+                                     report=lambda: {"extra": 7})
+
+    r = bench_common.measure(build, flop=2e12, steps=3, warmup=2, cuda=False)
+    assert len(calls) == 5 and r["status"] == "ok" and len(r["times_s"]) == 3
+    assert r["loss"] == 1.0 and r["extra"] == 7 and r["peak_gib"] is None
+    assert r["tflops"] == pytest.approx(2.0 / r["s_per_step"])
+
+
+def test_measure_records_failures_and_goes_on():
+    """Out of memory and any other error become a result (the other variants of a GPU run still run)."""
+
+    def oom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    def broken():
+        return bench_common.Workload(step=lambda: 1 / 0)
+
+    r = bench_common.measure(oom, flop=1.0, steps=1, warmup=0, cuda=False)
+    assert r["status"] == "oom" and "Tried to allocate" in r["error"]
+    r = bench_common.measure(broken, flop=1.0, steps=1, warmup=0, cuda=False)
+    assert r["status"] == "error" and "ZeroDivisionError" in r["error"]
