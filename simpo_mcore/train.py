@@ -85,10 +85,11 @@ def grads_are_finite(ddp_chunks: list, device) -> bool:
     return bad.item() == 0
 
 
-def _injected_nonfinite(step: int) -> bool:
-    """Testing hook: ``SIMPO_MCORE_NAN_AT_STEPS=3,4`` makes those steps' loss NaN."""
-    steps = os.environ.get("SIMPO_MCORE_NAN_AT_STEPS", "")
-    return str(step) in steps.split(",")
+def _inject_nonfinite_for_test(step: int, ddp_chunks: list) -> None:
+    """Testing hook: ``SIMPO_MCORE_NAN_AT_STEPS=3,4`` puts a NaN into one gradient of global rank 0
+    at those steps (as one rank blowing up would), before the finiteness check."""
+    if str(step) in os.environ.get("SIMPO_MCORE_NAN_AT_STEPS", "").split(",") and dist.get_rank() == 0:
+        ddp_chunks[0].buffers[0].grad_data[0] = float("nan")
 
 
 def run_training(cfg: RunConfig) -> dict[str, float]:
@@ -171,8 +172,7 @@ def run_training(cfg: RunConfig) -> dict[str, float]:
             forward_step = make_forward_step(cfg.loss, rt.head, device, scale)
             reports = run_schedule(ddp_chunks, forward_step, micro_batches, forward_only=False)
             metrics = reduce_reports(reports, cfg.loss.sft_weight)
-            if _injected_nonfinite(progress.step + 1):
-                metrics["loss"] = float("nan")
+            _inject_nonfinite_for_test(progress.step + 1, ddp_chunks)
 
             finite = math.isfinite(metrics["loss"]) and grads_are_finite(ddp_chunks, device)
             grad_norm = float("nan")

@@ -1,0 +1,45 @@
+"""DPO baseline: reference log-probs from the starting weights, loss log 2 at step 1, and it learns."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from helpers import run_ranks
+from train_utils import make_tiny, read_metrics, write_config
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return make_tiny(root / "model"), root / "cache"
+
+
+@pytest.mark.slow
+def test_dpo_starts_at_log2_and_falls(tmp_path, tiny):
+    out = tmp_path / "dpo"
+    sections = dict(output_dir=str(out), parallel={"device": "cpu", "tp": 2},
+                    loss={"type": "dpo", "beta": 0.1, "sft_weight": 0.0},
+                    train={"max_steps": 30}, optim={"lr": 2.0e-3})
+    cfg = write_config(tmp_path / "dpo.yaml", *tiny, **sections)
+    run_ranks("train_entry.py", 2, cfg)
+    m = read_metrics(out)
+    # Before the first update the policy is the reference: every reward is 0 and the loss log 2.
+    assert m[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(m[1]["rewards/chosen"]) < 1e-6 and abs(m[1]["rewards/rejected"]) < 1e-6
+    # logps/* are the policy's summed log-probs (DPO's reduction), not averages.
+    assert m[1]["logps/chosen"] < -10
+    late = np.mean([m[s]["loss"] for s in range(26, 31)])
+    assert late < 0.8 * math.log(2), late  # 0.69 -> ~0.46 in this setting
+    assert np.mean([m[s]["rewards/accuracies"] for s in range(26, 31)]) > 0.8
+
+    stored = np.load(out / "reference_logps" / "train.npz")
+    assert stored["logps"].shape == (256, 2) and np.isfinite(stored["logps"]).all()
+    assert json.loads(str(stored["fingerprint"]))["rows"] == 256
+
+    # The stored reference belongs to this data: changing the tokenisation makes it stale.
+    stale = write_config(tmp_path / "stale.yaml", *tiny, **{**sections, "data": {"max_length": 40}})
+    with pytest.raises(AssertionError, match="reference log-probs .* are stale: they were computed for a different data"):
+        run_ranks("train_entry.py", 2, stale)
