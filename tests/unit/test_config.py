@@ -60,7 +60,8 @@ def test_wrong_type_named(tmp_path):
 
 
 def test_batch_sizes_must_divide():
-    with pytest.raises(ConfigError, match=r"train\.global_batch_pairs \(10\) must be a multiple of train\.micro_batch_pairs \(4\)"):
+    msg = r"train\.global_batch_pairs \(10\) must be a multiple of train\.micro_batch_pairs \(4\)"
+    with pytest.raises(ConfigError, match=msg):
         load_config(None, ["train.global_batch_pairs=10", "train.micro_batch_pairs=4"])
 
 
