@@ -58,11 +58,7 @@ def ensure_process_group() -> None:
     """A world of one (gloo) for single-process tools that call dist_checkpointing."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group(backend="gloo")
+    dist.init_process_group(backend="gloo", **_world_of_one())
 
 
 def init_distributed(cfg: ParallelConfig, seed: int) -> Layout:
@@ -77,15 +73,12 @@ def init_distributed(cfg: ParallelConfig, seed: int) -> Layout:
     if not cuda:
         cpu_mode.enable()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a plain process: a world of one
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(
             backend="nccl" if cuda else "gloo",
             timeout=datetime.timedelta(minutes=cfg.timeout_minutes),
+            **({} if "RANK" in os.environ else _world_of_one()),
         )
     elif cuda != (dist.get_backend() == "nccl"):
         raise RuntimeError(f"a {dist.get_backend()} process group exists but device={'cuda' if cuda else 'cpu'}")
@@ -139,6 +132,12 @@ def shutdown() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _world_of_one() -> dict:
+    """A plain process (no torchrun): rank 0 of 1 on a free local port. Passed explicitly rather
+    than through os.environ, so child processes never inherit a rank or a port in use."""
+    return {"init_method": f"tcp://127.0.0.1:{_free_port()}", "rank": 0, "world_size": 1}
 
 
 def _free_port() -> int:
