@@ -1,15 +1,18 @@
 # Two entry points for a newcomer: `make demo` (train the embedded tiny SimPO job on CPU) and
 # `make test` (the whole test suite; what CI runs). Both create the Python 3.12 venv when missing.
-PY ?= $(shell command -v python3.12 2>/dev/null || echo /root/.pyenv/versions/3.12.1/bin/python3.12)
+# The first Python >= 3.12 that actually runs (a pyenv shim can exist and still refuse to run).
+PY ?= $(shell for p in python3.12 python3.13 python3 /root/.pyenv/versions/3.12.1/bin/python3.12; do \
+	$$p -c 'import sys; assert sys.version_info >= (3, 12)' >/dev/null 2>&1 && { command -v $$p; break; }; done)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-quick lint clean
+.PHONY: venv demo demo-parity test test-quick lint clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || test -n "$(PY)" || { echo "error: no Python >= 3.12 found; run make PY=/path/to/python3.12"; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
@@ -17,6 +20,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/simpo-train configs/tiny_cpu.yaml
+
+demo-parity: $(STAMP)
+	$(BIN)/python tools/demo_parity.py
 
 test: $(STAMP)
 	$(BIN)/ruff check simpo_mcore tools tests benchmarks

@@ -41,7 +41,8 @@ def evaluate(chunks: list, batch_groups, loss_cfg, head, device) -> dict[str, fl
     forward_step = make_forward_step(loss_cfg, head, device, scale=None)
     reports: list[dict] = []
     for group in batch_groups:
-        reports.extend(run_schedule(chunks, forward_step, group, forward_only=True))
+        real = sum(not b.get("padding", False) for b in group)  # padding (VPP) comes last
+        reports.extend(run_schedule(chunks, forward_step, group, forward_only=True)[:real])
     for c in chunks:
         c.train()
     return reduce_reports(reports, loss_cfg.sft_weight)
@@ -50,9 +51,8 @@ def evaluate(chunks: list, batch_groups, loss_cfg, head, device) -> dict[str, fl
 def run_eval(cfg: RunConfig) -> dict[str, float]:
     """``simpo-eval``: metrics of ``model.checkpoint`` on ``data.eval_path`` -> eval_metrics.json."""
     from simpo_mcore.data.pipeline import eval_batch_groups, load_split
-    from simpo_mcore.reference import attach_reference_logps
-
     from simpo_mcore.parallel import shutdown
+    from simpo_mcore.reference import attach_reference_logps
     from simpo_mcore.runtime import build_runtime
 
     if cfg.data.eval_path is None:

@@ -88,9 +88,17 @@ def load_tokenizer(source: str):
         raise ValueError(f"model.tokenizer {source!r} could not be loaded: {exc}") from exc
 
 
-def build_runtime(cfg: RunConfig, *, load_weights: bool = True) -> Runtime:
+def build_runtime(cfg: RunConfig, *, load_weights: bool = True, check=None) -> Runtime:
+    """``check(layout)``: the caller's own checks, run once the process groups exist and before
+    anything slow (checkpoint, tokenizer, model)."""
     layout = init_distributed(cfg.parallel, cfg.train.seed)
     setup_logging(layout.rank)
+    if check is not None:
+        check(layout)
+    cuda = use_cuda(cfg.parallel.device)
+    spec = resolve_spec(cfg.model.spec, cuda)
+    if cfg.train.precision == "fp8":
+        _check_fp8(spec, cuda)
     ckpt_dir = resolve_checkpoint(cfg, layout)
     meta = CheckpointMeta.read(ckpt_dir)
     tokenizer_source = cfg.model.tokenizer or meta.tokenizer_path(ckpt_dir)
@@ -100,10 +108,6 @@ def build_runtime(cfg: RunConfig, *, load_weights: bool = True) -> Runtime:
     if len(tokenizer) > meta.arch.vocab_size:
         raise ValueError(f"tokenizer {tokenizer_source} has {len(tokenizer)} tokens but the model's "
                          f"vocabulary is {meta.arch.vocab_size}")
-    cuda = use_cuda(cfg.parallel.device)
-    spec = resolve_spec(cfg.model.spec, cuda)
-    if cfg.train.precision == "fp8":
-        _check_fp8(spec, cuda)
     opts = ModelOptions(
         spec=spec, precision=cfg.train.precision, tp=layout.tp, pp=layout.pp, vpp=layout.vpp,
         sequence_parallel=cfg.parallel.sequence_parallel,

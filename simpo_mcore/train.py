@@ -71,7 +71,14 @@ def check_batch_sizes(cfg: RunConfig, dp: int) -> int:
             f"train.global_batch_pairs ({t.global_batch_pairs}) must equal train.micro_batch_pairs "
             f"({t.micro_batch_pairs}) x accumulation steps x data-parallel size ({dp}); it is not a "
             f"multiple of {per_rank}. Try global_batch_pairs = {max(1, t.global_batch_pairs // per_rank) * per_rank}")
-    return t.global_batch_pairs // per_rank
+    num_micro = t.global_batch_pairs // per_rank
+    p = cfg.parallel
+    if p.vpp and num_micro < p.pp:
+        raise ConfigError(
+            f"the interleaved pipeline (parallel.vpp={p.vpp}) needs at least parallel.pp={p.pp} micro-batches "
+            f"per step, but train.global_batch_pairs ({t.global_batch_pairs}) / (train.micro_batch_pairs "
+            f"({t.micro_batch_pairs}) x DP {dp}) = {num_micro}")
+    return num_micro
 
 
 def grads_are_finite(ddp_chunks: list, device) -> bool:
@@ -100,7 +107,12 @@ def run_training(cfg: RunConfig) -> dict[str, float]:
     from simpo_mcore.runtime import build_runtime
 
     stop = StopSignal()
-    rt = build_runtime(cfg)
+    ckpt_root = Path(cfg.output_dir) / "checkpoints"
+    resume_from = ckpt.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
+    # A SimPO resume overwrites every weight: skip reading the starting checkpoint. DPO needs the
+    # starting weights whenever its reference log-probs have to be computed.
+    rt = build_runtime(cfg, load_weights=resume_from is None or cfg.loss.type == "dpo",
+                       check=lambda layout: check_batch_sizes(cfg, layout.dp))
     try:
         layout, device = rt.layout, rt.layout.device
         train_set = load_split(cfg, rt.tokenizer, rt.tokenizer_source, "train", layout)
@@ -119,8 +131,6 @@ def run_training(cfg: RunConfig) -> dict[str, float]:
         scheduler = build_scheduler(optimizer, cfg.optim, steps)
 
         progress = Progress()
-        ckpt_root = Path(cfg.output_dir) / "checkpoints"
-        resume_from = ckpt.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
         if layout.rank == 0 and (removed := ckpt.remove_incomplete(ckpt_root)):
             log.warning("removed interrupted checkpoint save(s): %s", ", ".join(removed))
         if resume_from is not None:

@@ -75,14 +75,25 @@ class TrainBatches:
 def eval_batch_groups(cfg: RunConfig, dataset, tokenizer, layout, group_size: int = 8):
     """All pairs once, this rank's shard, as lists of up to ``group_size`` micro-batches of equal
     shape (one schedule call each: pipeline stages exchange fixed shapes, so a smaller last
-    micro-batch gets a group of its own)."""
+    micro-batch gets a group of its own).
+
+    megatron's interleaved schedule (VPP) needs a multiple of PP micro-batches per call, so there a
+    group is topped up with copies of its last micro-batch marked ``padding: True``, placed last;
+    the schedule returns their reports last too, and callers drop them (see ``evaluate``)."""
     micro = eval_micro_batches(len(dataset), cfg.train.micro_batch_pairs, layout.dp_rank, layout.dp)
     pad_id, multiple = pad_token_id(tokenizer), pad_multiple(cfg)
+
+    def finish(group: list[list[int]]) -> list[dict]:
+        batches = _finish(step_micro_batches(dataset, group, pad_id, multiple))
+        if layout.vpp:
+            batches += [{**batches[-1], "padding": True} for _ in range(-len(batches) % layout.pp)]
+        return batches
+
     group: list[list[int]] = []
     for m in micro:
         if group and (len(group) == group_size or len(m) != len(group[0])):
-            yield _finish(step_micro_batches(dataset, group, pad_id, multiple))
+            yield finish(group)
             group = []
         group.append(m)
     if group:
-        yield _finish(step_micro_batches(dataset, group, pad_id, multiple))
+        yield finish(group)

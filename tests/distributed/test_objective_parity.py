@@ -71,21 +71,37 @@ def reference(hf, pairs):
     return c.detach(), r.detach(), metrics, grads
 
 
+# (tp, pp, dp, sp); one launch per world size covers its layouts (the groups are rebuilt per layout).
 LAYOUTS = [(1, 1, 1, False), (2, 1, 1, False), (1, 2, 1, False), (2, 2, 1, False), (1, 1, 2, False),
            (2, 1, 1, True)]
 
 
+@pytest.fixture(scope="module")
+def results(setup, tmp_path_factory):
+    root, _, _ = setup
+    out = tmp_path_factory.mktemp("objective_results")
+    by_world: dict[int, list[str]] = {}
+    for tp, pp, dp, sp in LAYOUTS:
+        by_world.setdefault(tp * pp * dp, []).append(f"{tp},{pp},{int(sp)}")
+    for world, specs in by_world.items():
+        run_ranks("objective_parity.py", world, root / "hf", root / "mcore", root / "pairs.json", out, *specs)
+    return out
+
+
+@pytest.fixture(scope="module")
+def expected(setup):
+    _, hf, pairs = setup
+    return reference(hf, pairs)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tp,pp,dp,sp", LAYOUTS, ids=lambda v: str(v))
-def test_objective_matches_reference(setup, tmp_path, tp, pp, dp, sp):
-    root, hf, pairs = setup
-    # Micro-batch sizes giving one micro-batch per rank and several.
+def test_objective_matches_reference(results, expected, tp, pp, dp, sp):
+    run_dir = results / f"{tp}-{pp}-{dp}-{int(sp)}"
+    result = json.loads((run_dir / "result.json").read_text())
+    ref_c, ref_r, ref_metrics, ref_grads = expected
     per_rank = NUM_PAIRS // dp
-    sizes = [per_rank, 2 if dp == 1 else 1]
-    run_ranks("objective_parity.py", tp * pp * dp, root / "hf", root / "mcore", root / "pairs.json", tmp_path,
-              tp, pp, int(sp), ",".join(map(str, sizes)))
-    result = json.loads((tmp_path / "result.json").read_text())
-    ref_c, ref_r, ref_metrics, ref_grads = reference(hf, pairs)
+    sizes = [per_rank, 2 if dp == 1 else 1]  # one micro-batch per rank, and several
     for k in sizes:
         got = result[str(k)]
         assert got["num_microbatches"] == per_rank // k
@@ -95,7 +111,7 @@ def test_objective_matches_reference(setup, tmp_path, tp, pp, dp, sp):
         for name, value in ref_metrics.items():
             assert got["metrics"][name] == pytest.approx(value, abs=1e-5), name
         assert got["metrics"]["num_pairs"] == NUM_PAIRS
-        grads = load_file(str(tmp_path / f"grads_k{k}.safetensors"))
+        grads = load_file(str(run_dir / f"grads_k{k}.safetensors"))
         assert set(grads) == set(ref_grads)
         for name, ref in ref_grads.items():
             rel = ((grads[name] - ref).norm() / ref.norm()).item()

@@ -8,13 +8,7 @@ import math
 import numpy as np
 import pytest
 from helpers import run_ranks
-from train_utils import make_tiny, read_metrics, write_config
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return make_tiny(root / "model"), root / "cache"
+from train_utils import read_metrics, write_config
 
 
 @pytest.mark.slow

@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from helpers import run_ranks
-from train_utils import make_tiny, read_metrics, write_config
 
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return make_tiny(root / "model"), root / "cache"
-
-
-def run(tmp_path, tiny, name, nproc, **sections):
-    ckpt, cache = tiny
-    out = tmp_path / name
-    cfg = write_config(tmp_path / f"{name}.yaml", ckpt, cache, output_dir=str(out), **sections)
-    run_ranks("train_entry.py", nproc, cfg)
-    return read_metrics(out)
+STEPS = 20
 
 
 def assert_same_losses(a: dict, b: dict, rel: float = 1e-5):
-    assert sorted(a) == sorted(b) == list(range(1, len(a) + 1))
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
     for step in a:
         x, y = a[step]["loss"], b[step]["loss"]
         assert abs(x - y) <= rel * abs(x), f"step {step}: {x} vs {y}"
@@ -30,11 +16,9 @@ def assert_same_losses(a: dict, b: dict, rel: float = 1e-5):
 
 
 @pytest.mark.slow
-def test_tp2_pp2_and_dp2_match_single_rank(tmp_path, tiny):
-    base = run(tmp_path, tiny, "tp1", 1)
-    assert len(base) == 20
-    assert base[20]["loss"] < base[1]["loss"]  # it trains
-    tp2pp2 = run(tmp_path, tiny, "tp2pp2", 4, parallel={"tp": 2, "pp": 2, "device": "cpu"})
-    assert_same_losses(base, tp2pp2)
-    dp2 = run(tmp_path, tiny, "dp2", 2)
-    assert_same_losses(base, dp2)
+def test_tp2_pp2_and_dp2_match_single_rank(straight):
+    base = straight("tp1")
+    assert base[STEPS]["loss"] < 0.8 * base[1]["loss"]  # it trains (2.47 -> 1.68 in this setting)
+    assert_same_losses(base, straight("tp2pp2"))  # 4 ranks
+    assert_same_losses(base, straight("dp2"))  # the same global batches, split over 2 replicas
+    assert_same_losses(base, straight("pp2vpp2"))  # interleaved pipeline (unbatched p2p on gloo)

@@ -13,7 +13,7 @@ from megatron.core import parallel_state as ps
 from simpo_mcore.convert import keymap
 
 
-def _full(param: torch.Tensor, value: torch.Tensor, name: str) -> torch.Tensor:
+def full_tensor(param: torch.Tensor, value: torch.Tensor, name: str) -> torch.Tensor:
     """All-gather a tensor-parallel shard along its partition dim (fc1: re-interleave gate/up)."""
     if not getattr(param, "tensor_model_parallel", False) or ps.get_tensor_model_parallel_world_size() == 1:
         return value.detach().clone()
@@ -38,22 +38,7 @@ def gather_hf_tensors(chunks: list, arch, kind: str = "grad") -> dict[str, torch
             else:
                 value = getattr(param, "main_grad", None)
                 value = param.grad if value is None else value
-            full = _full(param, value.float(), name)
-            if name.startswith("decoder.layers."):
-                _, _, idx, rest = name.split(".", 3)
-                layer = model.decoder.layers[int(idx)].layer_number - 1
-                spec = next(t for t in keymap.LAYER_TENSORS if rest in (t.mcore, _local_norm_name(t.mcore)))
-                for hf_name, tensor in zip(spec.hf, keymap.unpack(full, spec.packing, arch)):
-                    local[keymap.hf_layer_key(layer, hf_name)] = tensor
-            elif name == keymap.EMBEDDING[0]:
-                local[keymap.EMBEDDING[1]] = full[: arch.vocab_size]
-            elif name == keymap.OUTPUT_LAYER[0]:
-                if not arch.tie_word_embeddings:
-                    local[keymap.OUTPUT_LAYER[1]] = full[: arch.vocab_size]
-            elif name == keymap.FINAL_NORM[0]:
-                local[keymap.FINAL_NORM[1]] = full
-            else:
-                raise KeyError(f"unmapped parameter {name}")
+            local.update(to_hf(model, name, full_tensor(param, value.float(), name), arch))
     # Only one TP rank per stage contributes; stages then meet on rank 0.
     mine = local if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0 else {}
     gathered = [None] * dist.get_world_size()
@@ -65,6 +50,24 @@ def gather_hf_tensors(chunks: list, arch, kind: str = "grad") -> dict[str, torch
         for k, v in part.items():
             out.setdefault(k, v)  # tied embeddings: stage 0's copy (the grads were summed across stages)
     return out
+
+
+def to_hf(model, name: str, full: torch.Tensor, arch) -> dict[str, torch.Tensor]:
+    """One full (TP-gathered) megatron parameter -> its HF tensor(s): unpacked, vocab unpadded,
+    layers numbered globally (``layer_number`` knows the pipeline / virtual-stage offset)."""
+    if name.startswith("decoder.layers."):
+        _, _, idx, rest = name.split(".", 3)
+        layer = model.decoder.layers[int(idx)].layer_number - 1
+        spec = next(t for t in keymap.LAYER_TENSORS if rest in (t.mcore, _local_norm_name(t.mcore)))
+        return {keymap.hf_layer_key(layer, hf_name): tensor
+                for hf_name, tensor in zip(spec.hf, keymap.unpack(full, spec.packing, arch))}
+    if name == keymap.EMBEDDING[0]:
+        return {keymap.EMBEDDING[1]: full[: arch.vocab_size]}
+    if name == keymap.OUTPUT_LAYER[0]:  # the last stage's copy of a tied embedding is not an HF tensor
+        return {} if arch.tie_word_embeddings else {keymap.OUTPUT_LAYER[1]: full[: arch.vocab_size]}
+    if name == keymap.FINAL_NORM[0]:
+        return {keymap.FINAL_NORM[1]: full}
+    raise KeyError(f"unmapped parameter {name}")
 
 
 def _local_norm_name(mcore_name: str) -> str:

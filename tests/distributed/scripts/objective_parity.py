@@ -1,8 +1,10 @@
 """One training step's SimPO objective at a given (TP, PP, DP, SP) layout; rank 0 writes what it saw.
 
-argv: hf_dir ckpt_dir pairs.json out_dir tp pp sp micro_pairs[,micro_pairs...]
-For each micro-batch size: per-pair average log-probs, the reduced metrics, and the gradients of
-every parameter (gathered and mapped to HF names) after megatron's schedule + DDP finalisation.
+argv: hf_dir ckpt_dir pairs.json out_dir LAYOUT [LAYOUT ...], LAYOUT = "tp,pp,sp" (DP is what the
+world leaves; the process groups are rebuilt for each layout, so one launch covers several).
+For each layout and micro-batch size: per-pair average log-probs, the reduced metrics, and the
+gradients of every parameter (gathered and mapped to HF names) after megatron's schedule + DDP
+finalisation, written to ``out_dir/<tp>-<pp>-<dp>-<sp>/``.
 """
 
 from __future__ import annotations
@@ -46,11 +48,27 @@ def micro_batches(pairs: list[dict], start: int, k: int, seq_len: int) -> list[d
     return out
 
 
+def micro_sizes(dp: int) -> list[int]:
+    """One micro-batch per rank, and several (of 2 pairs at DP=1, of 1 pair at DP=2)."""
+    return [NUM_PAIRS // dp, 2 if dp == 1 else 1]
+
+
+NUM_PAIRS = 8
+
+
 def main():
-    hf_dir, ckpt_dir, pairs_path, out_dir = sys.argv[1:5]
-    tp, pp, sp = int(sys.argv[5]), int(sys.argv[6]), sys.argv[7] == "1"
-    micro_sizes = [int(x) for x in sys.argv[8].split(",")]
+    hf_dir, ckpt_dir, pairs_path, out_root = sys.argv[1:5]
+    for spec in sys.argv[5:]:
+        tp, pp, sp = (int(x) for x in spec.split(","))
+        run_layout(hf_dir, ckpt_dir, pairs_path, out_root, tp, pp, bool(sp))
+    shutdown()
+
+
+def run_layout(hf_dir, ckpt_dir, pairs_path, out_root, tp, pp, sp):
     layout = init_distributed(ParallelConfig(tp=tp, pp=pp, sequence_parallel=sp, device="cpu"), seed=0)
+    out_dir = Path(out_root) / f"{tp}-{pp}-{layout.dp}-{int(sp)}"
+    if layout.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
     arch = CheckpointMeta.read(ckpt_dir).arch
     chunks = build_model(arch, ModelOptions(tp=tp, pp=pp, sequence_parallel=sp))
     load_model_weights(chunks, ckpt_dir)
@@ -60,13 +78,14 @@ def main():
 
     pairs = json.loads(Path(pairs_path).read_text())
     G = len(pairs)
+    assert G == NUM_PAIRS
     per_rank = G // layout.dp
     mine = pairs[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]
     longest = max(len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in pairs)
     seq_len = -(-longest // 4) * 4
     head = TokenLogpsContext(vocab_size=arch.vocab_size, chunk_tokens=16)
     results = {}
-    for k in micro_sizes:
+    for k in micro_sizes(layout.dp):
         batches = micro_batches(mine, layout.dp_rank * per_rank, k, seq_len)
         chosen_tokens = sum(int((b["labels"][: b["labels"].shape[0] // 2] != -100).sum()) for b in batches)
         totals = torch.tensor([float(chosen_tokens)])
@@ -106,8 +125,7 @@ def main():
                           "num_microbatches": len(batches)}
             save_file({n: t.contiguous() for n, t in grads.items()}, str(Path(out_dir) / f"grads_k{k}.safetensors"))
     if layout.rank == 0:
-        (Path(out_dir) / "result.json").write_text(json.dumps(results))
-    shutdown()
+        (out_dir / "result.json").write_text(json.dumps(results))
 
 
 if __name__ == "__main__":

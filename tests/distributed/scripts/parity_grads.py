@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from gather_hf import full_tensor, to_hf
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from parity_common import LENGTHS, batches, load_hf
 
 from simpo_mcore.checkpoint import load_model_weights, model_sharded_state_dict, save_sharded
 from simpo_mcore.config import ParallelConfig
-from simpo_mcore.convert import keymap
 from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
 from simpo_mcore.model.builder import ModelOptions, build_model
 from simpo_mcore.model.forward import position_ids_like
@@ -41,43 +41,6 @@ def weighted_logp_sum(logits: torch.Tensor, targets, weights, mask) -> torch.Ten
     """The shared loss: logits [b, s, vocab] -> scalar."""
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [b, s]
     return (logp * weights * mask).sum()
-
-
-def gather_tp(param: torch.Tensor, name: str) -> torch.Tensor:
-    """The full gradient of a (possibly TP-sharded) megatron parameter."""
-    grad = param.grad
-    if not getattr(param, "tensor_model_parallel", False):
-        return grad
-    group = ps.get_tensor_model_parallel_group()
-    parts = [torch.empty_like(grad) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, grad.contiguous(), group=group)
-    if name.endswith("linear_fc1.weight"):  # each rank holds [gate_r; up_r]
-        halves = [p.chunk(2, dim=0) for p in parts]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)  # [gate; up]
-    return torch.cat(parts, dim=param.partition_dim)
-
-
-def to_hf_grads(named_grads: dict[str, torch.Tensor], arch) -> dict[str, torch.Tensor]:
-    """Megatron module parameter names (local spec) -> HF parameter names, unpacked, vocab unpadded."""
-    out = {}
-    layer_map = {  # local-spec module names -> key-map entry
-        "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-        "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
-    }
-    by_mcore = {t.mcore: t for t in keymap.LAYER_TENSORS}
-    for name, grad in named_grads.items():
-        if name == "embedding.word_embeddings.weight":
-            out["model.embed_tokens.weight"] = grad[: arch.vocab_size]
-        elif name == "output_layer.weight":
-            out["lm_head.weight"] = grad[: arch.vocab_size]
-        elif name == "decoder.final_layernorm.weight":
-            out["model.norm.weight"] = grad
-        else:
-            _, _, i, rest = name.split(".", 3)  # decoder.layers.<i>.<rest>
-            t = by_mcore[layer_map.get(rest, rest)]
-            for hf_name, g in zip(t.hf, keymap.unpack(grad, t.packing, arch)):
-                out[keymap.hf_layer_key(int(i), hf_name)] = g
-    return out
 
 
 def hf_grads(hf_dir, tokens, mask, targets, weights) -> dict[str, torch.Tensor]:
@@ -98,7 +61,7 @@ def mcore_grads(chunks, arch, tokens, mask, targets, weights) -> tuple[dict[str,
     for name, p in model.named_parameters():
         if getattr(p, "sequence_parallel", False):  # partial sums over this rank's sequence shard
             dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
-        grads[name] = gather_tp(p, name)
+        grads[name] = full_tensor(p, p.grad, name)
     padded_rows_grad = max(  # vocab rows megatron pads: no gradient may reach them
         grads[k][arch.vocab_size:].abs().max().item()
         for k in ("embedding.word_embeddings.weight", "output_layer.weight") if k in grads)
@@ -144,7 +107,7 @@ def main(out_path: str, padded_dir: str, models: list[str]) -> None:
             chunks = build_model(arch, ModelOptions(tp=2, sequence_parallel=sp, precision="fp32"))
             load_model_weights(chunks, ckpt_dir)
             grads, padded_rows_grad = mcore_grads(chunks, arch, tokens, mask, targets, weights)
-            got = to_hf_grads(grads, arch)
+            got = {k: v for name, g in grads.items() for k, v in to_hf(chunks[0], name, g, arch).items()}
             key = "sp" if sp else "nosp"
             results[name][key] = {
                 n: ((got[n] - ref[n]).norm() / ref[n].norm()).item() for n in ref if n in got}

@@ -1,0 +1,40 @@
+"""Batch-size arithmetic of a run, checked before any process group exists."""
+
+from __future__ import annotations
+
+import pytest
+
+from simpo_mcore.config import ConfigError, load_config
+from simpo_mcore.train import check_batch_sizes, total_steps
+
+
+def cfg(*overrides):
+    return load_config(None, list(overrides))
+
+
+def test_accumulation_steps():
+    c = cfg("train.global_batch_pairs=128", "train.micro_batch_pairs=2")
+    assert check_batch_sizes(c, dp=4) == 16
+    assert check_batch_sizes(c, dp=16) == 4
+
+
+def test_global_batch_not_divisible_by_dp_is_explained():
+    c = cfg("train.global_batch_pairs=128", "train.micro_batch_pairs=2")
+    with pytest.raises(ConfigError, match=r"not a multiple of 6\. Try global_batch_pairs = 126"):
+        check_batch_sizes(c, dp=3)
+
+
+def test_interleaved_pipeline_needs_pp_microbatches():
+    c = cfg("train.global_batch_pairs=8", "train.micro_batch_pairs=4", "parallel.pp=4", "parallel.vpp=2")
+    with pytest.raises(ConfigError, match=r"needs at least parallel.pp=4 micro-batches per step.* = 2"):
+        check_batch_sizes(c, dp=1)
+    assert check_batch_sizes(cfg("train.global_batch_pairs=16", "train.micro_batch_pairs=4", "parallel.pp=4",
+                                 "parallel.vpp=2"), dp=1) == 4
+
+
+def test_total_steps_from_epochs_or_max_steps():
+    assert total_steps(cfg("train.global_batch_pairs=128", "train.epochs=1"), 61135) == 477
+    assert total_steps(cfg("train.global_batch_pairs=128", "train.epochs=2.5"), 61135) == 1192  # floor(477 x 2.5)
+    assert total_steps(cfg("train.global_batch_pairs=128", "train.max_steps=10"), 61135) == 10
+    with pytest.raises(ConfigError, match="exceeds the 100 training pairs"):
+        total_steps(cfg("train.global_batch_pairs=128"), 100)
