@@ -27,9 +27,10 @@ from simpo_mcore.logprobs import (
 )
 from simpo_mcore.losses import simpo_loss
 from simpo_mcore.model.builder import ModelOptions, build_model
+from simpo_mcore.model.forward import position_ids_like
 from simpo_mcore.model.hf_config import LlamaArch
 from simpo_mcore.parallel import seed_everything
-from simpo_mcore.step import position_ids_for, shift_labels
+from simpo_mcore.step import shift_labels
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def mcore_workload(arch: LlamaArch, batch: Batch, loss_cfg: LossConfig, opts: Mo
     model.train()
     head = TokenLogpsContext(vocab_size=arch.vocab_size, chunk_tokens=chunk_tokens)
     targets = shift_labels(batch.labels)  # [2k, s]
-    positions = position_ids_for(batch.tokens)  # [2k, s]
+    positions = position_ids_like(batch.tokens)  # [2k, s]
 
     def step() -> torch.Tensor:
         model.zero_grad(set_to_none=True)

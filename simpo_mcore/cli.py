@@ -55,7 +55,7 @@ QUIET_WARNINGS = (
     "Apex is not installed", "Transformer Engine and Apex are not installed", "MimoModelConfig is experimental",
     "torch.distributed is disabled", "MCore's async save is deprecated", "No CUDA runtime is found",
     "is not a leaf Tensor is being accessed", "reduce_scatter_tensor` is deprecated",
-    "all_gather_into_tensor` is deprecated",
+    "all_gather_into_tensor` is deprecated", "CUDA_DEVICE_MAX_CONNECTIONS",
 )
 """Warnings megatron / torch print on every CPU rank that say nothing about this run."""
 

@@ -34,14 +34,6 @@ class Layout:
     pp_rank: int
     dp_rank: int
 
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp - 1
-
 
 def use_cuda(device: str) -> bool:
     """Resolve ``parallel.device``: CUDA when asked for (and present) or when auto finds a GPU."""

@@ -48,17 +48,14 @@ def compute_reference_logps(rt, dataset) -> np.ndarray:
 
     from simpo_mcore.data.pipeline import eval_batch_groups
     from simpo_mcore.evaluate import run_schedule
-    from simpo_mcore.logprobs import sequence_logps, token_logps_output_processor
-    from simpo_mcore.step import position_ids_for, shift_labels
+    from simpo_mcore.logprobs import sequence_logps
+    from simpo_mcore.step import token_logps_forward
 
     out = torch.zeros(len(dataset), 2, dtype=torch.float64, device=rt.layout.device)
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        tokens = batch["tokens"].to(rt.layout.device)
-        labels = shift_labels(batch["labels"]).to(rt.layout.device)
-        output = model(tokens, position_ids_for(tokens), None, labels=labels,
-                       output_processor=token_logps_output_processor, output_processor_context=rt.head)
+        output, labels = token_logps_forward(model, batch, rt.head, rt.layout.device)
 
         def loss_func(token_logps):
             sum_logps, _, _ = sequence_logps(token_logps, labels)

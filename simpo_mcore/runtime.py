@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -148,7 +148,3 @@ def _check_fp8(spec: str, cuda: bool) -> None:
         raise ValueError(f"train.precision: fp8 needs an FP8-capable GPU (compute capability >= 8.9); "
                          f"this one is {major}.{minor}")
 
-
-def with_overrides(cfg: RunConfig, **sections) -> RunConfig:
-    """A copy of ``cfg`` with whole sections replaced (tests and tools)."""
-    return replace(cfg, **sections)

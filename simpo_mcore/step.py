@@ -24,6 +24,7 @@ import torch
 from simpo_mcore.config import LossConfig
 from simpo_mcore.logprobs import TokenLogpsContext, sequence_logps, token_logps_output_processor
 from simpo_mcore.losses import pair_terms, sft_nll_sum
+from simpo_mcore.model.forward import position_ids_like
 
 # Per-micro-batch sums; the metrics are ratios of their totals over the global batch.
 REPORT_FIELDS = (
@@ -50,9 +51,15 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return shifted
 
 
-def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
-    b, s = tokens.shape
-    return torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)  # [b, s]
+def token_logps_forward(model, batch: dict, head: TokenLogpsContext, device: torch.device):
+    """Run one micro-batch: ``(output, shifted labels [2k, s])``. On the last pipeline stage the
+    output is the token log-probs ``[2k, s]`` (the fused head replaces the logits); on the other
+    stages it is the hidden states the schedule sends on."""
+    tokens = batch["tokens"].to(device, non_blocking=True)  # [2k, s]
+    labels = shift_labels(batch["labels"]).to(device, non_blocking=True)  # [2k, s]
+    output = model(tokens, position_ids_like(tokens), None, labels=labels,
+                   output_processor=token_logps_output_processor, output_processor_context=head)
+    return output, labels
 
 
 def make_forward_step(loss_cfg: LossConfig, head: TokenLogpsContext, device: torch.device,
@@ -61,10 +68,7 @@ def make_forward_step(loss_cfg: LossConfig, head: TokenLogpsContext, device: tor
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        tokens = batch["tokens"].to(device, non_blocking=True)  # [2k, s]
-        labels = shift_labels(batch["labels"]).to(device, non_blocking=True)  # [2k, s]
-        output = model(tokens, position_ids_for(tokens), None, labels=labels,
-                       output_processor=token_logps_output_processor, output_processor_context=head)
+        output, labels = token_logps_forward(model, batch, head, device)
         ref = batch.get("ref_sum_logps")
         return output, partial(loss_func, loss_cfg, scale, labels, ref.to(device) if ref is not None else None)
 

@@ -150,7 +150,7 @@ def run_training(cfg: RunConfig) -> dict[str, float]:
             record = {f"eval/{k}": v for k, v in metrics.items()}
             logger.log(step, record)
             logger.print(f"eval step {step}: " + ", ".join(
-                f"{k}={v:.4f}" for k, v in record.items() if "num_pairs" not in k))
+                f"{k}={v:.4f}" for k, v in record.items() if not k.endswith(("num_pairs", "tokens"))))
             return metrics
 
         def save(step: int) -> None:
