@@ -43,6 +43,10 @@ class ModelConfig:
     """Tokens per chunk in the fused output-projection + log-prob head (memory flat in tokens x
     vocab). 0 computes full logits and uses megatron's ``vocab_parallel_cross_entropy``."""
 
+    logprob_kernel: Literal["auto", "torch", "triton"] = "auto"
+    """The fused head's elementwise passes (``simpo_mcore.logprobs_kernels``): ``auto`` = Triton kernels
+    on a GPU (no fp32 copy of a logits chunk), torch elsewhere."""
+
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: ``selective`` recomputes the attention core, ``full`` whole layers."""
 

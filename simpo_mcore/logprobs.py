@@ -48,15 +48,13 @@ from megatron.core.tensor_parallel import (
     vocab_parallel_cross_entropy,
 )
 
+from simpo_mcore import logprobs_kernels as kernels
+
 IGNORE_INDEX = -100
 
 # Vocabulary slices in the fused backward are a multiple of this many rows: GEMMs on 16-byte aligned
 # leading dimensions pick the fast kernels, and 8 rows cost nothing in memory.
 _VOCAB_ALIGN = 8
-
-# The fused head's fp32 temporaries cover 1/_FP32_BLOCKS of a chunk at a time: blocks stay large enough
-# (a quarter of 4096 x 128256 in fp32 is 0.5 GiB) for elementwise kernels to run at memory bandwidth.
-_FP32_BLOCKS = 4
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -196,15 +194,17 @@ class _FusedTokenLogps(torch.autograd.Function):
     8192 tokens x 4096 in fp32) instead of an fp32 ``[v/tp, h]`` weight gradient (2 GiB for Llama-3 8B
     at TP=1). Slices hold ``~chunk_tokens * v/tp / T`` rows so a backward chunk is as big as a forward one.
 
-    The fp32 elementwise work on a chunk runs in ``_FP32_BLOCKS`` row blocks (see :func:`_row_blocks`),
-    and ``g`` overwrites the recomputed logits, so a bf16 chunk costs 2 + 4/_FP32_BLOCKS bytes per
-    element instead of 2 + 4 (+ 2 for ``g``).
+    The elementwise passes over a chunk (``sum exp(z - M)`` forward, ``g`` backward) are
+    :mod:`simpo_mcore.logprobs_kernels`: Triton kernels on a GPU that read the bf16 chunk once and keep no
+    fp32 copy of it, or torch in row blocks with fp32 temporaries of 1/4 chunk. ``g`` overwrites the
+    recomputed logits, so a chunk costs its bf16 logits (+ the torch path's fp32 block).
 
     Padded rows (global id >= ``vocab_size``) are left out of every GEMM; their gradient is zero.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, local_id, owned, valid, n_valid, chunk_tokens, tp_group):
+    def forward(ctx, hidden, weight, local_id, owned, valid, n_valid, chunk_tokens, tp_group, kernel):
+        ctx.kernel = kernels.resolve(kernel, hidden)
         num_tokens = hidden.shape[0]
         weight_real = weight[:n_valid]  # [n_valid, h]
         token_logps = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)  # [T]
@@ -221,11 +221,10 @@ class _FusedTokenLogps(torch.autograd.Function):
                 target_logits = torch.zeros(t1 - t0, device=hidden.device)
             target_logits = torch.where(owned[t0:t1], target_logits, 0.0)
             _all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
-            sum_exp = torch.zeros(t1 - t0, dtype=torch.float32, device=hidden.device)  # [c]
-            for r0, r1 in _row_blocks(t1 - t0):
-                shifted = _minus_rows_fp32(logits[r0:r1], logits_max[r0:r1])  # [rows, n_valid] fp32
-                sum_exp[r0:r1] = shifted.exp_().sum(dim=-1)
-                del shifted
+            if n_valid > 0:
+                sum_exp = kernels.sum_exp(logits, logits_max, ctx.kernel, overwrite=True)  # [c] fp32
+            else:
+                sum_exp = torch.zeros(t1 - t0, dtype=torch.float32, device=hidden.device)  # [c]
             del logits
             stats = torch.stack([sum_exp, target_logits])  # [2, c]
             _all_reduce(stats, dist.ReduceOp.SUM, tp_group)
@@ -244,7 +243,7 @@ class _FusedTokenLogps(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         num_tokens = hidden.shape[0]
         # Ignored tokens output a constant 0.0: no gradient flows from them.
-        grad_out = torch.where(valid, grad_token_logps.float(), 0.0)  # [T]
+        minus_grad_out = torch.where(valid, -grad_token_logps.float(), 0.0)  # [T]
         grad_hidden32 = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) \
             if need_hidden else None  # [T, h]
         grad_weight = torch.zeros_like(weight) if need_weight else None  # [v_pad/tp, h]; padded rows stay 0
@@ -255,38 +254,17 @@ class _FusedTokenLogps(torch.autograd.Function):
             grad_logits = hidden @ weight_slice.t()  # [T, r], input dtype: the logits, overwritten by g
             # -1 at the target column for the tokens whose target lies in this slice; a scatter of zeros
             # elsewhere (boolean indexing would sync the device).
-            in_slice = owned & (local_id >= v0) & (local_id < v1)  # [T]
-            col = (local_id - v0).clamp(0, v1 - v0 - 1)[:, None]  # [T, 1]
-            minus_onehot = torch.where(in_slice, -1.0, 0.0)[:, None]  # [T, 1]
-            for r0, r1 in _row_blocks(num_tokens):
-                block = _minus_rows_fp32(grad_logits[r0:r1], lse[r0:r1])  # [rows, r] fp32: z - lse
-                block.exp_()  # p
-                # p - onehot in fp32, before any rounding, so that it stays accurate when p -> 1.
-                block.scatter_add_(1, col[r0:r1], minus_onehot[r0:r1])
-                # g = -grad_out * (p - onehot), written straight into the logits' storage (cast on write).
-                torch.mul(block, -grad_out[r0:r1, None], out=grad_logits[r0:r1])
-                del block
+            # The target column in this slice, or -1 for tokens whose target lies elsewhere.
+            target = torch.where(owned & (local_id >= v0) & (local_id < v1), local_id - v0, -1)  # [T]
+            # g = -grad_out * (p - onehot), written straight into the logits' storage.
+            kernels.softmax_grad_(grad_logits, lse, minus_grad_out, target, ctx.kernel)
             if need_weight:
                 torch.mm(grad_logits.t(), hidden, out=grad_weight[v0:v1])  # [r, h]
             if need_hidden:
                 grad_hidden32 += grad_logits @ weight_slice  # [T, h]
             del grad_logits
         grad_hidden = grad_hidden32.to(hidden.dtype) if need_hidden else None
-        return grad_hidden, grad_weight, None, None, None, None, None, None
-
-
-def _row_blocks(num_rows: int):
-    """``_FP32_BLOCKS`` contiguous row ranges ``(r0, r1)`` covering ``num_rows`` (fewer if it is small)."""
-    step = max(1, -(-num_rows // _FP32_BLOCKS))
-    return [(r0, min(num_rows, r0 + step)) for r0 in range(0, num_rows, step)]
-
-
-def _minus_rows_fp32(logits: torch.Tensor, row_values: torch.Tensor) -> torch.Tensor:
-    """``logits - row_values[:, None]`` in fp32: one pass that casts and subtracts (bf16 logits, a new
-    tensor), or in place (fp32 logits, which the caller owns)."""
-    if logits.dtype == torch.float32:
-        return logits.sub_(row_values[:, None])
-    return torch.sub(logits, row_values[:, None])  # type promotion: bf16 - fp32 -> fp32
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def _vocab_slice_rows(chunk_tokens: int, n_valid: int, num_tokens: int) -> int:
@@ -298,7 +276,7 @@ def _vocab_slice_rows(chunk_tokens: int, n_valid: int, num_tokens: int) -> int:
 
 def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
                       tp_group=None, sequence_parallel: bool = False,
-                      chunk_tokens: int = 4096) -> torch.Tensor:
+                      chunk_tokens: int = 4096, kernel: str = "auto") -> torch.Tensor:
     """Token log-probs ``[b, s]`` (fp32, 0.0 at label -100) from the output layer's input and weight.
 
     Computes what ``ColumnParallelLinear`` (the output layer) followed by :func:`vocab_parallel_token_logps`
@@ -314,7 +292,10 @@ def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         tp_group: the tensor-parallel group (``None``: megatron's).
         sequence_parallel: whether ``hidden`` is sharded along ``s`` across ``tp_group``.
         chunk_tokens: tokens per forward chunk (the last may be smaller); each chunk allocates about
-            ``chunk_tokens x v/tp`` elements in the input dtype plus the same in fp32.
+            ``chunk_tokens x v/tp`` elements in the input dtype (plus a quarter of that in fp32 on the
+            torch path).
+        kernel: the elementwise passes: ``auto`` (Triton on a GPU, else torch), ``torch`` or ``triton``
+            (see :mod:`simpo_mcore.logprobs_kernels`).
     """
     tp_group = _tp_group_or_default(tp_group)
     if chunk_tokens < 1:
@@ -345,7 +326,7 @@ def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
 
     token_logps = _FusedTokenLogps.apply(
         hidden.reshape(s * b, h),  # [s*b, h]
-        weight, local_id, owned, valid, n_valid, chunk_tokens, tp_group)  # [s*b]
+        weight, local_id, owned, valid, n_valid, chunk_tokens, tp_group, kernel)  # [s*b]
     return token_logps.view(s, b).t().contiguous()  # [b, s]
 
 
@@ -362,6 +343,9 @@ class TokenLogpsContext:
     chunk_tokens: int = 4096
     """Tokens per chunk of the fused projection + log-prob head. 0: the output layer computes the full
     vocab-parallel logits and :func:`vocab_parallel_token_logps` reduces them (for comparisons)."""
+
+    kernel: str = "auto"
+    """The fused head's elementwise passes: ``auto`` (Triton on a GPU, else torch), ``torch``, ``triton``."""
 
 
 def token_logps_output_processor(*, hidden_states: torch.Tensor, output_layer, output_weight, labels,
@@ -388,7 +372,7 @@ def token_logps_output_processor(*, hidden_states: torch.Tensor, output_layer, o
     if context.chunk_tokens > 0:
         return fused_token_logps(hidden_states, weight, labels, context.vocab_size,
                                  tp_group=output_layer.tp_group, sequence_parallel=sequence_parallel,
-                                 chunk_tokens=context.chunk_tokens)
+                                 chunk_tokens=context.chunk_tokens, kernel=context.kernel)
     logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=False)  # [s, b, v/tp]
     return vocab_parallel_token_logps(logits, labels, context.vocab_size, tp_group=output_layer.tp_group)
 

@@ -121,7 +121,8 @@ def build_runtime(cfg: RunConfig, *, load_weights: bool = True, check=None) -> R
         from simpo_mcore.checkpoint import load_model_weights
 
         load_model_weights(chunks, ckpt_dir)
-    head = TokenLogpsContext(vocab_size=meta.arch.vocab_size, chunk_tokens=cfg.model.logprob_chunk_tokens)
+    head = TokenLogpsContext(vocab_size=meta.arch.vocab_size, chunk_tokens=cfg.model.logprob_chunk_tokens,
+                             kernel=cfg.model.logprob_kernel)
     log.info("model: %d layers, hidden %d, vocab %d | spec %s, %s | TP %d PP %d%s DP %d%s | %s",
              meta.arch.num_layers, meta.arch.hidden_size, meta.arch.vocab_size, spec,
              cfg.train.precision, layout.tp, layout.pp, f" (VPP {layout.vpp})" if layout.vpp else "",

@@ -1,0 +1,105 @@
+"""The fused head's elementwise passes: Triton kernels against the torch implementation and float64.
+
+Run by ``test_logprobs_kernels.py`` in a fresh process with ``TRITON_INTERPRET=1`` (Triton reads it when it
+is imported), so the Triton kernels run on a CPU: the same kernel source, executed with numpy. That proves
+the indexing, masking and arithmetic; speed needs a GPU (``benchmarks/``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from test_logprobs import VOCAB, abs_err, make_inputs, reference_grads, rel_err, simpo_like_objective
+
+from simpo_mcore import logprobs_kernels as kernels
+from simpo_mcore.logprobs import fused_token_logps
+from simpo_mcore.parallel import ensure_process_group
+
+
+@pytest.fixture
+def interpreted():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.fail("run with TRITON_INTERPRET=1 set before Triton is imported (test_logprobs_kernels.py does)")
+
+
+@pytest.fixture(scope="module")
+def tp_group():
+    ensure_process_group()
+    return dist.new_group([dist.get_rank()])
+
+
+def logits(rows, cols, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, cols, generator=g) * 4).to(dtype)
+
+
+def sum_exp_fp64(z, row_max):
+    return (z.double() - row_max.double()[:, None]).exp().sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cols", [1, 100, 5000])  # below, near and above one Triton block of columns
+def test_sum_exp_triton_equals_torch_and_fp64(interpreted, dtype, cols):
+    wide = logits(9, cols + 3, dtype)
+    z = wide[:, 2:cols + 2]  # a strided view, as the fused head's chunks of a wider tensor can be
+    row_max = z.float().max(-1).values
+    before = z.clone()
+    out = {k: kernels.sum_exp(z, row_max, k) for k in ("torch", "triton")}
+    assert torch.equal(z, before)
+    ref = sum_exp_fp64(z, row_max)
+    for k, v in out.items():
+        assert v.dtype == torch.float32 and v.shape == (9,)
+        assert ((v.double() - ref) / ref).abs().max() < 2e-6, k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_grad_triton_equals_torch(interpreted, dtype):
+    rows, cols = 11, 5000
+    z = logits(rows, cols, dtype)
+    lse = torch.logsumexp(z.double(), -1).float()
+    scale = torch.randn(rows, generator=torch.Generator().manual_seed(3))
+    target = torch.randint(0, cols, (rows,), generator=torch.Generator().manual_seed(4))
+    target[2] = -1  # target on another rank or slice
+    target[5] = cols + 9  # likewise, beyond this slice
+    target[7] = cols - 1  # the last column
+    p = (z.double() - lse.double()[:, None]).exp()
+    onehot = torch.zeros_like(p)
+    has = (target >= 0) & (target < cols)
+    onehot[has.nonzero().squeeze(1), target[has]] = 1.0
+    ref = scale.double()[:, None] * (p - onehot)
+    got = {k: kernels.softmax_grad_(z.clone(), lse, scale, target, k) for k in ("torch", "triton")}
+    if dtype == torch.float32:
+        for k, v in got.items():
+            assert abs_err(v, ref) < 1e-6, k
+    else:
+        # One rounding to bf16 from fp32 values that agree to a few ulps: equal, or one bf16 ulp apart.
+        ulp = torch.finfo(torch.bfloat16).eps * ref.abs().clamp(min=1e-30)
+        for k, v in got.items():
+            assert ((v.double() - ref).abs() <= ulp).all(), k
+        assert (got["torch"] != got["triton"]).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("chunk_tokens", [7, 1000])
+def test_fused_head_with_triton_kernels_matches_full_log_softmax(interpreted, tp_group, chunk_tokens):
+    hidden, weight, labels = make_inputs()
+    ref, ref_grad_h, ref_grad_w = reference_grads(hidden, weight, labels)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    token_logps = fused_token_logps(h, w, labels, VOCAB, tp_group, chunk_tokens=chunk_tokens, kernel="triton")
+    assert abs_err(token_logps, ref) < 1e-5
+    assert (token_logps[labels == -100] == 0).all()
+    simpo_like_objective(token_logps, labels).backward()
+    assert rel_err(h.grad, ref_grad_h) < 1e-5
+    assert rel_err(w.grad, ref_grad_w) < 1e-5
+    assert (w.grad[VOCAB:] == 0).all()
+
+
+def test_kernel_choice():
+    cpu = torch.zeros(1)
+    assert kernels.resolve("auto", cpu) == "torch"  # Triton only for CUDA tensors
+    assert kernels.resolve("torch", cpu) == "torch"
+    with pytest.raises(ValueError, match="head kernel must be one of"):
+        kernels.resolve("cuda", cpu)
