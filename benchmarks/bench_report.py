@@ -91,20 +91,24 @@ def print_summary(result: dict) -> None:
         head = rec.get("head")
         if head:
             ag = head["agreement"]
-            if "error" in ag:
-                ag = dict.fromkeys(("max_abs_diff_fused_vs_naive", "max_abs_err_fused_vs_fp64",
-                                    "max_abs_err_naive_vs_fp64", "grad_hidden_rel_diff", "grad_weight_rel_diff"),
-                                   float("nan"))
             print(f"head alone, {head['tokens']} tokens x {head['vocab']} vocab x {head['hidden']} hidden, chunk "
                   f"{head['chunk_tokens']}:")
             for kind, v in head["variants"].items():
-                print(f"  {kind:6} {_fmt(v.get('s_per_step'), '.5f')} s  {_fmt(v.get('tflops'), '.3g')} TFLOP/s  "
+                print(f"  {kind:11} {_fmt(v.get('s_per_step'), '.5f')} s  {_fmt(v.get('tflops'), '.3g')} TFLOP/s  "
                       f"head peak {_fmt(v.get('head_peak_gib'), '.3f')} GiB  {v['status']}")
-            print(f"  fused/naive: time {_fmt(head.get('time_vs_naive'), '.3f')}, peak "
-                  f"{_fmt(head.get('peak_vs_naive'), '.3f')} | max |fused - naive| "
-                  f"{ag['max_abs_diff_fused_vs_naive']:.2e}, vs fp64: fused {ag['max_abs_err_fused_vs_fp64']:.2e} "
-                  f"naive {ag['max_abs_err_naive_vs_fp64']:.2e} | grad rel diff: hidden "
-                  f"{ag['grad_hidden_rel_diff']:.2e} weight {ag['grad_weight_rel_diff']:.2e}")
+            if "error" in ag:
+                print(f"  agreement check failed: {ag['error'].strip().splitlines()[-1]}")
+            else:
+                print(f"  max |token logp - fp64|: naive {ag['max_abs_err_naive_vs_fp64']:.2e}")
+            for kind, suffix in (("fused", ""), ("fused_torch", "_torch")):
+                line = (f"  {kind}/naive: time {_fmt(head.get('time_vs_naive' + suffix), '.3f')}, peak "
+                        f"{_fmt(head.get('peak_vs_naive' + suffix), '.3f')}")
+                if "error" not in ag:
+                    line += (f" | max |{kind} - naive| {ag[f'max_abs_diff_{kind}_vs_naive']:.2e}, vs fp64 "
+                             f"{ag[f'max_abs_err_{kind}_vs_fp64']:.2e} | grad rel diff: hidden "
+                             f"{ag[f'grad_hidden_rel_diff_{kind}_vs_naive']:.2e} weight "
+                             f"{ag[f'grad_weight_rel_diff_{kind}_vs_naive']:.2e}")
+                print(line)
         for t in rec.get("targets", []):
             verdict = {True: "MET", False: "MISSED", None: "not run"}[t["met"]]
             print(f"  target {t['target']} {t['op']} {t['threshold']}: {_fmt(t['value'], '.3f')} "

@@ -37,7 +37,15 @@ from bench_common import (
     step_flops,
 )
 from bench_report import finite, print_summary, targets
-from bench_variants import head_agreement, head_workload, hf_workload, make_batch, make_head_inputs, mcore_workload
+from bench_variants import (
+    HEAD_KINDS,
+    head_agreement,
+    head_workload,
+    hf_workload,
+    make_batch,
+    make_head_inputs,
+    mcore_workload,
+)
 
 from simpo_mcore.config import LossConfig, ParallelConfig
 from simpo_mcore.model.builder import ModelOptions
@@ -63,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="activation recomputation of the simpo_mcore variants (HF never recomputes)")
     p.add_argument("--chunk-tokens", type=int, default=4096,
                    help="tokens per chunk of the fused log-prob head; 0 = full logits + the unfused head")
+    p.add_argument("--head-kernel", default="auto", choices=("auto", "torch", "triton"),
+                   help="the fused head's elementwise passes in the simpo_mcore variants (auto: Triton on a GPU)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--sweep-seq", default="", help="comma list of sequence lengths: HF and the best simpo_mcore "
@@ -107,8 +117,17 @@ def environment(cuda: bool) -> dict:
         props = torch.cuda.get_device_properties(0)
         env.update(device=props.name, capability=f"{props.major}.{props.minor}",
                    multiprocessors=props.multi_processor_count, memory_gib=round(props.total_memory / GIB, 1),
-                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+                   cuda=torch.version.cuda, cudnn=_cudnn_version())
     return env
+
+
+def _cudnn_version() -> int | str:
+    """torch's cuDNN check raises when another library (Transformer Engine preloads the cuDNN of the
+    nvidia pip packages) loaded a cuDNN older than the one torch was built against: record that instead."""
+    try:
+        return torch.backends.cudnn.version()
+    except RuntimeError as exc:
+        return f"unknown: {str(exc).split('.')[0]}"
 
 
 def mcore_variants(args, cuda: bool) -> list[tuple[str, ModelOptions | str]]:
@@ -161,7 +180,8 @@ def run_shape(args, shape: str, cuda: bool, device: torch.device, rec: dict, sav
         if isinstance(opts, str):
             record(name, {"status": "skipped", "reason": opts})
         else:
-            record(name, run(partial(mcore_workload, arch, batch, loss_cfg, opts, args.chunk_tokens, args.seed)))
+            record(name, run(partial(mcore_workload, arch, batch, loss_cfg, opts, args.chunk_tokens, args.seed,
+                                     args.head_kernel)))
     if "hf" in args.groups:  # the baseline again, last: its drift bounds the noise of every ratio above
         record("hf_sdpa_bf16_again", run(partial(hf_workload, arch, batch, loss_cfg, dtype, device, args.seed)))
     if "head" in args.groups:
@@ -185,15 +205,17 @@ def run_head(args, arch, batch, loss_cfg, dtype, cuda: bool) -> dict:
     free_memory(cuda)
     flop = head_flops(tokens, arch.vocab_size, arch.hidden_size)
     rec["variants"] = {kind: measure(partial(head_workload, kind, make_inputs, loss_cfg, chunk), flop=flop,
-                                     steps=args.steps, warmup=args.warmup, cuda=cuda) for kind in ("naive", "fused")}
+                                     steps=args.steps, warmup=args.warmup, cuda=cuda) for kind in HEAD_KINDS}
     for r in rec["variants"].values():
         if r.get("peak_gib") is not None:  # the head's own allocations, gradients included; not its inputs
             r["head_peak_gib"] = round(r["peak_gib"] - r["static_gib"], 3)
-    naive, fused = rec["variants"]["naive"], rec["variants"]["fused"]
-    if naive["status"] == fused["status"] == "ok":
-        rec["time_vs_naive"] = fused["s_per_step"] / naive["s_per_step"]
-        if fused.get("head_peak_gib") is not None:
-            rec["peak_vs_naive"] = fused["head_peak_gib"] / naive["head_peak_gib"]
+    naive = rec["variants"]["naive"]
+    for kind in ("fused", "fused_torch"):
+        fused, suffix = rec["variants"][kind], "" if kind == "fused" else "_torch"
+        if naive["status"] == fused["status"] == "ok":
+            rec[f"time_vs_naive{suffix}"] = fused["s_per_step"] / naive["s_per_step"]
+            if fused.get("head_peak_gib") is not None:
+                rec[f"peak_vs_naive{suffix}"] = fused["head_peak_gib"] / naive["head_peak_gib"]
     print(f"head: {json.dumps({k: v for k, v in rec.items() if k != 'variants'})}", flush=True)
     return rec
 
@@ -230,7 +252,8 @@ def run_sweep(args, cuda: bool, device: torch.device, save) -> dict:
         batch = make_batch(arch.vocab_size, pairs, seq, seq // 4, device, args.seed)
         builders = {
             "hf_sdpa_bf16": partial(hf_workload, arch, batch, loss_cfg, dtype, device, args.seed),
-            sweep["mcore_variant"]: partial(mcore_workload, arch, batch, loss_cfg, opts, args.chunk_tokens, args.seed),
+            sweep["mcore_variant"]: partial(mcore_workload, arch, batch, loss_cfg, opts, args.chunk_tokens, args.seed,
+                                            args.head_kernel),
         }
         for name, build in builders.items():
             r = measure(build, flop=step_flops(arch, seq, 2 * pairs), steps=args.steps, warmup=args.warmup, cuda=cuda)

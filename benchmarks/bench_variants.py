@@ -117,7 +117,7 @@ def hf_workload(arch: LlamaArch, batch: Batch, loss_cfg: LossConfig, dtype: torc
 
 
 def mcore_workload(arch: LlamaArch, batch: Batch, loss_cfg: LossConfig, opts: ModelOptions,
-                   chunk_tokens: int, seed: int) -> Workload:
+                   chunk_tokens: int, seed: int, head_kernel: str = "auto") -> Workload:
     """The model call of :func:`simpo_mcore.step.make_forward_step` on one micro-batch, then backward.
 
     FP8 needs no context here: megatron-core 0.19's ``TransformerBlock.forward`` enters
@@ -130,7 +130,7 @@ def mcore_workload(arch: LlamaArch, batch: Batch, loss_cfg: LossConfig, opts: Mo
     model_parallel_cuda_manual_seed(seed)
     (model,) = build_model(arch, opts)
     model.train()
-    head = TokenLogpsContext(vocab_size=arch.vocab_size, chunk_tokens=chunk_tokens)
+    head = TokenLogpsContext(vocab_size=arch.vocab_size, chunk_tokens=chunk_tokens, kernel=head_kernel)
     targets = shift_labels(batch.labels)  # [2k, s]
     positions = position_ids_like(batch.tokens)  # [2k, s]
 
@@ -190,11 +190,16 @@ def naive_token_logps(inputs: HeadInputs) -> torch.Tensor:
     return torch.where(valid, token, 0.0).t()  # [b, s]
 
 
+HEAD_KINDS = {"naive": None, "fused": "auto", "fused_torch": "torch"}
+"""Head variants: the reference's naive head, and the fused head with its elementwise passes as Triton
+kernels where they run (``auto``) or as torch ops (``torch``)."""
+
+
 def head_token_logps(kind: str, inputs: HeadInputs, chunk_tokens: int) -> torch.Tensor:
     if kind == "naive":
         return naive_token_logps(inputs)
     return fused_token_logps(inputs.hidden, inputs.weight, inputs.targets, inputs.vocab_size,
-                             chunk_tokens=chunk_tokens)  # [b, s]
+                             chunk_tokens=chunk_tokens, kernel=HEAD_KINDS[kind])  # [b, s]
 
 
 def head_workload(kind: str, make_inputs, loss_cfg: LossConfig, chunk_tokens: int) -> Workload:
@@ -213,14 +218,14 @@ def head_workload(kind: str, make_inputs, loss_cfg: LossConfig, chunk_tokens: in
 
 
 def head_agreement(inputs: HeadInputs, loss_cfg: LossConfig, chunk_tokens: int, ref_chunk: int = 512) -> dict:
-    """How far the fused and naive heads are from each other and from fp64 on the same inputs.
+    """How far the fused heads (Triton and torch passes) are from the naive head and from fp64.
 
     Token log-probs: max |difference| over labelled tokens. Gradients of the SimPO loss wrt the hidden
     states and the weight: ||fused - naive|| / ||naive||. The fp64 reference upcasts the (bf16) inputs
     and runs ``ref_chunk`` tokens at a time.
     """
     out, grads = {}, {}
-    for kind in ("naive", "fused"):
+    for kind in HEAD_KINDS:
         inputs.hidden.grad = inputs.weight.grad = None
         token_logps = head_token_logps(kind, inputs, chunk_tokens)
         _, _, avg_logps = sequence_logps(token_logps, inputs.targets)
@@ -234,16 +239,18 @@ def head_agreement(inputs: HeadInputs, loss_cfg: LossConfig, chunk_tokens: int, 
     def max_abs(a, b) -> float:
         return float((a.double() - b.double()).abs()[valid].max())
 
-    def rel(i) -> float:
-        return float((grads["fused"][i] - grads["naive"][i]).norm() / grads["naive"][i].norm())
+    def rel(kind: str, i: int) -> float:
+        return float((grads[kind][i] - grads["naive"][i]).norm() / grads["naive"][i].norm())
 
-    return {
-        "max_abs_diff_fused_vs_naive": max_abs(out["fused"], out["naive"]),
-        "max_abs_err_fused_vs_fp64": max_abs(out["fused"], ref),
-        "max_abs_err_naive_vs_fp64": max_abs(out["naive"], ref),
-        "grad_hidden_rel_diff": rel(0),
-        "grad_weight_rel_diff": rel(1),
-    }
+    result = {"max_abs_err_naive_vs_fp64": max_abs(out["naive"], ref)}
+    for kind in ("fused", "fused_torch"):
+        result.update({
+            f"max_abs_diff_{kind}_vs_naive": max_abs(out[kind], out["naive"]),
+            f"max_abs_err_{kind}_vs_fp64": max_abs(out[kind], ref),
+            f"grad_hidden_rel_diff_{kind}_vs_naive": rel(kind, 0),
+            f"grad_weight_rel_diff_{kind}_vs_naive": rel(kind, 1),
+        })
+    return result
 
 
 @torch.no_grad()

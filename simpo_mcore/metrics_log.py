@@ -70,7 +70,9 @@ class MetricsLogger:
     def log(self, step: int, record: dict) -> None:
         if not self.active:
             return
-        record = {"step": step, "time": round(time.time(), 3), **record}
+        # Scalar tensors (megatron returns the gradient norm as one on a GPU) become Python numbers.
+        record = {"step": step, "time": round(time.time(), 3),
+                  **{k: v.item() if isinstance(v, torch.Tensor) else v for k, v in record.items()}}
         self._file.write(json.dumps(_finite_or_str(record)) + "\n")
         if self._tb is not None:
             for key, value in record.items():

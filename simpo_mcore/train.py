@@ -188,7 +188,8 @@ def run_training(cfg: RunConfig) -> dict[str, float]:
             grad_norm = float("nan")
             if finite:
                 ok, grad_norm, _ = optimizer.step()
-                finite = bool(ok) and grad_norm is not None and math.isfinite(grad_norm)
+                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")  # a tensor on GPUs
+                finite = bool(ok) and math.isfinite(grad_norm)
                 if finite:
                     scheduler.step(increment=1)
             progress.step += 1

@@ -119,3 +119,18 @@ def test_errors_name_the_file(tmp_path, content, message):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and str(path) in proc.stderr and message in proc.stderr
     assert not (tmp_path / "metrics.png").exists()
+
+
+def test_metrics_log_writes_tensors_as_numbers_and_nan_as_text(tmp_path):
+    """On a GPU megatron hands back the gradient norm as a 0-d CUDA tensor; the log must still be JSON lines
+    (this broke the first GPU run), and a non-finite value must stay visible rather than vanish."""
+    import torch
+
+    from simpo_mcore.metrics_log import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, rank=0, total_steps=2, start_step=0, tensorboard=True, progress_bar=False)
+    logger.log(1, {"loss": 0.5, "grad_norm": torch.tensor(2.5, dtype=torch.float64)})
+    logger.log(2, {"loss": float("nan"), "grad_norm": torch.tensor(float("inf"))})
+    logger.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in rows] == [(1, 0.5, 2.5), (2, "nan", "inf")]
