@@ -12,10 +12,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from test_logprobs import VOCAB, abs_err, make_inputs, reference_grads, rel_err, simpo_like_objective
+from test_logprobs import abs_err, check_fused_head_against_reference
 
 from simpo_mcore import logprobs_kernels as kernels
-from simpo_mcore.logprobs import fused_token_logps
 from simpo_mcore.parallel import ensure_process_group
 
 
@@ -84,17 +83,7 @@ def test_softmax_grad_triton_equals_torch(interpreted, dtype):
 
 @pytest.mark.parametrize("chunk_tokens", [7, 1000])
 def test_fused_head_with_triton_kernels_matches_full_log_softmax(interpreted, tp_group, chunk_tokens):
-    hidden, weight, labels = make_inputs()
-    ref, ref_grad_h, ref_grad_w = reference_grads(hidden, weight, labels)
-    h = hidden.clone().requires_grad_()
-    w = weight.clone().requires_grad_()
-    token_logps = fused_token_logps(h, w, labels, VOCAB, tp_group, chunk_tokens=chunk_tokens, kernel="triton")
-    assert abs_err(token_logps, ref) < 1e-5
-    assert (token_logps[labels == -100] == 0).all()
-    simpo_like_objective(token_logps, labels).backward()
-    assert rel_err(h.grad, ref_grad_h) < 1e-5
-    assert rel_err(w.grad, ref_grad_w) < 1e-5
-    assert (w.grad[VOCAB:] == 0).all()
+    check_fused_head_against_reference(tp_group, chunk_tokens, kernel="triton")
 
 
 def test_kernel_choice():
