@@ -55,7 +55,12 @@ def resolve_spec(spec: str, cuda: bool) -> str:
 
 class RMSNorm(torch.nn.Module):
     """Llama's RMSNorm, computed exactly as HF ``LlamaRMSNorm`` does (fp32 statistics, cast back
-    to the input dtype *before* the weight multiply).
+    to the input dtype *before* the weight multiply) on a CPU.
+
+    On a GPU it calls ``torch.nn.functional.rms_norm`` (one fused kernel each way, fp32 inside,
+    nothing saved but the input and the inverse RMS) instead of HF's seven elementwise kernels and
+    saved fp32 copy of the input: 33 norms of the 1B model's step. That result is rounded once where
+    HF's is rounded twice (before and after the weight multiply), a difference below bf16's resolution.
 
     Its weight is marked ``sequence_parallel`` under sequence parallelism so that megatron's
     ``finalize_model_grads`` all-reduces the partial gradients each TP rank computes on its
@@ -69,6 +74,8 @@ class RMSNorm(torch.nn.Module):
         self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dtype == self.weight.dtype:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
