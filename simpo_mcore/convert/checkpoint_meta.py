@@ -8,7 +8,7 @@ rebuild the model without the original HF directory.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +40,24 @@ class CheckpointMeta:
             raise FileNotFoundError(
                 f"{ckpt_dir} is not a simpo_mcore checkpoint: {META_FILE} is missing "
                 "(convert a Hugging Face model with tools/convert_hf_to_mcore.py)")
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc}); the checkpoint's metadata is damaged") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
         if data.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: format_version {data.get('format_version')} is not {FORMAT_VERSION}")
-        return cls(arch=LlamaArch.from_json(data["arch"]), tokenizer=data.get("tokenizer"),
+        arch = data.get("arch")
+        if not isinstance(arch, dict):
+            raise ValueError(f"{path}: field 'arch' is missing or not an object")
+        known = {f.name for f in fields(LlamaArch)}
+        unknown, missing = sorted(set(arch) - known), sorted(
+            f.name for f in fields(LlamaArch)
+            if f.name not in arch and f.default is MISSING and f.default_factory is MISSING)
+        if unknown or missing:
+            raise ValueError(f"{path}: field 'arch' has unknown keys {unknown} and lacks required keys {missing}")
+        return cls(arch=LlamaArch.from_json(arch), tokenizer=data.get("tokenizer"),
                    kind=data.get("kind", "converted"), info=data.get("info", {}))
 
     def tokenizer_path(self, ckpt_dir: str | Path) -> str | None:

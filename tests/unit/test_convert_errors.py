@@ -220,6 +220,28 @@ def test_export_not_a_checkpoint(tmp_path):
     refuse_export(tmp_path / "empty", tmp_path / "out", FileNotFoundError, META_FILE)
 
 
+@pytest.mark.parametrize("damage, fragments", [
+    (lambda text: text[: len(text) // 2], ["not valid JSON"]),
+    (lambda text: "[1, 2]", ["expected a JSON object"]),
+    (lambda text: json.dumps({**json.loads(text), "arch": None}), ["field 'arch'"]),
+    (lambda text: json.dumps({**json.loads(text), "arch": {**json.loads(text)["arch"], "hidden": 64}}),
+     ["field 'arch'", "unknown keys ['hidden']"]),
+    (lambda text: json.dumps({**json.loads(text), "arch": {k: v for k, v in json.loads(text)["arch"].items()
+                                                           if k != "num_layers"}}),
+     ["field 'arch'", "lacks required keys ['num_layers']"]),
+])
+def test_damaged_checkpoint_metadata(ckpt, tmp_path, damage, fragments):
+    """A damaged simpo_mcore.json is refused naming the file and the field, by the exporter and by every
+    reader (training, evaluation), never with a bare KeyError or a TypeError from a dataclass."""
+    meta = ckpt / META_FILE
+    meta.write_text(damage(meta.read_text()))
+    with pytest.raises(ValueError) as info:
+        CheckpointMeta.read(ckpt)
+    for fragment in (str(meta), *fragments):
+        assert fragment in str(info.value), (fragment, str(info.value))
+    refuse_export(ckpt, tmp_path / "out", ValueError, str(meta), *fragments)
+
+
 def test_export_output_dir_not_empty(ckpt, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
