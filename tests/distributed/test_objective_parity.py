@@ -25,12 +25,20 @@ BETA, RATIO, LS, SFT_W = 2.0, 0.5, 0.1, 0.5
 NUM_PAIRS = 8
 
 
+MODELS = {"untied": dict(tie=False, seed=0), "tied": dict(tie=True, seed=5)}
+"""``tied`` (Llama-3.2 style): with PP > 1 the embedding and the output layer share one weight held on the
+first and the last stage, whose two gradient halves megatron must sum (``finalize_model_grads``)."""
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("objective")
-    hf = make_tiny_hf_llama(root / "hf", vocab_size=250, num_layers=4, hidden_size=64, heads=4, kv_heads=2)
     ensure_process_group()
-    convert_hf_to_mcore(root / "hf", root / "mcore", log=lambda _: None)
+    hfs = {}
+    for name, kwargs in MODELS.items():
+        hfs[name] = make_tiny_hf_llama(root / name / "hf", vocab_size=250, num_layers=4, hidden_size=64, heads=4,
+                                       kv_heads=2, **kwargs)
+        convert_hf_to_mcore(root / name / "hf", root / name / "mcore", log=lambda _: None)
     rng = random.Random(0)
     pairs = []
     for _ in range(NUM_PAIRS):  # uneven prompt and response lengths
@@ -39,7 +47,7 @@ def setup(tmp_path_factory):
                       "chosen": [rng.randrange(3, 250) for _ in range(rng.randint(1, 14))],
                       "rejected": [rng.randrange(3, 250) for _ in range(rng.randint(1, 14))]})
     (root / "pairs.json").write_text(json.dumps(pairs))
-    return root, hf, pairs
+    return root, hfs, pairs
 
 
 def reference(hf, pairs):
@@ -74,30 +82,31 @@ def reference(hf, pairs):
 # (tp, pp, dp, sp); one launch per world size covers its layouts (the groups are rebuilt per layout).
 LAYOUTS = [(1, 1, 1, False), (2, 1, 1, False), (1, 2, 1, False), (2, 2, 1, False), (1, 1, 2, False),
            (2, 1, 1, True)]
+# The tied model where it differs: the shared weight split over two pipeline stages (one 4-rank launch).
+TIED_LAYOUTS = [(2, 2, 1, False), (1, 2, 2, False)]
 
 
 @pytest.fixture(scope="module")
 def results(setup, tmp_path_factory):
     root, _, _ = setup
     out = tmp_path_factory.mktemp("objective_results")
-    by_world: dict[int, list[str]] = {}
-    for tp, pp, dp, sp in LAYOUTS:
-        by_world.setdefault(tp * pp * dp, []).append(f"{tp},{pp},{int(sp)}")
-    for world, specs in by_world.items():
-        run_ranks("objective_parity.py", world, root / "hf", root / "mcore", root / "pairs.json", out, *specs)
+    for model, layouts in (("untied", LAYOUTS), ("tied", TIED_LAYOUTS)):
+        by_world: dict[int, list[str]] = {}
+        for tp, pp, dp, sp in layouts:
+            by_world.setdefault(tp * pp * dp, []).append(f"{tp},{pp},{int(sp)}")
+        for world, specs in by_world.items():
+            run_ranks("objective_parity.py", world, root / model / "hf", root / model / "mcore", root / "pairs.json",
+                      out / model, *specs)
     return out
 
 
 @pytest.fixture(scope="module")
 def expected(setup):
-    _, hf, pairs = setup
-    return reference(hf, pairs)
+    _, hfs, pairs = setup
+    return {name: reference(hf, pairs) for name, hf in hfs.items()}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("tp,pp,dp,sp", LAYOUTS, ids=lambda v: str(v))
-def test_objective_matches_reference(results, expected, tp, pp, dp, sp):
-    run_dir = results / f"{tp}-{pp}-{dp}-{int(sp)}"
+def check_layout(run_dir, expected, dp):
     result = json.loads((run_dir / "result.json").read_text())
     ref_c, ref_r, ref_metrics, ref_grads = expected
     per_rank = NUM_PAIRS // dp
@@ -116,3 +125,17 @@ def test_objective_matches_reference(results, expected, tp, pp, dp, sp):
         for name, ref in ref_grads.items():
             rel = ((grads[name] - ref).norm() / ref.norm()).item()
             assert rel <= 1e-5, f"{name}: relative gradient error {rel:.2e}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp,dp,sp", LAYOUTS, ids=lambda v: str(v))
+def test_objective_matches_reference(results, expected, tp, pp, dp, sp):
+    check_layout(results / "untied" / f"{tp}-{pp}-{dp}-{int(sp)}", expected["untied"], dp)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp,dp,sp", TIED_LAYOUTS, ids=lambda v: str(v))
+def test_tied_embeddings_split_over_pipeline_stages(results, expected, tp, pp, dp, sp):
+    """The embedding's gradient is the sum of its use as input embedding and as output layer, on two
+    different pipeline stages; HF's tied model has one ``embed_tokens.weight`` gradient holding both."""
+    check_layout(results / "tied" / f"{tp}-{pp}-{dp}-{int(sp)}", expected["tied"], dp)
