@@ -86,17 +86,15 @@ def attach_reference_logps(rt, dataset, split: str):
     must be the starting checkpoint's) and stored."""
     path = reference_path(rt.cfg.output_dir, split)
     want = fingerprint(rt, dataset, split)
-    values = None
-    if path.is_file():
-        stored = np.load(path)
-        have = json.loads(str(stored["fingerprint"]))
-        if have != want:
-            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-            raise ValueError(
-                f"reference log-probs {path} are stale: they were computed for a different "
-                f"{', '.join(diff)} ({', '.join(f'{k}: {have.get(k)!r} -> {want.get(k)!r}' for k in diff)}). "
-                "Delete the file to recompute them from model.checkpoint, or use another output_dir.")
-        values = stored["logps"]
+    # Rank 0 alone looks at the file and tells every rank what it found (the values, or the error):
+    # output_dir need not be on a file system every node sees, and no rank can decide differently.
+    found = [_read_stored(path, want) if rt.layout.rank == 0 else None]
+    dist.broadcast_object_list(found, src=0)
+    kind, payload = found[0]
+    if kind == "error":
+        raise ValueError(payload)
+    if kind == "values":
+        values = payload
         log.info("reference log-probs for %s: loaded %s", split, path)
     else:
         log.info("reference log-probs for %s: forward pass over %d pairs", split, len(dataset))
@@ -112,3 +110,23 @@ def attach_reference_logps(rt, dataset, split: str):
                          f"expected ({len(dataset)}, 2) finite")
     dataset = dataset.add_column("ref_chosen_sum_logps", values[:, 0].tolist())
     return dataset.add_column("ref_rejected_sum_logps", values[:, 1].tolist())
+
+
+def _read_stored(path: Path, want: dict) -> tuple[str, object]:
+    """``("values", [N, 2])`` from a stored file whose fingerprint matches, ``("error", message)`` for a
+    stale or unreadable one, ``("missing", None)`` when there is none."""
+    if not path.is_file():
+        return "missing", None
+    try:
+        with np.load(path) as stored:
+            have, values = json.loads(str(stored["fingerprint"])), stored["logps"]
+    except Exception as exc:  # noqa: BLE001 - any damage: say which file and how
+        return "error", (f"reference log-probs {path} cannot be read ({type(exc).__name__}: {exc}). "
+                         "Delete the file to recompute them from model.checkpoint.")
+    if have != want:
+        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        return "error", (
+            f"reference log-probs {path} are stale: they were computed for a different "
+            f"{', '.join(diff)} ({', '.join(f'{k}: {have.get(k)!r} -> {want.get(k)!r}' for k in diff)}). "
+            "Delete the file to recompute them from model.checkpoint, or use another output_dir.")
+    return "values", values

@@ -37,3 +37,8 @@ def test_dpo_starts_at_log2_and_falls(tmp_path, tiny):
     stale = write_config(tmp_path / "stale.yaml", *tiny, **{**sections, "data": {"max_length": 40}})
     with pytest.raises(AssertionError, match="reference log-probs .* are stale: .* different data"):
         run_ranks("train_entry.py", 2, stale)
+
+    # A damaged file is an error naming it, on every rank (rank 0 reads it and tells the others).
+    (out / "reference_logps" / "train.npz").write_bytes(b"not an npz")
+    with pytest.raises(AssertionError, match="reference log-probs .*train.npz cannot be read"):
+        run_ranks("train_entry.py", 2, cfg)
