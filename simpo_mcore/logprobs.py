@@ -221,10 +221,7 @@ class _FusedTokenLogps(torch.autograd.Function):
                 target_logits = torch.zeros(t1 - t0, device=hidden.device)
             target_logits = torch.where(owned[t0:t1], target_logits, 0.0)
             _all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
-            if n_valid > 0:
-                sum_exp = kernels.sum_exp(logits, logits_max, ctx.kernel, overwrite=True)  # [c] fp32
-            else:
-                sum_exp = torch.zeros(t1 - t0, dtype=torch.float32, device=hidden.device)  # [c]
+            sum_exp = kernels.sum_exp(logits, logits_max, ctx.kernel, overwrite=True)  # [c] fp32; 0 without rows
             del logits
             stats = torch.stack([sum_exp, target_logits])  # [2, c]
             _all_reduce(stats, dist.ReduceOp.SUM, tp_group)

@@ -54,6 +54,14 @@ def test_sum_exp_triton_equals_torch_and_fp64(interpreted, dtype, cols):
         assert ((v.double() - ref) / ref).abs().max() < 2e-6, k
 
 
+def test_sum_exp_of_no_columns_is_zero(interpreted):
+    """A TP rank whose vocabulary shard is all padding has no real column: its share of the sum is 0."""
+    z = torch.empty(3, 0, dtype=torch.bfloat16)
+    row_max = torch.full((3,), float("-inf"))
+    for kernel in ("torch", "triton"):
+        assert torch.equal(kernels.sum_exp(z, row_max, kernel), torch.zeros(3)), kernel
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_softmax_grad_triton_equals_torch(interpreted, dtype):
     rows, cols = 11, 5000
