@@ -9,8 +9,33 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "distributed" / "scripts"
+
+
+QUIET = dict(log=lambda _: None)
+"""Keyword arguments that silence the converters' progress lines."""
+
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64}
+"""Llama-3.1 rope scaling with a small original context, so that sequences of ~100 tokens reach it."""
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """A world of one for ``dist_checkpointing`` in this process; torn down after the module if this made
+    it. A module opts in with ``pytestmark = pytest.mark.usefixtures("world_of_one")``."""
+    import torch.distributed as dist
+
+    from simpo_mcore.parallel import ensure_process_group
+
+    made = not dist.is_initialized()
+    ensure_process_group()
+    yield
+    if made and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def free_port() -> int:

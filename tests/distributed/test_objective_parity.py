@@ -15,7 +15,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_tiny_hf_llama, run_ranks
+from helpers import QUIET, make_tiny_hf_llama, run_ranks
 from safetensors.torch import load_file
 
 from simpo_mcore.convert.hf_to_mcore import convert_hf_to_mcore
@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
     for name, kwargs in MODELS.items():
         hfs[name] = make_tiny_hf_llama(root / name / "hf", vocab_size=250, num_layers=4, hidden_size=64, heads=4,
                                        kv_heads=2, **kwargs)
-        convert_hf_to_mcore(root / name / "hf", root / name / "mcore", log=lambda _: None)
+        convert_hf_to_mcore(root / name / "hf", root / name / "mcore", **QUIET)
     rng = random.Random(0)
     pairs = []
     for _ in range(NUM_PAIRS):  # uneven prompt and response lengths

@@ -27,12 +27,10 @@ import json
 
 import pytest
 import torch
-from helpers import make_tiny_hf_llama, read_json, run_ranks
+from helpers import LLAMA31_ROPE, QUIET, make_tiny_hf_llama, read_json, run_ranks
 
 pytestmark = pytest.mark.slow
 
-LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 64}
 MODELS = {
     "gqa": dict(vocab_size=250, heads=4, kv_heads=2, seed=1),
     "llama31": dict(vocab_size=1000, rope_scaling=LLAMA31_ROPE, seed=2),
@@ -60,7 +58,7 @@ def models(tmp_path_factory):
     for name, kw in MODELS.items():
         kw = {**kw, "rope_scaling": dict(kw["rope_scaling"])} if "rope_scaling" in kw else kw
         make_tiny_hf_llama(root / f"{name}_hf", **kw)
-        convert_hf_to_mcore(root / f"{name}_hf", root / f"{name}_ckpt", log=lambda _: None)
+        convert_hf_to_mcore(root / f"{name}_hf", root / f"{name}_ckpt", **QUIET)
         specs.append(f"{name}={root / f'{name}_hf'}={root / f'{name}_ckpt'}")
     yield root, specs
     if made and dist.is_initialized():
@@ -136,7 +134,7 @@ def test_export_of_tp2_saved_checkpoint(models, grad_errors, tmp_path):
     md = dist_checkpointing.load_tensors_metadata(str(saved))
     assert tuple(md["embedding.word_embeddings.weight"].global_shape) == (256, 64)  # padded rows stored
     assert tuple(md["output_layer.weight"].global_shape) == (256, 64)
-    convert_mcore_to_hf(saved, tmp_path / "out", log=lambda _: None)
+    convert_mcore_to_hf(saved, tmp_path / "out", **QUIET)
     with safe_open(root / "gqa_hf" / "model.safetensors", framework="pt") as a, \
             safe_open(tmp_path / "out" / "model.safetensors", framework="pt") as b:
         assert sorted(a.keys()) == sorted(b.keys())

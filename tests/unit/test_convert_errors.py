@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_tiny_hf_llama
+from helpers import QUIET, make_tiny_hf_llama, world_of_one  # noqa: F401 (world_of_one: fixture)
 from safetensors.torch import load_file, save_file
 
 from simpo_mcore.convert.checkpoint_meta import META_FILE, CheckpointMeta
@@ -20,21 +20,8 @@ from simpo_mcore.convert.hf_io import CheckpointError
 from simpo_mcore.convert.hf_to_mcore import convert_hf_to_mcore
 from simpo_mcore.convert.mcore_to_hf import convert_mcore_to_hf
 from simpo_mcore.model.hf_config import UnsupportedConfigError
-from simpo_mcore.parallel import ensure_process_group
 
-QUIET = dict(log=lambda _: None)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    """A world of one for dist_checkpointing; torn down after the module if this made it."""
-    import torch.distributed as dist
-
-    made = not dist.is_initialized()
-    ensure_process_group()
-    yield
-    if made and dist.is_initialized():
-        dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("world_of_one")
 
 
 @pytest.fixture

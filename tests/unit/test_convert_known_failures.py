@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_tiny_hf_llama
+from helpers import LLAMA31_ROPE, QUIET, make_tiny_hf_llama, world_of_one  # noqa: F401 (world_of_one: fixture)
 from safetensors.torch import load_file
 
 from simpo_mcore.convert import keymap
@@ -25,24 +25,11 @@ from simpo_mcore.convert.checkpoint_meta import META_FILE
 from simpo_mcore.convert.hf_to_mcore import convert_hf_to_mcore
 from simpo_mcore.convert.mcore_to_hf import convert_mcore_to_hf
 from simpo_mcore.model.hf_config import LlamaArch
-from simpo_mcore.parallel import ensure_process_group
 
-QUIET = dict(log=lambda _: None)
-LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 64}
 TOKENS = torch.randint(0, 250, (2, 100), generator=torch.Generator().manual_seed(0))  # 100 > 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    """A world of one for dist_checkpointing; torn down after the module if this made it."""
-    import torch.distributed as dist
-
-    made = not dist.is_initialized()
-    ensure_process_group()
-    yield
-    if made and dist.is_initialized():
-        dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("world_of_one")
 
 
 def export(tmp_path: Path, **model_kw):
