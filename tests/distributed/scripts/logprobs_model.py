@@ -7,12 +7,11 @@ embeddings each time. Errors are reduced with MAX over ranks; rank 0 writes them
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
-import torch.distributed as dist
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from parity_common import write_worst_over_ranks
 
 from simpo_mcore.config import ParallelConfig
 from simpo_mcore.logprobs import TokenLogpsContext, token_logps_output_processor
@@ -100,15 +99,7 @@ def main(out_path, tp):
                     value=(token_logps.double() - ref.detach()).abs().max().item(),
                     grad_params=worst_rel(grads(model), ref_grads),
                 )
-    keys = sorted((case, name) for case, errs in results.items() for name in errs)
-    errs = torch.tensor([results[c][n] for c, n in keys], dtype=torch.float64)
-    dist.all_reduce(errs, op=dist.ReduceOp.MAX)
-    if dist.get_rank() == 0:
-        out = {}
-        for (case, name), value in zip(keys, errs.tolist()):
-            out.setdefault(case, {})[name] = value
-        with open(out_path, "w") as f:
-            json.dump(out, f, indent=1)
+    write_worst_over_ranks(results, out_path)
     shutdown()
 
 

@@ -8,11 +8,10 @@ rank 0 writes them as JSON to argv[1].
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
-import torch.distributed as dist
+from parity_common import write_worst_over_ranks
 
 from simpo_mcore.config import ParallelConfig
 from simpo_mcore.logprobs import fused_token_logps, vocab_parallel_token_logps
@@ -107,16 +106,7 @@ def main(out_path):
                 if vocab_size < (r + 1) * vl else 0.0,
                 logits_changed=float(not torch.equal(logits.detach(), before)),
             )
-    # The worst error over ranks, in a fixed key order on every rank.
-    keys = sorted((case, name) for case, errs in results.items() for name in errs)
-    errs = torch.tensor([results[c][n] for c, n in keys], dtype=torch.float64)
-    dist.all_reduce(errs, op=dist.ReduceOp.MAX)
-    if dist.get_rank() == 0:
-        out = {}
-        for (case, name), value in zip(keys, errs.tolist()):
-            out.setdefault(case, {})[name] = value
-        with open(out_path, "w") as f:
-            json.dump(out, f, indent=1)
+    write_worst_over_ranks(results, out_path)
     shutdown()
 
 

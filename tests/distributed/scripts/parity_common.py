@@ -1,8 +1,12 @@
-"""Shared by the parity scripts: the test batches and the HF reference (run on every rank)."""
+"""Shared by the parity scripts: the test batches, the HF reference (run on every rank), and the
+worst-error-over-ranks report."""
 
 from __future__ import annotations
 
+import json
+
 import torch
+import torch.distributed as dist
 
 BATCH, SEQ = 3, 96
 """SEQ > 64 = the rope-scaling model's original_max_position_embeddings, and divisible by TP=2 (SP)."""
@@ -35,3 +39,17 @@ def hf_logits(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """HF's logits [b, s, vocab] with its attention mask (causal + padding)."""
     with torch.no_grad():
         return model(input_ids=tokens, attention_mask=mask).logits.float()
+
+
+def write_worst_over_ranks(results: dict[str, dict[str, float]], out_path: str) -> None:
+    """``{case: {name: error}}`` reduced to the worst value over ranks (every rank passes the same keys;
+    the order is fixed by sorting) and written as JSON by rank 0."""
+    keys = sorted((case, name) for case, errs in results.items() for name in errs)
+    errs = torch.tensor([results[c][n] for c, n in keys], dtype=torch.float64)
+    dist.all_reduce(errs, op=dist.ReduceOp.MAX)
+    if dist.get_rank() == 0:
+        out: dict[str, dict[str, float]] = {}
+        for (case, name), value in zip(keys, errs.tolist()):
+            out.setdefault(case, {})[name] = value
+        with open(out_path, "w") as f:
+            json.dump(out, f, indent=1)
