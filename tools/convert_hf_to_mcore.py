@@ -11,15 +11,12 @@ non-empty output directory) ends with a one-line ``error:`` naming it and exit c
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DTYPES = ("bfloat16", "float16", "float32")
-# What bad input raises; the library's messages name the field / tensor / file.
-INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+from simpo_mcore.convert.tool import DTYPES, run_conversion  # noqa: E402 (after the sys.path line)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,22 +29,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # a file conversion: leave any GPU alone
-    import torch.distributed as dist
 
-    from simpo_mcore.convert.hf_to_mcore import convert_hf_to_mcore
-    from simpo_mcore.parallel import ensure_process_group
+    def convert() -> None:
+        from simpo_mcore.convert.hf_to_mcore import convert_hf_to_mcore
 
-    try:
-        ensure_process_group()  # dist_checkpointing needs a process group, even a world of one
         convert_hf_to_mcore(args.hf, args.out, dtype=args.dtype, log=lambda m: print(m, flush=True))
-    except INPUT_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+
+    return run_conversion(convert)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,12 @@ one-line ``error:`` naming the tensor / field / file and exit code 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DTYPES = ("bfloat16", "float16", "float32")
-INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+from simpo_mcore.convert.tool import DTYPES, run_conversion  # noqa: E402 (after the sys.path line)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,14 +34,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # a file conversion: leave any GPU alone
-    import torch.distributed as dist
 
-    from simpo_mcore.convert.hf_io import parse_size
-    from simpo_mcore.convert.mcore_to_hf import convert_mcore_to_hf
-    from simpo_mcore.parallel import ensure_process_group
+    def convert() -> None:
+        from simpo_mcore.convert.hf_io import parse_size
+        from simpo_mcore.convert.mcore_to_hf import convert_mcore_to_hf
 
-    try:
         try:
             max_bytes = parse_size(args.max_shard_size)
         except ValueError:
@@ -52,16 +47,10 @@ def main(argv=None) -> int:
             raise ValueError(f"--max-shard-size {args.max_shard_size!r} is not a positive size (e.g. 5GB)")
         if args.tokenizer and not Path(args.tokenizer).is_dir():
             raise NotADirectoryError(f"--tokenizer {args.tokenizer} is not a directory")
-        ensure_process_group()  # dist_checkpointing needs a process group, even a world of one
         convert_mcore_to_hf(args.ckpt, args.out, max_shard_bytes=max_bytes, dtype=args.dtype,
                             tokenizer_dir=args.tokenizer, log=lambda m: print(m, flush=True))
-    except INPUT_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+
+    return run_conversion(convert)
 
 
 if __name__ == "__main__":
