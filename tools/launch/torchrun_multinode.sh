@@ -16,7 +16,8 @@
 # under SLURM use tools/launch/slurm_multinode.sbatch instead.
 set -euo pipefail
 
-die() { echo "$(basename "$0"): error: $*" >&2; exit 2; }
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 missing=()
 for name in NNODES NODE_RANK MASTER_ADDR MASTER_PORT; do
@@ -30,29 +31,11 @@ done
 [[ $MASTER_PORT =~ ^[0-9]+$ && $MASTER_PORT -ge 1 && $MASTER_PORT -le 65535 ]] \
     || die "MASTER_PORT must be a TCP port number, got '$MASTER_PORT'"
 
-[[ $# -ge 1 ]] || die "missing CONFIG. Usage: $0 CONFIG.yaml [dotted.key=value ...]"
+check_job $# "${1:-}" " on $(hostname)"
 CONFIG=$1
 shift
-[[ -f $CONFIG ]] || die "config file '$CONFIG' does not exist on $(hostname) (relative paths are taken from $(pwd))"
-SIMPO_JOB=${SIMPO_JOB:-simpo-train}
-[[ $SIMPO_JOB == simpo-train || $SIMPO_JOB == simpo-eval ]] \
-    || die "SIMPO_JOB must be simpo-train or simpo-eval, got '$SIMPO_JOB'"
-PYTHON=${PYTHON:-python}
-command -v "$PYTHON" >/dev/null || die "PYTHON='$PYTHON' is not an executable (activate the venv first)"
-
-if [[ -z ${NPROC_PER_NODE:-} ]]; then
-    NPROC_PER_NODE=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
-    [[ $NPROC_PER_NODE -ge 1 ]] || die "no GPU is visible on $(hostname); set NPROC_PER_NODE"
-fi
-[[ $NPROC_PER_NODE =~ ^[1-9][0-9]*$ ]] || die "NPROC_PER_NODE must be a positive integer, got '$NPROC_PER_NODE'"
-
-# Megatron's tensor/sequence-parallel communication overlap relies on one CUDA work queue.
-export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
-# A failed or hung NCCL collective aborts the job instead of hanging until the time limit.
-export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-CORES=$(nproc)
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES / NPROC_PER_NODE > 0 ? CORES / NPROC_PER_NODE : 1 ))}
-export PYTHONUNBUFFERED=1
+resolve_nproc "no GPU is visible on $(hostname); set NPROC_PER_NODE"
+export_rank_env
 
 set -x
 exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node-rank="$NODE_RANK" \
