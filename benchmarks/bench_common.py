@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from simpo_mcore.metrics_log import PEAK_BF16_TFLOPS, model_flops_per_token
+from simpo_mcore.metrics_log import model_flops_per_token
 from simpo_mcore.model.hf_config import LlamaArch
 
 GIB = 2**30
@@ -67,14 +67,6 @@ def step_flops(arch: LlamaArch, seq: int, seqs: int) -> float:
 
 def head_flops(tokens: int, vocab: int, hidden: int) -> float:
     return 6.0 * tokens * vocab * hidden
-
-
-def peak_tflops(cuda: bool) -> float | None:
-    """Dense bf16 datasheet peak of the card, for MFU (None on a CPU or an unknown card)."""
-    if not cuda:
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
 # ------------------------------------------------------------------------------------------ measuring

@@ -33,7 +33,6 @@ from bench_common import (
     make_arch,
     measure,
     param_count,
-    peak_tflops,
     step_flops,
 )
 from bench_report import finite, print_summary, targets
@@ -48,6 +47,7 @@ from bench_variants import (
 )
 
 from simpo_mcore.config import LossConfig, ParallelConfig
+from simpo_mcore.metrics_log import peak_tflops
 from simpo_mcore.model.builder import ModelOptions
 from simpo_mcore.model.specs import te_available
 from simpo_mcore.parallel import init_distributed, shutdown

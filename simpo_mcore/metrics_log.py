@@ -28,15 +28,17 @@ def model_flops_per_token(arch, seq_len: int) -> float:
     return 6 * params + 6 * n * q * seq_len
 
 
-def peak_tflops() -> float | None:
-    if not torch.cuda.is_available() or torch.cuda.current_device() == "cpu":
+def peak_tflops(cuda: bool) -> float | None:
+    """Dense bf16 datasheet peak of the card, for MFU (None for a run on the CPU or an unknown card)."""
+    if not cuda:
         return None
     name = torch.cuda.get_device_name()
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def memory_gib() -> dict[str, float]:
-    if torch.cuda.is_available() and torch.cuda.current_device() != "cpu":
+def memory_gib(cuda: bool) -> dict[str, float]:
+    """The GPU allocator's peak for a run on the GPU, else the process's resident size."""
+    if cuda:
         return {"mem_peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     return {"rss_gib": psutil.Process().memory_info().rss / 2**30}
 

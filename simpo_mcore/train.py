@@ -142,7 +142,7 @@ def run_training(cfg: RunConfig) -> dict[str, float]:
         logger = MetricsLogger(cfg.output_dir, layout.rank, steps, progress.step,
                                cfg.train.tensorboard, cfg.train.progress_bar)
         flops_per_token = model_flops_per_token(rt.meta.arch, cfg.data.max_length)
-        peak = peak_tflops()
+        peak = peak_tflops(device.type == "cuda")
 
         def run_eval(step: int) -> dict[str, float]:
             metrics = evaluate(ddp_chunks, eval_batch_groups(cfg, eval_set, rt.tokenizer, layout),
@@ -211,7 +211,7 @@ def run_training(cfg: RunConfig) -> dict[str, float]:
             record = dict(metrics)
             record.update(lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm, step_time_s=dt,
                           tokens_per_s=metrics["tokens"] / dt, consumed_pairs=progress.consumed_pairs,
-                          skipped_steps=progress.skipped_steps, **memory_gib())
+                          skipped_steps=progress.skipped_steps, **memory_gib(device.type == "cuda"))
             if peak:
                 record["mfu"] = metrics["tokens"] * flops_per_token / dt / (peak * 1e12 * layout.world_size)
             last_metrics = record
