@@ -291,9 +291,6 @@ class RunConfig:
                 f"train.precision: fp8 needs the Transformer Engine spec; model.spec is {self.model.spec!r}")
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def _positive(cfg: RunConfig, names: list[str]) -> None:
     for name in names:
@@ -442,6 +439,3 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         _set_dotted(tree, key, value)
     return _build(RunConfig, tree, "").validate()
 
-
-def config_from_dict(tree: dict[str, Any]) -> RunConfig:
-    return _build(RunConfig, tree, "").validate()

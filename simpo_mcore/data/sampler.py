@@ -10,7 +10,6 @@ state is one integer, the pairs consumed (``step * G``), from which any step is 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,11 +48,6 @@ class PairSampler:
     def steps_per_epoch(self) -> int:
         return self.num_pairs // self.global_batch_pairs
 
-    @property
-    def micro_batches_per_step(self) -> int:
-        """Gradient-accumulation steps on each rank."""
-        return self.global_batch_pairs // (self.micro_batch_pairs * self.dp_size)
-
     def global_batch(self, step: int) -> list[int]:
         """Dataset indices of all pairs of optimizer step ``step`` (0-based, counted over epochs)."""
         epoch, g = divmod(step, self.steps_per_epoch)
@@ -61,7 +55,7 @@ class PairSampler:
         return list(epoch_permutation(self.num_pairs, self.seed, epoch)[g * size:(g + 1) * size])
 
     def micro_batches(self, step: int) -> list[list[int]]:
-        """This rank's micro-batches of ``step``: ``micro_batches_per_step`` lists of k indices."""
+        """This rank's micro-batches of ``step``: G / (k x dp) lists of k indices."""
         per_rank = self.global_batch_pairs // self.dp_size
         mine = self.global_batch(step)[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
         k = self.micro_batch_pairs
@@ -74,14 +68,6 @@ class PairSampler:
             raise ValueError(f"consumed_pairs {consumed_pairs} is not a whole number of global "
                              f"batches of {self.global_batch_pairs}")
         return step
-
-    def iter_from(self, consumed_pairs: int = 0) -> Iterator[list[list[int]]]:
-        """This rank's micro-batches step after step, resuming after ``consumed_pairs``; endless
-        (the caller stops after its number of steps)."""
-        step = self.step_at(consumed_pairs)
-        while True:
-            yield self.micro_batches(step)
-            step += 1
 
 
 def eval_micro_batches(num_pairs: int, micro_batch_pairs: int, dp_rank: int = 0,
