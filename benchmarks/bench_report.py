@@ -45,6 +45,7 @@ def targets(rec: dict) -> list[dict]:
     step_batch = rec["seq"] == 2048 and rec["pairs"] == 2
     head = rec.get("head")
     head_size = head is not None and head["tokens"] == 8192 and head["vocab"] == 128256
+    fastest = {}  # prefix -> the variant its speed target picked
     for shape, what, (where, key), op, threshold in TARGETS:
         if where == "head":
             if not head_size:
@@ -53,7 +54,15 @@ def targets(rec: dict) -> list[dict]:
         else:
             if shape != rec["shape"] or not step_batch:
                 continue
-            name, value = _variant_value(rec["variants"], where, key, higher_is_better=op == ">=")
+            if key == "peak_vs_hf" and fastest.get(where):
+                # Speed and memory are one configuration's: the memory of the variant the speed target chose
+                # (a +keep_logits variant can be faster and bigger than the default).
+                name = fastest[where]
+                value = rec["variants"][name].get(key)
+            else:
+                name, value = _variant_value(rec["variants"], where, key, higher_is_better=op == ">=")
+            if key == "speedup_vs_hf":
+                fastest[where] = name
         met = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
         out.append({"target": what, "variant": name, "value": value, "op": op, "threshold": threshold, "met": met})
     return out
@@ -100,7 +109,7 @@ def print_summary(result: dict) -> None:
                 print(f"  agreement check failed: {ag['error'].strip().splitlines()[-1]}")
             else:
                 print(f"  max |token logp - fp64|: naive {ag['max_abs_err_naive_vs_fp64']:.2e}")
-            for kind, suffix in (("fused", ""), ("fused_torch", "_torch")):
+            for kind, suffix in (("fused", ""), ("fused_torch", "_torch"), ("fused_keep", "_keep")):
                 line = (f"  {kind}/naive: time {_fmt(head.get('time_vs_naive' + suffix), '.3f')}, peak "
                         f"{_fmt(head.get('peak_vs_naive' + suffix), '.3f')}")
                 if "error" not in ag:

@@ -37,6 +37,7 @@ from bench_common import (
 )
 from bench_report import finite, print_summary, targets
 from bench_variants import (
+    FUSED_HEADS,
     HEAD_KINDS,
     head_agreement,
     head_workload,
@@ -54,6 +55,7 @@ from simpo_mcore.parallel import init_distributed, shutdown
 
 VARIANT_GROUPS = ("hf", "local", "sdpa", "te", "fp8", "head")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+HEAD_LOGITS = ("recompute", "keep")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tokens per chunk of the fused log-prob head; 0 = full logits + the unfused head")
     p.add_argument("--head-kernel", default="auto", choices=("auto", "torch", "triton"),
                    help="the fused head's elementwise passes in the simpo_mcore variants (auto: Triton on a GPU)")
+    p.add_argument("--head-logits", default="recompute",
+                   help="comma list of recompute, keep: each simpo_mcore variant runs once per mode; keep "
+                        "(model.logprob_recompute: false) adds the suffix +keep_logits")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--sweep-seq", default="", help="comma list of sequence lengths: HF and the best simpo_mcore "
@@ -85,6 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.groups = _choices(args.variants, VARIANT_GROUPS, "--variants")
     args.recipes = _choices(args.fp8_recipes, FP8_RECIPES, "--fp8-recipes") if args.fp8_recipes else []
     args.sweep = [int(s) for s in args.sweep_seq.split(",") if s]
+    args.head_modes = _choices(args.head_logits, HEAD_LOGITS, "--head-logits")
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     return args
@@ -152,6 +158,11 @@ def mcore_variants(args, cuda: bool) -> list[tuple[str, ModelOptions | str]]:
     return out
 
 
+def head_modes(args, name: str) -> list[tuple[str, bool]]:
+    """``(variant name, keep_logits)`` for each ``--head-logits`` mode of a simpo_mcore variant."""
+    return [(name if mode == "recompute" else f"{name}+keep_logits", mode == "keep") for mode in args.head_modes]
+
+
 def run_shape(args, shape: str, cuda: bool, device: torch.device, rec: dict, save) -> None:
     """Fill ``rec`` (already in the saved result, so each variant is written as soon as it is measured)."""
     default_seq, default_pairs = DEFAULT_BATCH[shape]
@@ -176,12 +187,13 @@ def run_shape(args, shape: str, cuda: bool, device: torch.device, rec: dict, sav
     dtype = torch.bfloat16
     if "hf" in args.groups:
         record("hf_sdpa_bf16", run(partial(hf_workload, arch, batch, loss_cfg, dtype, device, args.seed)))
-    for name, opts in mcore_variants(args, cuda):
-        if isinstance(opts, str):
-            record(name, {"status": "skipped", "reason": opts})
-        else:
-            record(name, run(partial(mcore_workload, arch, batch, loss_cfg, opts, args.chunk_tokens, args.seed,
-                                     args.head_kernel)))
+    for base, opts in mcore_variants(args, cuda):
+        for name, keep_logits in head_modes(args, base):
+            if isinstance(opts, str):
+                record(name, {"status": "skipped", "reason": opts})
+            else:
+                record(name, run(partial(mcore_workload, arch, batch, loss_cfg, opts, args.chunk_tokens, args.seed,
+                                         args.head_kernel, keep_logits)))
     if "hf" in args.groups:  # the baseline again, last: its drift bounds the noise of every ratio above
         record("hf_sdpa_bf16_again", run(partial(hf_workload, arch, batch, loss_cfg, dtype, device, args.seed)))
     if "head" in args.groups:
@@ -210,8 +222,8 @@ def run_head(args, arch, batch, loss_cfg, dtype, cuda: bool) -> dict:
         if r.get("peak_gib") is not None:  # the head's own allocations, gradients included; not its inputs
             r["head_peak_gib"] = round(r["peak_gib"] - r["static_gib"], 3)
     naive = rec["variants"]["naive"]
-    for kind in ("fused", "fused_torch"):
-        fused, suffix = rec["variants"][kind], "" if kind == "fused" else "_torch"
+    for kind in FUSED_HEADS:
+        fused, suffix = rec["variants"][kind], kind.removeprefix("fused")
         if naive["status"] == fused["status"] == "ok":
             rec[f"time_vs_naive{suffix}"] = fused["s_per_step"] / naive["s_per_step"]
             if fused.get("head_peak_gib") is not None:
@@ -271,7 +283,8 @@ def main(argv=None) -> int:
     layout = init_distributed(ParallelConfig(device=args.device), args.seed)
     cuda = layout.device.type == "cuda"
     result = {"schema": 1, "flops_formula": FLOPS_FORMULA, "env": environment(cuda),
-              "args": {k: v for k, v in vars(args).items() if k not in ("shapes", "groups", "recipes", "sweep")},
+              "args": {k: v for k, v in vars(args).items()
+                       if k not in ("shapes", "groups", "recipes", "sweep", "head_modes")},
               "ceilings": None, "runs": [], "sweep": None}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -117,7 +117,7 @@ def hf_workload(arch: LlamaArch, batch: Batch, loss_cfg: LossConfig, dtype: torc
 
 
 def mcore_workload(arch: LlamaArch, batch: Batch, loss_cfg: LossConfig, opts: ModelOptions,
-                   chunk_tokens: int, seed: int, head_kernel: str = "auto") -> Workload:
+                   chunk_tokens: int, seed: int, head_kernel: str = "auto", keep_logits: bool = False) -> Workload:
     """The model call of :func:`simpo_mcore.step.make_forward_step` on one micro-batch, then backward.
 
     FP8 needs no context here: megatron-core 0.19's ``TransformerBlock.forward`` enters
@@ -130,7 +130,8 @@ def mcore_workload(arch: LlamaArch, batch: Batch, loss_cfg: LossConfig, opts: Mo
     model_parallel_cuda_manual_seed(seed)
     (model,) = build_model(arch, opts)
     model.train()
-    head = TokenLogpsContext(vocab_size=arch.vocab_size, chunk_tokens=chunk_tokens, kernel=head_kernel)
+    head = TokenLogpsContext(vocab_size=arch.vocab_size, chunk_tokens=chunk_tokens, kernel=head_kernel,
+                             recompute=not keep_logits)
     targets = shift_labels(batch.labels)  # [2k, s]
     positions = position_ids_like(batch.tokens)  # [2k, s]
 
@@ -190,16 +191,19 @@ def naive_token_logps(inputs: HeadInputs) -> torch.Tensor:
     return torch.where(valid, token, 0.0).t()  # [b, s]
 
 
-HEAD_KINDS = {"naive": None, "fused": "auto", "fused_torch": "torch"}
-"""Head variants: the reference's naive head, and the fused head with its elementwise passes as Triton
-kernels where they run (``auto``) or as torch ops (``torch``)."""
+HEAD_KINDS = {"naive": None, "fused": ("auto", True), "fused_torch": ("torch", True), "fused_keep": ("auto", False)}
+"""Head variants: the reference's naive head, and the fused head as ``(kernel, recompute)``: elementwise
+passes as Triton kernels where they run (``auto``) or as torch ops (``torch``); logits recomputed in the
+backward (memory flat in tokens x vocab) or kept from the forward (``fused_keep``: one GEMM fewer)."""
+FUSED_HEADS = tuple(k for k in HEAD_KINDS if k != "naive")
 
 
 def head_token_logps(kind: str, inputs: HeadInputs, chunk_tokens: int) -> torch.Tensor:
     if kind == "naive":
         return naive_token_logps(inputs)
+    kernel, recompute = HEAD_KINDS[kind]
     return fused_token_logps(inputs.hidden, inputs.weight, inputs.targets, inputs.vocab_size,
-                             chunk_tokens=chunk_tokens, kernel=HEAD_KINDS[kind])  # [b, s]
+                             chunk_tokens=chunk_tokens, kernel=kernel, recompute=recompute)  # [b, s]
 
 
 def head_workload(kind: str, make_inputs, loss_cfg: LossConfig, chunk_tokens: int) -> Workload:
@@ -243,7 +247,7 @@ def head_agreement(inputs: HeadInputs, loss_cfg: LossConfig, chunk_tokens: int, 
         return float((grads[kind][i] - grads["naive"][i]).norm() / grads["naive"][i].norm())
 
     result = {"max_abs_err_naive_vs_fp64": max_abs(out["naive"], ref)}
-    for kind in ("fused", "fused_torch"):
+    for kind in FUSED_HEADS:
         result.update({
             f"max_abs_diff_{kind}_vs_naive": max_abs(out[kind], out["naive"]),
             f"max_abs_err_{kind}_vs_fp64": max_abs(out[kind], ref),

@@ -47,6 +47,12 @@ class ModelConfig:
     """The fused head's elementwise passes (``simpo_mcore.logprobs_kernels``): ``auto`` = Triton kernels
     on a GPU (no fp32 copy of a logits chunk), torch elsewhere."""
 
+    logprob_recompute: bool = True
+    """The fused head recomputes the logits in its backward, so its memory stays flat in tokens x vocab.
+    ``false`` keeps the forward's logits until the backward instead: one of the head's four
+    ``tokens x vocab x hidden`` GEMMs fewer, for ``tokens x vocab / TP`` more elements of memory
+    (2 GiB at 8192 tokens x 128256 in bf16)."""
+
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: ``selective`` recomputes the attention core, ``full`` whole layers."""
 

@@ -200,18 +200,30 @@ class _FusedTokenLogps(torch.autograd.Function):
     recomputed logits, so a chunk costs its bf16 logits (+ the torch path's fp32 block).
 
     Padded rows (global id >= ``vocab_size``) are left out of every GEMM; their gradient is zero.
+
+    ``recompute=False`` trades memory for the fourth GEMM: the forward writes every chunk's logits into one
+    ``[T, n_valid]`` tensor (input dtype) kept for the backward, which turns it into ``g`` in place, chunk by
+    chunk, and then runs the two gradient GEMMs over all tokens at once (``grad_h`` rounded once from the
+    GEMM's fp32 accumulator). Three ``T x V x h`` GEMMs instead of four; ``T x v/tp`` more elements held
+    from the forward to the backward. The backward can then run only once (it overwrites the logits).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, local_id, owned, valid, n_valid, chunk_tokens, tp_group, kernel):
+    def forward(ctx, hidden, weight, local_id, owned, valid, n_valid, chunk_tokens, tp_group, kernel, recompute):
         ctx.kernel = kernels.resolve(kernel, hidden)
         num_tokens = hidden.shape[0]
         weight_real = weight[:n_valid]  # [n_valid, h]
         token_logps = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)  # [T]
         lse = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)  # [T]
+        # Without recomputation every chunk's logits land in one tensor kept for the backward.
+        all_logits = None if recompute else \
+            torch.empty(num_tokens, n_valid, dtype=hidden.dtype, device=hidden.device)  # [T, n_valid]
         for t0 in range(0, num_tokens, chunk_tokens):
             t1 = min(num_tokens, t0 + chunk_tokens)
-            logits = hidden[t0:t1] @ weight_real.t()  # [c, n_valid], input dtype
+            if recompute:
+                logits = hidden[t0:t1] @ weight_real.t()  # [c, n_valid], input dtype
+            else:
+                logits = torch.mm(hidden[t0:t1], weight_real.t(), out=all_logits[t0:t1])  # [c, n_valid]
             if n_valid > 0:
                 logits_max = logits.max(dim=-1).values.float()  # [c]; exact in any dtype
                 # From the same rounded logits as the softmax, so the two agree to the last bit.
@@ -221,26 +233,32 @@ class _FusedTokenLogps(torch.autograd.Function):
                 target_logits = torch.zeros(t1 - t0, device=hidden.device)
             target_logits = torch.where(owned[t0:t1], target_logits, 0.0)
             _all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
-            sum_exp = kernels.sum_exp(logits, logits_max, ctx.kernel, overwrite=True)  # [c] fp32; 0 without rows
+            # [c] fp32; 0 without rows. The torch path may use fp32 logits as scratch unless they are kept.
+            sum_exp = kernels.sum_exp(logits, logits_max, ctx.kernel, overwrite=recompute)
             del logits
             stats = torch.stack([sum_exp, target_logits])  # [2, c]
             _all_reduce(stats, dist.ReduceOp.SUM, tp_group)
             lse[t0:t1] = logits_max + stats[0].log()
             token_logps[t0:t1] = stats[1] - lse[t0:t1]
         token_logps.masked_fill_(~valid, 0.0)
-        ctx.save_for_backward(hidden, weight, lse, local_id, owned, valid)
-        ctx.n_valid, ctx.chunk_tokens = n_valid, chunk_tokens
+        if recompute:
+            ctx.save_for_backward(hidden, weight, lse, local_id, owned, valid)
+        else:
+            ctx.save_for_backward(hidden, weight, lse, local_id, owned, valid, all_logits)
+        ctx.n_valid, ctx.chunk_tokens, ctx.recompute = n_valid, chunk_tokens, recompute
         return token_logps
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_token_logps):
-        hidden, weight, lse, local_id, owned, valid = ctx.saved_tensors
+        hidden, weight, lse, local_id, owned, valid = ctx.saved_tensors[:6]
         n_valid = ctx.n_valid
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         num_tokens = hidden.shape[0]
         # Ignored tokens output a constant 0.0: no gradient flows from them.
         minus_grad_out = torch.where(valid, -grad_token_logps.float(), 0.0)  # [T]
+        if not ctx.recompute:
+            return _FusedTokenLogps._backward_from_saved_logits(ctx, minus_grad_out)
         grad_hidden32 = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) \
             if need_hidden else None  # [T, h]
         grad_weight = torch.zeros_like(weight) if need_weight else None  # [v_pad/tp, h]; padded rows stay 0
@@ -261,7 +279,25 @@ class _FusedTokenLogps(torch.autograd.Function):
                 grad_hidden32 += grad_logits @ weight_slice  # [T, h]
             del grad_logits
         grad_hidden = grad_hidden32.to(hidden.dtype) if need_hidden else None
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+
+    @staticmethod
+    def _backward_from_saved_logits(ctx, minus_grad_out):
+        # A second backward (retain_graph) is refused by autograd itself: the saved logits were changed in place.
+        hidden, weight, lse, local_id, owned, _, logits = ctx.saved_tensors
+        n_valid, num_tokens = ctx.n_valid, hidden.shape[0]
+        target = torch.where(owned, local_id, -1)  # [T]: the target column on this rank, or -1
+        for t0 in range(0, num_tokens, ctx.chunk_tokens):  # chunks bound the torch path's fp32 blocks
+            t1 = min(num_tokens, t0 + ctx.chunk_tokens)
+            # g = -grad_out * (p - onehot), over the forward's logits in place.
+            kernels.softmax_grad_(logits[t0:t1], lse[t0:t1], minus_grad_out[t0:t1], target[t0:t1], ctx.kernel)
+        grad_hidden = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.zeros_like(weight)  # [v_pad/tp, h]; padded rows stay 0
+            torch.mm(logits.t(), hidden, out=grad_weight[:n_valid])  # [n_valid, h]
+        if ctx.needs_input_grad[0]:
+            grad_hidden = logits @ weight[:n_valid]  # [T, h], one rounding from the GEMM's accumulator
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 def _vocab_slice_rows(chunk_tokens: int, n_valid: int, num_tokens: int) -> int:
@@ -273,7 +309,7 @@ def _vocab_slice_rows(chunk_tokens: int, n_valid: int, num_tokens: int) -> int:
 
 def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
                       tp_group=None, sequence_parallel: bool = False,
-                      chunk_tokens: int = 4096, kernel: str = "auto") -> torch.Tensor:
+                      chunk_tokens: int = 4096, kernel: str = "auto", recompute: bool = True) -> torch.Tensor:
     """Token log-probs ``[b, s]`` (fp32, 0.0 at label -100) from the output layer's input and weight.
 
     Computes what ``ColumnParallelLinear`` (the output layer) followed by :func:`vocab_parallel_token_logps`
@@ -293,6 +329,9 @@ def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
             torch path).
         kernel: the elementwise passes: ``auto`` (Triton on a GPU, else torch), ``torch`` or ``triton``
             (see :mod:`simpo_mcore.logprobs_kernels`).
+        recompute: recompute the logits in the backward (memory flat in tokens x vocab; four
+            ``T x V x h`` GEMMs). ``False`` keeps the forward's ``[tokens, v/tp]`` logits in the input dtype
+            instead (2 GiB at 8192 x 128256 bf16) and skips the fourth GEMM; backward can then run once.
     """
     tp_group = _tp_group_or_default(tp_group)
     if chunk_tokens < 1:
@@ -323,7 +362,7 @@ def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
 
     token_logps = _FusedTokenLogps.apply(
         hidden.reshape(s * b, h),  # [s*b, h]
-        weight, local_id, owned, valid, n_valid, chunk_tokens, tp_group, kernel)  # [s*b]
+        weight, local_id, owned, valid, n_valid, chunk_tokens, tp_group, kernel, recompute)  # [s*b]
     return token_logps.view(s, b).t().contiguous()  # [b, s]
 
 
@@ -343,6 +382,10 @@ class TokenLogpsContext:
 
     kernel: str = "auto"
     """The fused head's elementwise passes: ``auto`` (Triton on a GPU, else torch), ``torch``, ``triton``."""
+
+    recompute: bool = True
+    """The fused head recomputes its logits in the backward (memory flat in tokens x vocab). ``False`` keeps
+    the forward's ``[tokens, v/tp]`` logits instead: one ``T x V x h`` GEMM fewer, that much more memory."""
 
 
 def token_logps_output_processor(*, hidden_states: torch.Tensor, output_layer, output_weight, labels,
@@ -369,7 +412,8 @@ def token_logps_output_processor(*, hidden_states: torch.Tensor, output_layer, o
     if context.chunk_tokens > 0:
         return fused_token_logps(hidden_states, weight, labels, context.vocab_size,
                                  tp_group=output_layer.tp_group, sequence_parallel=sequence_parallel,
-                                 chunk_tokens=context.chunk_tokens, kernel=context.kernel)
+                                 chunk_tokens=context.chunk_tokens, kernel=context.kernel,
+                                 recompute=context.recompute)
     logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=False)  # [s, b, v/tp]
     return vocab_parallel_token_logps(logits, labels, context.vocab_size, tp_group=output_layer.tp_group)
 

@@ -118,9 +118,12 @@ def softmax_grad_(z: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor, targe
     ``p - 1`` is formed in fp32 before any rounding, so it stays accurate as ``p -> 1``.
     """
     rows, cols = z.shape
-    if resolve(kernel, z) == "torch":
+    impl = resolve(kernel, z)
+    if z.numel() == 0:  # a TP rank whose shard is all padding: nothing to write
+        return z
+    if impl == "torch":
         has_target = (target >= 0) & (target < cols)  # [rows]
-        col = target.clamp(0, max(cols - 1, 0))[:, None]  # [rows, 1]
+        col = target.clamp(0, cols - 1)[:, None]  # [rows, 1]
         minus_onehot = torch.where(has_target, -1.0, 0.0)[:, None]  # [rows, 1]; a scatter of 0 elsewhere
         for r0, r1 in _row_blocks(rows):
             block = _minus_rows_fp32(z[r0:r1], lse[r0:r1], in_place=z.dtype == torch.float32)  # z - lse
@@ -132,11 +135,10 @@ def softmax_grad_(z: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor, targe
     _, _, softmax_grad_kernel = _triton()
     if z.stride(1) != 1:
         raise ValueError("softmax_grad_ works in place: z must have unit column stride")
-    if rows and cols:
-        grid = (rows, -(-cols // _BLOCK))
-        softmax_grad_kernel[grid](z, z.stride(0), cols, lse.float().contiguous(), scale.float().contiguous(),
-                                  target.to(torch.int64).contiguous(), BLOCK=_BLOCK,
-                                  ROUND_TO_BF16=z.dtype == torch.bfloat16, num_warps=8)
+    grid = (rows, -(-cols // _BLOCK))
+    softmax_grad_kernel[grid](z, z.stride(0), cols, lse.float().contiguous(), scale.float().contiguous(),
+                              target.to(torch.int64).contiguous(), BLOCK=_BLOCK,
+                              ROUND_TO_BF16=z.dtype == torch.bfloat16, num_warps=8)
     return z
 
 

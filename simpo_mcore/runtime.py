@@ -122,7 +122,7 @@ def build_runtime(cfg: RunConfig, *, load_weights: bool = True, check=None) -> R
 
         load_model_weights(chunks, ckpt_dir)
     head = TokenLogpsContext(vocab_size=meta.arch.vocab_size, chunk_tokens=cfg.model.logprob_chunk_tokens,
-                             kernel=cfg.model.logprob_kernel)
+                             kernel=cfg.model.logprob_kernel, recompute=cfg.model.logprob_recompute)
     log.info("model: %d layers, hidden %d, vocab %d | spec %s, %s | TP %d PP %d%s DP %d%s | %s",
              meta.arch.num_layers, meta.arch.hidden_size, meta.arch.vocab_size, spec,
              cfg.train.precision, layout.tp, layout.pp, f" (VPP {layout.vpp})" if layout.vpp else "",

@@ -21,8 +21,10 @@ def test_tp2_fused_and_unfused_match_full_vocab_reference(tmp_path):
     run_ranks("logprobs_tp.py", 2, out)
     errors = read_json(out)
     # Two vocabularies: padding at the end of the last rank's shard (50 of 64), and a last rank that holds
-    # nothing but padding (30 of 64); fused with and without sequence parallelism, two chunk sizes.
-    assert len([c for c in errors if c.startswith("fused")]) == 8
+    # nothing but padding (30 of 64); fused with and without sequence parallelism, two chunk sizes, with
+    # the logits recomputed in the backward and kept from the forward.
+    assert len([c for c in errors if c.startswith("fused")]) == 12
+    assert len([c for c in errors if c.endswith("recompute=False")]) == 4
     assert len([c for c in errors if c.startswith("unfused")]) == 4
     for case, err in errors.items():
         assert err["value"] < VALUE_TOL, (case, err)

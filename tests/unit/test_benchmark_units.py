@@ -43,6 +43,18 @@ def test_targets_1b():
     }
 
 
+def test_te_bf16_speed_and_memory_come_from_one_variant():
+    """Keeping the head's logits can be faster and bigger: the memory target reads the variant the speed
+    target chose, so two configurations never meet one target pair between them."""
+    run = _run(mcore_te_bf16=_ok(1.40, 0.46), **{"mcore_te_bf16+keep_logits": _ok(1.46, 0.53)})
+    got = {t["target"]: (t["variant"], t["value"], t["met"]) for t in bench_report.targets(run)}
+    assert got["TE bf16 step speed vs HF"] == ("mcore_te_bf16+keep_logits", 1.46, True)
+    assert got["TE bf16 peak memory vs HF"] == ("mcore_te_bf16+keep_logits", 0.53, False)
+    run = _run(mcore_te_bf16=_ok(1.47, 0.46), **{"mcore_te_bf16+keep_logits": _ok(1.46, 0.53)})
+    got = {t["target"]: (t["variant"], t["met"]) for t in bench_report.targets(run)}
+    assert got["TE bf16 peak memory vs HF"] == ("mcore_te_bf16", True)
+
+
 def test_targets_not_run_and_not_applicable():
     """A variant that did not run leaves its target unjudged (None), never met; a recompute suffix still
     matches; another batch size has no step targets; 8b4 has only the FP8 one."""

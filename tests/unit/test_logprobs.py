@@ -81,14 +81,15 @@ def reference_grads(hidden, weight, labels):
     return ref.detach(), h.grad, w.grad
 
 
-def check_fused_head_against_reference(tp_group, chunk_tokens: int, kernel: str = "auto") -> None:
+def check_fused_head_against_reference(tp_group, chunk_tokens: int, kernel: str = "auto",
+                                       recompute: bool = True) -> None:
     """Values and gradients of the fused head equal float64 ``log_softmax`` over the real vocabulary."""
     hidden, weight, labels = make_inputs()
     ref, ref_grad_h, ref_grad_w = reference_grads(hidden, weight, labels)
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
     token_logps = fused_token_logps(h, w, labels, VOCAB, tp_group, sequence_parallel=False,
-                                    chunk_tokens=chunk_tokens, kernel=kernel)
+                                    chunk_tokens=chunk_tokens, kernel=kernel, recompute=recompute)
     assert token_logps.dtype == torch.float32 and token_logps.shape == (B, S)
     assert abs_err(token_logps, ref) < 1e-5
     assert (token_logps[labels == -100] == 0).all()
@@ -98,9 +99,41 @@ def check_fused_head_against_reference(tp_group, chunk_tokens: int, kernel: str 
     assert (w.grad[VOCAB:] == 0).all()
 
 
+@pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("chunk_tokens", [1, 7, 16, 39, 1000])
-def test_fused_values_and_grads_match_full_log_softmax(tp_group, chunk_tokens):
-    check_fused_head_against_reference(tp_group, chunk_tokens, kernel="torch")
+def test_fused_values_and_grads_match_full_log_softmax(tp_group, chunk_tokens, recompute):
+    check_fused_head_against_reference(tp_group, chunk_tokens, kernel="torch", recompute=recompute)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keeping_the_logits_gives_the_same_values_and_close_gradients(tp_group, dtype):
+    """``recompute=False`` runs the same forward (bit for bit) and replaces the backward's sliced,
+    recomputed GEMMs by two GEMMs over the kept logits: only the GEMMs' accumulation order and, for
+    ``grad_hidden``, one rounding instead of an fp32 sum of bf16 slices, differ."""
+    hidden, weight, labels = make_inputs(dtype)
+    out = {}
+    for recompute in (True, False):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        token_logps = fused_token_logps(h, w, labels, VOCAB, tp_group, chunk_tokens=7, kernel="torch",
+                                        recompute=recompute)
+        simpo_like_objective(token_logps, labels).backward()
+        out[recompute] = token_logps.detach(), h.grad, w.grad
+    assert torch.equal(out[True][0], out[False][0])
+    tol = 1e-6 if dtype == torch.float32 else 2 * 2**-8  # bf16: two ulps of the gradient's largest entries
+    assert rel_err(out[False][1], out[True][1]) < tol
+    assert rel_err(out[False][2], out[True][2]) < tol
+    assert (out[False][2][VOCAB:] == 0).all()
+
+
+def test_kept_logits_allow_one_backward_only(tp_group):
+    hidden, weight, labels = make_inputs()
+    h = hidden.clone().requires_grad_()
+    token_logps = fused_token_logps(h, weight, labels, VOCAB, tp_group, chunk_tokens=7, recompute=False)
+    objective = simpo_like_objective(token_logps, labels)
+    objective.backward(retain_graph=True)
+    # The first backward turned the kept logits into gradients in place; autograd's version check sees it.
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        objective.backward()
 
 
 @pytest.mark.parametrize("chunk_tokens", [1, 7, 39, 1000])

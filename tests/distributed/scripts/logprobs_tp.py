@@ -80,14 +80,15 @@ def main(out_path):
         vl = v_pad // tp
         rows = slice(r * vl, (r + 1) * vl)
         for sp in (False, True):
-            for chunk in (5, 1000):
+            # chunk 5 with the logits recomputed and kept; one chunk (1000) recomputed
+            for chunk, recompute in ((5, True), (5, False), (1000, True)):
                 s_rows = slice(r * S // tp, (r + 1) * S // tp) if sp else slice(None)
                 h = hidden[s_rows].clone().requires_grad_()  # [s/tp, b, h] under SP
                 w = weight[rows].clone().requires_grad_()  # [v_pad/tp, h]
                 token = fused_token_logps(h, w, labels, vocab_size, group, sequence_parallel=sp,
-                                          chunk_tokens=chunk)
+                                          chunk_tokens=chunk, recompute=recompute)
                 objective(token, labels).backward()
-                results[f"fused v{vocab_size}/{v_pad} sp={sp} chunk={chunk}"] = dict(
+                results[f"fused v{vocab_size}/{v_pad} sp={sp} chunk={chunk} recompute={recompute}"] = dict(
                     value=(token.double() - ref).abs().max().item(),
                     grad_hidden=rel(h.grad, ref_gh[s_rows]),
                     grad_weight=rel(w.grad, ref_gw[rows]),
