@@ -1,4 +1,5 @@
-"""bf16 + sequence parallelism + selective recompute, full recompute, HF export, clear FP8 errors."""
+"""bf16 + sequence parallelism + selective recompute, full recompute, kept head logits, HF export, clear FP8
+errors."""
 
 from __future__ import annotations
 
@@ -39,6 +40,20 @@ def test_recompute_bf16_sp_and_hf_export(tmp_path, tiny, straight):
     assert model.lm_head.weight.shape == (104, 64) and model.dtype == torch.float32
     ids = tokenizer("sort 3 1 2 up", return_tensors="pt").input_ids
     assert torch.isfinite(model(ids).logits).all()
+
+
+@pytest.mark.slow
+def test_kept_head_logits_train_like_recomputed_ones(tmp_path, tiny, straight):
+    """model.logprob_recompute: false reaches the head (same forward; a backward that differs by fp32
+    rounding only): 20 fp32 steps track the recomputing run to 1e-5."""
+    fp32 = straight("tp1")
+    _, kept = run(tmp_path, tiny, "kept", 1, model={"logprob_recompute": False})
+    assert kept[1]["loss"] == fp32[1]["loss"]  # the first forward is bit for bit the same
+    assert list(kept) == list(fp32)
+    # ... and the backward did differ (in the last bits), so the option reached the head.
+    assert any(kept[step]["loss"] != fp32[step]["loss"] for step in kept)
+    for step in kept:
+        assert kept[step]["loss"] == pytest.approx(fp32[step]["loss"], rel=1e-5, abs=1e-7), step
 
 
 def test_fp8_without_gpu_is_a_clear_error(tmp_path):

@@ -61,8 +61,9 @@ def run_head(head, hidden, weight, labels, vocab_size, group, chunk_tokens, coef
         logits = hidden @ weight.t()  # [s, b, v]
         token_logps = vocab_parallel_token_logps(logits, labels, vocab_size, group, chunk_tokens=chunk_tokens)
         del logits  # held by the head's autograd graph, not by us
-    else:
-        token_logps = fused_token_logps(hidden, weight, labels, vocab_size, group, chunk_tokens=chunk_tokens)
+    else:  # fused, or fused_keep: the forward's logits kept for the backward
+        token_logps = fused_token_logps(hidden, weight, labels, vocab_size, group, chunk_tokens=chunk_tokens,
+                                        recompute=head == "fused")
     mask = labels != -100
     avg_logps = (token_logps * mask).sum(-1) / mask.sum(-1)
     (coef * avg_logps).sum().backward()
@@ -81,7 +82,7 @@ def allocator_peak_bytes(prof) -> int:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--head", choices=["naive", "unfused", "fused"], required=True)
+    p.add_argument("--head", choices=["naive", "unfused", "fused", "fused_keep"], required=True)
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--hidden", type=int, default=64)
