@@ -90,23 +90,28 @@ def free_memory(cuda: bool) -> None:
 
 
 def time_steps(step: Callable[[], torch.Tensor | None], steps: int, warmup: int,
-               cuda: bool) -> tuple[list[float], float | None]:
+               cuda: bool, host_times: list[float] | None = None) -> tuple[list[float], float | None]:
     """Per-step seconds of ``steps`` timed steps after ``warmup`` untimed ones, and the first step's loss.
 
     On a GPU each step sits between two CUDA events (the work is asynchronous; a host clock would
-    time the launches), read after one synchronize at the end.
+    time the launches), read after one synchronize at the end. ``host_times``, if given, receives the
+    host clock of each timed step's call: the time to launch it, plus any wait for the device inside
+    it. Where it is close to the device time the step is bound by the host, not by the GPU.
     """
     first_loss = None
     for i in range(warmup):
         loss = step()
         if i == 0 and loss is not None:
             first_loss = float(loss)
+    host = host_times if host_times is not None else []
     if cuda:
         torch.cuda.synchronize()
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
         for start, end in events:
             start.record()
+            t0 = time.perf_counter()
             loss = step()
+            host.append(time.perf_counter() - t0)
             end.record()
         torch.cuda.synchronize()
         times = [start.elapsed_time(end) / 1e3 for start, end in events]
@@ -116,13 +121,75 @@ def time_steps(step: Callable[[], torch.Tensor | None], steps: int, warmup: int,
             t0 = time.perf_counter()
             loss = step()
             times.append(time.perf_counter() - t0)
+        host.extend(times)
     if warmup == 0 and loss is not None:
         first_loss = float(loss)
     return times, first_loss
 
 
-def measure(build: Callable[[], Workload], *, flop: float, steps: int, warmup: int, cuda: bool) -> dict:
+# Host calls that wait for the device (CUDA runtime API names, as the profiler records them).
+HOST_SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+                   "cudaStreamWaitEvent")
+
+
+def profile_step(step: Callable[[], torch.Tensor | None], cuda: bool, top: int = 12) -> dict:
+    """One more step under ``torch.profiler``, summarised by :func:`summarize_profile` (the trace itself is
+    not kept: it is tens of MB for a 1b step). The profiler slows the host, so the idle share it shows is
+    an upper bound of the idle share of an unprofiled step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter_ns()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ns = time.perf_counter_ns() - t0
+    events = [(e.name(), str(e.device_type()).rsplit(".", 1)[-1], e.start_ns(), e.duration_ns())
+              for e in prof.profiler.kineto_results.events()]
+    return summarize_profile(events, wall_ns, top)
+
+
+def summarize_profile(events: list[tuple[str, str, int, int]], wall_ns: int, top: int = 12) -> dict:
+    """``events``: (name, device type ``CPU`` / ``CUDA``, start ns, duration ns). Returns the step's wall
+    time, the time the device was busy (the union of its kernel, copy and set intervals), the idle share,
+    the number of device events, the host calls that wait for the device, and the kernels that took most
+    device time (by name, summed)."""
+    device = sorted((start, start + dur, name) for name, kind, start, dur in events if kind == "CUDA")
+    busy, end = 0, None
+    for start, stop, _ in device:
+        if end is None or start >= end:
+            busy += stop - start
+            end = stop
+        elif stop > end:
+            busy += stop - end
+            end = stop
+    per_name: dict[str, int] = {}
+    for start, stop, name in device:
+        per_name[name] = per_name.get(name, 0) + stop - start
+    syncs: dict[str, int] = {}
+    for name, kind, _, _ in events:
+        if kind == "CPU" and name in HOST_SYNC_CALLS:
+            syncs[name] = syncs.get(name, 0) + 1
+    return {
+        "wall_ms": wall_ns / 1e6,
+        "device_busy_ms": busy / 1e6 if device else None,
+        "device_idle_fraction": 1 - busy / wall_ns if device and wall_ns > 0 else None,
+        "device_events": len(device),
+        "host_ops": sum(1 for _, kind, _, _ in events if kind == "CPU"),
+        "host_syncs": syncs,
+        "top_kernels_ms": [[name[:120], t / 1e6] for name, t in sorted(per_name.items(), key=lambda kv: -kv[1])[:top]],
+    }
+
+
+def measure(build: Callable[[], Workload], *, flop: float, steps: int, warmup: int, cuda: bool,
+            profile: bool = False) -> dict:
     """Build a workload, time it, read its peak memory, free it. Never raises.
+
+    ``host_s_per_step`` is the median host time of a timed step's call (see :func:`time_steps`);
+    ``profile`` adds one profiled step's summary (:func:`profile_step`) after the timed ones.
 
     The peak counter is reset after the build, so a builder's transients (an fp32 copy cast to
     bf16, say) are not counted, while the weights, which stay allocated, are: ``static_gib`` is
@@ -137,10 +204,12 @@ def measure(build: Callable[[], Workload], *, flop: float, steps: int, warmup: i
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             result["static_gib"] = round(torch.cuda.memory_allocated() / GIB, 3)
-        times, loss = time_steps(workload.step, steps, warmup, cuda)
+        host_times: list[float] = []
+        times, loss = time_steps(workload.step, steps, warmup, cuda, host_times)
         s = statistics.median(times)
         result.update(
             s_per_step=s,
+            host_s_per_step=statistics.median(host_times),
             times_s=[round(t, 6) for t in times],
             spread=round((max(times) - min(times)) / s, 4),
             tflops=flop / s / 1e12,
@@ -148,6 +217,8 @@ def measure(build: Callable[[], Workload], *, flop: float, steps: int, warmup: i
             loss=loss,
         )
         result.update(workload.report())
+        if profile:
+            result["profile"] = profile_step(workload.step, cuda)
     except torch.cuda.OutOfMemoryError:
         result = {"status": "oom", "error": traceback.format_exc(limit=1).strip().splitlines()[-1]}
     except Exception:  # noqa: BLE001 - recorded in the JSON; the other variants still run

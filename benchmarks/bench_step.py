@@ -78,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-logits", default="recompute",
                    help="comma list of recompute, keep: each simpo_mcore variant runs once per mode; keep "
                         "(model.logprob_recompute: false) adds the suffix +keep_logits")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed steps, profile one more step per model variant: device busy and idle "
+                        "time, host syncs, the kernels that take longest (a summary in the JSON)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--sweep-seq", default="", help="comma list of sequence lengths: HF and the best simpo_mcore "
@@ -176,11 +179,14 @@ def run_shape(args, shape: str, cuda: bool, device: torch.device, rec: dict, sav
                params=param_count(arch), seq=seq, pairs=pairs, prompt=prompt, sequences=2 * pairs,
                tokens=2 * pairs * seq, model_tflop_per_step=flop / 1e12, chunk_tokens=args.chunk_tokens,
                recompute=args.recompute, variants={})
-    run = partial(measure, flop=flop, steps=args.steps, warmup=args.warmup, cuda=cuda)
+    run = partial(measure, flop=flop, steps=args.steps, warmup=args.warmup, cuda=cuda, profile=args.profile)
 
     def record(name: str, result: dict) -> None:
         rec["variants"][name] = result
-        shown = {k: result.get(k) for k in ("status", "s_per_step", "tflops", "peak_gib", "loss", "reason", "error")}
+        shown = {k: result.get(k) for k in ("status", "s_per_step", "host_s_per_step", "tflops", "peak_gib", "loss",
+                                             "reason", "error")}
+        if result.get("profile"):
+            shown["profile"] = {k: v for k, v in result["profile"].items() if k != "top_kernels_ms"}
         print(f"[{shape}] {name}: {json.dumps({k: v for k, v in shown.items() if v is not None})}", flush=True)
         save()
 

@@ -8,9 +8,11 @@
 #     (device call, carry [".whl"])  bash benchmarks/gpu_session.sh
 #
 # Phases, each under its own time limit and all within BUDGET seconds; results go to $OUT (at most 8 files):
-#   1. benchmarks/bench_step.py: HF vs simpo_mcore steps, the head alone, a sequence-length sweep (bench.json)
+#   1. benchmarks/bench_step.py: HF vs simpo_mcore steps (head logits recomputed and kept, one profiled step
+#      each), the head alone, a sequence-length sweep (bench.json)
 #   2. simpo-train on the embedded tiny job, TE bf16 and TE FP8 (metrics_*.jsonl): a short run per precision
-#   3. tests/gpu: logits of the TE / SDPA specs in fp32, bf16 and FP8 against HF; Triton head kernels vs torch
+#   3. tests/gpu: logits of the TE / SDPA specs in fp32, bf16 and FP8 against HF; Triton head kernels vs torch;
+#      host syncs in a training step
 #   4. ../shared/bench/gpu_baseline.py (if carried as .whl/gpu_baseline.py and time is left): the HF baseline
 #      the targets were set with, on this same card
 set -u
@@ -42,8 +44,10 @@ transformer_engine.__version__, 'mcore', m.__version__, torch.cuda.get_device_na
 
 HEAD_KERNEL=${HEAD_KERNEL:-auto}  # tests/gpu (phase 4) checks the Triton head kernels against torch
 
-phase bench 270 python3 benchmarks/bench_step.py --shape 1b,8b4 --sweep-seq ${SWEEP:-1024,2048,4096} --steps 8 \
-    --warmup 3 --head-kernel "$HEAD_KERNEL" --out "$OUT/bench.json"
+# Each simpo_mcore variant with the head's logits recomputed (the default) and kept (model.logprob_recompute:
+# false), and one profiled step per variant (device idle share, host syncs, longest kernels).
+phase bench 270 python3 benchmarks/bench_step.py --shape 1b,8b4 --sweep-seq "${SWEEP:-1024,2048,4096}" --steps 8 \
+    --warmup 3 --head-kernel "$HEAD_KERNEL" --head-logits recompute,keep --profile --out "$OUT/bench.json"
 phase plot 30 python3 benchmarks/plot_scaling.py "$OUT/bench.json" --out "$OUT/scaling.png"
 
 for precision in bf16 fp8; do

@@ -70,13 +70,34 @@ def _tp_group_or_default(tp_group):
 
 def _check_labels(labels: torch.Tensor, vocab_size: int) -> None:
     """Labels must be ``-100`` or a real token id. A label on a padded row would silently get a log-prob
-    of -inf (unfused) or of a token that has no logit (fused); one device sync per call buys the error."""
+    of -inf (unfused) or of a token that has no logit (fused); on a GPU one device sync buys the error,
+    which callers avoid by checking on the host first (:func:`check_labels`, ``TokenLogpsContext``)."""
     if labels.dtype != torch.int64:
         raise TypeError(f"labels must be int64, got {labels.dtype}")
     bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
     if bool(bad.any()):
         raise ValueError(
             f"labels must be {IGNORE_INDEX} or in [0, {vocab_size}); found {labels[bad][:8].tolist()}")
+
+
+def _check_not_empty(labels: torch.Tensor) -> None:
+    """Every sequence needs a labelled token: its average log-prob would otherwise be 0/0."""
+    empty = (labels != IGNORE_INDEX).sum(dim=-1) == 0  # [b]
+    if bool(empty.any()):
+        raise ValueError(f"sequences {torch.nonzero(empty).flatten().tolist()} have no token with a label "
+                         f"(all -100): the average is undefined")
+
+
+def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
+    """What the head and :func:`sequence_logps` check on shifted labels ``[b, s]``: int64, every label
+    ``-100`` or a real token id, and at least one labelled token per sequence.
+
+    Run on the host copy before it goes to the device, and tell the head and ``sequence_logps`` that
+    it ran (``TokenLogpsContext.labels_checked``, ``check=False``): on a GPU their own checks would each
+    stop the host until the device has caught up (a sync in the middle of the step).
+    """
+    _check_labels(labels, vocab_size)
+    _check_not_empty(labels)
 
 
 def _valid_rows(vocab_size: int, rows_per_rank: int, tp_rank: int) -> tuple[int, int]:
@@ -150,7 +171,7 @@ def _masked_fp32_copy(logits_chunk: torch.Tensor, n_valid: int) -> torch.Tensor:
 
 
 def vocab_parallel_token_logps(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-                               tp_group=None, chunk_tokens: int = 4096) -> torch.Tensor:
+                               tp_group=None, chunk_tokens: int = 4096, check: bool = True) -> torch.Tensor:
     """Token log-probs ``[b, s]`` (fp32, 0.0 at label -100) from vocab-parallel logits ``[s, b, v_pad/tp]``.
 
     Args:
@@ -160,6 +181,7 @@ def vocab_parallel_token_logps(logits: torch.Tensor, labels: torch.Tensor, vocab
         tp_group: the tensor-parallel group the vocabulary is sharded over (``None``: megatron's).
         chunk_tokens: tokens per chunk; each chunk becomes ``chunk_tokens x v/tp`` fp32 temporaries
             (rounded to whole sequence positions, at least one).
+        check: check the label values (a device sync on a GPU); ``False`` where :func:`check_labels` ran.
     """
     tp_group = _tp_group_or_default(tp_group)
     s, b = logits.shape[0], logits.shape[1]
@@ -167,7 +189,8 @@ def vocab_parallel_token_logps(logits: torch.Tensor, labels: torch.Tensor, vocab
         raise ValueError(f"labels {tuple(labels.shape)} do not match logits [s, b, v] = {tuple(logits.shape)}")
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    _check_labels(labels, vocab_size)
+    if check:
+        _check_labels(labels, vocab_size)
     labels_sb = labels.t().contiguous()  # [s, b]; megatron views its target flat
     valid = labels_sb != IGNORE_INDEX  # [s, b]
     # megatron has no ignore_index: any real id keeps its arithmetic finite; the result is zeroed.
@@ -309,7 +332,8 @@ def _vocab_slice_rows(chunk_tokens: int, n_valid: int, num_tokens: int) -> int:
 
 def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
                       tp_group=None, sequence_parallel: bool = False,
-                      chunk_tokens: int = 4096, kernel: str = "auto", recompute: bool = True) -> torch.Tensor:
+                      chunk_tokens: int = 4096, kernel: str = "auto", recompute: bool = True,
+                      check: bool = True) -> torch.Tensor:
     """Token log-probs ``[b, s]`` (fp32, 0.0 at label -100) from the output layer's input and weight.
 
     Computes what ``ColumnParallelLinear`` (the output layer) followed by :func:`vocab_parallel_token_logps`
@@ -332,6 +356,7 @@ def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         recompute: recompute the logits in the backward (memory flat in tokens x vocab; four
             ``T x V x h`` GEMMs). ``False`` keeps the forward's ``[tokens, v/tp]`` logits in the input dtype
             instead (2 GiB at 8192 x 128256 bf16) and skips the fourth GEMM; backward can then run once.
+        check: check the label values (a device sync on a GPU); ``False`` where :func:`check_labels` ran.
     """
     tp_group = _tp_group_or_default(tp_group)
     if chunk_tokens < 1:
@@ -351,7 +376,8 @@ def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     if labels.shape != (b, s):
         raise ValueError(f"labels {tuple(labels.shape)} do not match hidden [s, b, h] = {(s, b, h)}"
                          f"{' after the sequence-parallel gather' if sequence_parallel else ''}")
-    _check_labels(labels, vocab_size)
+    if check:
+        _check_labels(labels, vocab_size)
 
     vocab_start, n_valid = _valid_rows(vocab_size, weight.shape[0], dist.get_rank(tp_group))
     labels_tokens = labels.t().reshape(-1)  # [s*b], the order of hidden's rows below
@@ -387,6 +413,10 @@ class TokenLogpsContext:
     """The fused head recomputes its logits in the backward (memory flat in tokens x vocab). ``False`` keeps
     the forward's ``[tokens, v/tp]`` logits instead: one ``T x V x h`` GEMM fewer, that much more memory."""
 
+    labels_checked: bool = False
+    """Set (per call, with ``dataclasses.replace``) by a caller that ran :func:`check_labels` on the host
+    copy of these labels: the head then skips its own check, which would sync the device."""
+
 
 def token_logps_output_processor(*, hidden_states: torch.Tensor, output_layer, output_weight, labels,
                                  context: TokenLogpsContext, config=None, **_) -> torch.Tensor:
@@ -413,28 +443,29 @@ def token_logps_output_processor(*, hidden_states: torch.Tensor, output_layer, o
         return fused_token_logps(hidden_states, weight, labels, context.vocab_size,
                                  tp_group=output_layer.tp_group, sequence_parallel=sequence_parallel,
                                  chunk_tokens=context.chunk_tokens, kernel=context.kernel,
-                                 recompute=context.recompute)
+                                 recompute=context.recompute, check=not context.labels_checked)
     logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=False)  # [s, b, v/tp]
-    return vocab_parallel_token_logps(logits, labels, context.vocab_size, tp_group=output_layer.tp_group)
+    return vocab_parallel_token_logps(logits, labels, context.vocab_size, tp_group=output_layer.tp_group,
+                                      check=not context.labels_checked)
 
 
 # ------------------------------------------------------------------------------------- per sequence
 
 
-def sequence_logps(token_logps: torch.Tensor, labels: torch.Tensor
+def sequence_logps(token_logps: torch.Tensor, labels: torch.Tensor, check: bool = True
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(sum_logps [b] fp32, num_tokens [b] int64, avg_logps [b] fp32)`` over the tokens with label != -100.
 
     Raises if a sequence has no such token: the data pipeline guarantees at least one, and 0/0 would
-    otherwise be a NaN in the loss (the SimPO reference's failure on empty responses).
+    otherwise be a NaN in the loss (the SimPO reference's failure on empty responses). ``check=False``
+    skips that test (a device sync on a GPU) where :func:`check_labels` already ran on the host.
     """
     if token_logps.shape != labels.shape:
         raise ValueError(f"token_logps {tuple(token_logps.shape)} and labels {tuple(labels.shape)} differ")
+    if check:
+        _check_not_empty(labels)
     mask = labels != IGNORE_INDEX  # [b, s]
     num_tokens = mask.sum(dim=-1)  # [b]
-    if bool((num_tokens == 0).any()):
-        empty = torch.nonzero(num_tokens == 0).flatten().tolist()
-        raise ValueError(f"sequences {empty} have no token with a label (all -100): the average is undefined")
     sum_logps = torch.where(mask, token_logps.float(), 0.0).sum(dim=-1)  # [b]
     avg_logps = sum_logps / num_tokens
     return sum_logps, num_tokens, avg_logps
@@ -443,6 +474,7 @@ def sequence_logps(token_logps: torch.Tensor, labels: torch.Tensor
 __all__ = [
     "IGNORE_INDEX",
     "TokenLogpsContext",
+    "check_labels",
     "fused_token_logps",
     "sequence_logps",
     "token_logps_output_processor",

@@ -16,13 +16,14 @@ gradient summed over micro-batches and ranks is then exactly the gradient of the
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 from simpo_mcore.config import LossConfig
-from simpo_mcore.logprobs import TokenLogpsContext, sequence_logps, token_logps_output_processor
+from simpo_mcore.logprobs import TokenLogpsContext, check_labels, sequence_logps, token_logps_output_processor
 from simpo_mcore.losses import pair_terms, sft_nll_sum
 from simpo_mcore.model.forward import position_ids_like
 
@@ -51,14 +52,27 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return shifted
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without stopping the host: on a GPU through pinned memory, so the copy
+    is queued behind the work already launched instead of waiting for it."""
+    if device.type == "cuda" and not tensor.is_cuda:
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def token_logps_forward(model, batch: dict, head: TokenLogpsContext, device: torch.device):
     """Run one micro-batch: ``(output, shifted labels [2k, s])``. On the last pipeline stage the
     output is the token log-probs ``[2k, s]`` (the fused head replaces the logits); on the other
-    stages it is the hidden states the schedule sends on."""
-    tokens = batch["tokens"].to(device, non_blocking=True)  # [2k, s]
-    labels = shift_labels(batch["labels"]).to(device, non_blocking=True)  # [2k, s]
+    stages it is the hidden states the schedule sends on.
+
+    The labels are checked here, on the host, so that neither the head nor the loss needs a device
+    sync to check them: the step runs from the first forward to the last backward without one."""
+    labels = shift_labels(batch["labels"])  # [2k, s]
+    check_labels(labels, head.vocab_size)
+    tokens, labels = to_device(batch["tokens"], device), to_device(labels, device)  # [2k, s] each
     output = model(tokens, position_ids_like(tokens), None, labels=labels,
-                   output_processor=token_logps_output_processor, output_processor_context=head)
+                   output_processor=token_logps_output_processor,
+                   output_processor_context=dataclasses.replace(head, labels_checked=True))
     return output, labels
 
 
@@ -70,15 +84,16 @@ def make_forward_step(loss_cfg: LossConfig, head: TokenLogpsContext, device: tor
         batch = next(data_iterator)
         output, labels = token_logps_forward(model, batch, head, device)
         ref = batch.get("ref_sum_logps")
-        return output, partial(loss_func, loss_cfg, scale, labels, ref.to(device) if ref is not None else None)
+        return output, partial(loss_func, loss_cfg, scale, labels, to_device(ref, device) if ref is not None else None)
 
     return forward_step
 
 
 def loss_func(loss_cfg: LossConfig, scale: LossScale | None, labels: torch.Tensor,
               ref_sum_logps: torch.Tensor | None, token_logps: torch.Tensor):
-    """Loss of one micro-batch from its token log-probs ``[2k, s]`` (chosen rows first)."""
-    sum_logps, num_tokens, avg_logps = sequence_logps(token_logps, labels)  # each [2k]
+    """Loss of one micro-batch from its token log-probs ``[2k, s]`` (chosen rows first); ``labels`` passed
+    :func:`check_labels` in :func:`token_logps_forward`."""
+    sum_logps, num_tokens, avg_logps = sequence_logps(token_logps, labels, check=False)  # each [2k]
     k = token_logps.shape[0] // 2
     terms = pair_terms(loss_cfg.type, loss_cfg.beta, loss_cfg.gamma_beta_ratio,
                        loss_cfg.label_smoothing, avg_logps, sum_logps, ref_sum_logps)
@@ -96,7 +111,7 @@ def loss_func(loss_cfg: LossConfig, scale: LossScale | None, labels: torch.Tenso
     rc, rr = terms.rewards_chosen, terms.rewards_rejected
     # Fresh tensors: the schedule divides `loss` in place, which must not leak into the report.
     report = torch.stack([
-        torch.tensor(float(k), device=pref_sum.device),
+        torch.full((), float(k), device=pref_sum.device),  # a fill: torch.tensor would copy from the host
         pref_sum.detach().float(),
         rc.sum().float(), rr.sum().float(),
         (rc > rr).float().sum(),

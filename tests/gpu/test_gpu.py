@@ -1,4 +1,5 @@
-"""GPU-only checks: the Transformer Engine spec, bf16 and FP8 logits against HF, and the Triton head kernels.
+"""GPU-only checks: the Transformer Engine spec, bf16 and FP8 logits against HF, the Triton head kernels, and a
+training step without host syncs of its own.
 
 CI has no GPU, so these skip there; they run on an H100 / H200 with megatron-core and Transformer Engine
 installed (``benchmarks/gpu_session.sh`` runs them). With ``SIMPO_MCORE_GPU_REPORT=path.json`` the measured
@@ -141,17 +142,84 @@ def test_triton_head_matches_torch_head_on_gpu(layout, tp_chunks):
     labels[1, -50:] = -100
     group = dist.new_group([dist.get_rank()])
     out, grads = {}, {}
-    for kernel in ("torch", "triton"):
+    # (name, kernel, recompute): the Triton passes with the logits recomputed and kept, against torch's.
+    for name, kernel, recompute in (("torch", "torch", True), ("triton", "triton", True),
+                                    ("triton_keep", "triton", False)):
         hh, ww = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        logps = fused_token_logps(hh, ww, labels, vocab, group, chunk_tokens=chunk_tokens, kernel=kernel)
+        logps = fused_token_logps(hh, ww, labels, vocab, group, chunk_tokens=chunk_tokens, kernel=kernel,
+                                  recompute=recompute)
         _, _, avg = sequence_logps(logps, labels)
         (avg * torch.linspace(-1, 1, b, device="cuda")).sum().backward()
-        out[kernel], grads[kernel] = logps.detach(), (hh.grad.float(), ww.grad.float())
-    diff = (out["triton"] - out["torch"]).abs().max().item()
-    rel = [((grads["triton"][i] - grads["torch"][i]).norm() / grads["torch"][i].norm()).item() for i in (0, 1)]
-    _report(f"triton_vs_torch_head_chunk{chunk_tokens}", {"max_abs_logp_diff": diff, "grad_hidden_rel": rel[0],
-                                                          "grad_weight_rel": rel[1]})
-    assert (out["triton"][labels == -100] == 0).all()
-    assert (grads["triton"][1][vocab:] == 0).all()
-    assert diff < 1e-4  # same bf16 logits; only the fp32 exp / summation order differ
-    assert rel[0] < 1e-2 and rel[1] < 1e-2  # bf16 rounding of g can flip by one ulp
+        out[name], grads[name] = logps.detach(), (hh.grad.float(), ww.grad.float())
+    report = {}
+    for name in ("triton", "triton_keep"):
+        diff = (out[name] - out["torch"]).abs().max().item()
+        rel = [((grads[name][i] - grads["torch"][i]).norm() / grads["torch"][i].norm()).item() for i in (0, 1)]
+        report[name] = {"max_abs_logp_diff": diff, "grad_hidden_rel": rel[0], "grad_weight_rel": rel[1]}
+    _report(f"triton_vs_torch_head_chunk{chunk_tokens}", report)
+    assert torch.equal(out["triton_keep"], out["triton"])  # the same forward
+    for name, r in report.items():
+        assert (out[name][labels == -100] == 0).all()
+        assert (grads[name][1][vocab:] == 0).all()
+        assert r["max_abs_logp_diff"] < 1e-4, name  # same bf16 logits; only the fp32 exp / summation order differ
+        assert r["grad_hidden_rel"] < 1e-2 and r["grad_weight_rel"] < 1e-2, name  # bf16 g can flip by one ulp
+
+
+def test_training_step_makes_no_host_sync_of_its_own(layout, converted):
+    """From the first forward to the last backward of a micro-batch, simpo_mcore's code never waits for
+    the device (labels checked on the host, pinned copies, no ``.item()``): torch's sync debug mode
+    reports every synchronising call, and each is attributed to the innermost frame outside torch.
+    Syncs inside megatron-core or Transformer Engine are reported (``host_syncs``), not failed."""
+    import traceback
+    import warnings
+
+    from simpo_mcore.checkpoint import load_model_weights
+    from simpo_mcore.config import LossConfig
+    from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
+    from simpo_mcore.logprobs import TokenLogpsContext
+    from simpo_mcore.model.builder import ModelOptions, build_model
+    from simpo_mcore.model.specs import te_available
+    from simpo_mcore.step import LossScale, make_forward_step
+
+    _, ckpt = converted
+    arch = CheckpointMeta.read(ckpt).arch
+    spec = "te" if te_available() else "sdpa"
+    (model,) = build_model(arch, ModelOptions(spec=spec, precision="bf16", cuda=True))
+    load_model_weights([model], ckpt)
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, arch.vocab_size, (4, 128), generator=g)  # host tensors, as the sampler gives
+    labels = tokens.clone()
+    labels[:, :40] = -100
+    batch = {"tokens": tokens, "labels": labels}
+    step = make_forward_step(LossConfig(), TokenLogpsContext(arch.vocab_size, chunk_tokens=256),
+                             torch.device("cuda"), LossScale(1, 1, 2, 2 * 88))
+
+    def run():
+        output, loss_func = step(iter([batch]), model)
+        loss, report = loss_func(output)
+        loss.backward()
+        return report
+
+    run()  # compiles the Triton kernels, allocates the caches
+    torch.cuda.synchronize()
+    syncs = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename
+                      and "warnings.py" not in f.filename]
+            syncs.append(f"{frames[-1].filename.split('site-packages/')[-1]}:{frames[-1].lineno}" if frames else "?")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            report = run()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    ours = [where for where in syncs if "simpo_mcore/" in where and "/tests/" not in where]
+    _report("host_syncs_in_a_step", {"spec": spec, "all": syncs, "simpo_mcore": ours})
+    assert torch.isfinite(report["report"]).all()
+    assert ours == [], ours

@@ -39,8 +39,8 @@ def _load(name: str):
 def bench(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     cmd = [sys.executable, str(BENCH / "bench_step.py"), "--shape", "tiny", "--steps", "2", "--warmup", "1",
-           "--chunk-tokens", "48", "--sweep-seq", "32,64", "--head-logits", "recompute,keep", "--device", "cpu",
-           "--out", str(out)]
+           "--chunk-tokens", "48", "--sweep-seq", "32,64", "--head-logits", "recompute,keep", "--profile",
+           "--device", "cpu", "--out", str(out)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
@@ -78,6 +78,10 @@ def test_step_variants(bench):
         assert v["speedup_vs_hf"] == pytest.approx(hf["s_per_step"] / v["s_per_step"])
         assert "peak_vs_hf" in v
         assert math.isfinite(v["loss"]) and v["grad_norm"] > 0
+        assert v["host_s_per_step"] == pytest.approx(v["s_per_step"])  # on a CPU the host time is the time
+        # One profiled step: host operators only on a CPU (the device columns are for a GPU).
+        assert v["profile"]["host_ops"] > 10 and v["profile"]["wall_ms"] > 0
+        assert v["profile"]["device_busy_ms"] is None and v["profile"]["host_syncs"] == {}
     # Both losses are SimPO on random weights: chosen and rejected score alike, so close to softplus(beta * gamma/beta).
     for name in ("hf_sdpa_bf16", "mcore_sdpa_bf16"):
         assert variants[name]["loss"] == pytest.approx(math.log1p(math.exp(2.0 * 0.5)), abs=0.3)

@@ -10,8 +10,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from simpo_mcore import logprobs
 from simpo_mcore.logprobs import (
     TokenLogpsContext,
+    check_labels,
     fused_token_logps,
     sequence_logps,
     token_logps_output_processor,
@@ -237,3 +239,34 @@ def test_sequence_logps_rejects_empty_sequences():
     labels = torch.tensor([[-100, 4], [-100, -100]])
     with pytest.raises(ValueError, match=r"sequences \[1\]"):
         sequence_logps(torch.zeros(2, 2), labels)
+
+
+def test_check_labels_on_the_host():
+    """The step's one check, run on the host copy: range and at least one label per sequence."""
+    check_labels(torch.tensor([[-100, 4], [3, -100]]), VOCAB)
+    with pytest.raises(ValueError, match=rf"labels must be -100 or in \[0, {VOCAB}\); found \[{VOCAB}\]"):
+        check_labels(torch.tensor([[-100, VOCAB], [3, -100]]), VOCAB)
+    with pytest.raises(ValueError, match=r"sequences \[1\] have no token with a label"):
+        check_labels(torch.tensor([[-100, 4], [-100, -100]]), VOCAB)
+    with pytest.raises(TypeError, match="int64"):
+        check_labels(torch.tensor([[1, 4]], dtype=torch.int32), VOCAB)
+
+
+@pytest.mark.parametrize("chunk_tokens", [0, 7])
+def test_head_skips_its_device_check_only_when_told(tp_group, monkeypatch, chunk_tokens):
+    """``labels_checked`` (set by the training step after its host check) keeps the head from checking
+    again, which on a GPU would be a device sync; by default it checks."""
+    hidden, weight, labels = make_inputs()
+    calls = []
+    monkeypatch.setattr(logprobs, "_check_labels", lambda *args: calls.append(args))
+    layer = _FakeOutputLayer(weight, tp_group)
+    for checked in (False, True):
+        token_logps_output_processor(
+            hidden_states=hidden, output_layer=layer, output_weight=None, labels=labels,
+            context=TokenLogpsContext(vocab_size=VOCAB, chunk_tokens=chunk_tokens, labels_checked=checked))
+        assert len(calls) == 1, checked  # one call from the unchecked run, none from the checked one
+    monkeypatch.setattr(logprobs, "_check_not_empty", lambda *args: calls.append(args))
+    sequence_logps(torch.zeros(B, S), labels, check=False)
+    assert len(calls) == 1
+    sequence_logps(torch.zeros(B, S), labels)
+    assert len(calls) == 2
