@@ -21,7 +21,9 @@ from simpo_mcore.config import LossConfig
 from simpo_mcore.logprobs import (
     IGNORE_INDEX,
     TokenLogpsContext,
+    check_labels,
     fused_token_logps,
+    labelled_positions,
     sequence_logps,
     token_logps_output_processor,
 )
@@ -130,16 +132,20 @@ def mcore_workload(arch: LlamaArch, batch: Batch, loss_cfg: LossConfig, opts: Mo
     model_parallel_cuda_manual_seed(seed)
     (model,) = build_model(arch, opts)
     model.train()
-    head = TokenLogpsContext(vocab_size=arch.vocab_size, chunk_tokens=chunk_tokens, kernel=head_kernel,
-                             recompute=not keep_logits)
     targets = shift_labels(batch.labels)  # [2k, s]
     positions = position_ids_like(batch.tokens)  # [2k, s]
+    # As simpo_mcore.step does on the host copy, once here (outside the timed steps): the labels are
+    # checked, so nothing in the step waits for the device, and the head computes the labelled tokens only.
+    check_labels(targets, arch.vocab_size)
+    head = TokenLogpsContext(vocab_size=arch.vocab_size, chunk_tokens=chunk_tokens, kernel=head_kernel,
+                             recompute=not keep_logits, labels_checked=True,
+                             token_index=labelled_positions(targets))
 
     def step() -> torch.Tensor:
         model.zero_grad(set_to_none=True)
         token_logps = model(batch.tokens, positions, None, labels=targets,
                             output_processor=token_logps_output_processor, output_processor_context=head)  # [2k, s]
-        _, _, avg_logps = sequence_logps(token_logps, targets)  # [2k]
+        _, _, avg_logps = sequence_logps(token_logps, targets, check=False)  # [2k]
         loss = pair_loss(avg_logps, loss_cfg)
         loss.backward()
         return loss.detach()

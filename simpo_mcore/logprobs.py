@@ -100,6 +100,17 @@ def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
     _check_not_empty(labels)
 
 
+def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """``[n]`` int64: the positions of the labelled tokens (label != -100) of ``[b, s]`` labels in the fused
+    head's flat token order (``s`` major: position ``t * b + i`` is token ``t`` of sequence ``i``).
+
+    Computed on the host copy of the labels it costs nothing; on a device, ``nonzero`` would wait for it.
+    Passed to the head (``TokenLogpsContext.token_index``, ``fused_token_logps(token_index=)``), it lets the
+    head skip the prompt and padding tokens, whose log-probs are 0 by definition.
+    """
+    return torch.nonzero(labels.t().reshape(-1) != IGNORE_INDEX).squeeze(1)
+
+
 def _valid_rows(vocab_size: int, rows_per_rank: int, tp_rank: int) -> tuple[int, int]:
     """First global id held by this rank and how many of its rows are real (not padding)."""
     vocab_start = tp_rank * rows_per_rank
@@ -333,7 +344,7 @@ def _vocab_slice_rows(chunk_tokens: int, n_valid: int, num_tokens: int) -> int:
 def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
                       tp_group=None, sequence_parallel: bool = False,
                       chunk_tokens: int = 4096, kernel: str = "auto", recompute: bool = True,
-                      check: bool = True) -> torch.Tensor:
+                      check: bool = True, token_index: torch.Tensor | None = None) -> torch.Tensor:
     """Token log-probs ``[b, s]`` (fp32, 0.0 at label -100) from the output layer's input and weight.
 
     Computes what ``ColumnParallelLinear`` (the output layer) followed by :func:`vocab_parallel_token_logps`
@@ -357,6 +368,9 @@ def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
             ``T x V x h`` GEMMs). ``False`` keeps the forward's ``[tokens, v/tp]`` logits in the input dtype
             instead (2 GiB at 8192 x 128256 bf16) and skips the fourth GEMM; backward can then run once.
         check: check the label values (a device sync on a GPU); ``False`` where :func:`check_labels` ran.
+        token_index: :func:`labelled_positions` of ``labels`` (on ``hidden``'s device, the same on every TP
+            rank): the head then runs its GEMMs on those tokens only, not on the prompt and padding, whose
+            log-probs are 0 anyway. It must hold every labelled position (extra positions are harmless).
     """
     tp_group = _tp_group_or_default(tp_group)
     if chunk_tokens < 1:
@@ -386,9 +400,17 @@ def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     owned = valid & (local_id >= 0) & (local_id < n_valid)  # [s*b]: this rank holds the target's row
     local_id = torch.where(owned, local_id, 0)  # [s*b], a harmless index where not owned
 
-    token_logps = _FusedTokenLogps.apply(
-        hidden.reshape(s * b, h),  # [s*b, h]
-        weight, local_id, owned, valid, n_valid, chunk_tokens, tp_group, kernel, recompute)  # [s*b]
+    hidden = hidden.reshape(s * b, h)  # [s*b, h]
+    if token_index is None:
+        token_logps = _FusedTokenLogps.apply(
+            hidden, weight, local_id, owned, valid, n_valid, chunk_tokens, tp_group, kernel, recompute)  # [s*b]
+    else:
+        rows = token_index  # [n]
+        selected = _FusedTokenLogps.apply(
+            hidden.index_select(0, rows), weight, local_id[rows], owned[rows], valid[rows], n_valid,
+            chunk_tokens, tp_group, kernel, recompute)  # [n]
+        # Every other token is unlabelled: 0.0, and no gradient (index_select's backward adds zeros there).
+        token_logps = torch.zeros(s * b, dtype=torch.float32, device=hidden.device).index_copy(0, rows, selected)
     return token_logps.view(s, b).t().contiguous()  # [b, s]
 
 
@@ -417,6 +439,10 @@ class TokenLogpsContext:
     """Set (per call, with ``dataclasses.replace``) by a caller that ran :func:`check_labels` on the host
     copy of these labels: the head then skips its own check, which would sync the device."""
 
+    token_index: torch.Tensor | None = None
+    """Per call, like ``labels_checked``: :func:`labelled_positions` of this call's labels, on the device.
+    The fused head then computes the labelled tokens only (the unfused one ignores it)."""
+
 
 def token_logps_output_processor(*, hidden_states: torch.Tensor, output_layer, output_weight, labels,
                                  context: TokenLogpsContext, config=None, **_) -> torch.Tensor:
@@ -443,7 +469,8 @@ def token_logps_output_processor(*, hidden_states: torch.Tensor, output_layer, o
         return fused_token_logps(hidden_states, weight, labels, context.vocab_size,
                                  tp_group=output_layer.tp_group, sequence_parallel=sequence_parallel,
                                  chunk_tokens=context.chunk_tokens, kernel=context.kernel,
-                                 recompute=context.recompute, check=not context.labels_checked)
+                                 recompute=context.recompute, check=not context.labels_checked,
+                                 token_index=context.token_index)
     logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=False)  # [s, b, v/tp]
     return vocab_parallel_token_logps(logits, labels, context.vocab_size, tp_group=output_layer.tp_group,
                                       check=not context.labels_checked)
@@ -476,6 +503,7 @@ __all__ = [
     "TokenLogpsContext",
     "check_labels",
     "fused_token_logps",
+    "labelled_positions",
     "sequence_logps",
     "token_logps_output_processor",
     "vocab_parallel_token_logps",

@@ -23,7 +23,13 @@ from functools import partial
 import torch
 
 from simpo_mcore.config import LossConfig
-from simpo_mcore.logprobs import TokenLogpsContext, check_labels, sequence_logps, token_logps_output_processor
+from simpo_mcore.logprobs import (
+    TokenLogpsContext,
+    check_labels,
+    labelled_positions,
+    sequence_logps,
+    token_logps_output_processor,
+)
 from simpo_mcore.losses import pair_terms, sft_nll_sum
 from simpo_mcore.model.forward import position_ids_like
 
@@ -66,13 +72,15 @@ def token_logps_forward(model, batch: dict, head: TokenLogpsContext, device: tor
     stages it is the hidden states the schedule sends on.
 
     The labels are checked here, on the host, so that neither the head nor the loss needs a device
-    sync to check them: the step runs from the first forward to the last backward without one."""
+    sync to check them: the step runs from the first forward to the last backward without one. The
+    positions of the labelled tokens are found here too, so the head skips the prompt and padding."""
     labels = shift_labels(batch["labels"])  # [2k, s]
     check_labels(labels, head.vocab_size)
-    tokens, labels = to_device(batch["tokens"], device), to_device(labels, device)  # [2k, s] each
+    index = labelled_positions(labels)  # [n]
+    tokens, labels, index = (to_device(t, device) for t in (batch["tokens"], labels, index))
     output = model(tokens, position_ids_like(tokens), None, labels=labels,
                    output_processor=token_logps_output_processor,
-                   output_processor_context=dataclasses.replace(head, labels_checked=True))
+                   output_processor_context=dataclasses.replace(head, labels_checked=True, token_index=index))
     return output, labels
 
 

@@ -15,6 +15,7 @@ from simpo_mcore.logprobs import (
     TokenLogpsContext,
     check_labels,
     fused_token_logps,
+    labelled_positions,
     sequence_logps,
     token_logps_output_processor,
     vocab_parallel_token_logps,
@@ -84,14 +85,16 @@ def reference_grads(hidden, weight, labels):
 
 
 def check_fused_head_against_reference(tp_group, chunk_tokens: int, kernel: str = "auto",
-                                       recompute: bool = True) -> None:
-    """Values and gradients of the fused head equal float64 ``log_softmax`` over the real vocabulary."""
+                                       recompute: bool = True, labelled_only: bool = False) -> None:
+    """Values and gradients of the fused head equal float64 ``log_softmax`` over the real vocabulary
+    (``labelled_only``: the head given the labelled positions, as the training step gives them)."""
     hidden, weight, labels = make_inputs()
     ref, ref_grad_h, ref_grad_w = reference_grads(hidden, weight, labels)
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
     token_logps = fused_token_logps(h, w, labels, VOCAB, tp_group, sequence_parallel=False,
-                                    chunk_tokens=chunk_tokens, kernel=kernel, recompute=recompute)
+                                    chunk_tokens=chunk_tokens, kernel=kernel, recompute=recompute,
+                                    token_index=labelled_positions(labels) if labelled_only else None)
     assert token_logps.dtype == torch.float32 and token_logps.shape == (B, S)
     assert abs_err(token_logps, ref) < 1e-5
     assert (token_logps[labels == -100] == 0).all()
@@ -101,10 +104,41 @@ def check_fused_head_against_reference(tp_group, chunk_tokens: int, kernel: str 
     assert (w.grad[VOCAB:] == 0).all()
 
 
+@pytest.mark.parametrize("labelled_only", [False, True])
 @pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("chunk_tokens", [1, 7, 16, 39, 1000])
-def test_fused_values_and_grads_match_full_log_softmax(tp_group, chunk_tokens, recompute):
-    check_fused_head_against_reference(tp_group, chunk_tokens, kernel="torch", recompute=recompute)
+def test_fused_values_and_grads_match_full_log_softmax(tp_group, chunk_tokens, recompute, labelled_only):
+    check_fused_head_against_reference(tp_group, chunk_tokens, kernel="torch", recompute=recompute,
+                                       labelled_only=labelled_only)
+
+
+def test_labelled_positions_by_hand():
+    """Flat token order is sequence position major: token t of sequence i is row t * b + i."""
+    labels = torch.tensor([[-100, 4, 5], [-100, -100, 9]])  # b = 2, s = 3
+    assert labelled_positions(labels).tolist() == [2, 4, 5]  # (t=1, i=0), (t=2, i=0), (t=2, i=1)
+
+
+def test_labelled_only_head_skips_the_rest_and_accepts_extra_positions(tp_group, monkeypatch):
+    """Given the labelled positions the head's GEMMs see only those rows (22 of the 39 here); positions
+    beyond them (a superset) change nothing; values and gradients equal the all-token head's."""
+    hidden, weight, labels = make_inputs()
+    rows_seen = []
+    apply = logprobs._FusedTokenLogps.apply
+    monkeypatch.setattr(logprobs._FusedTokenLogps, "apply", lambda h, *a: rows_seen.append(h.shape[0]) or apply(h, *a))
+    index = labelled_positions(labels)
+    superset = torch.unique(torch.cat([index, torch.tensor([0, 1, 38])]))
+    out = {}
+    for name, token_index in (("all", None), ("labelled", index), ("superset", superset)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        token_logps = fused_token_logps(h, w, labels, VOCAB, tp_group, chunk_tokens=7, token_index=token_index)
+        simpo_like_objective(token_logps, labels).backward()
+        out[name] = token_logps.detach(), h.grad, w.grad
+    assert rows_seen == [S * B, int((labels != -100).sum()), len(superset)] == [39, 22, 25]
+    for name in ("labelled", "superset"):
+        assert abs_err(out[name][0], out["all"][0]) < 1e-6
+        assert (out[name][0][labels == -100] == 0).all()
+        assert rel_err(out[name][1], out["all"][1]) < 1e-6 and rel_err(out[name][2], out["all"][2]) < 1e-6
+        assert (out[name][1].transpose(0, 1)[labels == -100] == 0).all()  # no gradient into unlabelled tokens
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

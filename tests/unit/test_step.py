@@ -35,6 +35,8 @@ def test_checked_labels_reach_the_head_shifted():
     assert call["context"].vocab_size == 10 and call["context"].chunk_tokens == 4
     assert labels.tolist() == [[3, 4, 5, -100], [-100, 9, 1, -100]] and call["labels"] is labels
     assert call["position_ids"].tolist() == [[0, 1, 2, 3]] * 2
+    # The labelled tokens in the head's flat order (position t of sequence i at t * 2 + i): the head skips the rest.
+    assert call["context"].token_index.tolist() == [0, 2, 3, 4, 5]
 
 
 @pytest.mark.parametrize("labels, message", [

@@ -14,7 +14,7 @@ import torch
 from parity_common import write_worst_over_ranks
 
 from simpo_mcore.config import ParallelConfig
-from simpo_mcore.logprobs import fused_token_logps, vocab_parallel_token_logps
+from simpo_mcore.logprobs import fused_token_logps, labelled_positions, vocab_parallel_token_logps
 from simpo_mcore.parallel import init_distributed, shutdown
 
 S, B, H = 12, 3, 16  # s divisible by TP for sequence parallelism; 36 tokens
@@ -80,15 +80,18 @@ def main(out_path):
         vl = v_pad // tp
         rows = slice(r * vl, (r + 1) * vl)
         for sp in (False, True):
-            # chunk 5 with the logits recomputed and kept; one chunk (1000) recomputed
-            for chunk, recompute in ((5, True), (5, False), (1000, True)):
+            # chunk 5 with the logits recomputed and kept, and on the labelled tokens only; one chunk (1000)
+            for chunk, recompute, labelled in ((5, True, False), (5, False, False), (5, True, True),
+                                               (1000, True, False)):
                 s_rows = slice(r * S // tp, (r + 1) * S // tp) if sp else slice(None)
                 h = hidden[s_rows].clone().requires_grad_()  # [s/tp, b, h] under SP
                 w = weight[rows].clone().requires_grad_()  # [v_pad/tp, h]
                 token = fused_token_logps(h, w, labels, vocab_size, group, sequence_parallel=sp,
-                                          chunk_tokens=chunk, recompute=recompute)
+                                          chunk_tokens=chunk, recompute=recompute,
+                                          token_index=labelled_positions(labels) if labelled else None)
                 objective(token, labels).backward()
-                results[f"fused v{vocab_size}/{v_pad} sp={sp} chunk={chunk} recompute={recompute}"] = dict(
+                case = f"fused v{vocab_size}/{v_pad} sp={sp} chunk={chunk} recompute={recompute} labelled={labelled}"
+                results[case] = dict(
                     value=(token.double() - ref).abs().max().item(),
                     grad_hidden=rel(h.grad, ref_gh[s_rows]),
                     grad_weight=rel(w.grad, ref_gw[rows]),
