@@ -123,11 +123,19 @@ def build_runtime(cfg: RunConfig, *, load_weights: bool = True, check=None) -> R
         load_model_weights(chunks, ckpt_dir)
     head = TokenLogpsContext(vocab_size=meta.arch.vocab_size, chunk_tokens=cfg.model.logprob_chunk_tokens,
                              kernel=cfg.model.logprob_kernel, recompute=cfg.model.logprob_recompute)
-    log.info("model: %d layers, hidden %d, vocab %d | spec %s, %s | TP %d PP %d%s DP %d%s | %s",
+    log.info("model: %d layers, hidden %d, vocab %d | spec %s, %s | TP %d PP %d%s DP %d%s | %s | head: %s",
              meta.arch.num_layers, meta.arch.hidden_size, meta.arch.vocab_size, spec,
              cfg.train.precision, layout.tp, layout.pp, f" (VPP {layout.vpp})" if layout.vpp else "",
-             layout.dp, " +SP" if opts.sequence_parallel else "", "GPU" if cuda else "CPU (gloo)")
+             layout.dp, " +SP" if opts.sequence_parallel else "", "GPU" if cuda else "CPU (gloo)",
+             _describe_head(head))
     return Runtime(cfg, layout, meta, ckpt_dir, tokenizer, str(tokenizer_source), chunks, opts, head)
+
+
+def _describe_head(head: TokenLogpsContext) -> str:
+    if head.chunk_tokens == 0:
+        return "unfused (full vocab-parallel logits)"
+    return (f"fused, chunks of {head.chunk_tokens} tokens, logits {'recomputed' if head.recompute else 'kept'}, "
+            f"{head.kernel} kernels")
 
 
 def _check_layout(arch, opts: ModelOptions) -> None:

@@ -304,3 +304,17 @@ def test_head_skips_its_device_check_only_when_told(tp_group, monkeypatch, chunk
     assert len(calls) == 1
     sequence_logps(torch.zeros(B, S), labels)
     assert len(calls) == 2
+
+
+def test_output_processor_passes_the_context_on(tp_group, monkeypatch):
+    """Every per-run and per-call field of the context reaches the fused head."""
+    hidden, weight, labels = make_inputs()
+    seen = {}
+    monkeypatch.setattr(logprobs, "fused_token_logps", lambda *a, **kw: seen.update(kw))
+    index = labelled_positions(labels)
+    context = TokenLogpsContext(vocab_size=VOCAB, chunk_tokens=7, kernel="torch", recompute=False,
+                                labels_checked=True, token_index=index)
+    token_logps_output_processor(hidden_states=hidden, output_layer=_FakeOutputLayer(weight, tp_group),
+                                 output_weight=None, labels=labels, context=context)
+    assert seen["chunk_tokens"] == 7 and seen["kernel"] == "torch" and seen["recompute"] is False
+    assert seen["check"] is False and seen["token_index"] is index and seen["sequence_parallel"] is False
