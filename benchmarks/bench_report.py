@@ -109,7 +109,8 @@ def print_summary(result: dict) -> None:
                 print(f"  agreement check failed: {ag['error'].strip().splitlines()[-1]}")
             else:
                 print(f"  max |token logp - fp64|: naive {ag['max_abs_err_naive_vs_fp64']:.2e}")
-            for kind, suffix in (("fused", ""), ("fused_torch", "_torch"), ("fused_keep", "_keep")):
+            for kind in (k for k in head["variants"] if k != "naive"):
+                suffix = kind.removeprefix("fused")  # as bench_step names the ratios
                 line = (f"  {kind}/naive: time {_fmt(head.get('time_vs_naive' + suffix), '.3f')}, peak "
                         f"{_fmt(head.get('peak_vs_naive' + suffix), '.3f')}")
                 if "error" not in ag:

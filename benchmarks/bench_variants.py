@@ -21,9 +21,7 @@ from simpo_mcore.config import LossConfig
 from simpo_mcore.logprobs import (
     IGNORE_INDEX,
     TokenLogpsContext,
-    check_labels,
     fused_token_logps,
-    labelled_positions,
     sequence_logps,
     token_logps_output_processor,
 )
@@ -32,7 +30,7 @@ from simpo_mcore.model.builder import ModelOptions, build_model
 from simpo_mcore.model.forward import position_ids_like
 from simpo_mcore.model.hf_config import LlamaArch
 from simpo_mcore.parallel import seed_everything
-from simpo_mcore.step import shift_labels
+from simpo_mcore.step import checked_targets, shift_labels
 
 
 @dataclass(frozen=True)
@@ -132,14 +130,12 @@ def mcore_workload(arch: LlamaArch, batch: Batch, loss_cfg: LossConfig, opts: Mo
     model_parallel_cuda_manual_seed(seed)
     (model,) = build_model(arch, opts)
     model.train()
-    targets = shift_labels(batch.labels)  # [2k, s]
     positions = position_ids_like(batch.tokens)  # [2k, s]
-    # As simpo_mcore.step does on the host copy, once here (outside the timed steps): the labels are
+    # What simpo_mcore.step does per micro-batch, once here (outside the timed steps): the labels are
     # checked, so nothing in the step waits for the device, and the head computes the labelled tokens only.
-    check_labels(targets, arch.vocab_size)
-    head = TokenLogpsContext(vocab_size=arch.vocab_size, chunk_tokens=chunk_tokens, kernel=head_kernel,
-                             recompute=not keep_logits, labels_checked=True,
-                             token_index=labelled_positions(targets))
+    targets, head = checked_targets(batch.labels, TokenLogpsContext(
+        vocab_size=arch.vocab_size, chunk_tokens=chunk_tokens, kernel=head_kernel, recompute=not keep_logits),
+        batch.labels.device)  # [2k, s]
 
     def step() -> torch.Tensor:
         model.zero_grad(set_to_none=True)

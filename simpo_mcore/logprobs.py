@@ -285,14 +285,17 @@ class _FusedTokenLogps(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_token_logps):
-        hidden, weight, lse, local_id, owned, valid = ctx.saved_tensors[:6]
+        # A second backward (retain_graph) through kept logits is refused by autograd itself: the
+        # first one changed them in place.
+        saved = ctx.saved_tensors
+        hidden, weight, lse, local_id, owned, valid = saved[:6]
         n_valid = ctx.n_valid
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         num_tokens = hidden.shape[0]
         # Ignored tokens output a constant 0.0: no gradient flows from them.
         minus_grad_out = torch.where(valid, -grad_token_logps.float(), 0.0)  # [T]
         if not ctx.recompute:
-            return _FusedTokenLogps._backward_from_saved_logits(ctx, minus_grad_out)
+            return _FusedTokenLogps._backward_from_kept_logits(ctx, saved, minus_grad_out)
         grad_hidden32 = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) \
             if need_hidden else None  # [T, h]
         grad_weight = torch.zeros_like(weight) if need_weight else None  # [v_pad/tp, h]; padded rows stay 0
@@ -316,9 +319,8 @@ class _FusedTokenLogps(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
     @staticmethod
-    def _backward_from_saved_logits(ctx, minus_grad_out):
-        # A second backward (retain_graph) is refused by autograd itself: the saved logits were changed in place.
-        hidden, weight, lse, local_id, owned, _, logits = ctx.saved_tensors
+    def _backward_from_kept_logits(ctx, saved, minus_grad_out):
+        hidden, weight, lse, local_id, owned, _, logits = saved
         n_valid, num_tokens = ctx.n_valid, hidden.shape[0]
         target = torch.where(owned, local_id, -1)  # [T]: the target column on this rank, or -1
         for t0 in range(0, num_tokens, ctx.chunk_tokens):  # chunks bound the torch path's fp32 blocks
@@ -394,23 +396,21 @@ def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         _check_labels(labels, vocab_size)
 
     vocab_start, n_valid = _valid_rows(vocab_size, weight.shape[0], dist.get_rank(tp_group))
-    labels_tokens = labels.t().reshape(-1)  # [s*b], the order of hidden's rows below
-    valid = labels_tokens != IGNORE_INDEX  # [s*b]
-    local_id = labels_tokens - vocab_start  # [s*b]
-    owned = valid & (local_id >= 0) & (local_id < n_valid)  # [s*b]: this rank holds the target's row
-    local_id = torch.where(owned, local_id, 0)  # [s*b], a harmless index where not owned
-
     hidden = hidden.reshape(s * b, h)  # [s*b, h]
-    if token_index is None:
-        token_logps = _FusedTokenLogps.apply(
-            hidden, weight, local_id, owned, valid, n_valid, chunk_tokens, tp_group, kernel, recompute)  # [s*b]
-    else:
-        rows = token_index  # [n]
-        selected = _FusedTokenLogps.apply(
-            hidden.index_select(0, rows), weight, local_id[rows], owned[rows], valid[rows], n_valid,
-            chunk_tokens, tp_group, kernel, recompute)  # [n]
+    labels_tokens = labels.t().reshape(-1)  # [s*b], the order of hidden's rows
+    if token_index is not None:  # the labelled tokens only: [n] rows of each
+        hidden, labels_tokens = hidden.index_select(0, token_index), labels_tokens[token_index]
+    valid = labels_tokens != IGNORE_INDEX  # [T]
+    local_id = labels_tokens - vocab_start  # [T]
+    owned = valid & (local_id >= 0) & (local_id < n_valid)  # [T]: this rank holds the target's row
+    local_id = torch.where(owned, local_id, 0)  # [T], a harmless index where not owned
+
+    token_logps = _FusedTokenLogps.apply(
+        hidden, weight, local_id, owned, valid, n_valid, chunk_tokens, tp_group, kernel, recompute)  # [T]
+    if token_index is not None:
         # Every other token is unlabelled: 0.0, and no gradient (index_select's backward adds zeros there).
-        token_logps = torch.zeros(s * b, dtype=torch.float32, device=hidden.device).index_copy(0, rows, selected)
+        token_logps = torch.zeros(s * b, dtype=torch.float32, device=hidden.device).index_copy(
+            0, token_index, token_logps)  # [s*b]
     return token_logps.view(s, b).t().contiguous()  # [b, s]
 
 

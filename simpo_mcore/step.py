@@ -66,21 +66,28 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
+def checked_targets(labels: torch.Tensor, head: TokenLogpsContext, device: torch.device
+                    ) -> tuple[torch.Tensor, TokenLogpsContext]:
+    """``(shifted labels [2k, s] on device, this call's head context)`` from a micro-batch's labels.
+
+    The labels are checked here, on the host copy, so that neither the head nor the loss needs a device
+    sync to check them (the step runs from the first forward to the last backward without one); the
+    positions of the labelled tokens are found here too, so that the head skips the prompt and padding."""
+    targets = shift_labels(labels)  # [2k, s]
+    check_labels(targets, head.vocab_size)
+    index = labelled_positions(targets)  # [n]
+    targets, index = to_device(targets, device), to_device(index, device)
+    return targets, dataclasses.replace(head, labels_checked=True, token_index=index)
+
+
 def token_logps_forward(model, batch: dict, head: TokenLogpsContext, device: torch.device):
     """Run one micro-batch: ``(output, shifted labels [2k, s])``. On the last pipeline stage the
     output is the token log-probs ``[2k, s]`` (the fused head replaces the logits); on the other
-    stages it is the hidden states the schedule sends on.
-
-    The labels are checked here, on the host, so that neither the head nor the loss needs a device
-    sync to check them: the step runs from the first forward to the last backward without one. The
-    positions of the labelled tokens are found here too, so the head skips the prompt and padding."""
-    labels = shift_labels(batch["labels"])  # [2k, s]
-    check_labels(labels, head.vocab_size)
-    index = labelled_positions(labels)  # [n]
-    tokens, labels, index = (to_device(t, device) for t in (batch["tokens"], labels, index))
+    stages it is the hidden states the schedule sends on. See :func:`checked_targets`."""
+    labels, context = checked_targets(batch["labels"], head, device)  # [2k, s]
+    tokens = to_device(batch["tokens"], device)  # [2k, s]
     output = model(tokens, position_ids_like(tokens), None, labels=labels,
-                   output_processor=token_logps_output_processor,
-                   output_processor_context=dataclasses.replace(head, labels_checked=True, token_index=index))
+                   output_processor=token_logps_output_processor, output_processor_context=context)
     return output, labels
 
 
