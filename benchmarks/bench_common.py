@@ -128,8 +128,8 @@ def time_steps(step: Callable[[], torch.Tensor | None], steps: int, warmup: int,
 
 
 # Host calls that wait for the device (CUDA runtime API names, as the profiler records them).
-HOST_SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
-                   "cudaStreamWaitEvent")
+# cudaStreamWaitEvent is not one: it orders two streams on the device and returns at once.
+HOST_SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
 
 def profile_step(step: Callable[[], torch.Tensor | None], cuda: bool, top: int = 12) -> dict:

@@ -103,13 +103,14 @@ def test_measure_records_failures_and_goes_on():
 
 def test_profile_summary_by_hand():
     """Device intervals [0, 10) and [5, 20) overlap: busy 20; [30, 40) adds 10 -> 30 of a 50 ns wall, idle
-    0.4. One stream sync on the host; kernels summed by name, longest first."""
+    0.4. One stream sync on the host (a stream-to-stream wait is none); kernels summed by name, longest first."""
     events = [("gemm", "CUDA", 0, 10), ("gemm", "CUDA", 5, 15), ("softmax", "CUDA", 30, 10),
-              ("cudaLaunchKernel", "CPU", 0, 1), ("cudaStreamSynchronize", "CPU", 20, 25), ("aten::mm", "CPU", 0, 2)]
+              ("cudaLaunchKernel", "CPU", 0, 1), ("cudaStreamSynchronize", "CPU", 20, 25), ("aten::mm", "CPU", 0, 2),
+              ("cudaStreamWaitEvent", "CPU", 3, 1)]  # a device-side wait between streams: not a host sync
     got = bench_common.summarize_profile(events, wall_ns=50, top=1)
     assert got["device_busy_ms"] == pytest.approx(30e-6)
     assert got["device_idle_fraction"] == pytest.approx(0.4)
-    assert got["device_events"] == 3 and got["host_ops"] == 3
+    assert got["device_events"] == 3 and got["host_ops"] == 4
     assert got["host_syncs"] == {"cudaStreamSynchronize": 1}
     assert got["top_kernels_ms"] == [["gemm", pytest.approx(25e-6)]]
     cpu_only = bench_common.summarize_profile([("aten::mm", "CPU", 0, 2)], wall_ns=5)
