@@ -1,86 +1,29 @@
-"""Model weights in and out of megatron ``dist_checkpointing`` directories (any TP / PP)."""
+"""Training checkpoints: model + optimizer + scheduler + RNG + data position, resumable at any layout.
+
+Model tensors go through :mod:`simpo_mcore.convert.mcore_io` (the same keys as a converted checkpoint),
+so a training checkpoint is also a starting checkpoint and exports like one.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import random
+import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from simpo_mcore.convert.checkpoint_meta import TOKENIZER_DIR, CheckpointMeta
 from simpo_mcore.convert.hf_io import copy_tokenizer_files
-
-
-def save_sharded(sharded: dict, ckpt_dir: str | Path) -> None:
-    """``dist_checkpointing.save``, synchronously, into an existing empty directory.
-
-    megatron's writer reports results through a ``multiprocessing`` Manager queue, which starts a
-    spawn-mode server process (and so needs an ``if __name__ == "__main__"`` guard in whatever
-    script saves). A synchronous save writes from threads of this process only, so a plain
-    thread-safe queue does the same job without the extra process.
-    """
-    import queue
-
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
-    dist_checkpointing.save(sharded, str(ckpt_dir))
-
-
-def model_sharded_state_dict(chunks: list) -> dict:
-    """The chunks' sharded state dicts, nested per chunk (keys inside are layout independent)."""
-    if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
-
-
-def _drop_absent_objects(sharded: dict, present: set[str]) -> dict:
-    """Remove ShardedObjects (TE ``_extra_state``) the checkpoint does not hold: a converted HF
-    checkpoint has no FP8 metadata, and a TE model starts those from scratch."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    out = {}
-    for k, v in sharded.items():
-        if isinstance(v, dict):
-            out[k] = _drop_absent_objects(v, present)
-        elif isinstance(v, ShardedObject) and v.key not in present:
-            continue
-        else:
-            out[k] = v
-    return out
-
-
-@torch.no_grad()
-def load_model_weights(chunks: list, ckpt_dir: str | Path) -> CheckpointMeta:
-    """Load the model tensors of ``ckpt_dir`` into ``chunks`` (built for any layout)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
-
-    ckpt_dir = Path(ckpt_dir)
-    meta = CheckpointMeta.read(ckpt_dir)
-    sharded = model_sharded_state_dict(chunks)
-    present = {k.split("/shard_")[0] for k in load_sharded_metadata(str(ckpt_dir))}
-    sharded = _drop_absent_objects(sharded, present)
-    loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
-    if len(chunks) == 1:
-        _load_chunk(chunks[0], loaded["model"])
-    else:
-        for i, c in enumerate(chunks):
-            _load_chunk(c, loaded[f"model{i}"])
-    return meta
-
-
-def _load_chunk(chunk, state: dict) -> None:
-    missing, unexpected = chunk.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-
-
-# ------------------------------------------------------------------------------------------------
-# Training checkpoints: model + optimizer + scheduler + RNG + data position, resumable at any layout
+from simpo_mcore.convert.mcore_io import load_chunk, model_sharded_state_dict, save_sharded
 
 LATEST = "latest"
 OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -106,12 +49,6 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 def _rng_object(layout):
     """This rank's RNG states, one ShardedObject per (pp, tp, dp) position."""
-    import random
-
-    import numpy as np
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -124,11 +61,6 @@ def _rng_object(layout):
 
 
 def _restore_rng(state: dict) -> None:
-    import random
-
-    import numpy as np
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -156,11 +88,6 @@ def save_train_checkpoint(root: str | Path, step: int, ddp_chunks: list, optimiz
     crash at any point leaves the previous checkpoint and ``latest`` untouched. ``tokenizer``: a
     local tokenizer directory (its files are copied in, so exports carry them) or a hub name.
     """
-    import os
-    import shutil
-
-    import torch.distributed as dist
-
     root = Path(root)
     final = root / step_dir_name(step)
     tmp = root / (step_dir_name(step) + ".incomplete")
@@ -173,7 +100,6 @@ def save_train_checkpoint(root: str | Path, step: int, ddp_chunks: list, optimiz
     state["progress"] = dict(progress)
     state["scheduler"] = scheduler.state_dict()
     save_sharded(state, tmp)
-    _maybe_crash_for_test(step)
     dist.barrier()
     if dist.get_rank() == 0:
         info = {**meta.info, "step": step, **progress, "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}}
@@ -198,9 +124,6 @@ def save_train_checkpoint(root: str | Path, step: int, ddp_chunks: list, optimiz
 def load_train_checkpoint(path: str | Path, ddp_chunks: list, optimizer, scheduler, layout,
                           with_optimizer: bool = True) -> dict:
     """Restore model, optimizer, scheduler and (same layout only) RNG; return the progress dict."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
-
     path = Path(path)
     meta = CheckpointMeta.read(path)
     if meta.kind != "train":
@@ -219,10 +142,10 @@ def load_train_checkpoint(path: str | Path, ddp_chunks: list, optimizer, schedul
     loaded = dist_checkpointing.load(state, str(path))
     chunks = [c.module for c in ddp_chunks]
     if len(chunks) == 1:
-        _load_chunk(chunks[0], loaded["model"])
+        load_chunk(chunks[0], loaded["model"])
     else:
         for i, c in enumerate(chunks):
-            _load_chunk(c, loaded[f"model{i}"])
+            load_chunk(c, loaded[f"model{i}"])
     if with_optimizer:
         with _megatron_019_adam_step_fix(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
@@ -261,8 +184,6 @@ def _megatron_019_adam_step_fix(optimizer):
        advance once per parameter per update and the bias correction would drift. Each parameter
        gets its own copy afterwards.
     """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
     inner = getattr(optimizer, "chained_optimizers", [optimizer])
     patched = [o for o in inner if isinstance(o, DistributedOptimizer)]
     for opt in patched:
@@ -291,24 +212,11 @@ def _megatron_019_adam_step_fix(optimizer):
 
 
 def _has_optimizer_tensors(path: Path) -> bool:
-    from megatron.core import dist_checkpointing
-
     return any(k.startswith("optimizer") for k in dist_checkpointing.load_tensors_metadata(str(path)))
-
-
-def _maybe_crash_for_test(step: int) -> None:
-    """Testing hook: ``SIMPO_MCORE_CRASH_IN_SAVE_AT=6`` kills the process in the middle of the
-    step-6 save (tensors written, not yet published), to prove the previous checkpoint survives."""
-    import os
-
-    if os.environ.get("SIMPO_MCORE_CRASH_IN_SAVE_AT") == str(step):
-        os._exit(17)
 
 
 def remove_incomplete(root: str | Path) -> list[str]:
     """Delete leftovers of interrupted saves (``step_N.incomplete``); returns their names."""
-    import shutil
-
     removed = []
     for path in Path(root).glob("step_*.incomplete"):
         shutil.rmtree(path, ignore_errors=True)

@@ -35,9 +35,9 @@ def _relaunch_if_needed(prog: str, cfg, args) -> int | None:
         return None
     from torch.distributed.run import main as torchrun
 
-    from simpo_mcore.parallel import _free_port
+    from simpo_mcore.parallel import free_port
 
-    cmd = [f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
+    cmd = [f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
            "-m", "simpo_mcore.cli", prog, args.config, *args.overrides]
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     print(f"[simpo_mcore] launching {nproc} CPU ranks: torchrun {' '.join(cmd)}", flush=True)

@@ -1,7 +1,8 @@
 """The typed run configuration: YAML + dotted ``key=value`` overrides + validation.
 
-One dataclass per section; every component receives only its own section (``cfg.data``,
-``cfg.loss``, ...), never the whole run config. Loading rejects unknown keys and wrong types with
+One dataclass per section. Components receive only their own section (``cfg.data``, ``cfg.loss``,
+...); only the jobs that wire them together (``runtime``, ``train``, ``evaluate``, ``reference``) hold
+the whole run config. Loading rejects unknown keys and wrong types with
 the dotted name of the offending field, and :meth:`RunConfig.validate` checks the cross-field rules
 (batch sizes that divide, prompt length below max length, ...) before any process group exists.
 """

@@ -1,12 +1,18 @@
-"""Run megatron-core on a CPU (gloo) by redirecting the CUDA entry points it assumes.
+"""Run megatron-core on a CPU (gloo) by redirecting, for a scope, the CUDA entry points it assumes.
 
 megatron-core allocates buffers with ``device=torch.cuda.current_device()``, forks the CUDA RNG in
 every tensor-parallel region, waits on CUDA streams around gradient reduction and asserts on
 ``tensor.type() == 'torch.cuda.FloatTensor'`` in gradient clipping and its optimizers. None of that
-needs a GPU to be *correct*; it only needs somewhere to run. ``enable()`` points each of those
-entry points at the CPU so the very same code path (schedules, DDP, distributed optimizer,
-dist_checkpointing) runs on gloo. It is switched on by :func:`simpo_mcore.parallel.init_distributed`
-only when no GPU is used, and never touches a process that has one.
+needs a GPU to be *correct*; it only needs somewhere to run. Inside :func:`redirect` each of those
+entry points points at the CPU, so the very same code path (schedules, DDP, distributed optimizer,
+dist_checkpointing) runs on gloo; leaving the scope restores every patched attribute and exits the
+function mode.
+
+Who opens the scope: :func:`simpo_mcore.parallel.init_distributed` when the run's layout device is
+the CPU (``parallel.device: cpu``, or ``auto`` without a GPU), closed again by
+:func:`simpo_mcore.parallel.shutdown`; and the converters around ``dist_checkpointing`` when no GPU is
+visible. A layout on a GPU never opens it. ``parallel.device: cpu`` on a machine that has a GPU does
+open it, so for that run ``torch.cuda`` answers as the CPU in this process (the GPU is unused).
 
 Each redirection below was needed (see ``docs/cpu_mode.md``):
 
@@ -25,12 +31,12 @@ Each redirection below was needed (see ``docs/cpu_mode.md``):
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
+from megatron.core.tensor_parallel import random as mpu_random
 from torch.overrides import TorchFunctionMode
-
-_ENABLED = False
-_MODE: TorchFunctionMode | None = None
 
 
 def _is_cuda(device) -> bool:
@@ -46,7 +52,7 @@ def _cpu_device(device):
 
 
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites CUDA placements to the CPU for every torch function call in the process."""
+    """Rewrites CUDA placements to the CPU for every torch function call while it is entered."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -105,48 +111,105 @@ class _NoOpEvent:
         return True
 
 
-def _set_cpu_rng_state(new_state, device=-1, graph_safe=False):
-    torch.set_rng_state(new_state)
-
-
-def _get_cpu_rng_state(device="cuda", clone=False, graph_safe=False):
-    return torch.get_rng_state()
-
-
-def enabled() -> bool:
-    """Whether this process runs megatron-core in CPU mode."""
-    return _ENABLED
-
-
-def enable() -> None:
-    """Redirect megatron-core's CUDA entry points to the CPU. Idempotent."""
-    global _ENABLED, _MODE
-    if _ENABLED:
-        return
-    cuda = torch.cuda
-    cuda.current_device = lambda: "cpu"
-    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
-    cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
-    cuda.random.get_rng_state = cuda.get_rng_state
-    cuda.random.set_rng_state = cuda.set_rng_state
+def _cpu_manual_seed(seed) -> None:
     # torch.manual_seed itself calls cuda.manual_seed_all: seed the CPU generator directly.
-    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
-    cuda.manual_seed_all = cuda.manual_seed
-    cuda.synchronize = lambda device=None: None
-    cuda.current_stream = lambda device=None: _NoOpStream()
-    cuda.default_stream = lambda device=None: _NoOpStream()
-    cuda.Stream = _NoOpStream
-    cuda.Event = _NoOpEvent
-    cuda.stream = lambda stream=None: contextlib.nullcontext()
-    cuda.empty_cache = lambda: None
-    cuda.memory_allocated = lambda device=None: 0
-    cuda.max_memory_allocated = lambda device=None: 0
+    torch.default_generator.manual_seed(int(seed))
 
-    from megatron.core.tensor_parallel import random as mpu_random
 
-    mpu_random._get_cuda_rng_state = _get_cpu_rng_state
-    mpu_random._set_cuda_rng_state = _set_cpu_rng_state
+def _replacements() -> list[tuple[object, str, object]]:
+    """``(owner, attribute, CPU stand-in)`` for every entry point redirected."""
+    cuda = torch.cuda
+    get_state = lambda device="cuda": torch.get_rng_state()
+    set_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    return [
+        (cuda, "current_device", lambda: "cpu"),
+        (cuda, "get_rng_state", get_state),
+        (cuda, "set_rng_state", set_state),
+        (cuda.random, "get_rng_state", get_state),
+        (cuda.random, "set_rng_state", set_state),
+        (cuda, "manual_seed", _cpu_manual_seed),
+        (cuda, "manual_seed_all", _cpu_manual_seed),
+        (cuda, "synchronize", lambda device=None: None),
+        (cuda, "current_stream", lambda device=None: _NoOpStream()),
+        (cuda, "default_stream", lambda device=None: _NoOpStream()),
+        (cuda, "Stream", _NoOpStream),
+        (cuda, "Event", _NoOpEvent),
+        (cuda, "stream", lambda stream=None: contextlib.nullcontext()),
+        (cuda, "empty_cache", lambda: None),
+        (cuda, "memory_allocated", lambda device=None: 0),
+        (cuda, "max_memory_allocated", lambda device=None: 0),
+        (mpu_random, "_get_cuda_rng_state", lambda device="cuda", clone=False, graph_safe=False:
+            torch.get_rng_state()),
+        (mpu_random, "_set_cuda_rng_state", lambda new_state, device=-1, graph_safe=False:
+            torch.set_rng_state(new_state)),
+    ]
 
-    _MODE = _CudaToCpuMode()
-    _MODE.__enter__()
-    _ENABLED = True
+
+class _Scope:
+    """The patched attributes' originals and the entered function mode, for one (outermost) scope."""
+
+    def __init__(self):
+        self.saved = [(owner, name, getattr(owner, name)) for owner, name, _ in _replacements()]
+        for owner, name, stand_in in _replacements():
+            setattr(owner, name, stand_in)
+        self.mode = _CudaToCpuMode()
+        self.mode.__enter__()
+
+    def close(self) -> None:
+        self.mode.__exit__(None, None, None)
+        for owner, name, original in reversed(self.saved):
+            setattr(owner, name, original)
+
+
+_depth = 0
+_scope: _Scope | None = None
+
+
+def active() -> bool:
+    """Whether this process is inside a :func:`redirect` scope now."""
+    return _scope is not None
+
+
+def enter() -> None:
+    """Open a redirection scope (re-entrant: only the outermost one patches). Pair with :func:`exit`;
+    prefer ``with redirect():`` where the scope is one block of code."""
+    global _depth, _scope
+    if _depth == 0:
+        _scope = _Scope()
+    _depth += 1
+
+
+def exit() -> None:  # noqa: A001 - the counterpart of enter()
+    """Close one scope; the outermost restores every patched attribute and leaves the function mode."""
+    global _depth, _scope
+    if _depth == 0:
+        return
+    _depth -= 1
+    if _depth == 0 and _scope is not None:
+        _scope.close()
+        _scope = None
+
+
+@contextlib.contextmanager
+def redirect(enabled: bool = True) -> Iterator[None]:
+    """Within the block, megatron-core's CUDA entry points run on the CPU (no-op when not ``enabled``)."""
+    if not enabled:
+        yield
+        return
+    enter()
+    try:
+        yield
+    finally:
+        exit()
+
+
+def without_gpu(func: Callable) -> Callable:
+    """Run ``func`` inside :func:`redirect` when this process sees no GPU (file tools that call
+    ``dist_checkpointing``, which calls ``torch.cuda.synchronize`` and more unconditionally)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with redirect(not torch.cuda.is_available()):
+            return func(*args, **kwargs)
+
+    return wrapper

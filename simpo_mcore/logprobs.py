@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -63,8 +64,6 @@ _VOCAB_ALIGN = 8
 def _tp_group_or_default(tp_group):
     if tp_group is not None:
         return tp_group
-    from megatron.core import parallel_state
-
     return parallel_state.get_tensor_model_parallel_group()
 
 

@@ -19,7 +19,7 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 def model_flops_per_token(arch, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward): 6 x (non-embedding parameters + output
     layer) + causal attention 6 x layers x hidden x seq (the score and value matmuls, half the
-    square masked). The same formula as ``../shared/bench`` and docs/performance.md."""
+    square masked). The count docs/performance.md states and its targets were set with."""
     h, f, n = arch.hidden_size, arch.intermediate_size, arch.num_layers
     q = arch.num_attention_heads * arch.head_dim
     kv = arch.num_key_value_heads * arch.head_dim

@@ -11,22 +11,22 @@ from megatron.core.distributed import (
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from simpo_mcore import cpu_mode
 from simpo_mcore.config import OptimConfig
 
 
-def wrap_ddp(chunks: list, config, distributed_optimizer: bool) -> list[DistributedDataParallel]:
+def wrap_ddp(chunks: list, distributed_optimizer: bool, cpu: bool) -> list[DistributedDataParallel]:
     """Wrap each model chunk in megatron's DDP (contiguous grad buffers, fp32 grad reduction).
 
     fp32 reduction keeps bf16 gradient sums exact enough for the parity tests and is what
-    Megatron-LM does for bf16; on gloo it also avoids mixed-dtype coalesced all-reduces.
+    Megatron-LM does for bf16; on gloo it also avoids mixed-dtype coalesced all-reduces. ``cpu``: the
+    run's layout is on the CPU (gloo: one bucket).
     """
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=distributed_optimizer,
         check_for_nan_in_grad=False,  # we detect and skip non-finite steps ourselves
-        bucket_size=None if not cpu_mode.enabled() else 10**8,
+        bucket_size=10**8 if cpu else None,
     )
     wrapped = []
     for i, chunk in enumerate(chunks):
@@ -40,8 +40,9 @@ def wrap_ddp(chunks: list, config, distributed_optimizer: bool) -> list[Distribu
     return wrapped
 
 
-def build_optimizer(ddp_chunks: list, cfg: OptimConfig, precision: str, distributed_optimizer: bool):
-    """AdamW (decoupled weight decay) over fp32 main parameters, with megatron's grad clipping."""
+def build_optimizer(ddp_chunks: list, cfg: OptimConfig, precision: str, distributed_optimizer: bool, cpu: bool):
+    """AdamW (decoupled weight decay) over fp32 main parameters, with megatron's grad clipping.
+    ``cpu``: the run's layout is on the CPU (gloo groups for the distributed optimizer)."""
     bf16 = precision in ("bf16", "fp8")
     opt_config = OptimizerConfig(
         optimizer="adam",
@@ -56,7 +57,7 @@ def build_optimizer(ddp_chunks: list, cfg: OptimConfig, precision: str, distribu
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(opt_config, ddp_chunks, use_gloo_process_groups=cpu_mode.enabled())
+    optimizer = get_megatron_optimizer(opt_config, ddp_chunks, use_gloo_process_groups=cpu)
     config = ddp_chunks[0].module.config
     # What megatron's schedules call after the last backward of a step.
     config.finalize_model_grads_func = finalize_model_grads

@@ -2,21 +2,31 @@
 
 One code path for GPUs (NCCL) and CPUs (gloo + :mod:`simpo_mcore.cpu_mode`). Launch under
 ``torchrun`` for several ranks; a plain ``python`` process becomes a world of one.
+:func:`init_distributed` / :func:`shutdown` bracket a job (``with distributed(...)`` does both): on a
+CPU layout the first opens :mod:`simpo_mcore.cpu_mode`'s redirection scope and the second closes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from simpo_mcore import cpu_mode
 from simpo_mcore.config import ConfigError, ParallelConfig
+
+_cpu_scope_opened = False
+"""Whether :func:`init_distributed` opened the CPU-mode scope that :func:`shutdown` must close."""
 
 
 @dataclass(frozen=True)
@@ -24,6 +34,7 @@ class Layout:
     """Where this rank sits; everything the rest of the code asks of the process groups."""
 
     device: torch.device
+    """``cpu`` (gloo, inside :mod:`simpo_mcore.cpu_mode`'s scope) or this rank's ``cuda`` device."""
     world_size: int
     rank: int
     tp: int
@@ -50,27 +61,23 @@ def ensure_process_group() -> None:
     """A world of one (gloo) for single-process tools that call dist_checkpointing."""
     if dist.is_initialized():
         return
-    dist.init_process_group(backend="gloo", **_world_of_one())
+    dist.init_process_group(backend="gloo", **world_of_one())
 
 
 def init_distributed(cfg: ParallelConfig, seed: int) -> Layout:
     """Create the default process group and megatron's model-parallel groups; seed every RNG.
 
+    On a CPU layout this opens :mod:`simpo_mcore.cpu_mode`'s scope; :func:`shutdown` closes it.
     Safe to call twice in one process with the same layout (tests, eval after train).
     """
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
     cuda = use_cuda(cfg.device)
-    if not cuda:
-        cpu_mode.enable()
     if not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(
             backend="nccl" if cuda else "gloo",
             timeout=datetime.timedelta(minutes=cfg.timeout_minutes),
-            **({} if "RANK" in os.environ else _world_of_one()),
+            **({} if "RANK" in os.environ else world_of_one()),
         )
     elif cuda != (dist.get_backend() == "nccl"):
         raise RuntimeError(f"a {dist.get_backend()} process group exists but device={'cuda' if cuda else 'cpu'}")
@@ -78,6 +85,10 @@ def init_distributed(cfg: ParallelConfig, seed: int) -> Layout:
     if world % (cfg.tp * cfg.pp):
         raise ConfigError(
             f"world size {world} is not divisible by parallel.tp x parallel.pp = {cfg.tp} x {cfg.pp}")
+    global _cpu_scope_opened
+    if not cuda and not _cpu_scope_opened:
+        cpu_mode.enter()
+        _cpu_scope_opened = True
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -89,13 +100,22 @@ def init_distributed(cfg: ParallelConfig, seed: int) -> Layout:
     )
     seed_everything(seed)
     model_parallel_cuda_manual_seed(seed)
-    return current_layout(cfg.vpp)
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return current_layout(device, cfg.vpp)
 
 
-def current_layout(vpp: int | None = None) -> Layout:
-    from megatron.core import parallel_state as ps
+@contextlib.contextmanager
+def distributed(cfg: ParallelConfig, seed: int) -> Iterator[Layout]:
+    """``init_distributed`` for the block, then :func:`shutdown` however it ends."""
+    try:
+        yield init_distributed(cfg, seed)
+    finally:
+        shutdown()
 
-    device = torch.device("cpu") if cpu_mode.enabled() else torch.device("cuda", torch.cuda.current_device())
+
+def current_layout(device: torch.device, vpp: int | None = None) -> Layout:
+    """This rank's place in megatron's groups (which must exist), running on ``device``."""
+    ps = parallel_state
     return Layout(
         device=device,
         world_size=dist.get_world_size(),
@@ -117,24 +137,26 @@ def seed_everything(seed: int) -> None:
 
 
 def shutdown() -> None:
-    """Tear the groups down (megatron-core 0.19 aborts at exit otherwise)."""
-    from megatron.core import parallel_state
-
+    """Tear the groups down (megatron-core 0.19 aborts at exit otherwise) and leave CPU mode."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    global _cpu_scope_opened
+    if _cpu_scope_opened:
+        cpu_mode.exit()
+        _cpu_scope_opened = False
 
 
-def _world_of_one() -> dict:
-    """A plain process (no torchrun): rank 0 of 1 on a free local port. Passed explicitly rather
-    than through os.environ, so child processes never inherit a rank or a port in use."""
-    return {"init_method": f"tcp://127.0.0.1:{_free_port()}", "rank": 0, "world_size": 1}
+def world_of_one() -> dict:
+    """``init_process_group`` arguments for a plain process (no torchrun): rank 0 of 1 on a free local
+    port. Passed explicitly rather than through os.environ, so child processes never inherit a rank
+    or a port in use."""
+    return {"init_method": f"tcp://127.0.0.1:{free_port()}", "rank": 0, "world_size": 1}
 
 
-def _free_port() -> int:
-    import socket
-
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a local rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

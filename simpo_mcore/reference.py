@@ -17,11 +17,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from simpo_mcore.data.pipeline import TokenizedSplit
+from simpo_mcore.logprobs import sequence_logps
+from simpo_mcore.runtime import Runtime
+from simpo_mcore.step import run_schedule, token_logps_forward
 
 log = logging.getLogger("simpo_mcore")
 
 
-def fingerprint(rt, dataset, split: str) -> dict:
+def fingerprint(rt: Runtime, split: TokenizedSplit, name: str) -> dict:
     ckpt = Path(rt.ckpt_dir).resolve()
     meta_bytes = (ckpt / "simpo_mcore.json").read_bytes()
     md = ckpt / "metadata.json"
@@ -29,9 +35,9 @@ def fingerprint(rt, dataset, split: str) -> dict:
         "checkpoint": str(ckpt),
         "checkpoint_meta_sha256": hashlib.sha256(meta_bytes).hexdigest()[:16],
         "checkpoint_mtime": int(md.stat().st_mtime) if md.exists() else None,
-        "data": getattr(dataset, "simpo_cache_key", None) or dataset._fingerprint,
-        "rows": len(dataset),
-        "split": split,
+        "data": split.cache_key,
+        "rows": len(split),
+        "split": name,
         "precision": rt.cfg.train.precision,
         "spec": rt.options.spec,
     }
@@ -42,16 +48,9 @@ def reference_path(output_dir: str | Path, split: str) -> Path:
 
 
 @torch.no_grad()
-def compute_reference_logps(rt, dataset) -> np.ndarray:
+def compute_reference_logps(rt: Runtime, split: TokenizedSplit) -> np.ndarray:
     """``[N, 2]`` summed log-probs (chosen, rejected) under the model as it is now, on every rank."""
-    from megatron.core import parallel_state as ps
-
-    from simpo_mcore.data.pipeline import eval_batch_groups
-    from simpo_mcore.evaluate import run_schedule
-    from simpo_mcore.logprobs import sequence_logps
-    from simpo_mcore.step import token_logps_forward
-
-    out = torch.zeros(len(dataset), 2, dtype=torch.float64, device=rt.layout.device)
+    out = torch.zeros(len(split), 2, dtype=torch.float64, device=rt.layout.device)
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -69,7 +68,7 @@ def compute_reference_logps(rt, dataset) -> np.ndarray:
 
     for c in rt.chunks:
         c.eval()
-    for group in eval_batch_groups(rt.cfg, dataset, rt.tokenizer, rt.layout):
+    for group in rt.eval_groups(split):
         run_schedule(rt.chunks, forward_step, group, forward_only=True)
     for c in rt.chunks:
         c.train()
@@ -80,12 +79,12 @@ def compute_reference_logps(rt, dataset) -> np.ndarray:
     return out.cpu().numpy()
 
 
-def attach_reference_logps(rt, dataset, split: str):
-    """The dataset with ``ref_chosen_sum_logps`` / ``ref_rejected_sum_logps`` columns, from the
+def attach_reference_logps(rt: Runtime, split: TokenizedSplit, name: str) -> TokenizedSplit:
+    """The split with ``ref_chosen_sum_logps`` / ``ref_rejected_sum_logps`` columns, from the
     stored file when its fingerprint matches, else computed now (under the current weights, which
     must be the starting checkpoint's) and stored."""
-    path = reference_path(rt.cfg.output_dir, split)
-    want = fingerprint(rt, dataset, split)
+    path = reference_path(rt.cfg.output_dir, name)
+    want = fingerprint(rt, split, name)
     # Rank 0 alone looks at the file and tells every rank what it found (the values, or the error):
     # output_dir need not be on a file system every node sees, and no rank can decide differently.
     found = [_read_stored(path, want) if rt.layout.rank == 0 else None]
@@ -95,21 +94,21 @@ def attach_reference_logps(rt, dataset, split: str):
         raise ValueError(payload)
     if kind == "values":
         values = payload
-        log.info("reference log-probs for %s: loaded %s", split, path)
+        log.info("reference log-probs for %s: loaded %s", name, path)
     else:
-        log.info("reference log-probs for %s: forward pass over %d pairs", split, len(dataset))
-        values = compute_reference_logps(rt, dataset)
+        log.info("reference log-probs for %s: forward pass over %d pairs", name, len(split))
+        values = compute_reference_logps(rt, split)
         if rt.layout.rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp.npz")
             np.savez(tmp, logps=values, fingerprint=json.dumps(want))
             tmp.replace(path)
         dist.barrier()
-    if values.shape != (len(dataset), 2) or not np.isfinite(values).all():
+    if values.shape != (len(split), 2) or not np.isfinite(values).all():
         raise ValueError(f"reference log-probs {path} have shape {values.shape} or non-finite values; "
-                         f"expected ({len(dataset)}, 2) finite")
-    dataset = dataset.add_column("ref_chosen_sum_logps", values[:, 0].tolist())
-    return dataset.add_column("ref_rejected_sum_logps", values[:, 1].tolist())
+                         f"expected ({len(split)}, 2) finite")
+    return split.with_columns({"ref_chosen_sum_logps": values[:, 0].tolist(),
+                               "ref_rejected_sum_logps": values[:, 1].tolist()})
 
 
 def _read_stored(path: Path, want: dict) -> tuple[str, object]:

@@ -1,4 +1,5 @@
-"""What both ``simpo-train`` and ``simpo-eval`` set up: process groups, tokenizer, model, head."""
+"""What both ``simpo-train`` and ``simpo-eval`` set up once the process groups exist: checkpoint,
+tokenizer, model and head."""
 
 from __future__ import annotations
 
@@ -8,13 +9,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from transformers import AutoTokenizer
 
 from simpo_mcore.config import RunConfig
 from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
+from simpo_mcore.convert.mcore_io import load_model_weights
+from simpo_mcore.convert.tool import run_in_fresh_process
+from simpo_mcore.data.batching import pad_token_id
+from simpo_mcore.data.pipeline import TokenizedSplit, eval_batch_groups, pad_multiple
 from simpo_mcore.logprobs import TokenLogpsContext
 from simpo_mcore.model.builder import ModelOptions, build_model
 from simpo_mcore.model.specs import resolve_spec
-from simpo_mcore.parallel import Layout, init_distributed, use_cuda
+from simpo_mcore.parallel import Layout
 
 log = logging.getLogger("simpo_mcore")
 
@@ -35,6 +41,20 @@ class Runtime:
     chunks: list
     options: ModelOptions
     head: TokenLogpsContext
+
+    @property
+    def pad_id(self) -> int:
+        return pad_token_id(self.tokenizer)
+
+    @property
+    def pad_multiple(self) -> int:
+        """What every batch's sequence length is a multiple of."""
+        return pad_multiple(self.layout.tp, self.options.sequence_parallel)
+
+    def eval_groups(self, split: TokenizedSplit):
+        """``split``'s forward-only micro-batch groups for this rank (evaluation, DPO reference pass)."""
+        return eval_batch_groups(split, self.cfg.train.micro_batch_pairs, self.pad_id, self.pad_multiple,
+                                 self.layout)
 
 
 def setup_logging(rank: int) -> None:
@@ -57,45 +77,22 @@ def resolve_checkpoint(cfg: RunConfig, layout: Layout) -> Path:
     if layout.rank == 0 and not (path / "mcore" / "metadata.json").is_file():
         # In a fresh process: dist_checkpointing.save works on the default group, which here
         # spans every rank, while only rank 0 converts.
-        run_python(f"from simpo_mcore.model.tiny import make_tiny_checkpoint; "
-                   f"make_tiny_checkpoint({str(path)!r}, seed={cfg.train.seed})")
+        run_in_fresh_process("tiny", "--out", str(path), "--seed", str(cfg.train.seed))
     dist.barrier()
     return path / "mcore"
 
 
-def run_python(code: str) -> None:
-    """Run ``code`` in a new single-process Python (its own world of one for dist_checkpointing)."""
-    import os
-    import subprocess
-    import sys
-
-    # Drop torchrun's variables: with TORCHELASTIC_USE_AGENT_STORE the child would wait forever
-    # for the launcher's store instead of creating its own one-rank group.
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE")
-    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("TORCHELASTIC")}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{code!r} failed:\n{proc.stderr[-4000:]}")
-
-
 def load_tokenizer(source: str):
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # noqa: BLE001 - re-raised with the config key that named it
         raise ValueError(f"model.tokenizer {source!r} could not be loaded: {exc}") from exc
 
 
-def build_runtime(cfg: RunConfig, *, load_weights: bool = True, check=None) -> Runtime:
-    """``check(layout)``: the caller's own checks, run once the process groups exist and before
-    anything slow (checkpoint, tokenizer, model)."""
-    layout = init_distributed(cfg.parallel, cfg.train.seed)
+def build_runtime(cfg: RunConfig, layout: Layout, *, load_weights: bool = True) -> Runtime:
+    """Checkpoint, tokenizer, model chunks and head of a run on ``layout`` (process groups made)."""
     setup_logging(layout.rank)
-    if check is not None:
-        check(layout)
-    cuda = use_cuda(cfg.parallel.device)
+    cuda = layout.device.type == "cuda"
     spec = resolve_spec(cfg.model.spec, cuda)
     if cfg.train.precision == "fp8":
         _check_fp8(spec, cuda)
@@ -118,8 +115,6 @@ def build_runtime(cfg: RunConfig, *, load_weights: bool = True, check=None) -> R
     _check_layout(meta.arch, opts)
     chunks = build_model(meta.arch, opts)
     if load_weights:
-        from simpo_mcore.checkpoint import load_model_weights
-
         load_model_weights(chunks, ckpt_dir)
     head = TokenLogpsContext(vocab_size=meta.arch.vocab_size, chunk_tokens=cfg.model.logprob_chunk_tokens,
                              kernel=cfg.model.logprob_kernel, recompute=cfg.model.logprob_recompute)

@@ -21,8 +21,11 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from simpo_mcore.config import LossConfig
+from simpo_mcore.data.batching import shift_labels
 from simpo_mcore.logprobs import (
     TokenLogpsContext,
     check_labels,
@@ -49,13 +52,6 @@ class LossScale:
     dp: int
     global_pairs: int
     global_chosen_tokens: int
-
-
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """``[b, s]`` labels aligned with the tokens -> targets of the logits at each position."""
-    shifted = torch.full_like(labels, -100)
-    shifted[:, :-1] = labels[:, 1:]
-    return shifted
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -139,12 +135,28 @@ def loss_func(loss_cfg: LossConfig, scale: LossScale | None, labels: torch.Tenso
     return loss, {"report": report}
 
 
-def reduce_reports(reports: list[dict], sft_weight: float) -> dict[str, float]:
-    """Sum micro-batch reports on the last stage, all-reduce over data-parallel ranks, broadcast
-    along the pipeline so every rank returns the same metrics (weighted by pairs)."""
-    from megatron.core import parallel_state as ps
+def run_schedule(chunks: list, forward_step, micro_batches: list[dict], forward_only: bool) -> list[dict]:
+    """One pass of megatron's schedule over ``micro_batches`` (all padded to the same length); the
+    last pipeline stage gets the ``loss_func`` reports back, one per micro-batch."""
+    if not micro_batches:
+        return []
+    tokens = micro_batches[0]["tokens"]
+    many = len(chunks) > 1
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=[iter(micro_batches) for _ in chunks] if many else iter(micro_batches),
+        model=chunks if many else chunks[0],
+        num_microbatches=len(micro_batches),
+        seq_length=tokens.shape[1],
+        micro_batch_size=tokens.shape[0],
+        forward_only=forward_only,
+    )
 
-    device = reports[0]["report"].device if reports else _device()
+
+def reduce_reports(reports: list[dict], sft_weight: float, device: torch.device) -> dict[str, float]:
+    """Sum micro-batch reports on the last stage, all-reduce over data-parallel ranks, broadcast
+    along the pipeline so every rank returns the same metrics (weighted by pairs). ``device``: the
+    run's (a rank with no micro-batch still takes part in the collectives)."""
     total = torch.zeros(len(REPORT_FIELDS), dtype=torch.float64, device=device)
     if ps.is_pipeline_last_stage():
         for r in reports:
@@ -176,9 +188,3 @@ def metrics_from_totals(t: dict[str, float], sft_weight: float) -> dict[str, flo
     if sft_weight > 0:
         out["sft_loss"] = sft
     return out
-
-
-def _device() -> torch.device:
-    from simpo_mcore import cpu_mode
-
-    return torch.device("cpu") if cpu_mode.enabled() else torch.device("cuda", torch.cuda.current_device())

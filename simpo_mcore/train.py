@@ -1,10 +1,22 @@
-"""``simpo-train``: the training loop. Setup lives in runtime.py / optim.py, the step in step.py."""
+"""``simpo-train``: the :class:`Trainer` (every component of a run, built once) and its loop.
+
+    run_training(cfg)                       the job: process groups -> Trainer.build -> train()
+    Trainer.build(cfg, layout)              runtime (model, tokenizer, head), data, DDP, optimizer,
+                                            scheduler, resume, logger
+    Trainer.train()                         evaluate at step 0, then per step: should_stop,
+                                            train_step, maybe_evaluate, maybe_save; finish
+    Trainer.train_step()                    one optimizer step: micro-batches -> forward_backward ->
+                                            finiteness check -> optimizer / scheduler -> progress, log
+
+The step's arithmetic (loss scaling, metric reduction) is :mod:`simpo_mcore.step`; the data order
+:mod:`simpo_mcore.data.sampler`; checkpoints :mod:`simpo_mcore.checkpoint`.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
-import os
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -12,13 +24,19 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from simpo_mcore import checkpoint as ckpt
 from simpo_mcore.config import ConfigError, RunConfig
-from simpo_mcore.evaluate import evaluate, run_schedule
+from simpo_mcore.convert.tool import run_in_fresh_process
+from simpo_mcore.data.pipeline import TokenizedSplit, TrainBatches, load_split
+from simpo_mcore.evaluate import evaluate
 from simpo_mcore.metrics_log import MetricsLogger, memory_gib, model_flops_per_token, peak_tflops
 from simpo_mcore.optim import build_optimizer, build_scheduler, wrap_ddp
-from simpo_mcore.step import LossScale, make_forward_step, reduce_reports
+from simpo_mcore.parallel import Layout, distributed
+from simpo_mcore.reference import attach_reference_logps
+from simpo_mcore.runtime import Runtime, build_runtime
+from simpo_mcore.step import LossScale, make_forward_step, reduce_reports, run_schedule
 
 log = logging.getLogger("simpo_mcore")
 
@@ -92,42 +110,69 @@ def grads_are_finite(ddp_chunks: list, device) -> bool:
     return bad.item() == 0
 
 
-def _inject_nonfinite_for_test(step: int, ddp_chunks: list) -> None:
-    """Testing hook: ``SIMPO_MCORE_NAN_AT_STEPS=3,4`` puts a NaN into one gradient of global rank 0
-    at those steps (as one rank blowing up would), before the finiteness check."""
-    if str(step) in os.environ.get("SIMPO_MCORE_NAN_AT_STEPS", "").split(",") and dist.get_rank() == 0:
-        ddp_chunks[0].buffers[0].grad_data[0] = float("nan")
-
-
 def run_training(cfg: RunConfig) -> dict[str, float]:
     """Train; returns the final evaluation metrics (or the last step's metrics without eval data)."""
-    from simpo_mcore.data.pipeline import TrainBatches, eval_batch_groups, load_split
-    from simpo_mcore.parallel import shutdown
-    from simpo_mcore.reference import attach_reference_logps
-    from simpo_mcore.runtime import build_runtime
+    with distributed(cfg.parallel, cfg.train.seed) as layout:
+        check_batch_sizes(cfg, layout.dp)  # before anything slow
+        trainer = Trainer.build(cfg, layout)
+        try:
+            return trainer.train()
+        finally:
+            trainer.close()
 
-    stop = StopSignal()
-    ckpt_root = Path(cfg.output_dir) / "checkpoints"
-    resume_from = ckpt.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
-    # A SimPO resume overwrites every weight: skip reading the starting checkpoint. DPO needs the
-    # starting weights whenever its reference log-probs have to be computed.
-    rt = build_runtime(cfg, load_weights=resume_from is None or cfg.loss.type == "dpo",
-                       check=lambda layout: check_batch_sizes(cfg, layout.dp))
-    try:
-        layout, device = rt.layout, rt.layout.device
-        train_set = load_split(cfg, rt.tokenizer, rt.tokenizer_source, "train", layout)
-        eval_set = load_split(cfg, rt.tokenizer, rt.tokenizer_source, "eval", layout) if cfg.data.eval_path else None
-        if cfg.loss.type == "dpo":
-            # Computed once with the starting weights, before any update: no second model later.
-            train_set = attach_reference_logps(rt, train_set, "train")
-            if eval_set is not None:
-                eval_set = attach_reference_logps(rt, eval_set, "eval")
+
+class Trainer:
+    """One training run. Every component is an attribute, built once by :meth:`build`; each method
+    does one job, so a test can build a trainer and drive it a step at a time."""
+
+    def __init__(self, cfg: RunConfig, rt: Runtime, train_split: TokenizedSplit,
+                 eval_split: TokenizedSplit | None, batches: TrainBatches, ddp_chunks: list, optimizer,
+                 scheduler, total_steps: int, num_microbatches: int, progress: Progress,
+                 resumed_from: Path | None, logger: MetricsLogger, stop: StopSignal):
+        self.cfg = cfg
+        self.rt = rt
+        self.layout: Layout = rt.layout
+        self.device: torch.device = rt.layout.device
+        self.train_split = train_split
+        self.eval_split = eval_split
+        self.batches = batches
+        self.ddp_chunks = ddp_chunks
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.total_steps = total_steps
+        self.num_microbatches = num_microbatches
+        self.progress = progress
+        self.logger = logger
+        self.stop = stop
+        self.ckpt_root = Path(cfg.output_dir) / "checkpoints"
+        self.last_saved = progress.step if resumed_from is not None else -1
+        """The step of the newest checkpoint of this run (-1: none yet)."""
+        self.steps_run = 0
+        """Optimizer steps taken by this process (a resumed run starts at 0)."""
+        self.last_metrics: dict[str, float] = {}
+        self.final_eval: dict[str, float] | None = None
+        self.flops_per_token = model_flops_per_token(rt.meta.arch, cfg.data.max_length)
+        self.peak_tflops = peak_tflops(self.device.type == "cuda")
+
+    # ------------------------------------------------------------------------------------- building
+
+    @classmethod
+    def build(cls, cfg: RunConfig, layout: Layout) -> Trainer:
+        stop = StopSignal()
+        ckpt_root = Path(cfg.output_dir) / "checkpoints"
+        resume_from = ckpt.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
+        # A SimPO resume overwrites every weight: skip reading the starting checkpoint. DPO needs the
+        # starting weights whenever its reference log-probs have to be computed.
+        rt = build_runtime(cfg, layout, load_weights=resume_from is None or cfg.loss.type == "dpo")
+        train_split, eval_split = cls._load_data(cfg, rt)
         num_micro = check_batch_sizes(cfg, layout.dp)
-        steps = total_steps(cfg, len(train_set))
-        batches = TrainBatches(cfg, train_set, rt.tokenizer, layout)
+        steps = total_steps(cfg, len(train_split))
+        batches = TrainBatches(cfg.train, train_split, rt.pad_id, rt.pad_multiple, layout.dp_rank, layout.dp)
 
-        ddp_chunks = wrap_ddp(rt.chunks, rt.chunks[0].config, cfg.parallel.distributed_optimizer)
-        optimizer = build_optimizer(ddp_chunks, cfg.optim, cfg.train.precision, cfg.parallel.distributed_optimizer)
+        cpu = layout.device.type == "cpu"
+        ddp_chunks = wrap_ddp(rt.chunks, cfg.parallel.distributed_optimizer, cpu)
+        optimizer = build_optimizer(ddp_chunks, cfg.optim, cfg.train.precision, cfg.parallel.distributed_optimizer,
+                                    cpu)
         scheduler = build_scheduler(optimizer, cfg.optim, steps)
 
         progress = Progress()
@@ -138,132 +183,167 @@ def run_training(cfg: RunConfig) -> dict[str, float]:
                 resume_from, ddp_chunks, optimizer, scheduler, layout, cfg.checkpoint.save_optimizer))
             log.info("resumed from %s at step %d (%d pairs consumed)", resume_from, progress.step,
                      progress.consumed_pairs)
-
         logger = MetricsLogger(cfg.output_dir, layout.rank, steps, progress.step,
                                cfg.train.tensorboard, cfg.train.progress_bar)
-        flops_per_token = model_flops_per_token(rt.meta.arch, cfg.data.max_length)
-        peak = peak_tflops(device.type == "cuda")
+        return cls(cfg, rt, train_split, eval_split, batches, ddp_chunks, optimizer, scheduler, steps, num_micro,
+                   progress, resume_from, logger, stop)
 
-        def run_eval(step: int) -> dict[str, float]:
-            metrics = evaluate(ddp_chunks, eval_batch_groups(cfg, eval_set, rt.tokenizer, layout),
-                               cfg.loss, rt.head, device)
-            record = {f"eval/{k}": v for k, v in metrics.items()}
-            logger.log(step, record)
-            logger.print(f"eval step {step}: " + ", ".join(
-                f"{k}={v:.4f}" for k, v in record.items() if not k.endswith(("num_pairs", "tokens"))))
-            return metrics
+    @staticmethod
+    def _load_data(cfg: RunConfig, rt: Runtime) -> tuple[TokenizedSplit, TokenizedSplit | None]:
+        rank = rt.layout.rank
+        train_split = load_split(cfg.data, rt.tokenizer, "train", rank, cfg.output_dir)
+        eval_split = load_split(cfg.data, rt.tokenizer, "eval", rank, cfg.output_dir) if cfg.data.eval_path else None
+        if cfg.loss.type == "dpo":
+            # Computed once with the starting weights, before any update: no second model later.
+            train_split = attach_reference_logps(rt, train_split, "train")
+            if eval_split is not None:
+                eval_split = attach_reference_logps(rt, eval_split, "eval")
+        return train_split, eval_split
 
-        def save(step: int) -> None:
-            ckpt.save_train_checkpoint(
-                ckpt_root, step, ddp_chunks, optimizer, scheduler, asdict(progress), rt.meta, layout,
-                cfg.checkpoint.keep_last, cfg.checkpoint.save_optimizer, tokenizer=rt.tokenizer_source)
-            logger.print(f"checkpoint saved: {ckpt_root / ckpt.step_dir_name(step)}")
+    # ------------------------------------------------------------------------------------- the loop
 
-        final_eval = None
-        if eval_set is not None and progress.step == 0:
-            final_eval = run_eval(0)
-        last_metrics: dict[str, float] = {}
-        last_saved = progress.step if resume_from is not None else -1
+    def train(self) -> dict[str, float]:
+        """Run to ``total_steps`` (or a stop); returns the final evaluation metrics, else the last step's."""
+        if self.eval_split is not None and self.progress.step == 0:
+            self.final_eval = self.evaluate()
         stopped_by = None
-        while progress.step < steps:
-            if stop.agreed(device):
-                stopped_by = stop.received or "signal on another rank"
+        while self.progress.step < self.total_steps:
+            if (stopped_by := self.should_stop()) is not None:
                 break
-            t0 = time.perf_counter()
-            micro_batches, local_chosen_tokens = batches.step(progress.consumed_pairs)
-            totals = torch.tensor([float(local_chosen_tokens), float(len(micro_batches) * cfg.train.micro_batch_pairs)],
-                                  dtype=torch.float64, device=device)
-            dist.all_reduce(totals, group=_dp_group())
-            scale = LossScale(num_microbatches=num_micro, dp=layout.dp, global_pairs=int(totals[1].item()),
-                              global_chosen_tokens=int(totals[0].item()))
-            for c in ddp_chunks:
-                c.zero_grad_buffer()
-            optimizer.zero_grad()
-            forward_step = make_forward_step(cfg.loss, rt.head, device, scale)
-            reports = run_schedule(ddp_chunks, forward_step, micro_batches, forward_only=False)
-            metrics = reduce_reports(reports, cfg.loss.sft_weight)
-            _inject_nonfinite_for_test(progress.step + 1, ddp_chunks)
+            self.train_step()
+            self.maybe_evaluate()
+            self.maybe_save()
+        return self.finish(stopped_by)
 
-            finite = math.isfinite(metrics["loss"]) and grads_are_finite(ddp_chunks, device)
-            grad_norm = float("nan")
+    def should_stop(self) -> str | None:
+        """Why to stop before the next step (a signal on any rank, or the exit interval), else None."""
+        if self.stop.agreed(self.device):
+            return self.stop.received or "signal on another rank"
+        interval = self.cfg.train.exit_interval
+        if interval and self.steps_run and self.progress.step % interval == 0:
+            return f"train.exit_interval={interval}"
+        return None
+
+    def forward_backward(self, micro_batches: list[dict], scale: LossScale) -> dict[str, float]:
+        """Gradients of the global-batch loss into the DDP buffers; the step's metrics (every rank)."""
+        for c in self.ddp_chunks:
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        forward_step = make_forward_step(self.cfg.loss, self.rt.head, self.device, scale)
+        reports = run_schedule(self.ddp_chunks, forward_step, micro_batches, forward_only=False)
+        return reduce_reports(reports, self.cfg.loss.sft_weight, self.device)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step (skipped, and counted, when the loss or a gradient is not finite); logs and
+        returns the step's record."""
+        cfg, progress = self.cfg, self.progress
+        t0 = time.perf_counter()
+        micro_batches, local_chosen_tokens = self.batches.step(progress.consumed_pairs)
+        totals = torch.tensor([float(local_chosen_tokens), float(len(micro_batches) * cfg.train.micro_batch_pairs)],
+                              dtype=torch.float64, device=self.device)
+        dist.all_reduce(totals, group=ps.get_data_parallel_group())
+        scale = LossScale(num_microbatches=self.num_microbatches, dp=self.layout.dp,
+                          global_pairs=int(totals[1].item()), global_chosen_tokens=int(totals[0].item()))
+        metrics = self.forward_backward(micro_batches, scale)
+
+        finite = math.isfinite(metrics["loss"]) and grads_are_finite(self.ddp_chunks, self.device)
+        grad_norm = float("nan")
+        if finite:
+            ok, grad_norm, _ = self.optimizer.step()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")  # a tensor on GPUs
+            finite = bool(ok) and math.isfinite(grad_norm)
             if finite:
-                ok, grad_norm, _ = optimizer.step()
-                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")  # a tensor on GPUs
-                finite = bool(ok) and math.isfinite(grad_norm)
-                if finite:
-                    scheduler.step(increment=1)
-            progress.step += 1
-            progress.consumed_pairs += cfg.train.global_batch_pairs
-            if finite:
-                progress.nonfinite_in_a_row = 0
-            else:
-                progress.skipped_steps += 1
-                progress.nonfinite_in_a_row += 1
-                logger.print(f"step {progress.step}: non-finite loss or gradient (loss={metrics['loss']}, "
-                             f"grad_norm={grad_norm}); update skipped ({progress.nonfinite_in_a_row} in a row, "
-                             f"{progress.skipped_steps} in all)")
-                if progress.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-                    raise FloatingPointError(
-                        f"{progress.nonfinite_in_a_row} consecutive non-finite steps (last: step {progress.step}); "
-                        f"aborting (train.max_nonfinite_steps={cfg.train.max_nonfinite_steps})")
+                self.scheduler.step(increment=1)
+        progress.step += 1
+        progress.consumed_pairs += cfg.train.global_batch_pairs
+        self.steps_run += 1
+        if finite:
+            progress.nonfinite_in_a_row = 0
+        else:
+            self._skipped(metrics["loss"], grad_norm)
 
-            dt = time.perf_counter() - t0
-            record = dict(metrics)
-            record.update(lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm, step_time_s=dt,
-                          tokens_per_s=metrics["tokens"] / dt, consumed_pairs=progress.consumed_pairs,
-                          skipped_steps=progress.skipped_steps, **memory_gib(device.type == "cuda"))
-            if peak:
-                record["mfu"] = metrics["tokens"] * flops_per_token / dt / (peak * 1e12 * layout.world_size)
-            last_metrics = record
-            if progress.step % cfg.train.log_interval == 0 or progress.step == steps:
-                logger.log(progress.step, record)
-            logger.progress(progress.step, record)
+        dt = time.perf_counter() - t0
+        record = dict(metrics)
+        record.update(lr=self.optimizer.param_groups[0]["lr"], grad_norm=grad_norm, step_time_s=dt,
+                      tokens_per_s=metrics["tokens"] / dt, consumed_pairs=progress.consumed_pairs,
+                      skipped_steps=progress.skipped_steps, **memory_gib(self.device.type == "cuda"))
+        if self.peak_tflops:
+            record["mfu"] = (metrics["tokens"] * self.flops_per_token / dt
+                             / (self.peak_tflops * 1e12 * self.layout.world_size))
+        self.last_metrics = record
+        if progress.step % cfg.train.log_interval == 0 or progress.step == self.total_steps:
+            self.logger.log(progress.step, record)
+        self.logger.progress(progress.step, record)
+        return record
 
-            if eval_set is not None and cfg.train.eval_interval and progress.step % cfg.train.eval_interval == 0 \
-                    and progress.step < steps:
-                run_eval(progress.step)
-            if cfg.checkpoint.save_interval and progress.step % cfg.checkpoint.save_interval == 0:
-                save(progress.step)
-                last_saved = progress.step
-            if cfg.train.exit_interval and progress.step % cfg.train.exit_interval == 0 and progress.step < steps:
-                stopped_by = f"train.exit_interval={cfg.train.exit_interval}"
-                break
+    def _skipped(self, loss: float, grad_norm: float) -> None:
+        progress, limit = self.progress, self.cfg.train.max_nonfinite_steps
+        progress.skipped_steps += 1
+        progress.nonfinite_in_a_row += 1
+        self.logger.print(f"step {progress.step}: non-finite loss or gradient (loss={loss}, grad_norm={grad_norm}); "
+                          f"update skipped ({progress.nonfinite_in_a_row} in a row, {progress.skipped_steps} in all)")
+        if progress.nonfinite_in_a_row >= limit:
+            raise FloatingPointError(
+                f"{progress.nonfinite_in_a_row} consecutive non-finite steps (last: step {progress.step}); "
+                f"aborting (train.max_nonfinite_steps={limit})")
 
+    def evaluate(self) -> dict[str, float]:
+        """Metrics on the held-out split now; logged and printed."""
+        metrics = evaluate(self.ddp_chunks, self.rt.eval_groups(self.eval_split), self.cfg.loss, self.rt.head,
+                           self.device)
+        record = {f"eval/{k}": v for k, v in metrics.items()}
+        self.logger.log(self.progress.step, record)
+        self.logger.print(f"eval step {self.progress.step}: " + ", ".join(
+            f"{k}={v:.4f}" for k, v in record.items() if not k.endswith(("num_pairs", "tokens"))))
+        return metrics
+
+    def maybe_evaluate(self) -> dict[str, float] | None:
+        """Evaluate every ``train.eval_interval`` steps before the last (the last step's comes in finish)."""
+        interval, step = self.cfg.train.eval_interval, self.progress.step
+        if self.eval_split is None or not interval or step % interval or step >= self.total_steps:
+            return None
+        return self.evaluate()
+
+    def save(self) -> None:
+        step = self.progress.step
+        ckpt.save_train_checkpoint(
+            self.ckpt_root, step, self.ddp_chunks, self.optimizer, self.scheduler, asdict(self.progress),
+            self.rt.meta, self.layout, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.save_optimizer,
+            tokenizer=self.rt.tokenizer_source)
+        self.last_saved = step
+        self.logger.print(f"checkpoint saved: {self.ckpt_root / ckpt.step_dir_name(step)}")
+
+    def maybe_save(self) -> None:
+        """Save every ``checkpoint.save_interval`` steps."""
+        interval = self.cfg.checkpoint.save_interval
+        if interval and self.progress.step % interval == 0:
+            self.save()
+
+    def finish(self, stopped_by: str | None = None) -> dict[str, float]:
+        """Save what is unsaved; a completed run then evaluates and exports. Returns the final evaluation
+        metrics, else the last step's."""
+        if self.last_saved != self.progress.step:
+            self.save()
         if stopped_by is not None:
-            if last_saved != progress.step:
-                save(progress.step)
-            logger.print(f"stopped by {stopped_by} at step {progress.step}; resume with the same command")
-            logger.close()
-            return last_metrics
-        if last_saved != progress.step:
-            save(progress.step)
-        if eval_set is not None:
-            final_eval = run_eval(progress.step)
-        if cfg.checkpoint.export_hf:
-            _export_hf(cfg, ckpt_root / ckpt.step_dir_name(progress.step), layout, logger)
-        logger.close()
-        return final_eval if final_eval is not None else last_metrics
-    finally:
-        shutdown()
+            self.logger.print(f"stopped by {stopped_by} at step {self.progress.step}; resume with the same command")
+            return self.last_metrics
+        if self.eval_split is not None:
+            self.final_eval = self.evaluate()
+        if self.cfg.checkpoint.export_hf:
+            self.export_hf()
+        return self.final_eval if self.final_eval is not None else self.last_metrics
 
+    def export_hf(self) -> None:
+        """The newest checkpoint as a Hugging Face model in ``<output_dir>/hf``."""
+        out = Path(self.cfg.output_dir) / "hf"
+        if self.layout.rank == 0:
+            if out.exists():
+                shutil.rmtree(out)
+            # A process of its own: the converter runs in a world of one while this job's ranks wait.
+            run_in_fresh_process("mcore-to-hf", "--ckpt", str(self.ckpt_root / ckpt.step_dir_name(self.progress.step)),
+                                 "--out", str(out))
+            self.logger.print(f"exported Hugging Face model: {out}")
+        dist.barrier()
 
-def _dp_group():
-    from megatron.core import parallel_state as ps
-
-    return ps.get_data_parallel_group()
-
-
-def _export_hf(cfg: RunConfig, step_dir: Path, layout, logger: MetricsLogger) -> None:
-    from simpo_mcore.runtime import run_python
-
-    out = Path(cfg.output_dir) / "hf"
-    if layout.rank == 0:
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
-        run_python("from simpo_mcore.convert.mcore_to_hf import convert_mcore_to_hf; "
-                   "from simpo_mcore.parallel import ensure_process_group; ensure_process_group(); "
-                   f"convert_mcore_to_hf({str(step_dir)!r}, {str(out)!r}, log=lambda _: None)")
-        logger.print(f"exported Hugging Face model: {out}")
-    dist.barrier()
+    def close(self) -> None:
+        self.logger.close()

@@ -22,3 +22,18 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip("../shared/data is not present")
     return path
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """A world of one for ``dist_checkpointing`` in this process; torn down after the module if this made
+    it. A module opts in with ``pytestmark = pytest.mark.usefixtures("world_of_one")``."""
+    import torch.distributed as dist
+
+    from simpo_mcore.parallel import ensure_process_group
+
+    made = not dist.is_initialized()
+    ensure_process_group()
+    yield
+    if made and dist.is_initialized():
+        dist.destroy_process_group()

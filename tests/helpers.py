@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from simpo_mcore import parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "distributed" / "scripts"
@@ -23,25 +22,9 @@ LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "h
 """Llama-3.1 rope scaling with a small original context, so that sequences of ~100 tokens reach it."""
 
 
-@pytest.fixture(scope="module")
-def world_of_one():
-    """A world of one for ``dist_checkpointing`` in this process; torn down after the module if this made
-    it. A module opts in with ``pytestmark = pytest.mark.usefixtures("world_of_one")``."""
-    import torch.distributed as dist
-
-    from simpo_mcore.parallel import ensure_process_group
-
-    made = not dist.is_initialized()
-    ensure_process_group()
-    yield
-    if made and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free local TCP port (the package's own helper)."""
+    return parallel.free_port()
 
 
 def run_ranks(script: str | Path, nproc: int, *args: str, timeout: float = 600,

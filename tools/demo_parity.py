@@ -63,9 +63,9 @@ def worker(tmp: str) -> int:
     import torch
     from transformers import LlamaForCausalLM
 
-    from simpo_mcore.checkpoint import load_model_weights
     from simpo_mcore.config import ParallelConfig
     from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
+    from simpo_mcore.convert.mcore_io import load_model_weights
     from simpo_mcore.model.builder import ModelOptions, build_model
     from simpo_mcore.model.forward import forward_logits
     from simpo_mcore.parallel import init_distributed, shutdown
@@ -75,7 +75,7 @@ def worker(tmp: str) -> int:
     chunks = build_model(arch, ModelOptions(tp=2, precision="fp32"))
     load_model_weights(chunks, f"{tmp}/ckpt")
     tokens = torch.randint(0, arch.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(1))
-    logits = forward_logits(chunks, tokens)  # [b, s, vocab], fp32, padded rows stripped
+    logits = forward_logits(chunks, tokens, arch.vocab_size)  # [b, s, vocab], fp32, padded rows stripped
     with torch.no_grad():
         ref = LlamaForCausalLM.from_pretrained(f"{tmp}/hf", dtype=torch.float32).eval()(tokens).logits
     err = (logits - ref).abs().max().item()

@@ -8,15 +8,19 @@ allocations; the rest are views of memory-mapped files).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+from simpo_mcore import cpu_mode
 from simpo_mcore.convert import keymap
 from simpo_mcore.convert.checkpoint_meta import TOKENIZER_DIR, CheckpointMeta
 from simpo_mcore.convert.hf_io import CheckpointError, SafetensorsReader, copy_tokenizer_files, staged_output
+from simpo_mcore.convert.mcore_io import save_sharded
 from simpo_mcore.model.hf_config import LlamaArch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,6 +47,7 @@ def check_hf_tensors(reader: SafetensorsReader, arch: LlamaArch) -> None:
                 f"{reader.dir}: tensor {name} has shape {list(got)}, the config implies {list(shape)}")
 
 
+@cpu_mode.without_gpu
 def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
                         log: Callable[[str], None] = print) -> CheckpointMeta:
     """Write ``out_dir`` (must not exist or be empty). Needs a (one-process) torch.distributed group."""
@@ -56,12 +61,6 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | No
     cast = DTYPES[dtype] if dtype else None
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty")
-    # Input checked: only now pay for importing megatron (bad input fails in a second or two).
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    from simpo_mcore.checkpoint import save_sharded
-
-    _cpu_mode_without_gpu()
     # Written under a temporary name and renamed at the end: a failed run leaves no half checkpoint.
     with staged_output(out_dir) as tmp_dir:
         tmp_dir.mkdir(parents=True)
@@ -96,15 +95,4 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | No
 
 
 def _with_dtype(arch: LlamaArch, dtype: str) -> LlamaArch:
-    from dataclasses import replace
-
-    return replace(arch, torch_dtype=dtype)
-
-
-def _cpu_mode_without_gpu() -> None:
-    """dist_checkpointing calls ``torch.cuda.synchronize`` (and more) unconditionally: without a
-    GPU, route those calls to the CPU as training does."""
-    if not torch.cuda.is_available():
-        from simpo_mcore import cpu_mode
-
-        cpu_mode.enable()
+    return dataclasses.replace(arch, torch_dtype=dtype)

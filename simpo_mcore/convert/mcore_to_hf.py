@@ -13,7 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+from simpo_mcore import cpu_mode
 from simpo_mcore.convert import keymap
 from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
 from simpo_mcore.convert.hf_io import (
@@ -22,7 +25,7 @@ from simpo_mcore.convert.hf_io import (
     copy_tokenizer_files,
     staged_output,
 )
-from simpo_mcore.convert.hf_to_mcore import DTYPES, _cpu_mode_without_gpu
+from simpo_mcore.convert.hf_to_mcore import DTYPES
 
 
 def check_mcore_tensors(metadata: dict, arch, ckpt_dir: Path) -> None:
@@ -48,9 +51,6 @@ def check_mcore_tensors(metadata: dict, arch, ckpt_dir: Path) -> None:
 
 def _read(ckpt_dir: Path, requests: dict[str, tuple[str, tuple[int, ...], torch.dtype, int | None, int]]):
     """Load ``{name: (key, local_shape, dtype, layer or None, num_layers)}`` slices in one call."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
     sharded = {}
     for name, (key, shape, dtype, layer, n) in requests.items():
         if layer is None:
@@ -67,6 +67,7 @@ def _read(ckpt_dir: Path, requests: dict[str, tuple[str, tuple[int, ...], torch.
     return {name: loaded[name][0] if requests[name][3] is not None else loaded[name] for name in requests}
 
 
+@cpu_mode.without_gpu
 def convert_mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 * 10**9,
                         dtype: str | None = None, tokenizer_dir: str | Path | None = None,
                         log: Callable[[str], None] = print) -> Path:
@@ -80,9 +81,6 @@ def convert_mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_byt
     out_dtype = DTYPES[dtype or arch.torch_dtype] if (dtype or arch.torch_dtype) in DTYPES else None
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty")
-    from megatron.core import dist_checkpointing  # imported once the cheap checks passed
-
-    _cpu_mode_without_gpu()
     metadata = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
     check_mcore_tensors(metadata, arch, ckpt_dir)
     with staged_output(out_dir) as tmp_dir:

@@ -20,6 +20,13 @@ from simpo_mcore.data.tokenize import LABEL_PAD
 PAD_TO_MULTIPLE_OF = 16
 
 
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """``[b, s]`` labels aligned with the tokens -> targets of the logits at each position."""
+    shifted = torch.full_like(labels, LABEL_PAD)
+    shifted[:, :-1] = labels[:, 1:]
+    return shifted
+
+
 def pad_token_id(tokenizer) -> int:
     """The tokenizer's pad id, else 0 (padding never carries a label, so its value is free)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -6,39 +6,64 @@ the pipeline stages agree on shapes and the tensor-parallel ranks on tokens with
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import torch
 import torch.distributed as dist
 
-from simpo_mcore.config import RunConfig
-from simpo_mcore.data.batching import PAD_TO_MULTIPLE_OF, pad_token_id, step_micro_batches
-from simpo_mcore.data.preference import build_preference_dataset
+from simpo_mcore.config import DataConfig, TrainConfig
+from simpo_mcore.data.batching import PAD_TO_MULTIPLE_OF, shift_labels, step_micro_batches
+from simpo_mcore.data.preference import DataReport, build_preference_dataset
 from simpo_mcore.data.sampler import PairSampler, eval_micro_batches
-from simpo_mcore.step import shift_labels
+from simpo_mcore.data.tokenize import LABEL_PAD
 
 REF_COLUMNS = ("ref_chosen_sum_logps", "ref_rejected_sum_logps")
 
 
-def load_split(cfg: RunConfig, tokenizer, tokenizer_source: str, split: str, layout):
+@dataclass(frozen=True)
+class TokenizedSplit:
+    """One tokenised split and what built it."""
+
+    dataset: datasets.Dataset
+    report: DataReport
+
+    @property
+    def cache_key(self) -> str:
+        """Names the tokenised data exactly (source, tokenizer, length settings): what a stored DPO
+        reference is checked against."""
+        return Path(self.report.cache_path).name
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def with_columns(self, columns: dict[str, list]) -> TokenizedSplit:
+        """The same split with per-pair columns added (e.g. the DPO reference log-probs)."""
+        dataset = self.dataset
+        for name, values in columns.items():
+            dataset = dataset.add_column(name, values)
+        return dataclasses.replace(self, dataset=dataset)
+
+
+def load_split(cfg: DataConfig, tokenizer, split: str, rank: int, output_dir: str | Path) -> TokenizedSplit:
     """The tokenised ``train`` or ``eval`` split. Rank 0 tokenises (and caches) first; the other
     ranks then read the cache instead of tokenising the same rows again."""
-    cache_dir = Path(cfg.output_dir) / "data_cache"
+    cache_dir = Path(output_dir) / "data_cache"
     dataset = report = None
-    if layout.rank == 0:
-        dataset, report = build_preference_dataset(cfg.data, tokenizer, split, cache_dir)
+    if rank == 0:
+        dataset, report = build_preference_dataset(cfg, tokenizer, split, cache_dir)
     dist.barrier()
-    if layout.rank != 0:
-        dataset, report = build_preference_dataset(cfg.data, tokenizer, split, cache_dir)
-    dataset.simpo_cache_key = Path(report.cache_path).name
-    return dataset
+    if rank != 0:
+        dataset, report = build_preference_dataset(cfg, tokenizer, split, cache_dir)
+    return TokenizedSplit(dataset, report)
 
 
-def pad_multiple(cfg: RunConfig) -> int:
+def pad_multiple(tp: int, sequence_parallel: bool) -> int:
     """Sequence lengths are padded to a multiple of 16 (and of TP under sequence parallelism)."""
-    tp = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
-    return math.lcm(PAD_TO_MULTIPLE_OF, tp)
+    return math.lcm(PAD_TO_MULTIPLE_OF, tp if sequence_parallel else 1)
 
 
 def _finish(batches: list[dict]) -> list[dict]:
@@ -52,13 +77,12 @@ def _finish(batches: list[dict]) -> list[dict]:
 class TrainBatches:
     """This rank's micro-batches for any step, recomputed from the pairs consumed so far."""
 
-    def __init__(self, cfg: RunConfig, dataset, tokenizer, layout):
-        t = cfg.train
-        self.dataset = dataset
-        self.sampler = PairSampler(len(dataset), t.global_batch_pairs, t.micro_batch_pairs,
-                                   layout.dp_rank, layout.dp, t.seed)
-        self.pad_id = pad_token_id(tokenizer)
-        self.multiple = pad_multiple(cfg)
+    def __init__(self, cfg: TrainConfig, split: TokenizedSplit, pad_id: int, multiple: int,
+                 dp_rank: int, dp: int):
+        self.dataset = split.dataset
+        self.sampler = PairSampler(len(split), cfg.global_batch_pairs, cfg.micro_batch_pairs, dp_rank, dp, cfg.seed)
+        self.pad_id = pad_id
+        self.multiple = multiple
 
     def step(self, consumed_pairs: int) -> tuple[list[dict], int]:
         """(micro-batches of the step after ``consumed_pairs``, chosen response tokens in them)."""
@@ -68,11 +92,12 @@ class TrainBatches:
         chosen_tokens = 0
         for b in batches:
             k = b["tokens"].shape[0] // 2
-            chosen_tokens += int((shift_labels(b["labels"][:k]) != -100).sum())
+            chosen_tokens += int((shift_labels(b["labels"][:k]) != LABEL_PAD).sum())
         return batches, chosen_tokens
 
 
-def eval_batch_groups(cfg: RunConfig, dataset, tokenizer, layout, group_size: int = 8):
+def eval_batch_groups(split: TokenizedSplit, micro_batch_pairs: int, pad_id: int, multiple: int, layout,
+                      group_size: int = 8):
     """All pairs once, this rank's shard, as lists of up to ``group_size`` micro-batches of equal
     shape (one schedule call each: pipeline stages exchange fixed shapes, so a smaller last
     micro-batch gets a group of its own).
@@ -80,8 +105,8 @@ def eval_batch_groups(cfg: RunConfig, dataset, tokenizer, layout, group_size: in
     megatron's interleaved schedule (VPP) needs a multiple of PP micro-batches per call, so there a
     group is topped up with copies of its last micro-batch marked ``padding: True``, placed last;
     the schedule returns their reports last too, and callers drop them (see ``evaluate``)."""
-    micro = eval_micro_batches(len(dataset), cfg.train.micro_batch_pairs, layout.dp_rank, layout.dp)
-    pad_id, multiple = pad_token_id(tokenizer), pad_multiple(cfg)
+    dataset = split.dataset
+    micro = eval_micro_batches(len(dataset), micro_batch_pairs, layout.dp_rank, layout.dp)
 
     def finish(group: list[list[int]]) -> list[dict]:
         batches = _finish(step_micro_batches(dataset, group, pad_id, multiple))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -108,8 +109,6 @@ def build_model(arch: LlamaArch, opts: ModelOptions) -> list[GPTModel]:
     Parameters are randomly initialised; load a checkpoint into them with
     :func:`simpo_mcore.checkpoint.load_model`.
     """
-    from megatron.core import parallel_state as ps
-
     config = transformer_config(arch, opts)
     vocab = padded_vocab_size(arch.vocab_size, opts.make_vocab_size_divisible_by, opts.tp)
     pp_rank = ps.get_pipeline_model_parallel_rank()
@@ -143,6 +142,4 @@ def build_model(arch: LlamaArch, opts: ModelOptions) -> list[GPTModel]:
             chunks.append(model)
     finally:
         gpt_logger.setLevel(level)
-    for model in chunks:
-        model.simpo_vocab_size = arch.vocab_size  # unpadded: rows beyond it never carry probability
     return chunks

@@ -18,14 +18,13 @@ def position_ids_like(tokens: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def forward_logits(chunks: list, tokens: torch.Tensor) -> torch.Tensor | None:
-    """Logits ``[b, s, vocab]`` (padded rows stripped, fp32) for ``tokens [b, s]``.
+def forward_logits(chunks: list, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+    """Logits ``[b, s, vocab_size]`` (padded rows stripped, fp32) for ``tokens [b, s]``.
 
     Runs one micro-batch through megatron's schedule, so any TP / PP / VPP layout works. Returns
     the logits on the last pipeline stage and ``None`` elsewhere; ``tokens`` must be the same on
-    every rank of the model-parallel group.
+    every rank of the model-parallel group. ``vocab_size``: the real (unpadded) vocabulary.
     """
-    vocab = chunks[-1].simpo_vocab_size if hasattr(chunks[-1], "simpo_vocab_size") else None
     b, s = tokens.shape
     out: dict[str, torch.Tensor] = {}
 
@@ -35,7 +34,7 @@ def forward_logits(chunks: list, tokens: torch.Tensor) -> torch.Tensor | None:
         def loss_func(output):
             # The model returns [b, s, v/tp] (vocab-parallel); gather the vocab shards.
             full = gather_from_tensor_model_parallel_region(output.float())  # [b, s, v_padded]
-            out["logits"] = full[..., :vocab] if vocab else full
+            out["logits"] = full[..., :vocab_size]
             return output.new_zeros(()), {}
 
         return logits, loss_func

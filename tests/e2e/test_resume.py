@@ -57,7 +57,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, tiny, straight):
     out = tmp_path / "run"
     saving = {"save_interval": 3, "keep_last": 2}
     with pytest.raises(AssertionError, match="failed with"):
-        train(tmp_path, tiny, "crash", 1, out, {}, env={"SIMPO_MCORE_CRASH_IN_SAVE_AT": "6"}, checkpoint=saving)
+        train(tmp_path, tiny, "crash", 1, out, {}, env={"TEST_CRASH_IN_SAVE_AT": "6"}, checkpoint=saving)
     ckpts = out / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_0000003"
     assert (ckpts / "step_0000006.incomplete").is_dir() and not (ckpts / "step_0000006").exists()

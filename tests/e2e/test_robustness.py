@@ -23,7 +23,7 @@ def test_nonfinite_gradient_is_skipped_then_aborts(tmp_path, tiny, straight):
     out = tmp_path / "nan"
     proc = run_ranks("train_entry.py", 2, write_config(tmp_path / "nan.yaml", *tiny, output_dir=str(out),
                                                        parallel=par),
-                     env={"SIMPO_MCORE_NAN_AT_STEPS": "3"})
+                     env={"TEST_NAN_AT_STEPS": "3"})
     assert "step 3: non-finite loss or gradient" in proc.stdout + proc.stderr
     a, b = straight("dp2"), read_metrics(out)
     assert b[2]["loss"] == a[2]["loss"] and b[3]["skipped_steps"] == 1 and b[20]["skipped_steps"] == 1
@@ -34,7 +34,7 @@ def test_nonfinite_gradient_is_skipped_then_aborts(tmp_path, tiny, straight):
     with pytest.raises(AssertionError, match="3 consecutive non-finite steps"):
         run_ranks("train_entry.py", 2, write_config(tmp_path / "abort.yaml", *tiny, output_dir=str(tmp_path / "abort"),
                                                     parallel=par, train={"max_steps": 8, "max_nonfinite_steps": 3}),
-                  env={"SIMPO_MCORE_NAN_AT_STEPS": "2,3,4"})
+                  env={"TEST_NAN_AT_STEPS": "2,3,4"})
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ TINY_TRAIN = {
 
 def make_tiny(root: Path) -> Path:
     """A tiny random Llama (4 layers, hidden 64) over the synthetic tokenizer, converted."""
-    from simpo_mcore.model.tiny import make_tiny_checkpoint
+    from simpo_mcore.convert.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(root, seed=3, hidden_size=64, intermediate_size=160, num_hidden_layers=4)
 

@@ -76,15 +76,15 @@ def _hf_logits(hf_dir, dtype, tokens, mask):
 
 
 def _mcore_logits(ckpt, spec, precision, tokens, fp8_recipe="tensorwise"):
-    from simpo_mcore.checkpoint import load_model_weights
     from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
+    from simpo_mcore.convert.mcore_io import load_model_weights
     from simpo_mcore.model.builder import ModelOptions, build_model
     from simpo_mcore.model.forward import forward_logits
 
     arch = CheckpointMeta.read(ckpt).arch
     chunks = build_model(arch, ModelOptions(spec=spec, precision=precision, fp8_recipe=fp8_recipe, cuda=True))
     load_model_weights(chunks, ckpt)
-    return forward_logits(chunks, tokens), chunks
+    return forward_logits(chunks, tokens, arch.vocab_size), chunks
 
 
 def test_logits_parity_bf16_te_and_sdpa_fp8_te(layout, converted):
@@ -173,9 +173,9 @@ def test_training_step_makes_no_host_sync_of_its_own(layout, converted):
     import traceback
     import warnings
 
-    from simpo_mcore.checkpoint import load_model_weights
     from simpo_mcore.config import LossConfig
     from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
+    from simpo_mcore.convert.mcore_io import load_model_weights
     from simpo_mcore.logprobs import TokenLogpsContext
     from simpo_mcore.model.builder import ModelOptions, build_model
     from simpo_mcore.model.specs import te_available

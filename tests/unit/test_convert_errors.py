@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUIET, make_tiny_hf_llama, world_of_one  # noqa: F401 (world_of_one: fixture)
+from helpers import QUIET, make_tiny_hf_llama
 from safetensors.torch import load_file, save_file
 
 from simpo_mcore.convert.checkpoint_meta import META_FILE, CheckpointMeta
@@ -154,7 +154,7 @@ def resave(ckpt: Path, out: Path, drop=(), put=None) -> Path:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from simpo_mcore.checkpoint import save_sharded
+    from simpo_mcore.convert.mcore_io import save_sharded
 
     tensors = dist_checkpointing.load_plain_tensors(str(ckpt))
     for key in drop:

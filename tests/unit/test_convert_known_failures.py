@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LLAMA31_ROPE, QUIET, make_tiny_hf_llama, world_of_one  # noqa: F401 (world_of_one: fixture)
+from helpers import LLAMA31_ROPE, QUIET, make_tiny_hf_llama
 from safetensors.torch import load_file
 
 from simpo_mcore.convert import keymap
@@ -72,7 +72,7 @@ def test_no_padded_rows_in_exports(tmp_path):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from simpo_mcore.checkpoint import save_sharded
+    from simpo_mcore.convert.mcore_io import save_sharded
 
     source, ckpt, _ = export(tmp_path, vocab_size=250, tie=False)
     tensors = dist_checkpointing.load_plain_tensors(str(ckpt))

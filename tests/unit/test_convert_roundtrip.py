@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LLAMA31_ROPE, QUIET, make_tiny_hf_llama, world_of_one  # noqa: F401 (world_of_one: fixture)
+from helpers import LLAMA31_ROPE, QUIET, make_tiny_hf_llama
 from safetensors import safe_open
 
 from simpo_mcore.convert.checkpoint_meta import CheckpointMeta

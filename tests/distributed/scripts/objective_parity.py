@@ -17,15 +17,15 @@ import torch
 from gather_hf import gather_hf_tensors
 from safetensors.torch import save_file
 
-from simpo_mcore.checkpoint import load_model_weights
 from simpo_mcore.config import LossConfig, ParallelConfig
 from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
-from simpo_mcore.evaluate import run_schedule
+from simpo_mcore.convert.mcore_io import load_model_weights
+from simpo_mcore.data.batching import shift_labels
 from simpo_mcore.logprobs import TokenLogpsContext, sequence_logps
 from simpo_mcore.model.builder import ModelOptions, build_model
 from simpo_mcore.optim import wrap_ddp
 from simpo_mcore.parallel import init_distributed, shutdown
-from simpo_mcore.step import LossScale, make_forward_step, reduce_reports, shift_labels
+from simpo_mcore.step import LossScale, make_forward_step, reduce_reports, run_schedule
 
 LOSS = LossConfig(type="simpo", beta=2.0, gamma_beta_ratio=0.5, label_smoothing=0.1, sft_weight=0.5)
 
@@ -72,7 +72,7 @@ def run_layout(hf_dir, ckpt_dir, pairs_path, out_root, tp, pp, sp):
     arch = CheckpointMeta.read(ckpt_dir).arch
     chunks = build_model(arch, ModelOptions(tp=tp, pp=pp, sequence_parallel=sp))
     load_model_weights(chunks, ckpt_dir)
-    ddp = wrap_ddp(chunks, chunks[0].config, distributed_optimizer=False)
+    ddp = wrap_ddp(chunks, distributed_optimizer=False, cpu=True)
     from megatron.core.distributed import finalize_model_grads
     chunks[0].config.finalize_model_grads_func = finalize_model_grads
 
@@ -111,7 +111,7 @@ def run_layout(hf_dir, ckpt_dir, pairs_path, out_root, tp, pp, sp):
         for c in ddp:
             c.zero_grad_buffer()
         reports = run_schedule(ddp, forward_step, batches, forward_only=False)
-        metrics = reduce_reports(reports, LOSS.sft_weight)
+        metrics = reduce_reports(reports, LOSS.sft_weight, layout.device)
         grads = gather_hf_tensors(ddp, arch, "grad")
         all_seen = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(all_seen, seen if layout.tp_rank == 0 else [])

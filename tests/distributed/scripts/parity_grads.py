@@ -27,9 +27,9 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from parity_common import LENGTHS, batches, load_hf
 
-from simpo_mcore.checkpoint import load_model_weights, model_sharded_state_dict, save_sharded
 from simpo_mcore.config import ParallelConfig
 from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
+from simpo_mcore.convert.mcore_io import load_model_weights, model_sharded_state_dict, save_sharded
 from simpo_mcore.model.builder import ModelOptions, build_model
 from simpo_mcore.model.forward import position_ids_like
 from simpo_mcore.parallel import init_distributed, shutdown

@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 from parity_common import batches, hf_logits, load_hf
 
-from simpo_mcore.checkpoint import load_model_weights
 from simpo_mcore.config import ParallelConfig
 from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
+from simpo_mcore.convert.mcore_io import load_model_weights
 from simpo_mcore.model.builder import ModelOptions, build_model
 from simpo_mcore.model.forward import forward_logits
 from simpo_mcore.parallel import init_distributed, shutdown
@@ -48,7 +48,7 @@ def main(out_path: str, layouts: str, models: list[str]) -> None:
             load_model_weights(chunks, ckpt_dir)
             errs = {}
             for batch, (tokens, mask, ref) in refs[name].items():
-                logits = forward_logits(chunks, tokens)  # [b, s, vocab] on the last stage, else None
+                logits = forward_logits(chunks, tokens, arch.vocab_size)  # [b, s, vocab] on the last stage, else None
                 err, compared = torch.zeros(1), torch.zeros(1)
                 if logits is not None:
                     assert logits.shape == ref.shape, (logits.shape, ref.shape)

@@ -9,6 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from simpo_mcore.convert.hf_to_mcore import convert_hf_to_mcore
+from simpo_mcore.data.synthetic import build_tokenizer
+from simpo_mcore.parallel import ensure_process_group
 
 TINY_ARCH = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
@@ -16,12 +21,6 @@ TINY_ARCH = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, nu
 
 def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, **arch_overrides) -> Path:
     """Write ``out_dir/hf`` (HF model + tokenizer) and ``out_dir/mcore`` (converted); return the latter."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from simpo_mcore.convert.hf_to_mcore import convert_hf_to_mcore
-    from simpo_mcore.data.synthetic import build_tokenizer
-    from simpo_mcore.parallel import ensure_process_group
-
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
     arch = {**TINY_ARCH, **arch_overrides}
