@@ -26,7 +26,7 @@ demo-parity: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check simpo_mcore tools tests benchmarks
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -61,6 +61,7 @@ def test_kept_head_logits_train_like_recomputed_ones(tmp_path, tiny, straight):
         assert kept[step]["loss"] == pytest.approx(fp32[step]["loss"], rel=1e-5, abs=1e-7), step
 
 
+@pytest.mark.slow  # launches simpo-train
 def test_fp8_without_gpu_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "simpo_mcore.cli", "simpo-train", "configs/tiny_cpu.yaml",
                            "parallel.tp=1", "train.precision=fp8", f"output_dir={tmp_path}"],
@@ -69,6 +70,7 @@ def test_fp8_without_gpu_is_a_clear_error(tmp_path):
     assert "train.precision: fp8 needs a GPU" in proc.stderr
 
 
+@pytest.mark.slow  # launches simpo-train on ranks
 def test_batch_mismatch_is_explained(tmp_path, tiny):
     """DP=2 cannot split 6 pairs into micro-batches of 2: the error says what would work."""
     cfg = write_config(tmp_path / "c.yaml", *tiny, output_dir=str(tmp_path / "o"),

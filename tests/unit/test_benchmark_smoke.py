@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 TINY_FLOP = 121749504
 
+pytestmark = pytest.mark.slow  # the benchmark runs in a process of its own
+
 
 def _load(name: str):
     if str(BENCH) not in sys.path:

@@ -19,11 +19,14 @@ pytest.importorskip("triton")
 CHECKS = Path(__file__).with_name("kernel_checks.py")
 
 
+@pytest.mark.slow  # a fresh pytest process under Triton's interpreter
 def test_triton_kernels_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CHECKS)],
                           cwd=CHECKS.parent, env=env, capture_output=True, text=True, timeout=600)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-2000:]
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    # Every check ran and passed: none skipped (e.g. Triton missing in the child), none deselected.
     passed = re.search(r"(\d+) passed", summary)
-    assert passed and int(passed.group(1)) == 14 and "skipped" not in summary, summary
+    assert passed and int(passed.group(1)) > 0, summary
+    assert not re.search(r"skipped|deselected|xfail|error", summary), summary
