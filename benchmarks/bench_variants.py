@@ -2,8 +2,8 @@
 
 * ``hf``: transformers ``LlamaForCausalLM`` with SDPA attention and the SimPO reference's loss
   (full logits -> ``.float()`` -> ``log_softmax`` -> gather -> masked mean per sequence);
-* ``mcore``: simpo_mcore's model (:func:`build_model`) and head (``token_logps_output_processor``),
-  as :mod:`simpo_mcore.step` runs it;
+* ``mcore``: simpo_mcore's model (:func:`build_model`) under its training step's ``forward_step`` /
+  ``loss_func`` (:mod:`simpo_mcore.step`);
 * ``head``: the log-prob head alone on given hidden states, naive or fused.
 
 Every weight is random (generated here, never downloaded) and every batch holds random token ids:
@@ -16,21 +16,16 @@ from dataclasses import dataclass
 
 import torch
 from bench_common import Workload
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from simpo_mcore.config import LossConfig
-from simpo_mcore.logprobs import (
-    IGNORE_INDEX,
-    TokenLogpsContext,
-    fused_token_logps,
-    sequence_logps,
-    token_logps_output_processor,
-)
+from simpo_mcore.data.batching import shift_labels
+from simpo_mcore.logprobs import IGNORE_INDEX, TokenLogpsContext, fused_token_logps, sequence_logps
 from simpo_mcore.losses import simpo_loss
 from simpo_mcore.model.builder import ModelOptions, build_model
-from simpo_mcore.model.forward import position_ids_like
 from simpo_mcore.model.hf_config import LlamaArch
 from simpo_mcore.parallel import seed_everything
-from simpo_mcore.step import checked_targets, shift_labels
+from simpo_mcore.step import LossScale, make_forward_step
 
 
 @dataclass(frozen=True)
@@ -118,31 +113,30 @@ def hf_workload(arch: LlamaArch, batch: Batch, loss_cfg: LossConfig, dtype: torc
 
 def mcore_workload(arch: LlamaArch, batch: Batch, loss_cfg: LossConfig, opts: ModelOptions,
                    chunk_tokens: int, seed: int, head_kernel: str = "auto", keep_logits: bool = False) -> Workload:
-    """The model call of :func:`simpo_mcore.step.make_forward_step` on one micro-batch, then backward.
+    """One micro-batch through simpo_mcore's training step as :mod:`simpo_mcore.step` runs it under the
+    schedule (:func:`make_forward_step`: host-side label check, copies to the device, the model with the
+    fused head, ``loss_func``), then backward. The batch comes from the host, as the sampler gives it.
 
     FP8 needs no context here: megatron-core 0.19's ``TransformerBlock.forward`` enters
     ``fp8_utils.get_fp8_context(config)`` itself (around the whole block for delayed scaling, per layer
     for the other recipes) whenever ``config.fp8`` is set; the embedding and the log-prob head stay bf16.
     """
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
     seed_everything(seed)  # the same initial weights for every precision of one spec
     model_parallel_cuda_manual_seed(seed)
     (model,) = build_model(arch, opts)
     model.train()
-    positions = position_ids_like(batch.tokens)  # [2k, s]
-    # What simpo_mcore.step does per micro-batch, once here (outside the timed steps): the labels are
-    # checked, so nothing in the step waits for the device, and the head computes the labelled tokens only.
-    targets, head = checked_targets(batch.labels, TokenLogpsContext(
-        vocab_size=arch.vocab_size, chunk_tokens=chunk_tokens, kernel=head_kernel, recompute=not keep_logits),
-        batch.labels.device)  # [2k, s]
+    host = {"tokens": batch.tokens.cpu(), "labels": batch.labels.cpu()}  # [2k, s] each
+    chosen_tokens = int((shift_labels(host["labels"][:batch.pairs]) != IGNORE_INDEX).sum())
+    head = TokenLogpsContext(vocab_size=arch.vocab_size, chunk_tokens=chunk_tokens, kernel=head_kernel,
+                             recompute=not keep_logits)
+    # One micro-batch is the whole (global) batch: the loss is the mean over its pairs.
+    scale = LossScale(num_microbatches=1, dp=1, global_pairs=batch.pairs, global_chosen_tokens=chosen_tokens)
+    forward_step = make_forward_step(loss_cfg, head, batch.tokens.device, scale)
 
     def step() -> torch.Tensor:
         model.zero_grad(set_to_none=True)
-        token_logps = model(batch.tokens, positions, None, labels=targets,
-                            output_processor=token_logps_output_processor, output_processor_context=head)  # [2k, s]
-        _, _, avg_logps = sequence_logps(token_logps, targets, check=False)  # [2k]
-        loss = pair_loss(avg_logps, loss_cfg)
+        output, loss_func = forward_step(iter([host]), model)
+        loss, _ = loss_func(output)
         loss.backward()
         return loss.detach()
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Everything simpo_mcore checks on a GPU, in one call of a bounded length (the device tool lends a GPU for
 # minutes, not hours). Run from the repository root on an H100 / H200 whose image has torch and
-# transformers but neither megatron-core nor Transformer Engine; their wheels (../shared/wheels, plus
+# transformers but neither megatron-core nor Transformer Engine; their wheels (megatron-core, TE, plus
 # datasets, dill and multiprocess for simpo-train) are in the git-ignored .whl/:
 #
-#     mkdir -p .whl && cp ../shared/wheels/*.whl .whl/ && pip download ... datasets dill multiprocess -d .whl
+#     mkdir -p .whl && cp /path/to/wheels/*.whl .whl/ && pip download ... datasets dill multiprocess -d .whl
 #     (device call, carry [".whl"])  bash benchmarks/gpu_session.sh
 #
 # Phases, each under its own time limit and all within BUDGET seconds; results go to $OUT (at most 8 files):
@@ -13,7 +13,7 @@
 #   2. simpo-train on the embedded tiny job, TE bf16 and TE FP8 (metrics_*.jsonl): a short run per precision
 #   3. tests/gpu: logits of the TE / SDPA specs in fp32, bf16 and FP8 against HF; Triton head kernels vs torch;
 #      host syncs in a training step
-#   4. ../shared/bench/gpu_baseline.py (if carried as .whl/gpu_baseline.py and time is left): the HF baseline
+#   4. an external HF baseline script (if carried as .whl/gpu_baseline.py and time is left): the HF baseline
 #      the targets were set with, on this same card
 set -u
 OUT=${OUT:-/tmp/gpu_out}
