@@ -30,7 +30,7 @@ def load_split(cfg: RunConfig, tokenizer, tokenizer_source: str, split: str, lay
         dataset, report = build_preference_dataset(cfg.data, tokenizer, split, cache_dir)
     dist.barrier()
     if layout.rank != 0:
-        dataset, report = build_preference_dataset(cfg.data, tokenizer, split, cache_dir)
+        dataset, report = build_preference_dataset(cfg.data, tokenizer, split, cache_dir, announce=False)
     dataset.simpo_cache_key = Path(report.cache_path).name
     return dataset
 
