@@ -49,10 +49,7 @@ def resolve_checkpoint(cfg: RunConfig, layout: Layout) -> Path:
     if cfg.model.checkpoint is None:
         raise ValueError("model.checkpoint is required (a directory written by tools/convert_hf_to_mcore.py)")
     if cfg.model.checkpoint != TINY_CHECKPOINT:
-        path = Path(cfg.model.checkpoint)
-        if not path.is_dir():
-            raise FileNotFoundError(f"model.checkpoint {path} does not exist")
-        return path
+        return _existing_checkpoint(cfg.model.checkpoint)
     path = Path(cfg.output_dir) / "tiny_init"
     if layout.rank == 0 and not (path / "mcore" / "metadata.json").is_file():
         # In a fresh process: dist_checkpointing.save works on the default group, which here
@@ -61,6 +58,13 @@ def resolve_checkpoint(cfg: RunConfig, layout: Layout) -> Path:
                    f"make_tiny_checkpoint({str(path)!r}, seed={cfg.train.seed})")
     dist.barrier()
     return path / "mcore"
+
+
+def _existing_checkpoint(name: str) -> Path:
+    path = Path(name)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model.checkpoint {path} does not exist")
+    return path
 
 
 def run_python(code: str) -> None:
@@ -88,6 +92,39 @@ def load_tokenizer(source: str):
         raise ValueError(f"model.tokenizer {source!r} could not be loaded: {exc}") from exc
 
 
+def _tokenizer_source(cfg: RunConfig, ckpt_dir: Path, meta: CheckpointMeta) -> str:
+    source = cfg.model.tokenizer or meta.tokenizer_path(ckpt_dir)
+    if source is None:
+        raise ValueError(f"model.tokenizer is not set and {ckpt_dir} records no tokenizer")
+    return source
+
+
+def max_length_warning(max_length: int, max_positions: int) -> str | None:
+    """The warning for a ``data.max_length`` beyond the positions the model was trained on."""
+    if max_length <= max_positions:
+        return None
+    return (f"data.max_length ({max_length}) exceeds the model's max_position_embeddings ({max_positions}): "
+            f"positions past {max_positions} are beyond what the model was trained on")
+
+
+def data_tokenizer(cfg: RunConfig) -> tuple[object, int | None]:
+    """The tokenizer a run of ``cfg`` renders its data with and the model's max_position_embeddings
+    (``None`` when no checkpoint is named), read without process groups or weights (``simpo-data``)."""
+    if cfg.model.checkpoint == TINY_CHECKPOINT:
+        from simpo_mcore.data.synthetic import build_tokenizer
+        from simpo_mcore.model.tiny import TINY_ARCH
+
+        tokenizer = load_tokenizer(cfg.model.tokenizer) if cfg.model.tokenizer else build_tokenizer()
+        return tokenizer, TINY_ARCH["max_position_embeddings"]
+    if cfg.model.checkpoint is None:
+        if cfg.model.tokenizer is None:
+            raise ValueError("set model.tokenizer (or model.checkpoint, whose tokenizer is recorded)")
+        return load_tokenizer(cfg.model.tokenizer), None
+    ckpt_dir = _existing_checkpoint(cfg.model.checkpoint)
+    meta = CheckpointMeta.read(ckpt_dir)
+    return load_tokenizer(_tokenizer_source(cfg, ckpt_dir, meta)), meta.arch.max_position_embeddings
+
+
 def build_runtime(cfg: RunConfig, *, load_weights: bool = True, check=None) -> Runtime:
     """``check(layout)``: the caller's own checks, run once the process groups exist and before
     anything slow (checkpoint, tokenizer, model)."""
@@ -101,10 +138,10 @@ def build_runtime(cfg: RunConfig, *, load_weights: bool = True, check=None) -> R
         _check_fp8(spec, cuda)
     ckpt_dir = resolve_checkpoint(cfg, layout)
     meta = CheckpointMeta.read(ckpt_dir)
-    tokenizer_source = cfg.model.tokenizer or meta.tokenizer_path(ckpt_dir)
-    if tokenizer_source is None:
-        raise ValueError(f"model.tokenizer is not set and {ckpt_dir} records no tokenizer")
+    tokenizer_source = _tokenizer_source(cfg, ckpt_dir, meta)
     tokenizer = load_tokenizer(tokenizer_source)
+    if layout.rank == 0 and (warning := max_length_warning(cfg.data.max_length, meta.arch.max_position_embeddings)):
+        log.warning(warning)
     if len(tokenizer) > meta.arch.vocab_size:
         raise ValueError(f"tokenizer {tokenizer_source} has {len(tokenizer)} tokens but the model's "
                          f"vocabulary is {meta.arch.vocab_size}")
