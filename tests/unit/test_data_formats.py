@@ -57,7 +57,7 @@ def build_tokenizer(name: str, template: str | None = "default") -> PreTrainedTo
     chat_template, bos, eos = TEMPLATES[name]
     vocab = {t: i for i, t in enumerate(SPECIALS + ["\n"] + [chr(i) for i in range(32, 127)])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # newlines too
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token="<pad>",
