@@ -130,7 +130,7 @@ def data_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=3, help="rendered pairs to show (default 3)")
     parser.add_argument("--dp", type=int, default=1,
                         help="data-parallel size of the launch, for the padding efficiency (default 1)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options and overrides in any order
     try:
         if args.dp < 1 or args.samples < 0:
             raise ValueError(f"--dp must be >= 1 and --samples >= 0 (got {args.dp}, {args.samples})")

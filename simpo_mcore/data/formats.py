@@ -69,6 +69,8 @@ class Format:
     """Columns that must not hold values (the implicit-prompt formats have no prompt)."""
     messages: bool = True
     """Rows are message lists (rendered with a chat template)."""
+    shape: str = ""
+    """The columns in words, for error messages."""
 
     def mismatch(self, kinds: dict[str, str]) -> str | None:
         """Why columns of these shapes are not this format; ``None`` if they are."""
@@ -87,22 +89,27 @@ class Format:
 FORMATS: dict[str, Format] = {f.name: f for f in [
     Format("openai", "OpenAI preference fine-tuning",
            {"input": frozenset({OPENAI_INPUT}), "preferred_output": ROLE_MESSAGES,
-            "non_preferred_output": ROLE_MESSAGES}),
+            "non_preferred_output": ROLE_MESSAGES},
+           shape="input {messages}, preferred_output and non_preferred_output messages"),
     Format("sharegpt", "ShareGPT / LLaMA-Factory ranking",
            {"conversations": frozenset({SHAREGPT_MESSAGES, MESSAGES}), "chosen": ANY_MESSAGES,
-            "rejected": ANY_MESSAGES}),
-    Format("h4", "H4 / UltraFeedback (string prompt, message lists)",
-           {"prompt": frozenset({TEXT}), "chosen": ROLE_MESSAGES, "rejected": ROLE_MESSAGES}),
-    Format("conversational", "TRL conversational (message-list prompt)",
-           {"prompt": frozenset({MESSAGES}), "chosen": ROLE_MESSAGES, "rejected": ROLE_MESSAGES}),
+            "rejected": ANY_MESSAGES},
+           shape="conversations [{from, value}], chosen and rejected {from, value}"),
+    Format("h4", "H4 / UltraFeedback message lists",
+           {"prompt": frozenset({TEXT}), "chosen": ROLE_MESSAGES, "rejected": ROLE_MESSAGES},
+           shape="prompt text, chosen and rejected messages"),
+    Format("conversational", "TRL conversational, prompt messages",
+           {"prompt": frozenset({MESSAGES}), "chosen": ROLE_MESSAGES, "rejected": ROLE_MESSAGES},
+           shape="prompt, chosen and rejected messages"),
     Format("implicit_conversational", "TRL conversational, implicit prompt",
-           {"chosen": frozenset({MESSAGES}), "rejected": frozenset({MESSAGES})}, absent=("prompt",)),
-    Format("standard", "TRL standard (plain strings)",
+           {"chosen": frozenset({MESSAGES}), "rejected": frozenset({MESSAGES})}, absent=("prompt",),
+           shape="chosen and rejected messages, no prompt"),
+    Format("standard", "TRL standard, plain strings",
            {"prompt": frozenset({TEXT}), "chosen": frozenset({TEXT}), "rejected": frozenset({TEXT})},
-           messages=False),
-    Format("implicit_standard", "plain strings, implicit prompt (hh-rlhf)",
+           messages=False, shape="prompt, chosen and rejected text"),
+    Format("implicit_standard", "plain strings, implicit prompt: hh-rlhf",
            {"chosen": frozenset({TEXT}), "rejected": frozenset({TEXT})}, absent=("prompt",),
-           messages=False),
+           messages=False, shape="chosen and rejected text, no prompt"),
 ]}
 
 
@@ -165,8 +172,7 @@ def describe_columns(kinds: dict[str, str]) -> str:
 
 
 def known_formats() -> str:
-    return "; ".join(f"{f.name}: " + ", ".join(f.needs) + (" (no prompt)" if f.absent else "")
-                     for f in FORMATS.values())
+    return "; ".join(f"{f.name} ({f.shape})" for f in FORMATS.values())
 
 
 def detect_format(kinds: dict[str, str]) -> str | None:

@@ -21,6 +21,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from transformers import PreTrainedTokenizerFast
 
 from simpo_mcore.config import ConfigError, DataConfig, load_config
+from simpo_mcore.data.formats import FORMATS
 from simpo_mcore.data.preference import BadRowError, build_preference_dataset
 
 SPECIALS = ["<pad>", "<unk>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
@@ -266,8 +267,9 @@ def test_standard_rows_and_column_mapping(tmp_path):
         build(tok, path, tmp_path)
     message = str(err.value)
     assert "columns question (text), good (text), bad (text)" in message and "\n" not in message
-    for fmt in ("h4", "sharegpt", "openai", "implicit_standard"):
-        assert f"{fmt}: " in message
+    for fmt in ("h4 (prompt text, chosen and rejected messages)", "standard (prompt, chosen and rejected text)",
+                "sharegpt (conversations [{from, value}]", "openai (input {messages}", "implicit_standard (chosen"):
+        assert fmt in message
     ds, report = build(tok, path, tmp_path, columns={"prompt": "question", "chosen": "good", "rejected": "bad"})
     assert list(report.formats.values()) == ["standard"]
     for out, row in zip(ds, rows):
@@ -390,3 +392,25 @@ def test_config_fields(tmp_path):
         load_config(None, ["data.format=alpaca"])
     with pytest.raises(ConfigError, match=r"data.columns maps one column to several roles"):
         load_config(None, ["data.columns.prompt=x", "data.columns.chosen=x"])
+
+
+def test_the_examples_in_docs_data_md(tmp_path):
+    """Each example row of docs/data.md is detected as the format it is listed under and kept."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "data.md").read_text()
+    block = text.split("One row of each")[1].split("```text\n")[1].split("```")[0]
+    rows: dict[str, str] = {}
+    for line in block.splitlines():
+        name, sep, rest = line.partition(": ")
+        if sep and name.strip() and not line.startswith(" "):
+            rows[name.strip()] = rest
+        else:
+            rows[list(rows)[-1]] += line.strip()
+    assert sorted(rows) == sorted(f.name for f in FORMATS.values())
+    tok = build_tokenizer("llama3")
+    for name, row in rows.items():
+        ds, report = build(tok, write_rows([json.loads(row)], tmp_path / f"{name}.jsonl"), tmp_path)
+        assert list(report.formats.values()) == [name] and report.rows_kept == 1, name
+        trained = tok.decode([t for t, lab in zip(ds[0]["chosen_input_ids"], ds[0]["chosen_labels"]) if lab != -100])
+        assert "4" in trained and "2+2" not in trained, (name, trained)

@@ -132,7 +132,7 @@ def test_simpo_data_command(data, tmp_path, capsys):
     unknown = write_rows([{"question": "q", "good": "a", "bad": "b"}], tmp_path / "mine.jsonl")
     for argv, message in [
         ([cfg, f"data.train_path={unknown}"], "rows of an unknown layout, with columns question (text)"),
-        ([cfg, "data.format=openai"], "data.format is 'openai' but it has no 'input' column"),
+        ([cfg, "--samples", "0", "data.format=openai"], "data.format is 'openai' but it has no 'input' column"),
         ([cfg, "data.colums.prompt=x"], "unknown config key data.colums"),
         ([str(tmp_path / "missing.yaml")], "does not exist"),
         ([cfg, "model.tokenizer=null", "model.checkpoint=/nowhere"], "model.checkpoint /nowhere does not exist"),
