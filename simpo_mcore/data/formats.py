@@ -128,6 +128,15 @@ class Pair:
 # ------------------------------------------------------------------------------------ detection
 
 
+def as_list_of_dicts(value: Any) -> Any:
+    """A ``datasets.Sequence`` of structs reads as a dict of equal-length lists; that -> a list of
+    dicts (anything else is returned as it is)."""
+    if (isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values())
+            and len({len(v) for v in value.values()}) == 1):
+        return [dict(zip(value, items)) for items in zip(*value.values())]
+    return value
+
+
 def _message_kind(value: Any) -> str | None:
     if not isinstance(value, dict):
         return None
@@ -140,6 +149,7 @@ def _message_kind(value: Any) -> str | None:
 
 def value_kind(value: Any) -> str:
     """The shape of one value (one of the constants above)."""
+    value = as_list_of_dicts(value)
     if value is None or (isinstance(value, list) and not value):
         return NULL
     if isinstance(value, str):
@@ -220,6 +230,7 @@ def map_columns(rows, columns: dict[str, str], source: str):
 def to_messages(value: Any, key: str) -> list[dict]:
     """A message list (or one message) in ``{role, content}`` or ShareGPT ``{from, value}`` form
     -> ``{role, content}`` messages. Raises :class:`BadRow` for anything else."""
+    value = as_list_of_dicts(value)
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):

@@ -414,3 +414,22 @@ def test_the_examples_in_docs_data_md(tmp_path):
         assert list(report.formats.values()) == [name] and report.rows_kept == 1, name
         trained = tok.decode([t for t, lab in zip(ds[0]["chosen_input_ids"], ds[0]["chosen_labels"]) if lab != -100])
         assert "4" in trained and "2+2" not in trained, (name, trained)
+
+
+def test_sequence_of_structs_reads_as_messages():
+    """Hub datasets declared with ``datasets.Sequence({...})`` give each row a dict of lists."""
+    import datasets
+
+    from simpo_mcore.data.formats import column_kinds
+    from simpo_mcore.data.render import RenderOptions, render_row
+
+    tok = build_tokenizer("llama3")
+    row, _ = LAYOUTS["sharegpt"]
+    turn = {"from": datasets.Value("string"), "value": datasets.Value("string")}
+    columnar = {**row, "conversations": {key: [t[key] for t in row["conversations"]] for key in ("from", "value")}}
+    rows = datasets.Dataset.from_list(
+        [columnar], features=datasets.Features({"conversations": datasets.Sequence(turn), "chosen": turn,
+                                                "rejected": turn}))
+    assert rows[0]["conversations"] == columnar["conversations"]  # a dict of lists
+    assert column_kinds(rows)["conversations"] == "sharegpt messages"
+    assert render_row(rows[0], tok, RenderOptions(format="sharegpt")) == render_row(row, tok)
