@@ -129,10 +129,10 @@ class Pair:
 
 
 def as_list_of_dicts(value: Any) -> Any:
-    """A ``datasets.Sequence`` of structs reads as a dict of equal-length lists; that -> a list of
-    dicts (anything else is returned as it is)."""
-    if (isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values())
-            and len({len(v) for v in value.values()}) == 1):
+    """A ``datasets.Sequence`` of message structs reads as a dict of equal-length lists (``{role:
+    [...], content: [...]}``); that -> a list of dicts (anything else is returned as it is)."""
+    if (isinstance(value, dict) and ("role" in value or "from" in value)
+            and all(isinstance(v, list) for v in value.values()) and len({len(v) for v in value.values()}) == 1):
         return [dict(zip(value, items)) for items in zip(*value.values())]
     return value
 
