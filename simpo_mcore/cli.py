@@ -1,4 +1,5 @@
-"""Entry points: ``simpo-train CONFIG.yaml [dotted.key=value ...]`` and ``simpo-eval`` (same form).
+"""Entry points: ``simpo-train CONFIG.yaml [dotted.key=value ...]``, ``simpo-eval`` and ``simpo-data``
+(a preview of the data as it will be trained on), all of that form.
 
 Under ``torchrun`` each rank runs the job. Run as one plain process with a config whose layout
 needs several ranks (``parallel.tp x parallel.pp`` > 1) and no GPU, the command re-launches
@@ -11,14 +12,20 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from simpo_mcore.config import ConfigError, load_config
 
 
-def _parse(prog: str, argv: list[str] | None):
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("config", help="YAML run config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=10")
+    return parser
+
+
+def _parse(prog: str, argv: list[str] | None):
+    parser = _parser(prog, __doc__.split("\n\n")[0])
     parser.add_argument("--nproc", type=int, default=None,
                         help="CPU only, outside torchrun: ranks to launch (default: tp x pp)")
     return parser.parse_args(argv)
@@ -114,7 +121,38 @@ def eval_main(argv: list[str] | None = None) -> int:
     return _main("simpo-eval", run_eval, argv)
 
 
+def data_main(argv: list[str] | None = None) -> int:
+    """``simpo-data CONFIG.yaml [overrides]``: the run's data as it will be trained on (one process,
+    no process group); builds the tokenised cache the run then reads."""
+    _quiet()
+    parser = _parser("simpo-data", "Show a run's preference data as it will be trained on.")
+    parser.add_argument("--split", choices=["train", "eval"], default="train")
+    parser.add_argument("--samples", type=int, default=3, help="rendered pairs to show (default 3)")
+    parser.add_argument("--dp", type=int, default=1,
+                        help="data-parallel size of the launch, for the padding efficiency (default 1)")
+    args = parser.parse_intermixed_args(argv)  # options and overrides in any order
+    try:
+        if args.dp < 1 or args.samples < 0:
+            raise ValueError(f"--dp must be >= 1 and --samples >= 0 (got {args.dp}, {args.samples})")
+        cfg = load_config(args.config, args.overrides)
+        from simpo_mcore.data.pipeline import pad_multiple
+        from simpo_mcore.data.preview import BatchShape, run_preview
+        from simpo_mcore.runtime import data_tokenizer, max_length_warning
+
+        tokenizer, max_positions = data_tokenizer(cfg)
+        t = cfg.train
+        multiple = pad_multiple(cfg.parallel.tp, cfg.parallel.sequence_parallel)
+        batch = BatchShape(t.micro_batch_pairs, t.global_batch_pairs, args.dp, multiple, t.seed)
+        warning = max_positions is not None and max_length_warning(cfg.data.max_length, max_positions)
+        print(run_preview(cfg.data, tokenizer, args.split, Path(cfg.output_dir) / "data_cache", batch,
+                          samples=args.samples, color=sys.stdout.isatty(), warnings=[warning] if warning else []))
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"simpo-data: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
     # `python -m simpo_mcore.cli simpo-train CONFIG ...` (what the CPU re-launch runs).
     prog, rest = sys.argv[1], sys.argv[2:]
-    sys.exit({"simpo-train": train_main, "simpo-eval": eval_main}[prog](rest))
+    sys.exit({"simpo-train": train_main, "simpo-eval": eval_main, "simpo-data": data_main}[prog](rest))

@@ -104,6 +104,32 @@ class DataConfig:
     synthetic_pairs: int = 2048
     """With ``train_path: synthetic``: number of generated training pairs (evaluation gets 256)."""
 
+    format: Literal["auto", "h4", "conversational", "implicit_conversational", "standard",
+                    "implicit_standard", "sharegpt", "openai"] = "auto"
+    """Row layout of the data files (docs/data.md has the table). ``auto`` detects it per file from
+    the columns and the shape of their values; a named format refuses files that do not fit it."""
+
+    columns: dict[str, str] = field(default_factory=dict)
+    """Your column names for the ones a format reads, e.g. ``{prompt: question, chosen: good,
+    rejected: bad}``. Keys: ``prompt``, ``chosen``, ``rejected``, ``conversations``, ``system``,
+    ``prompt_id``, ``input``, ``preferred_output``, ``non_preferred_output``."""
+
+    chat_template: str | None = None
+    """A Jinja chat template (a file path, or the template itself) used instead of the tokenizer's
+    own to render message rows. ``None``: the tokenizer's (``model.tokenizer``)."""
+
+    plain_strings: Literal["raw", "chat"] = "raw"
+    """Plain-string rows (``standard``, ``implicit_standard``): ``raw`` uses the text as it is (as
+    the reference and TRL do); ``chat`` renders each as one user turn and one assistant turn with
+    the chat template."""
+
+    response_rendering: Literal["alone", "in_conversation"] = "alone"
+    """How a response of a message row is rendered. ``alone`` (the reference): the assistant turn
+    as a one-message chat, minus a leading BOS; a template that adds a default system prompt to
+    every chat (SmolLM2's ChatML, Llama-3.1's date header) puts that text into the response's
+    labels. ``in_conversation``: the text the template adds after the prompt when the whole
+    conversation is rendered, so only the assistant turn is trained on."""
+
 
 @dataclass
 class LossConfig:
@@ -261,6 +287,15 @@ class RunConfig:
             raise ConfigError(
                 f"data.max_prompt_length ({d.max_prompt_length}) must be below data.max_length "
                 f"({d.max_length}): no room would be left for the responses")
+        for key, column in d.columns.items():
+            if key not in DATA_COLUMNS:
+                raise ConfigError(f"data.columns.{key}: unknown column role (known: {', '.join(DATA_COLUMNS)})")
+            if not column:
+                raise ConfigError(f"data.columns.{key}: empty column name")
+        if sorted(set(d.columns.values())) != sorted(d.columns.values()):
+            raise ConfigError(f"data.columns maps one column to several roles: {d.columns}")
+        if d.chat_template is not None and not d.chat_template.strip():
+            raise ConfigError("data.chat_template is empty; leave it unset to use the tokenizer's template")
         if t.global_batch_pairs % t.micro_batch_pairs:
             raise ConfigError(
                 f"train.global_batch_pairs ({t.global_batch_pairs}) must be a multiple of "
@@ -297,6 +332,11 @@ class RunConfig:
             raise ConfigError(
                 f"train.precision: fp8 needs the Transformer Engine spec; model.spec is {self.model.spec!r}")
         return self
+
+
+DATA_COLUMNS = ("prompt", "chosen", "rejected", "conversations", "system", "prompt_id", "input",
+                "preferred_output", "non_preferred_output")
+"""The column names the data formats read (the keys ``data.columns`` may map)."""
 
 
 def _positive(cfg: RunConfig, names: list[str]) -> None:
@@ -354,6 +394,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
         return float(value)
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return {_coerce(k, key_type, name): _coerce(v, value_type, f"{name}.{k}") for k, v in value.items()}
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{name}: expected a string, got {value!r}")

@@ -14,9 +14,11 @@ from transformers import AutoTokenizer
 from simpo_mcore.config import RunConfig
 from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
 from simpo_mcore.convert.mcore_io import load_model_weights
+from simpo_mcore.convert.tiny import TINY_ARCH
 from simpo_mcore.convert.tool import run_in_fresh_process
 from simpo_mcore.data.batching import pad_token_id
 from simpo_mcore.data.pipeline import TokenizedSplit, eval_batch_groups, pad_multiple
+from simpo_mcore.data.synthetic import build_tokenizer
 from simpo_mcore.logprobs import TokenLogpsContext
 from simpo_mcore.model.builder import ModelOptions, build_model
 from simpo_mcore.model.specs import resolve_spec
@@ -69,10 +71,7 @@ def resolve_checkpoint(cfg: RunConfig, layout: Layout) -> Path:
     if cfg.model.checkpoint is None:
         raise ValueError("model.checkpoint is required (a directory written by tools/convert_hf_to_mcore.py)")
     if cfg.model.checkpoint != TINY_CHECKPOINT:
-        path = Path(cfg.model.checkpoint)
-        if not path.is_dir():
-            raise FileNotFoundError(f"model.checkpoint {path} does not exist")
-        return path
+        return _existing_checkpoint(cfg.model.checkpoint)
     path = Path(cfg.output_dir) / "tiny_init"
     if layout.rank == 0 and not (path / "mcore" / "metadata.json").is_file():
         # In a fresh process: dist_checkpointing.save works on the default group, which here
@@ -82,11 +81,48 @@ def resolve_checkpoint(cfg: RunConfig, layout: Layout) -> Path:
     return path / "mcore"
 
 
+def _existing_checkpoint(name: str) -> Path:
+    path = Path(name)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model.checkpoint {path} does not exist")
+    return path
+
+
 def load_tokenizer(source: str):
     try:
         return AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # noqa: BLE001 - re-raised with the config key that named it
         raise ValueError(f"model.tokenizer {source!r} could not be loaded: {exc}") from exc
+
+
+def _tokenizer_source(cfg: RunConfig, ckpt_dir: Path, meta: CheckpointMeta) -> str:
+    source = cfg.model.tokenizer or meta.tokenizer_path(ckpt_dir)
+    if source is None:
+        raise ValueError(f"model.tokenizer is not set and {ckpt_dir} records no tokenizer")
+    return source
+
+
+def max_length_warning(max_length: int, max_positions: int) -> str | None:
+    """The warning for a ``data.max_length`` beyond the positions the model was trained on."""
+    if max_length <= max_positions:
+        return None
+    return (f"data.max_length ({max_length}) exceeds the model's max_position_embeddings ({max_positions}): "
+            f"positions past {max_positions} are beyond what the model was trained on")
+
+
+def data_tokenizer(cfg: RunConfig) -> tuple[object, int | None]:
+    """The tokenizer a run of ``cfg`` renders its data with and the model's max_position_embeddings
+    (``None`` when no checkpoint is named), read without process groups or weights (``simpo-data``)."""
+    if cfg.model.checkpoint == TINY_CHECKPOINT:
+        tokenizer = load_tokenizer(cfg.model.tokenizer) if cfg.model.tokenizer else build_tokenizer()
+        return tokenizer, TINY_ARCH["max_position_embeddings"]
+    if cfg.model.checkpoint is None:
+        if cfg.model.tokenizer is None:
+            raise ValueError("set model.tokenizer (or model.checkpoint, whose tokenizer is recorded)")
+        return load_tokenizer(cfg.model.tokenizer), None
+    ckpt_dir = _existing_checkpoint(cfg.model.checkpoint)
+    meta = CheckpointMeta.read(ckpt_dir)
+    return load_tokenizer(_tokenizer_source(cfg, ckpt_dir, meta)), meta.arch.max_position_embeddings
 
 
 def build_runtime(cfg: RunConfig, layout: Layout, *, load_weights: bool = True) -> Runtime:
@@ -98,10 +134,10 @@ def build_runtime(cfg: RunConfig, layout: Layout, *, load_weights: bool = True) 
         _check_fp8(spec, cuda)
     ckpt_dir = resolve_checkpoint(cfg, layout)
     meta = CheckpointMeta.read(ckpt_dir)
-    tokenizer_source = cfg.model.tokenizer or meta.tokenizer_path(ckpt_dir)
-    if tokenizer_source is None:
-        raise ValueError(f"model.tokenizer is not set and {ckpt_dir} records no tokenizer")
+    tokenizer_source = _tokenizer_source(cfg, ckpt_dir, meta)
     tokenizer = load_tokenizer(tokenizer_source)
+    if layout.rank == 0 and (warning := max_length_warning(cfg.data.max_length, meta.arch.max_position_embeddings)):
+        log.warning(warning)
     if len(tokenizer) > meta.arch.vocab_size:
         raise ValueError(f"tokenizer {tokenizer_source} has {len(tokenizer)} tokens but the model's "
                          f"vocabulary is {meta.arch.vocab_size}")

@@ -1,6 +1,7 @@
 """Preference data: rows -> rendered text -> token ids and labels -> padded micro-batches.
 
-- :mod:`render`     a row (UltraFeedback messages or plain strings) -> prompt / chosen / rejected text
+- :mod:`formats`    the row layouts (H4, TRL, ShareGPT, OpenAI, plain strings): detection, prompt / responses
+- :mod:`render`     a row -> prompt / chosen / rejected text (chat template, or plain text)
 - :mod:`tokenize`   text -> ids and labels, the reference's boundary / BOS / EOS / truncation rules
 - :mod:`sources`    hub datasets, local parquet/jsonl/json, or the synthetic rows
 - :mod:`cache`      the on-disk cache of tokenised datasets
@@ -8,6 +9,7 @@
 - :mod:`sampler`    deterministic, resumable, DP-invariant order of pairs per step and rank
 - :mod:`batching`   pairs -> ``tokens`` / ``labels`` [2k, S] micro-batches
 - :mod:`synthetic`  the embedded character tokenizer and learnable preference rows
+- :mod:`preview`    what ``simpo-data`` shows: rendered samples, lengths, padding efficiency
 """
 
 from simpo_mcore.data.batching import pad_token_id, step_micro_batches

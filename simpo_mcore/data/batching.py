@@ -12,6 +12,8 @@ shapes), so :func:`step_micro_batches` pads them to the step's longest sequence.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import datasets
 import torch
 
@@ -65,6 +67,19 @@ def collate_pairs(rows: dict[str, list], row_index: list[int], seq_len: int, pad
     return batch
 
 
+def step_seq_len(lengths: Iterable[int], pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF) -> int:
+    """S of a step whose sequences have these lengths: the longest, rounded up."""
+    return round_up(max(lengths), pad_to_multiple_of)
+
+
+def step_padding(micro_batches: list[list[tuple[int, int]]],
+                 pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF) -> tuple[int, int]:
+    """``(real tokens, token slots)`` of one rank's step laid out as :func:`step_micro_batches`
+    does: micro-batches of (chosen, rejected) sequence lengths, each ``[2k, S]`` with S shared."""
+    lengths = [n for micro in micro_batches for pair in micro for n in pair]
+    return sum(lengths), len(lengths) * step_seq_len(lengths, pad_to_multiple_of)
+
+
 def step_micro_batches(dataset: datasets.Dataset, micro_batches: list[list[int]], pad_id: int,
                        pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF,
                        seq_len: int | None = None) -> list[dict[str, torch.Tensor]]:
@@ -75,8 +90,7 @@ def step_micro_batches(dataset: datasets.Dataset, micro_batches: list[list[int]]
     rows = dataset.select_columns(["chosen_input_ids", "chosen_labels", "rejected_input_ids",
                                    "rejected_labels", *extra])[flat]
     if seq_len is None:
-        longest = max(len(ids) for ids in rows["chosen_input_ids"] + rows["rejected_input_ids"])
-        seq_len = round_up(longest, pad_to_multiple_of)
+        seq_len = step_seq_len(map(len, rows["chosen_input_ids"] + rows["rejected_input_ids"]), pad_to_multiple_of)
     batches, start = [], 0
     for micro in micro_batches:
         part = {name: values[start:start + len(micro)] for name, values in rows.items()}

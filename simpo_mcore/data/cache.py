@@ -3,7 +3,7 @@
 A tokenised dataset lives in ``<cache_dir>/<split>-<key>/`` (``dataset/`` written by
 ``save_to_disk`` plus ``report.json``). The key hashes everything that can change the token ids:
 the source fingerprint, the tokenizer (vocabulary, merges, normaliser, added tokens, chat template,
-BOS/EOS), the length settings and the row limit, plus :data:`PIPELINE_VERSION`. An entry is built
+BOS/EOS), the length and rendering settings and the row limit, plus :data:`PIPELINE_VERSION`. An entry is built
 in a temporary folder and renamed into place, so a reader never sees a half-written entry; when two
 processes build the same entry at once, the second rename loses and its copy is discarded.
 """
@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 """Bump when rendering or tokenisation changes, so that stale cache entries are not reused."""
 
 

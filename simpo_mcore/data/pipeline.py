@@ -57,7 +57,7 @@ def load_split(cfg: DataConfig, tokenizer, split: str, rank: int, output_dir: st
         dataset, report = build_preference_dataset(cfg, tokenizer, split, cache_dir)
     dist.barrier()
     if rank != 0:
-        dataset, report = build_preference_dataset(cfg, tokenizer, split, cache_dir)
+        dataset, report = build_preference_dataset(cfg, tokenizer, split, cache_dir, announce=False)
     return TokenizedSplit(dataset, report)
 
 

@@ -4,9 +4,12 @@
 
 Columns: ``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids``, ``rejected_labels`` (int32
 lists; labels are -100 on the prompt, not shifted) and ``row_id`` (the row's ``prompt_id``, else its
-index in the source split). Rows are rendered (:mod:`render`) and tokenised (:mod:`tokenize`) once
-with ``datasets.map`` and cached on disk (:mod:`cache`). Rows that cannot form a valid pair are
-dropped with one warning that counts them by reason, or raise under ``data.on_bad_row: error``.
+index in the source split), and the lengths before truncation ``prompt_length``, ``chosen_length``,
+``rejected_length`` with ``truncated`` (for the preview). Each file's format is detected (or checked
+against ``data.format``) from its columns (:mod:`formats`); rows are rendered (:mod:`render`) and
+tokenised (:mod:`tokenize`) once with ``datasets.map`` and cached on disk (:mod:`cache`). Rows that
+cannot form a valid pair are dropped with one warning that counts them by reason, or raise under
+``data.on_bad_row: error``; a file of an unknown layout is refused once, naming its columns.
 
 Every rank may call this; the first to finish publishes the cache entry and the others' copies are
 discarded. Callers that want one build should call it on rank 0 first, then barrier, then elsewhere.
@@ -26,12 +29,23 @@ import datasets
 
 from simpo_mcore.config import DataConfig
 from simpo_mcore.data import cache, sources
-from simpo_mcore.data.render import render_row
+from simpo_mcore.data.formats import FORMATS, column_kinds, map_columns, resolve_format
+from simpo_mcore.data.render import (
+    RenderOptions,
+    describe_response_prefix,
+    needs_template,
+    no_template_error,
+    read_chat_template,
+    render_row,
+    template_response_prefix,
+)
 from simpo_mcore.data.tokenize import BadRow, tokenize_pair
 
 logger = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+LENGTH_COLUMNS = ("prompt_length", "chosen_length", "rejected_length")
+"""Token counts before truncation (BOS / EOS included), with the boolean column ``truncated``."""
 ROWS_PER_PROCESS = 1000
 """With ``data.num_proc: null``, tokenise with one process per this many rows (at most 8)."""
 REPORTED_BAD_ROWS = 5
@@ -52,9 +66,15 @@ class DataReport:
     """Rows read (after ``max_pairs`` / ``max_eval_pairs``)."""
     rows_kept: int
     dropped: dict[str, int] = field(default_factory=dict)
-    """Dropped rows by reason (see :mod:`tokenize` for the reasons)."""
+    """Dropped rows by reason (see :mod:`tokenize`, :mod:`formats` and :mod:`render` for the reasons)."""
     first_dropped: list[dict] = field(default_factory=list)
     """The first few dropped rows: ``row_id``, ``index``, ``reason``, ``detail``."""
+    formats: dict[str, str] = field(default_factory=dict)
+    """Each file (hub split, ``synthetic``) -> its format (:data:`formats.FORMATS`)."""
+    notes: list[str] = field(default_factory=list)
+    """What the user should know about how the rows are rendered (logged once per split)."""
+    warnings: list[str] = field(default_factory=list)
+    """The same, where the rendering may not be what they want (a template's default system prompt)."""
     cache_path: str = ""
     cache_hit: bool = False
 
@@ -64,11 +84,18 @@ class DataReport:
         return (f"dropped {self.rows_in - self.rows_kept} of {self.rows_in} {self.split} rows from "
                 f"{self.source} ({counts}); first: {named}")
 
+    def format_summary(self) -> str:
+        by_format: dict[str, list[str]] = {}
+        for name, fmt in self.formats.items():
+            by_format.setdefault(fmt, []).append(name)
+        return "; ".join(f"{fmt} ({FORMATS[fmt].title}): {', '.join(names)}" for fmt, names in by_format.items())
+
 
 def build_preference_dataset(cfg: DataConfig, tokenizer, split: Literal["train", "eval"],
-                             cache_dir: str | Path) -> tuple[datasets.Dataset, DataReport]:
+                             cache_dir: str | Path, *, announce: bool = True) -> tuple[datasets.Dataset, DataReport]:
     """Load, render, tokenise and cache one split; ``cache_dir`` is used when ``cfg.cache_dir`` is
-    unset. Returns the tokenised dataset (kept rows, source order) and its :class:`DataReport`."""
+    unset. Returns the tokenised dataset (kept rows, source order) and its :class:`DataReport`.
+    ``announce``: log the formats, notes and drops (one rank of a job does)."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     path, hub_split, limit = ((cfg.train_path, cfg.train_split, cfg.max_pairs) if split == "train"
@@ -81,34 +108,58 @@ def build_preference_dataset(cfg: DataConfig, tokenizer, split: Literal["train",
     cache_dir = Path(cfg.cache_dir or cache_dir)
     settings = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                     truncation_mode=cfg.truncation_mode)
+    rendering = dict(format=cfg.format, columns=cfg.columns, chat_template=read_chat_template(cfg.chat_template),
+                     plain_strings=cfg.plain_strings, response_rendering=cfg.response_rendering)
 
-    rows, files = None, None
+    parts, files = None, None
     if path == sources.SYNTHETIC:
         num = cfg.synthetic_pairs if split == "train" else sources.SYNTHETIC_EVAL_PAIRS
         rows, fingerprint = sources.load_synthetic(split, num)
+        parts = [(sources.SYNTHETIC, rows)]
     elif (files := sources.local_files(path)) is not None:
         fingerprint = sources.local_fingerprint(files)
     else:
         rows, fingerprint = sources.load_hub(path, hub_split)
+        parts = [(f"{path} ({hub_split})", rows)]
     key = cache.cache_key(source=fingerprint, tokenizer=cache.tokenizer_fingerprint(tokenizer),
-                          limit=limit, **settings)
+                          limit=limit, rendering=rendering, **settings)
     entry = cache.entry_dir(cache_dir, split, key)
     hit = cache.is_complete(entry)
     if not hit:
-        if rows is None:
-            rows = sources.load_local(files, cache_dir / "raw")
-        if limit is not None:
-            rows = rows.select(range(min(limit, len(rows))))
-        _build_entry(rows, tokenizer, settings, cfg.num_proc, cache_dir, key, entry,
+        if parts is None:
+            parts = [(str(f), sources.load_local(f, cache_dir / "raw")) for f in files]
+        parts = _first_rows(parts, limit)
+        if not parts:
+            raise ValueError(f"data.{split}_path {path}: no rows")
+        _build_entry(parts, tokenizer, settings, rendering, cfg.num_proc, cache_dir, key, entry,
                      source=path, split=split)
     report = DataReport(**cache.read_report(entry), cache_path=str(entry), cache_hit=hit)
-    _check_drops(report, cfg.on_bad_row)
-    logger.info("%s data from %s: %d of %d rows kept (%s %s)", split, path, report.rows_kept,
-                report.rows_in, "cache hit" if hit else "tokenised into", entry)
+    if announce:
+        logger.info("%s data from %s: %s", split, path, report.format_summary())
+        for note in report.notes:
+            logger.info("%s data: %s", split, note)
+        for warning in report.warnings:
+            logger.warning("%s data: %s", split, warning)
+    _check_drops(report, cfg.on_bad_row, announce)
+    if announce:
+        logger.info("%s data from %s: %d of %d rows kept (%s %s)", split, path, report.rows_kept,
+                    report.rows_in, "cache hit" if hit else "tokenised into", entry)
     return datasets.load_from_disk(str(entry / "dataset")), report
 
 
-def _check_drops(report: DataReport, on_bad_row: str) -> None:
+def _first_rows(parts: list[tuple[str, datasets.Dataset]], limit: int | None) -> list[tuple[str, datasets.Dataset]]:
+    """The first ``limit`` rows over the files in order; files left with no rows are skipped."""
+    out = []
+    for name, rows in parts:
+        if limit is not None:
+            rows = rows.select(range(min(limit, len(rows))))
+            limit -= len(rows)
+        if len(rows):
+            out.append((name, rows))
+    return out
+
+
+def _check_drops(report: DataReport, on_bad_row: str, announce: bool = True) -> None:
     if report.rows_kept == 0:
         raise ValueError(f"no valid preference pairs in {report.source} ({report.split}): "
                          f"{report.drop_summary()}")
@@ -119,36 +170,71 @@ def _check_drops(report: DataReport, on_bad_row: str) -> None:
         raise BadRowError(f"data.on_bad_row is 'error' and row {first['row_id']} (index "
                           f"{first['index']}) of {report.source} is bad: {first['reason']}: "
                           f"{first['detail']}. In all, {report.drop_summary()}")
-    logger.warning(report.drop_summary())
+    if announce:
+        logger.warning(report.drop_summary())
 
 
-def _build_entry(rows: datasets.Dataset, tokenizer, settings: dict, num_proc: int | None,
-                 cache_dir: Path, key: str, entry: Path, *, source: str, split: str) -> None:
+def _plan(parts: list[tuple[str, datasets.Dataset]], tokenizer, rendering: dict) -> tuple[list, dict, list, list]:
+    """Each file's rows with its columns mapped and its render options; the formats, notes and warnings."""
+    planned, formats, notes, warnings = [], {}, [], []
+    template = rendering["chat_template"] or tokenizer.chat_template
+    for name, rows in parts:
+        rows = map_columns(rows, rendering["columns"], name)
+        fmt = formats[name] = resolve_format(rendering["format"], column_kinds(rows), name)
+        if needs_template(fmt, rendering["plain_strings"]) and template is None:
+            raise no_template_error(tokenizer, f"{name}: {fmt} rows")
+        planned.append((rows, RenderOptions(fmt, rendering["chat_template"], rendering["plain_strings"],
+                                            rendering["response_rendering"])))
+    raw = [name for name, fmt in formats.items() if not FORMATS[fmt].messages]
+    if raw and rendering["plain_strings"] == "raw":
+        notes.append(f"plain-string rows ({', '.join(raw)}) are used as raw text, without a chat template (as "
+                     f"the reference and TRL do); data.plain_strings: chat renders each as one user turn and "
+                     f"one assistant turn with the chat template")
+    chat = any(needs_template(fmt, rendering["plain_strings"]) for fmt in formats.values())
+    if chat and rendering["response_rendering"] == "alone":
+        found = template_response_prefix(tokenizer, template)
+        if found is not None:
+            warnings.append(describe_response_prefix(*found))
+    return planned, formats, notes, warnings
+
+
+def _build_entry(parts: list[tuple[str, datasets.Dataset]], tokenizer, settings: dict, rendering: dict,
+                 num_proc: int | None, cache_dir: Path, key: str, entry: Path, *, source: str,
+                 split: str) -> None:
+    planned, formats, notes, warnings = _plan(parts, tokenizer, rendering)
+    rows_in = sum(len(rows) for rows, _ in planned)
     if num_proc is None:
-        num_proc = min(8, os.cpu_count() or 1, len(rows) // ROWS_PER_PROCESS)
-    num_proc = max(1, min(num_proc, len(rows)))
+        num_proc = min(8, os.cpu_count() or 1, rows_in // ROWS_PER_PROCESS)
     ids = datasets.List(datasets.Value("int32")) if hasattr(datasets, "List") else \
         datasets.Sequence(datasets.Value("int32"))
-    features = datasets.Features({**{c: ids for c in PAIR_COLUMNS}, "row_id": datasets.Value("string"),
+    features = datasets.Features({**{c: ids for c in PAIR_COLUMNS},
+                                  **{c: datasets.Value("int32") for c in LENGTH_COLUMNS},
+                                  "truncated": datasets.Value("bool"), "row_id": datasets.Value("string"),
                                   "drop_reason": datasets.Value("string"),
                                   "drop_detail": datasets.Value("string")})
     tmp = cache.new_tmp_dir(cache_dir, key)
     try:
         (tmp / "work").mkdir()
-        # new_fingerprint: our key already covers the tokenizer, so datasets need not hash it.
-        mapped = rows.map(_tokenize_batch, batched=True, with_indices=True, num_proc=num_proc,
-                          fn_kwargs=dict(tokenizer=tokenizer, settings=settings),
-                          remove_columns=rows.column_names, features=features,
-                          cache_file_name=str(tmp / "work" / "tokenized.arrow"),
-                          new_fingerprint=key, desc=f"Tokenising {split} preferences")
+        mapped, offset = [], 0
+        for i, (rows, options) in enumerate(planned):
+            # new_fingerprint: our key already covers the tokenizer, so datasets need not hash it.
+            mapped.append(rows.map(
+                _tokenize_batch, batched=True, with_indices=True, num_proc=max(1, min(num_proc, len(rows))),
+                fn_kwargs=dict(tokenizer=tokenizer, settings=settings, options=options, offset=offset),
+                remove_columns=rows.column_names, features=features,
+                cache_file_name=str(tmp / "work" / f"tokenized-{i}.arrow"), new_fingerprint=f"{key}-{i}",
+                desc=f"Tokenising {split} preferences"))
+            offset += len(rows)
+        mapped = datasets.concatenate_datasets(mapped) if len(mapped) > 1 else mapped[0]
         reasons = list(mapped["drop_reason"])
         bad = [i for i, reason in enumerate(reasons) if reason]
         first_bad = mapped.select(bad[:REPORTED_BAD_ROWS])
         report = DataReport(
-            source=source, split=split, rows_in=len(rows), rows_kept=len(rows) - len(bad),
+            source=source, split=split, rows_in=rows_in, rows_kept=rows_in - len(bad),
             dropped=dict(Counter(reasons[i] for i in bad)),
             first_dropped=[{"row_id": r["row_id"], "index": i, "reason": r["drop_reason"],
-                            "detail": r["drop_detail"]} for i, r in zip(bad, first_bad)])
+                            "detail": r["drop_detail"]} for i, r in zip(bad, first_bad)],
+            formats=formats, notes=notes, warnings=warnings)
         kept = mapped.select([i for i, reason in enumerate(reasons) if not reason])
         kept.remove_columns(["drop_reason", "drop_detail"]).save_to_disk(str(tmp / "dataset"))
         shutil.rmtree(tmp / "work")
@@ -160,20 +246,21 @@ def _build_entry(rows: datasets.Dataset, tokenizer, settings: dict, num_proc: in
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer,
-                    settings: dict) -> dict[str, list]:
+def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer, settings: dict,
+                    options: RenderOptions, offset: int) -> dict[str, list]:
     """``datasets.map`` body: every input row gives one output row; bad rows carry a reason."""
-    out = {c: [] for c in (*PAIR_COLUMNS, "row_id", "drop_reason", "drop_detail")}
+    out = {c: [] for c in (*PAIR_COLUMNS, *LENGTH_COLUMNS, "truncated", "row_id", "drop_reason", "drop_detail")}
     for i, index in enumerate(indices):
         row = {name: values[i] for name, values in batch.items()}
         prompt_id = row.get("prompt_id")
-        out["row_id"].append(str(prompt_id) if prompt_id is not None else str(index))
+        out["row_id"].append(str(prompt_id) if prompt_id is not None else str(offset + index))
         try:
-            pair = tokenize_pair(tokenizer, *render_row(row, tokenizer), **settings)
+            pair = tokenize_pair(tokenizer, *render_row(row, tokenizer, options), **settings)
             reason = detail = ""
         except BadRow as exc:
-            pair, reason, detail = {c: [] for c in PAIR_COLUMNS}, exc.reason, exc.detail
-        for c in PAIR_COLUMNS:
+            pair = {**{c: [] for c in PAIR_COLUMNS}, **{c: 0 for c in LENGTH_COLUMNS}, "truncated": False}
+            reason, detail = exc.reason, exc.detail
+        for c in (*PAIR_COLUMNS, *LENGTH_COLUMNS, "truncated"):
             out[c].append(pair[c])
         out["drop_reason"].append(reason)
         out["drop_detail"].append(detail)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import datasets
+import pyarrow
 
 from simpo_mcore.data import synthetic
 
@@ -45,10 +46,14 @@ def local_fingerprint(files: list[Path]) -> str:
     return "local:" + "|".join(parts)
 
 
-def load_local(files: list[Path], raw_cache_dir: Path) -> datasets.Dataset:
-    builder = _FORMATS[files[0].suffix]
-    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
-                                 cache_dir=str(raw_cache_dir))
+def load_local(file: Path, raw_cache_dir: Path) -> datasets.Dataset:
+    """One local file's rows (each file of a directory is read, and its format detected, alone)."""
+    try:
+        return datasets.load_dataset(_FORMATS[file.suffix], data_files=[str(file)], split="train",
+                                     cache_dir=str(raw_cache_dir))
+    except (datasets.exceptions.DatasetsError, pyarrow.ArrowException, ValueError, OSError) as exc:
+        cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
+        raise ValueError(f"data file {file} could not be read: {exc}{cause}") from None
 
 
 def load_hub(name: str, split: str) -> tuple[datasets.Dataset, str]:

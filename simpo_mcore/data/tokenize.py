@@ -63,7 +63,8 @@ def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, *, max_len
                   max_prompt_length: int,
                   truncation_mode: Literal["keep_end", "keep_start"] = "keep_end") -> dict[str, list[int]]:
     """One rendered pair -> ``chosen_input_ids``, ``chosen_labels``, ``rejected_*`` and the truncated
-    ``prompt_input_ids`` (as the reference; for generation, not training).
+    ``prompt_input_ids`` (as the reference; for generation, not training); also the lengths before
+    truncation, ``prompt_length``, ``chosen_length``, ``rejected_length``, and ``truncated``.
 
     Labels equal the ids on response positions (EOS included) and ``LABEL_PAD`` on the prompt; they
     are not shifted (logits at t predict labels[t + 1]). Raises :class:`BadRow` for an empty
@@ -112,11 +113,15 @@ def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, *, max_len
             return ids
         return ids[:max_length - max_prompt_length]
 
+    # Lengths before truncation (BOS and EOS included), for the data preview.
+    out = {"prompt_length": len(prompt_ids), "chosen_length": len(chosen_ids),
+           "rejected_length": len(rejected_ids),
+           "truncated": len(chosen_prompt) + longer > max_length or len(rejected_prompt) + longer > max_length}
     chosen_prompt, rejected_prompt, prompt_ids = map(cut_prompt, (chosen_prompt, rejected_prompt, prompt_ids))
     chosen_ids = cut_response(chosen_prompt, chosen_ids)
     rejected_ids = cut_response(rejected_prompt, rejected_ids)
 
-    out = {"prompt_input_ids": prompt_ids}
+    out["prompt_input_ids"] = prompt_ids
     for name, prompt_part, ids in (("chosen", chosen_prompt, chosen_ids),
                                    ("rejected", rejected_prompt, rejected_ids)):
         labels = [LABEL_PAD] * len(prompt_part) + ids

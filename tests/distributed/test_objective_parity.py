@@ -5,6 +5,11 @@ average over response tokens, ``-logsigmoid(beta * (avg_c - avg_r - gamma_beta_r
 smoothing, the SFT token mean over all chosen response tokens of the batch, and the metrics as
 plain means over pairs. simpo_mcore computes the same step through megatron's schedule on 1-4
 ranks, with the batch split over data-parallel ranks and micro-batches of uneven token counts.
+
+Half the pairs are random token ids; the other half are multi-turn conversations with system
+prompts (H4 and ShareGPT files) that simpo_mcore reads through its data pipeline, while the
+reference takes the chat template of the whole conversation: the prompt is the conversation before
+the final assistant turn, the response what the template adds for that turn, then EOS.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ import torch.nn.functional as F
 from helpers import QUIET, make_tiny_hf_llama, run_ranks
 from safetensors.torch import load_file
 
+from simpo_mcore.config import DataConfig
 from simpo_mcore.convert.hf_to_mcore import convert_hf_to_mcore
+from simpo_mcore.data import synthetic
+from simpo_mcore.data.preference import build_preference_dataset
 from simpo_mcore.parallel import ensure_process_group
 
 BETA, RATIO, LS, SFT_W = 2.0, 0.5, 0.1, 0.5
@@ -40,14 +48,72 @@ def setup(tmp_path_factory):
                                        kv_heads=2, **kwargs)
         convert_hf_to_mcore(root / name / "hf", root / name / "mcore", **QUIET)
     rng = random.Random(0)
-    pairs = []
-    for _ in range(NUM_PAIRS):  # uneven prompt and response lengths
+    random_pairs = []
+    for _ in range(NUM_PAIRS // 2):  # uneven prompt and response lengths
         prompt = [rng.randrange(3, 250) for _ in range(rng.randint(2, 12))]
-        pairs.append({"prompt": prompt,
-                      "chosen": [rng.randrange(3, 250) for _ in range(rng.randint(1, 14))],
-                      "rejected": [rng.randrange(3, 250) for _ in range(rng.randint(1, 14))]})
-    (root / "pairs.json").write_text(json.dumps(pairs))
+        random_pairs.append({"prompt": prompt,
+                             "chosen": [rng.randrange(3, 250) for _ in range(rng.randint(1, 14))],
+                             "rejected": [rng.randrange(3, 250) for _ in range(rng.randint(1, 14))]})
+    chat_pairs, chat_inputs = chat_rows(root / "chat")
+    pairs, inputs = [], []  # the reference's (prompt, chosen, rejected) ids; what the launch reads
+    for plain, chat, chat_input in zip(random_pairs, chat_pairs, chat_inputs):
+        pairs += [plain, chat]
+        inputs += [{f"{key}_{part}": value for key in ("chosen", "rejected")
+                    for part, value in (("input_ids", plain["prompt"] + plain[key]),
+                                        ("labels", [-100] * len(plain["prompt"]) + plain[key]))}, chat_input]
+    (root / "pairs.json").write_text(json.dumps(inputs))
     return root, hfs, pairs
+
+
+def m(role, content):
+    return {"role": role, "content": content}
+
+
+def chat_rows(folder):
+    """NUM_PAIRS // 2 multi-turn conversations with a system prompt, written as H4 and ShareGPT files
+    and tokenised by simpo_mcore's pipeline. Returns the reference's ids of each (from the chat
+    template of the whole conversation) and the pipeline's tokenised pairs."""
+    tok = synthetic.build_tokenizer()
+    rng = random.Random(1)
+    conversations, h4, sharegpt = [], [], []
+    for i in range(NUM_PAIRS // 2):
+        prompt = [m("system", "Reply with digits only." if i % 2 else "Be exact.")]
+        for t in range(1 + i % 2):
+            prompt += [m("user", f"sort up {rng.randint(10, 10 ** (2 + t))}"), m("assistant", str(rng.randint(0, 999)))]
+        digits = str(rng.randint(100, 10 ** (3 + i)))
+        prompt.append(m("user", f"sort down {digits}"))
+        chosen = m("assistant", "".join(sorted(digits, reverse=True)))
+        rejected = m("assistant", digits[:-1] if i % 2 else digits)
+        conversations.append((prompt, chosen, rejected))
+        if i < NUM_PAIRS // 4:
+            h4.append({"prompt": prompt[-1]["content"], "prompt_id": f"chat{i}", "chosen": [*prompt, chosen],
+                       "rejected": [*prompt, rejected]})
+        else:
+            tags = {"system": "system", "user": "human", "assistant": "gpt"}
+            sharegpt.append({"conversations": [{"from": tags[x["role"]], "value": x["content"]} for x in prompt],
+                             "chosen": {"from": "gpt", "value": chosen["content"]},
+                             "rejected": {"from": "gpt", "value": rejected["content"]}})
+    folder.mkdir(parents=True)
+    (folder / "a_h4.jsonl").write_text("".join(json.dumps(r) + "\n" for r in h4))
+    (folder / "b_sharegpt.json").write_text(json.dumps(sharegpt))
+    cfg = DataConfig(train_path=str(folder), max_length=512, max_prompt_length=256, num_proc=1)
+    dataset, report = build_preference_dataset(cfg, tok, "train", folder.parent / "cache")
+    assert sorted(report.formats.values()) == ["h4", "sharegpt"] and len(dataset) == NUM_PAIRS // 2
+
+    def enc(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    reference = []
+    for prompt, chosen, rejected in conversations:
+        prompt_ids = enc(tok.apply_chat_template(prompt, tokenize=False))
+        pair = {"prompt": prompt_ids}
+        for key, reply in (("chosen", chosen), ("rejected", rejected)):
+            whole = enc(tok.apply_chat_template([*prompt, reply], tokenize=False)) + [tok.eos_token_id]
+            assert whole[:len(prompt_ids)] == prompt_ids
+            pair[key] = whole[len(prompt_ids):]
+        reference.append(pair)
+    columns = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+    return reference, [{c: row[c] for c in columns} for row in dataset]
 
 
 def reference(hf, pairs):

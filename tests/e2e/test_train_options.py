@@ -50,11 +50,15 @@ def test_recompute_bf16_sp_and_hf_export(tmp_path, tiny, straight):
 @pytest.mark.slow
 def test_kept_head_logits_train_like_recomputed_ones(tmp_path, tiny, straight):
     """model.logprob_recompute: false reaches the head (the run says so) and trains like the default (same
-    forward; a backward that can differ by fp32 rounding only): 20 fp32 steps within 1e-5."""
+    forward; a backward that can differ by fp32 rounding only): 20 fp32 steps within 1e-5.
+
+    The same run has data.max_length 300 on a model of 256 positions (no sequence comes near either):
+    the run warns about it once."""
     fp32 = straight("tp1")
     log = []
-    _, kept = run(tmp_path, tiny, "kept", 1, log=log, model={"logprob_recompute": False})
+    _, kept = run(tmp_path, tiny, "kept", 1, log=log, model={"logprob_recompute": False}, data={"max_length": 300})
     assert re.search(r"\| head: fused, chunks of \d+ tokens, logits kept, auto kernels", log[0]), log[0][-3000:]
+    assert log[0].count("data.max_length (300) exceeds the model's max_position_embeddings (256)") == 1
     assert kept[1]["loss"] == fp32[1]["loss"]  # the first forward is bit for bit the same
     assert list(kept) == list(fp32)
     for step in kept:

@@ -1,5 +1,6 @@
-"""Pieces of the benchmark that need no model: the performance targets (docs/performance.md) as ``benchmarks/bench_report.py`` checks
-them on hand-made results, and how ``bench_common.measure`` times a step and records failures."""
+"""Pieces of the benchmark that need no model: the performance targets (docs/performance.md) as
+``benchmarks/bench_report.py`` checks them on hand-made results, and how ``bench_common.measure`` times a
+step and records failures."""
 
 from __future__ import annotations
 

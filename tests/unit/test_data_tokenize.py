@@ -11,6 +11,7 @@ from tokenizers import AddedToken, Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
 from simpo_mcore.data import synthetic
+from simpo_mcore.data.formats import UNSUPPORTED_ROLE
 from simpo_mcore.data.render import render_row
 from simpo_mcore.data.tokenize import (
     EMPTY_RESPONSE,
@@ -145,13 +146,22 @@ def test_render_prompt_as_messages_and_system_turn_kept():
 
 def test_render_plain_strings_untouched():
     assert render_row({"prompt": "P", "chosen": "C", "rejected": "R"}, None) == ("P", "C", "R")
+    # No prompt: the common prefix is the prompt; the space before the first difference is not.
+    assert render_row({"chosen": "Q: x? A: yes", "rejected": "Q: x? A: no"}, None) == ("Q: x? A:", " yes", " no")
+    assert render_row({"chosen": "a", "rejected": "b"}, None) == ("", "a", "b")
 
 
 @pytest.mark.parametrize("row, reason", [
     ({"prompt": "q", "chosen": msgs(("user", "q"), ("assistant", "a"))}, MISSING_FIELD),
     ({"chosen": msgs(("user", "q"), ("assistant", "a")), "rejected": None}, MISSING_FIELD),
     ({"chosen": msgs(("assistant", "a")), "rejected": msgs(("assistant", "b"))}, MISSING_FIELD),
-    ({"chosen": "a", "rejected": "b"}, MISSING_FIELD),
+    ({"prompt": "q", "chosen": "a", "rejected": None}, MISSING_FIELD),
+    ({"prompt": "q", "chosen": msgs(("user", "q"), ("assistant", "a")), "rejected": msgs(("assistant", "b"))},
+     PROMPT_MISMATCH),
+    ({"prompt": msgs(("user", "q")), "chosen": msgs(("user", "Q"), ("assistant", "a")),
+      "rejected": msgs(("user", "Q"), ("assistant", "b"))}, PROMPT_MISMATCH),
+    ({"chosen": msgs(("user", "q"), ("tool", "t"), ("assistant", "a")),
+      "rejected": msgs(("user", "q"), ("tool", "t"), ("assistant", "b"))}, UNSUPPORTED_ROLE),
     ({"chosen": msgs(("user", "q"), ("assistant", "a")), "rejected": msgs(("user", "q"), ("user", "b"))},
      NOT_ASSISTANT),
     ({"chosen": msgs(("user", "q"), ("assistant", "a")), "rejected": msgs(("user", "Q"), ("assistant", "b"))},

@@ -32,7 +32,7 @@ LOSS = LossConfig(type="simpo", beta=2.0, gamma_beta_ratio=0.5, label_smoothing=
 
 def micro_batches(pairs: list[dict], start: int, k: int, seq_len: int) -> list[dict]:
     """[c_0..c_{k-1}, r_0..r_{k-1}] rows per micro-batch, right-padded to seq_len, labels -100 on
-    prompt and padding."""
+    prompt and padding (pairs hold ``{chosen,rejected}_{input_ids,labels}``, the pipeline's columns)."""
     out = []
     for m in range(0, len(pairs), k):
         group = pairs[m:m + k]
@@ -41,9 +41,9 @@ def micro_batches(pairs: list[dict], start: int, k: int, seq_len: int) -> list[d
         for side, key in enumerate(("chosen", "rejected")):
             for i, pair in enumerate(group):
                 row = side * len(group) + i
-                seq = pair["prompt"] + pair[key]
+                seq = pair[f"{key}_input_ids"]
                 tokens[row, :len(seq)] = torch.tensor(seq)
-                labels[row, len(pair["prompt"]):len(seq)] = torch.tensor(pair[key])
+                labels[row, :len(seq)] = torch.tensor(pair[f"{key}_labels"])
         out.append({"tokens": tokens, "labels": labels, "index": torch.arange(start + m, start + m + len(group))})
     return out
 
@@ -81,7 +81,7 @@ def run_layout(hf_dir, ckpt_dir, pairs_path, out_root, tp, pp, sp):
     assert G == NUM_PAIRS
     per_rank = G // layout.dp
     mine = pairs[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]
-    longest = max(len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in pairs)
+    longest = max(len(p[f"{key}_input_ids"]) for p in pairs for key in ("chosen", "rejected"))
     seq_len = -(-longest // 4) * 4
     head = TokenLogpsContext(vocab_size=arch.vocab_size, chunk_tokens=16)
     results = {}

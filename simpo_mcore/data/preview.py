@@ -1,0 +1,185 @@
+"""What ``simpo-data`` shows before a run: how the rows were read and rendered, what is trained on,
+how long the pairs are, and how much of a step's batch is padding.
+
+    print(run_preview(cfg.data, tokenizer, "train", cache_dir, BatchShape(8, 128, 1, 16)))
+
+The numbers come from the tokenised split the run itself reads (the same cache entry, which the
+preview builds when it is missing).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import datasets
+import pyarrow.compute as pc
+
+from simpo_mcore.config import DataConfig
+from simpo_mcore.data.batching import step_padding
+from simpo_mcore.data.formats import FORMATS
+from simpo_mcore.data.preference import DataReport, build_preference_dataset
+from simpo_mcore.data.sampler import PairSampler
+from simpo_mcore.data.tokenize import LABEL_PAD
+
+Layout = Callable[[list[list[tuple[int, int]]]], tuple[int, int]]
+"""One rank's step (micro-batches of (chosen, rejected) lengths) -> (real tokens, token slots)."""
+
+DIM, BOLD, RESET = "\033[2m", "\033[1;32m", "\033[0m"
+OPEN, CLOSE = "[[", "]]"
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """The per-rank batch of a run: what decides how its steps are padded."""
+    micro_batch_pairs: int
+    global_batch_pairs: int
+    dp: int
+    pad_to_multiple_of: int
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class LengthStats:
+    median: float
+    p90: int
+    """Nearest rank: the smallest length that at least 90% of the values do not exceed."""
+    max: int
+
+
+@dataclass
+class Preview:
+    report: DataReport
+    pairs: int
+    prompt: LengthStats
+    """Prompt tokens before truncation (BOS included); likewise the responses (EOS included)."""
+    chosen: LengthStats
+    rejected: LengthStats
+    truncated: int
+    """Pairs cut to ``data.max_length``."""
+    efficiency: float | None
+    """Real tokens / token slots over one epoch of steps, on all data-parallel ranks."""
+    efficiency_note: str
+    """How the efficiency was measured, or why it was not."""
+
+
+def length_stats(values: list[int]) -> LengthStats:
+    ordered = sorted(values)
+    p90 = ordered[max(0, -(-9 * len(ordered) // 10) - 1)]  # nearest rank: ceil(0.9 n)-th value
+    return LengthStats(statistics.median(ordered), p90, ordered[-1])
+
+
+def sequence_lengths(dataset: datasets.Dataset) -> list[tuple[int, int]]:
+    """(chosen, rejected) token counts of every pair as batched (after truncation)."""
+    table = dataset.with_format("arrow")
+    chosen = pc.list_value_length(table["chosen_input_ids"]).to_pylist()
+    rejected = pc.list_value_length(table["rejected_input_ids"]).to_pylist()
+    return list(zip(chosen, rejected))
+
+
+def epoch_steps(num_pairs: int, batch: BatchShape) -> Iterator[list[list[int]]]:
+    """Every rank's micro-batches (dataset indices) of every step of the first epoch."""
+    samplers = [PairSampler(num_pairs, batch.global_batch_pairs, batch.micro_batch_pairs, rank, batch.dp,
+                            batch.seed) for rank in range(batch.dp)]
+    for step in range(samplers[0].steps_per_epoch):
+        for sampler in samplers:
+            yield sampler.micro_batches(step)
+
+
+def batch_efficiency(lengths: list[tuple[int, int]], steps: Iterable[list[list[int]]],
+                     layout: Layout) -> float:
+    """The fraction of a batch layout's token slots that hold real tokens over ``steps``;
+    ``layout`` lays out one rank's step (:func:`batching.step_padding` for step-wide padding)."""
+    real = slots = 0
+    for micro_batches in steps:
+        step_real, step_slots = layout([[lengths[i] for i in micro] for micro in micro_batches])
+        real, slots = real + step_real, slots + step_slots
+    return real / slots
+
+
+def preview_split(dataset: datasets.Dataset, report: DataReport, batch: BatchShape) -> Preview:
+    table = dataset.with_format("arrow")
+    columns = {name: table[name].to_pylist() for name in ("prompt_length", "chosen_length", "rejected_length")}
+    try:
+        steps = list(epoch_steps(len(dataset), batch))
+    except ValueError as exc:  # fewer pairs than a global batch, sizes that do not divide
+        efficiency, note = None, f"not computed: {exc}"
+    else:
+        multiple = batch.pad_to_multiple_of
+        efficiency = batch_efficiency(sequence_lengths(dataset), steps,
+                                      lambda micro: step_padding(micro, multiple))
+        note = (f"step-wide padding: each rank's micro-batches padded to its step's longest sequence, rounded "
+                f"up to {multiple}; {batch.global_batch_pairs // batch.dp} pairs per rank per step in "
+                f"micro-batches of {batch.micro_batch_pairs}, DP={batch.dp}, {len(steps) // batch.dp} steps "
+                f"in the epoch")
+    return Preview(report, len(dataset), *(length_stats(columns[c]) for c in columns),
+                   truncated=sum(table["truncated"].to_pylist()), efficiency=efficiency, efficiency_note=note)
+
+
+def marked_text(tokenizer, ids: list[int], labels: list[int], color: bool) -> str:
+    """The sequence as text with its trained tokens (label set) marked: bold on a terminal
+    (prompt dim), between ``[[`` and ``]]`` otherwise."""
+    spans: list[tuple[bool, list[int]]] = []
+    for token, label in zip(ids, labels):
+        trained = label != LABEL_PAD
+        if spans and spans[-1][0] == trained:
+            spans[-1][1].append(token)
+        else:
+            spans.append((trained, [token]))
+    out = []
+    for trained, tokens in spans:
+        text = tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if color:
+            out.append(f"{BOLD if trained else DIM}{text}{RESET}")
+        else:
+            out.append(f"{OPEN}{text}{CLOSE}" if trained else text)
+    return "".join(out)
+
+
+def _stats_row(name: str, stats: LengthStats) -> str:
+    return f"  {name:<9}{stats.median:>9g}{stats.p90:>8}{stats.max:>8}"
+
+
+def format_preview(preview: Preview, dataset: datasets.Dataset, tokenizer, *, samples: int = 3,
+                   color: bool = False, max_length: int | None = None) -> str:
+    """The preview as text: formats, notes, drops, ``samples`` rendered pairs, lengths, padding."""
+    report = preview.report
+    lines = [f"{report.split} data: {report.source}"]
+    lines += [f"format: {fmt} ({FORMATS[fmt].title}) <- {name}" for name, fmt in report.formats.items()]
+    lines += [f"note: {note}" for note in report.notes]
+    lines += [f"warning: {warning}" for warning in report.warnings]
+    lines.append(f"rows: {report.rows_in} read, {report.rows_kept} kept"
+                 + (f"; {report.drop_summary()}" if report.rows_kept < report.rows_in else ""))
+    marks = "bold: trained on, dim: not" if color else f"{OPEN} {CLOSE}: trained on"
+    for index in range(min(samples, len(dataset))):
+        row = dataset[index]
+        lines.append(f"\n--- sample {index + 1} (row {row['row_id']}; {marks})")
+        for side in ("chosen", "rejected"):
+            ids, labels = row[f"{side}_input_ids"], row[f"{side}_labels"]
+            prompt = sum(label == LABEL_PAD for label in labels)
+            trained = sum(label != LABEL_PAD for label in labels[1:])  # position 0 is never predicted
+            lines.append(f"{side}: {len(ids)} tokens, {prompt} prompt, {trained} trained")
+            lines.append(marked_text(tokenizer, ids, labels, color))
+    lines.append(f"\nlengths in tokens before truncation, {preview.pairs} pairs:")
+    lines.append(f"  {'':<9}{'median':>9}{'p90':>8}{'max':>8}")
+    lines += [_stats_row("prompt", preview.prompt), _stats_row("chosen", preview.chosen),
+              _stats_row("rejected", preview.rejected)]
+    limit = f" to data.max_length {max_length}" if max_length is not None else ""
+    lines.append(f"truncated{limit}: {preview.truncated} of {preview.pairs} pairs")
+    if preview.efficiency is None:
+        lines.append(f"padding efficiency: {preview.efficiency_note}")
+    else:
+        lines.append(f"padding efficiency: {100 * preview.efficiency:.1f}% of the batch's tokens are real "
+                     f"({preview.efficiency_note})")
+    return "\n".join(lines)
+
+
+def run_preview(cfg: DataConfig, tokenizer, split: str, cache_dir, batch: BatchShape, *,
+                samples: int = 3, color: bool = False, warnings: Iterable[str] = ()) -> str:
+    """Build (or read from the cache) one split and describe it; ``warnings``: the caller's own
+    (e.g. a ``max_length`` beyond the model's positions), printed last."""
+    dataset, report = build_preference_dataset(cfg, tokenizer, split, cache_dir, announce=False)
+    text = format_preview(preview_split(dataset, report, batch), dataset, tokenizer, samples=samples,
+                          color=color, max_length=cfg.max_length)
+    return "\n".join([text, *(f"warning: {w}" for w in warnings)])

@@ -1,0 +1,157 @@
+"""``simpo-data``: the preview's numbers against values computed here, its marked samples, its errors.
+
+The data is the 300-row LLaMA-Factory layout of test_data_formats (6 rows call tools and are dropped),
+tokenised with the Llama-3 template and a max_length that truncates some pairs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import yaml
+from test_data_formats import build_tokenizer, expected_chat, llama_factory_rows, write_rows
+
+from simpo_mcore.cli import data_main
+from simpo_mcore.config import DataConfig
+from simpo_mcore.data.batching import step_micro_batches
+from simpo_mcore.data.preference import build_preference_dataset
+from simpo_mcore.data.preview import BOLD, DIM, BatchShape, format_preview, marked_text, preview_split
+from simpo_mcore.data.sampler import PairSampler
+
+MAX_LENGTH, MAX_PROMPT = 160, 100
+BATCH = BatchShape(micro_batch_pairs=2, global_batch_pairs=8, dp=2, pad_to_multiple_of=16, seed=3)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("preview")
+    tok = build_tokenizer("llama3")
+    rows, meant = llama_factory_rows()
+    path = write_rows(rows, root / "dpo_en.json")
+    cfg = DataConfig(train_path=str(path), max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT, num_proc=1)
+    ds, report = build_preference_dataset(cfg, tok, "train", root / "cache")
+    return root, tok, path, ds, report, [x for x in meant if x is not None]
+
+
+def by_hand(values):
+    """(median, nearest-rank p90, max), written out."""
+    s, n = sorted(values), len(values)
+    median = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+    return median, s[math.ceil(0.9 * n) - 1], s[-1]
+
+
+def test_preview_numbers(data):
+    _, tok, _, ds, report, meant = data
+    preview = preview_split(ds, report, BATCH)
+    assert preview.pairs == len(meant) == 294
+    # Lengths before truncation, from the whole conversations through the chat template.
+    lengths = {"prompt": [], "chosen": [], "rejected": []}
+    truncated = 0
+    for prompt, chosen, rejected in meant:
+        c_ids, c_labels = expected_chat(tok, prompt, chosen)
+        r_ids, _ = expected_chat(tok, prompt, rejected)
+        n_prompt = c_labels.count(-100)
+        lengths["prompt"].append(n_prompt)
+        lengths["chosen"].append(len(c_ids) - n_prompt)
+        lengths["rejected"].append(len(r_ids) - n_prompt)
+        truncated += max(len(c_ids), len(r_ids)) > MAX_LENGTH  # prompt + the longer response
+    for name, values in lengths.items():
+        stats = getattr(preview, name)
+        assert (stats.median, stats.p90, stats.max) == by_hand(values), name
+    assert 0 < preview.truncated == truncated < len(meant)
+
+    # Padding efficiency: each rank's step padded to its longest sequence rounded up to 16, over
+    # one epoch of global batches (numpy's permutation seeded by [seed, epoch]), both DP ranks.
+    seq = [(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in ds]
+    assert max(max(p) for p in seq) <= MAX_LENGTH
+    perm = np.random.default_rng([BATCH.seed, 0]).permutation(len(ds))
+    G, per_rank = BATCH.global_batch_pairs, BATCH.global_batch_pairs // BATCH.dp
+    real = slots = 0
+    for g in range(len(ds) // G):
+        for rank in range(BATCH.dp):
+            mine = perm[g * G + rank * per_rank:g * G + (rank + 1) * per_rank]
+            lens = [n for i in mine for n in seq[i]]
+            real += sum(lens)
+            slots += len(lens) * math.ceil(max(lens) / 16) * 16
+    assert preview.efficiency == pytest.approx(real / slots, abs=1e-12)
+    # ... and it is what the training step's own collation allocates.
+    allocated = 0
+    for rank in range(BATCH.dp):
+        sampler = PairSampler(len(ds), G, BATCH.micro_batch_pairs, rank, BATCH.dp, BATCH.seed)
+        for step in range(sampler.steps_per_epoch):
+            allocated += sum(b["tokens"].numel() for b in step_micro_batches(ds, sampler.micro_batches(step), 0))
+    assert allocated == slots and 0.5 < real / slots < 0.95
+
+    text = format_preview(preview, ds, tok, samples=2, max_length=MAX_LENGTH)
+    assert f"{100 * real / slots:.1f}% of the batch's tokens are real" in text
+    assert f"truncated to data.max_length {MAX_LENGTH}: {truncated} of 294 pairs" in text
+    assert "format: sharegpt (ShareGPT / LLaMA-Factory ranking)" in text
+    assert "rows: 300 read, 294 kept; dropped 6 of 300 train rows" in text and "unsupported_role: 6" in text
+    med, p90, mx = by_hand(lengths["prompt"])
+    assert f"  prompt   {med:>9g}{p90:>8}{mx:>8}" in text
+
+
+def test_marked_samples(data):
+    _, tok, _, ds, report, _ = data
+    index = ds["truncated"].index(False)  # a pair whose response keeps its EOS
+    text = format_preview(preview_split(ds, report, BATCH), ds, tok, samples=index + 1)
+    row = ds[index]
+    ids, labels = row["chosen_input_ids"], row["chosen_labels"]
+    n_prompt = labels.count(-100)
+    prompt_text, response_text = tok.decode(ids[:n_prompt]), tok.decode(ids[n_prompt:])
+    assert f"chosen: {len(ids)} tokens, {n_prompt} prompt, {len(ids) - n_prompt} trained" in text
+    assert f"{prompt_text}[[{response_text}]]" in text
+    assert response_text.startswith("<|start_header_id|>assistant") and response_text.endswith("<|end_of_text|>")
+    colored = marked_text(tok, ids, labels, color=True)
+    assert colored.startswith(DIM + prompt_text) and f"{BOLD}{response_text}" in colored
+    assert f"--- sample {index + 1} (row {row['row_id']}; [[ ]]: trained on)" in text
+    assert f"--- sample {index + 2}" not in text
+
+
+def write_config(path, **sections):
+    path.write_text(yaml.safe_dump(sections))
+    return str(path)
+
+
+def test_simpo_data_command(data, tmp_path, capsys):
+    root, tok, path, _, _, _ = data
+    tok.save_pretrained(tmp_path / "tok")
+    cfg = write_config(tmp_path / "run.yaml", model={"tokenizer": str(tmp_path / "tok")},
+                       data={"train_path": str(path), "max_length": MAX_LENGTH, "max_prompt_length": MAX_PROMPT,
+                             "num_proc": 1},
+                       train={"micro_batch_pairs": 2, "global_batch_pairs": 8, "seed": 3},
+                       output_dir=str(tmp_path / "run"))
+    assert data_main([cfg, "--samples", "1", "--dp", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "format: sharegpt" in out and "--- sample 1" in out and "DP=2" in out and "[[" in out
+    assert (tmp_path / "run" / "data_cache").is_dir()  # the run reads this entry instead of tokenising again
+
+    # User errors: one line, exit 2.
+    unknown = write_rows([{"question": "q", "good": "a", "bad": "b"}], tmp_path / "mine.jsonl")
+    for argv, message in [
+        ([cfg, f"data.train_path={unknown}"], "rows of an unknown layout, with columns question (text)"),
+        ([cfg, "--samples", "0", "data.format=openai"], "data.format is 'openai' but it has no 'input' column"),
+        ([cfg, "data.colums.prompt=x"], "unknown config key data.colums"),
+        ([str(tmp_path / "missing.yaml")], "does not exist"),
+        ([cfg, "model.tokenizer=null", "model.checkpoint=/nowhere"], "model.checkpoint /nowhere does not exist"),
+    ]:
+        assert data_main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("simpo-data: error: ") and message in err and "\n" not in err, err
+
+
+def test_simpo_data_warns_about_max_length_beyond_the_model(tmp_path, capsys):
+    cfg = write_config(tmp_path / "run.yaml", model={"checkpoint": "tiny-random"},
+                       data={"train_path": "synthetic", "synthetic_pairs": 24, "max_length": 300, "num_proc": 1,
+                             "max_prompt_length": 40},
+                       train={"micro_batch_pairs": 4, "global_batch_pairs": 8}, output_dir=str(tmp_path / "run"))
+    assert data_main([cfg, "--samples", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1] == (
+        "warning: data.max_length (300) exceeds the model's max_position_embeddings (256): positions past 256 are "
+        "beyond what the model was trained on")
+    assert "format: h4" in out and "rows: 24 read, 24 kept" in out and "3 steps in the epoch" in out
+    assert data_main([cfg, "data.max_length=256", "--samples", "0"]) == 0
+    assert "warning" not in capsys.readouterr().out
