@@ -85,9 +85,12 @@ class MetricsLogger:
         if not self.active or self._bar is None:
             return
         self._bar.n = step
+        computed = record.get("tokens_computed") or float("nan")
         self._bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
                               acc=f"{record.get('rewards/accuracies', float('nan')):.2f}",
-                              tok_s=f"{record.get('tokens_per_s', 0):.0f}", refresh=False)
+                              tok_s=f"{record.get('tokens_per_s', 0):.0f}",
+                              real=f"{record.get('tokens_real', float('nan')) / computed:.2f}",  # not padding
+                              refresh=False)
         self._bar.refresh()
 
     def print(self, text: str) -> None:

@@ -17,7 +17,7 @@ from simpo_mcore.convert.mcore_io import load_model_weights
 from simpo_mcore.convert.tiny import TINY_ARCH
 from simpo_mcore.convert.tool import run_in_fresh_process
 from simpo_mcore.data.batching import pad_token_id
-from simpo_mcore.data.pipeline import TokenizedSplit, eval_batch_groups, pad_multiple
+from simpo_mcore.data.pipeline import BatchLayout, TokenizedSplit, eval_batch_groups
 from simpo_mcore.data.synthetic import build_tokenizer
 from simpo_mcore.logprobs import TokenLogpsContext
 from simpo_mcore.model.builder import ModelOptions, build_model
@@ -49,14 +49,15 @@ class Runtime:
         return pad_token_id(self.tokenizer)
 
     @property
-    def pad_multiple(self) -> int:
-        """What every batch's sequence length is a multiple of."""
-        return pad_multiple(self.layout.tp, self.options.sequence_parallel)
+    def batch_layout(self) -> BatchLayout:
+        """How this run's pairs become micro-batches (packed rows or padded pairs, and their lengths)."""
+        layout = self.layout
+        return BatchLayout.for_run(self.cfg.data, self.pad_id, layout.tp, self.options.sequence_parallel,
+                                   layout.pp, layout.vpp)
 
     def eval_groups(self, split: TokenizedSplit):
         """``split``'s forward-only micro-batch groups for this rank (evaluation, DPO reference pass)."""
-        return eval_batch_groups(split, self.cfg.train.micro_batch_pairs, self.pad_id, self.pad_multiple,
-                                 self.layout)
+        return eval_batch_groups(split, self.cfg.train.micro_batch_pairs, self.batch_layout, self.layout)
 
 
 def setup_logging(rank: int) -> None:
