@@ -91,9 +91,9 @@ class SDPAttention(MegatronModule):
 
     Packed rows (``packed_seq_params`` with ``qkv_format="thd"``: inputs ``[t, heads/tp, head_dim]``, the
     sequences of a row end to end) are attended one segment at a time, each causal on its own, so no token
-    sees another sequence: on 2 CPU cores this ran 16x faster than one call with a block-diagonal causal mask
-    over a real 8k-token row of 22 sequences (``benchmarks/bench_varlen_attention.py``), and torch's
-    ``flex_attention`` has no CPU backward. A per-sequence mask (a sliding window, from positions within the
+    sees another sequence: on a CPU this ran 14x faster than one call with a block-diagonal causal mask over
+    a real 8k-token row of 22 sequences (``benchmarks/bench_varlen_attention.py``, docs/packing.md), and
+    torch's ``flex_attention`` has no CPU backward. A per-sequence mask (a sliding window, from positions within the
     segment) composes with it: :meth:`_attend` sees one sequence at a time.
     """
 
