@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from simpo_mcore.metrics_log import model_flops_per_token
-from simpo_mcore.model.hf_config import LlamaArch
+from simpo_mcore.model.hf_config import ModelArch
 
 GIB = 2**30
 
@@ -45,15 +45,15 @@ FLOPS_FORMULA = (
 )
 
 
-def make_arch(shape: str, max_seq: int) -> LlamaArch:
+def make_arch(shape: str, max_seq: int) -> ModelArch:
     """A random-weight Llama of the named shape (no download: only the shape matters here)."""
     s = SHAPES[shape]
-    return LlamaArch(
+    return ModelArch(
         head_dim=s["hidden_size"] // s["num_attention_heads"], rms_norm_eps=1e-5, rope_theta=500000.0,
         max_position_embeddings=max(8192, max_seq), tie_word_embeddings=False, **s)
 
 
-def param_count(arch: LlamaArch) -> int:
+def param_count(arch: ModelArch) -> int:
     """Embedding + layers + final norm + untied output layer."""
     h, f, q, kv = arch.hidden_size, arch.intermediate_size, arch.num_attention_heads * arch.head_dim, \
         arch.num_key_value_heads * arch.head_dim
@@ -61,7 +61,7 @@ def param_count(arch: LlamaArch) -> int:
     return arch.num_layers * per_layer + h + 2 * arch.vocab_size * h
 
 
-def step_flops(arch: LlamaArch, seq: int, seqs: int) -> float:
+def step_flops(arch: ModelArch, seq: int, seqs: int) -> float:
     return model_flops_per_token(arch, seq) * seq * seqs
 
 

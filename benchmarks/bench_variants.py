@@ -28,7 +28,7 @@ from simpo_mcore.logprobs import (
 from simpo_mcore.losses import simpo_loss
 from simpo_mcore.model.builder import ModelOptions, build_model
 from simpo_mcore.model.forward import position_ids_like
-from simpo_mcore.model.hf_config import LlamaArch
+from simpo_mcore.model.hf_config import ModelArch
 from simpo_mcore.parallel import seed_everything
 from simpo_mcore.step import checked_targets, shift_labels
 
@@ -81,7 +81,7 @@ def reference_avg_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return (token_logps * mask).sum(-1) / mask.sum(-1)
 
 
-def hf_workload(arch: LlamaArch, batch: Batch, loss_cfg: LossConfig, dtype: torch.dtype,
+def hf_workload(arch: ModelArch, batch: Batch, loss_cfg: LossConfig, dtype: torch.dtype,
                 device: torch.device, seed: int) -> Workload:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -116,7 +116,7 @@ def hf_workload(arch: LlamaArch, batch: Batch, loss_cfg: LossConfig, dtype: torc
 # ------------------------------------------------------------------------------------------ simpo_mcore
 
 
-def mcore_workload(arch: LlamaArch, batch: Batch, loss_cfg: LossConfig, opts: ModelOptions,
+def mcore_workload(arch: ModelArch, batch: Batch, loss_cfg: LossConfig, opts: ModelOptions,
                    chunk_tokens: int, seed: int, head_kernel: str = "auto", keep_logits: bool = False) -> Workload:
     """The model call of :func:`simpo_mcore.step.make_forward_step` on one micro-batch, then backward.
 

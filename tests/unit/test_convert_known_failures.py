@@ -24,7 +24,7 @@ from simpo_mcore.convert import keymap
 from simpo_mcore.convert.checkpoint_meta import META_FILE
 from simpo_mcore.convert.hf_to_mcore import convert_hf_to_mcore
 from simpo_mcore.convert.mcore_to_hf import convert_mcore_to_hf
-from simpo_mcore.model.hf_config import LlamaArch
+from simpo_mcore.model.hf_config import ModelArch
 
 TOKENS = torch.randint(0, 250, (2, 100), generator=torch.Generator().manual_seed(0))  # 100 > 64
 
@@ -111,7 +111,7 @@ def test_qkv_layout_grouped_per_query_group():
 
     Labels every row by (kind, head) and checks the packed order by hand for 4 heads / 2 groups.
     """
-    arch = LlamaArch(vocab_size=10, hidden_size=64, intermediate_size=8, num_layers=1, num_attention_heads=4,
+    arch = ModelArch(vocab_size=10, hidden_size=64, intermediate_size=8, num_layers=1, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5, rope_theta=1e4,
                      max_position_embeddings=16)
     d, h = 32, 64
@@ -132,7 +132,7 @@ def test_qkv_layout_matters_for_this_model(tmp_path):
     and reading the fused tensor as a plain [q; k; v] (a common converter bug) does not."""
     source, _, out = export(tmp_path, hidden_size=64, heads=4, kv_heads=2, head_dim=32)
     assert torch.equal(logits(load(out)), logits(source))
-    arch = LlamaArch.from_hf_dir(out)
+    arch = ModelArch.from_hf_dir(out)
     wrong = load(out)
     with torch.no_grad():
         for layer in wrong.model.layers:

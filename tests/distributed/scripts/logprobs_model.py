@@ -16,14 +16,14 @@ from parity_common import write_worst_over_ranks
 from simpo_mcore.config import ParallelConfig
 from simpo_mcore.logprobs import TokenLogpsContext, token_logps_output_processor
 from simpo_mcore.model.builder import ModelOptions, build_model, padded_vocab_size
-from simpo_mcore.model.hf_config import LlamaArch
+from simpo_mcore.model.hf_config import ModelArch
 from simpo_mcore.parallel import init_distributed, shutdown
 
 VOCAB, B, S = 250, 2, 16
 
 
-def arch(tie: bool) -> LlamaArch:
-    return LlamaArch(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_layers=2,
+def arch(tie: bool) -> ModelArch:
+    return ModelArch(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
                      rope_theta=10000.0, max_position_embeddings=64, tie_word_embeddings=tie)
 
