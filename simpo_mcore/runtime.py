@@ -96,11 +96,12 @@ def build_runtime(cfg: RunConfig, *, load_weights: bool = True, check=None) -> R
     if check is not None:
         check(layout)
     cuda = use_cuda(cfg.parallel.device)
-    spec = resolve_spec(cfg.model.spec, cuda)
-    if cfg.train.precision == "fp8":
-        _check_fp8(spec, cuda)
+    if cfg.train.precision == "fp8":  # before anything slow
+        _check_fp8(resolve_spec(cfg.model.spec, cuda), cuda)
     ckpt_dir = resolve_checkpoint(cfg, layout)
     meta = CheckpointMeta.read(ckpt_dir)
+    # What the model needs decides too: TE only where it soft-caps attention scores as the model does.
+    spec = resolve_spec(cfg.model.spec, cuda, attn_softcap=meta.arch.attn_logit_softcapping is not None)
     tokenizer_source = cfg.model.tokenizer or meta.tokenizer_path(ckpt_dir)
     if tokenizer_source is None:
         raise ValueError(f"model.tokenizer is not set and {ckpt_dir} records no tokenizer")

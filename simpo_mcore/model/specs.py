@@ -51,17 +51,35 @@ def te_available() -> bool:
     return bool(HAVE_TE)
 
 
-def resolve_spec(spec: str, cuda: bool) -> str:
-    """``auto`` -> ``te`` on a GPU with TE, else ``sdpa``. An explicit ``te`` without TE is an error."""
+def te_softcap_available() -> bool:
+    """Transformer Engine's ``DotProductAttention`` takes ``softcap`` (attention logit soft-capping)."""
+    try:
+        import transformer_engine.pytorch as te
+    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+        return False
+    return "softcap" in inspect.signature(te.DotProductAttention.__init__).parameters
+
+
+def resolve_spec(spec: str, cuda: bool, attn_softcap: bool = False) -> str:
+    """``auto`` -> ``te`` on a GPU with TE (that soft-caps attention scores, when the model needs it), else
+    ``sdpa``. An explicit ``te`` without TE, or without the soft-capping the model needs, is an error."""
     if spec == "auto":
-        return "te" if cuda and te_available() else "sdpa"
+        usable = cuda and te_available() and (not attn_softcap or te_softcap_available())
+        return "te" if usable else "sdpa"
     if spec == "te" and not (cuda and te_available()):
         raise RuntimeError(
             "model.spec: te needs Transformer Engine and a GPU "
             f"(GPU used: {cuda}, TE importable: {te_available()}); use model.spec: sdpa")
+    if spec == "te" and attn_softcap and not te_softcap_available():
+        raise ValueError(_NO_TE_SOFTCAP)
     if spec not in SPECS:
         raise ValueError(f"model.spec must be one of auto, {', '.join(SPECS)}; got {spec!r}")
     return spec
+
+
+_NO_TE_SOFTCAP = ("model.spec: te cannot run this model: its attention soft-capping (attn_logit_softcapping) "
+                  "needs Transformer Engine's DotProductAttention(softcap=), which this TE build lacks; "
+                  "use model.spec: sdpa")
 
 
 @dataclass
@@ -255,16 +273,10 @@ def te_core_attention(config: TransformerConfig) -> type:
     cap would be dropped. (Wired as TE documents it; not yet measured on a GPU.)"""
     from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
-    cap = getattr(config, "attn_logit_softcapping", None)
-    if cap is None:
+    if getattr(config, "attn_logit_softcapping", None) is None:
         return TEDotProductAttention
-    import transformer_engine.pytorch as te
-
-    if "softcap" not in inspect.signature(te.DotProductAttention.__init__).parameters:
-        raise RuntimeError(
-            "model.spec: te cannot run this model: its attention soft-capping (attn_logit_softcapping="
-            f"{cap}) needs Transformer Engine's DotProductAttention(softcap=), which this TE build lacks; "
-            "use model.spec: sdpa")
+    if not te_softcap_available():
+        raise ValueError(_NO_TE_SOFTCAP)
     return _softcap_te_attention()
 
 

@@ -192,3 +192,26 @@ def test_checkpoint_is_layout_independent_and_unpadded(tmp_path):
     meta = json.loads((ckpt / "simpo_mcore.json").read_text())
     assert meta["kind"] == "converted" and meta["arch"]["vocab_size"] == 250
     assert not list(tmp_path.glob("*.incomplete"))
+
+
+def test_format_1_metadata_still_reads(tmp_path):
+    """A checkpoint converted before the model families (format 1: no family fields in ``arch``) reads as
+    the Llama it was; an unknown format is refused naming it."""
+    src, ckpt = tmp_path / "hf", tmp_path / "ckpt"
+    make_tiny_hf_llama(src)
+    convert_hf_to_mcore(src, ckpt, **QUIET)
+    meta_path = ckpt / "simpo_mcore.json"
+    data = json.loads(meta_path.read_text())
+    assert data["format_version"] == 2 and data["arch"]["model_type"] == "llama"
+    old_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings",
+                  "tie_word_embeddings", "rope_scaling", "model_type", "torch_dtype", "bos_token_id",
+                  "eos_token_id", "pad_token_id", "extra")  # LlamaArch's fields in format 1
+    meta_path.write_text(json.dumps({**data, "format_version": 1,
+                                     "arch": {k: data["arch"][k] for k in old_fields}}))
+    arch = CheckpointMeta.read(ckpt).arch
+    assert arch == ModelArch.from_hf_dir(src)
+    assert arch.sliding_window is None and not arch.qkv_bias and not arch.sandwich_norms
+    meta_path.write_text(json.dumps({**data, "format_version": 3}))
+    with pytest.raises(ValueError, match="format_version 3"):
+        CheckpointMeta.read(ckpt)
