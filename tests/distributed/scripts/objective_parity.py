@@ -1,10 +1,10 @@
-"""One training step's SimPO objective at a given (TP, PP, DP, SP) layout; rank 0 writes what it saw.
+"""One training step's SimPO objective at given (TP, PP, DP, SP) layouts; rank 0 writes what it saw.
 
-argv: hf_dir ckpt_dir pairs.json out_dir LAYOUT [LAYOUT ...], LAYOUT = "tp,pp,sp" (DP is what the
-world leaves; the process groups are rebuilt for each layout, so one launch covers several).
-For each layout and micro-batch size: per-pair average log-probs, the reduced metrics, and the
-gradients of every parameter (gathered and mapped to HF names) after megatron's schedule + DDP
-finalisation, written to ``out_dir/<tp>-<pp>-<dp>-<sp>/``.
+argv: pairs.json out_root MODEL [MODEL ...], MODEL = "name=hf_dir=ckpt_dir=LAYOUT[/LAYOUT...]" and
+LAYOUT = "tp,pp,sp" (DP is what the world leaves; the process groups are rebuilt for each layout, so one
+launch covers several models and layouts). For each model, layout and micro-batch size: per-pair average
+log-probs, the reduced metrics, and the gradients of every parameter (gathered and mapped to HF names)
+after megatron's schedule + DDP finalisation, written to ``out_root/<name>/<tp>-<pp>-<dp>-<sp>/``.
 """
 
 from __future__ import annotations
@@ -57,14 +57,16 @@ NUM_PAIRS = 8
 
 
 def main():
-    hf_dir, ckpt_dir, pairs_path, out_root = sys.argv[1:5]
-    for spec in sys.argv[5:]:
-        tp, pp, sp = (int(x) for x in spec.split(","))
-        run_layout(hf_dir, ckpt_dir, pairs_path, out_root, tp, pp, bool(sp))
+    pairs_path, out_root = sys.argv[1:3]
+    for model in sys.argv[3:]:
+        name, _, ckpt_dir, layouts = model.split("=")
+        for spec in layouts.split("/"):
+            tp, pp, sp = (int(x) for x in spec.split(","))
+            run_layout(ckpt_dir, pairs_path, Path(out_root) / name, tp, pp, bool(sp))
     shutdown()
 
 
-def run_layout(hf_dir, ckpt_dir, pairs_path, out_root, tp, pp, sp):
+def run_layout(ckpt_dir, pairs_path, out_root, tp, pp, sp):
     layout = init_distributed(ParallelConfig(tp=tp, pp=pp, sequence_parallel=sp, device="cpu"), seed=0)
     out_dir = Path(out_root) / f"{tp}-{pp}-{layout.dp}-{int(sp)}"
     if layout.rank == 0:
