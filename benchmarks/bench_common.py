@@ -13,26 +13,32 @@ import statistics
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from simpo_mcore.metrics_log import model_flops_per_token
-from simpo_mcore.model.hf_config import LlamaArch
+from simpo_mcore.model.hf_config import ModelArch
 
 GIB = 2**30
 
-# Llama-3.2-1B with an untied output layer, the Llama-3-8B layer at 4 layers, and a CPU smoke shape.
+# Llama-3.2-1B with an untied output layer, the Llama-3-8B layer at 4 layers, a CPU smoke shape; and the 1b
+# and smoke shapes as Gemma-2 models (every Gemma-2 feature: windows of 4096 on alternate layers, soft-capping,
+# sandwich norms, GeGLU, tied embeddings).
 SHAPES = {
     "1b": dict(num_layers=16, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256),
+    "gemma2-1b": dict(family="gemma2", num_layers=16, hidden_size=2048, intermediate_size=8192,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "gemma2-tiny": dict(family="gemma2", num_layers=2, hidden_size=64, intermediate_size=160,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=1000),
     "8b4": dict(num_layers=4, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256),
     "tiny": dict(num_layers=2, hidden_size=64, intermediate_size=160, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000),
 }
 # (seq, pairs) when the command line names neither: the issue's 2 pairs x 2048 tokens, or a CPU size.
-DEFAULT_BATCH = {"1b": (2048, 2), "8b4": (2048, 2), "tiny": (64, 1)}
+DEFAULT_BATCH = {"1b": (2048, 2), "gemma2-1b": (2048, 2), "8b4": (2048, 2), "tiny": (64, 1), "gemma2-tiny": (64, 1)}
 
 FLOPS_FORMULA = (
     "model FLOPs per step = tokens x [6 x (non-embedding parameters + output-layer parameters) "
@@ -45,15 +51,24 @@ FLOPS_FORMULA = (
 )
 
 
-def make_arch(shape: str, max_seq: int) -> LlamaArch:
-    """A random-weight Llama of the named shape (no download: only the shape matters here)."""
-    s = SHAPES[shape]
-    return LlamaArch(
+def make_arch(shape: str, max_seq: int) -> ModelArch:
+    """A random-weight model of the named shape (no download: only the shape matters here)."""
+    s = dict(SHAPES[shape])
+    family = s.pop("family", "llama")
+    arch = ModelArch(
         head_dim=s["hidden_size"] // s["num_attention_heads"], rms_norm_eps=1e-5, rope_theta=500000.0,
         max_position_embeddings=max(8192, max_seq), tie_word_embeddings=False, **s)
+    if family == "gemma2":  # gemma-2-9b's settings on this shape
+        arch = replace(arch, model_type="gemma2", hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True,
+                       norm_zero_centered=True, sandwich_norms=True, scale_embeddings=True,
+                       query_pre_attn_scalar=arch.head_dim, attn_logit_softcapping=50.0,
+                       final_logit_softcapping=30.0, sliding_window=4096,
+                       layer_types=tuple("sliding_attention" if i % 2 == 0 else "full_attention"
+                                         for i in range(arch.num_layers)))
+    return arch
 
 
-def param_count(arch: LlamaArch) -> int:
+def param_count(arch: ModelArch) -> int:
     """Embedding + layers + final norm + untied output layer."""
     h, f, q, kv = arch.hidden_size, arch.intermediate_size, arch.num_attention_heads * arch.head_dim, \
         arch.num_key_value_heads * arch.head_dim
@@ -61,7 +76,7 @@ def param_count(arch: LlamaArch) -> int:
     return arch.num_layers * per_layer + h + 2 * arch.vocab_size * h
 
 
-def step_flops(arch: LlamaArch, seq: int, seqs: int) -> float:
+def step_flops(arch: ModelArch, seq: int, seqs: int) -> float:
     return model_flops_per_token(arch, seq) * seq * seqs
 
 

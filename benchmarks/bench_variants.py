@@ -1,6 +1,7 @@
 """The workloads :mod:`bench_step` times: one SimPO forward + backward (no optimizer step) through
 
-* ``hf``: transformers ``LlamaForCausalLM`` with SDPA attention and the SimPO reference's loss
+* ``hf``: the transformers model of the family (``LlamaForCausalLM``, ...) with SDPA attention (eager for
+  Gemma-2, whose soft-capped scores HF computes only there) and the SimPO reference's loss
   (full logits -> ``.float()`` -> ``log_softmax`` -> gather -> masked mean per sequence);
 * ``mcore``: simpo_mcore's model (:func:`build_model`) under its training step's ``forward_step`` /
   ``loss_func`` (:mod:`simpo_mcore.step`);
@@ -23,7 +24,7 @@ from simpo_mcore.data.batching import shift_labels
 from simpo_mcore.logprobs import IGNORE_INDEX, TokenLogpsContext, fused_token_logps, sequence_logps
 from simpo_mcore.losses import simpo_loss
 from simpo_mcore.model.builder import ModelOptions, build_model
-from simpo_mcore.model.hf_config import LlamaArch
+from simpo_mcore.model.hf_config import ModelArch
 from simpo_mcore.parallel import seed_everything
 from simpo_mcore.step import LossScale, make_forward_step
 
@@ -76,24 +77,26 @@ def reference_avg_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return (token_logps * mask).sum(-1) / mask.sum(-1)
 
 
-def hf_workload(arch: LlamaArch, batch: Batch, loss_cfg: LossConfig, dtype: torch.dtype,
+def hf_workload(arch: ModelArch, batch: Batch, loss_cfg: LossConfig, dtype: torch.dtype,
                 device: torch.device, seed: int) -> Workload:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     seed_everything(seed)
-    config = LlamaConfig(**arch.to_hf_dict(), attn_implementation="sdpa")
+    # HF soft-caps Gemma-2's attention scores only in its eager attention.
+    attention = "eager" if arch.attn_logit_softcapping is not None else "sdpa"
+    config = AutoConfig.for_model(**arch.to_hf_dict(), attn_implementation=attention)
     # Initialise on the device in the training dtype: a CPU init of 1.5 B parameters takes a minute, and
     # an fp32 model cast afterwards would also round RoPE's inverse frequencies (an fp32 buffer) to bf16.
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(config)
+            model = AutoModelForCausalLM.from_config(config)
     finally:
         torch.set_default_dtype(default_dtype)
     model.train()
-    if model.config._attn_implementation != "sdpa":
-        raise RuntimeError(f"HF attention is {model.config._attn_implementation!r}, not sdpa")
+    if model.config._attn_implementation != attention:
+        raise RuntimeError(f"HF attention is {model.config._attn_implementation!r}, not {attention}")
 
     def step() -> torch.Tensor:
         model.zero_grad(set_to_none=True)
@@ -111,7 +114,7 @@ def hf_workload(arch: LlamaArch, batch: Batch, loss_cfg: LossConfig, dtype: torc
 # ------------------------------------------------------------------------------------------ simpo_mcore
 
 
-def mcore_workload(arch: LlamaArch, batch: Batch, loss_cfg: LossConfig, opts: ModelOptions,
+def mcore_workload(arch: ModelArch, batch: Batch, loss_cfg: LossConfig, opts: ModelOptions,
                    chunk_tokens: int, seed: int, head_kernel: str = "auto", keep_logits: bool = False) -> Workload:
     """One micro-batch through simpo_mcore's training step as :mod:`simpo_mcore.step` runs it under the
     schedule (:func:`make_forward_step`: host-side label check, copies to the device, the model with the

@@ -1,7 +1,10 @@
-"""Training checkpoints: model + optimizer + scheduler + RNG + data position, resumable at any layout.
+"""Training checkpoints: model + optimizer + RNG + data position, resumable at any layout, and the run config.
 
 Model tensors go through :mod:`simpo_mcore.convert.mcore_io` (the same keys as a converted checkpoint),
-so a training checkpoint is also a starting checkpoint and exports like one.
+so a training checkpoint is also a starting checkpoint and exports like one. The learning-rate schedule has
+no state of its own: it is a function of the config and the updates done (``optim.LRSchedule``), so a resumed
+run follows the config it is launched with. ``run_config.yaml`` beside ``simpo_mcore.json`` records the
+resolved config of the run that wrote the checkpoint, for people and for the resume checks.
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import load_common_state_dict
@@ -26,6 +31,8 @@ from simpo_mcore.convert.hf_io import copy_tokenizer_files
 from simpo_mcore.convert.mcore_io import load_chunk, model_sharded_state_dict, save_sharded
 
 LATEST = "latest"
+RUN_CONFIG_FILE = "run_config.yaml"
+"""The resolved config of the run that wrote a training checkpoint (a config ``simpo-train`` accepts)."""
 OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 """The distributed optimizer's default format cannot be saved on 0.19 ("flattened_range is not
 supported"); ``fully_reshardable`` saves per-parameter state that reloads at any TP / PP / DP."""
@@ -78,15 +85,18 @@ def train_state_dict(ddp_chunks: list, optimizer, layout, with_optimizer: bool, 
     return state
 
 
-def save_train_checkpoint(root: str | Path, step: int, ddp_chunks: list, optimizer, scheduler,
+def save_train_checkpoint(root: str | Path, step: int, ddp_chunks: list, optimizer,
                           progress: dict, meta: CheckpointMeta, layout, keep_last: int,
-                          with_optimizer: bool = True, tokenizer: str | None = None) -> Path:
+                          with_optimizer: bool = True, tokenizer: str | None = None,
+                          run_config: dict | None = None, run_info: dict | None = None) -> Path:
     """Write ``root/step_N`` atomically and point ``root/latest`` at it; keep the newest K.
 
     The tensors go to ``step_N.incomplete``; only when every rank has finished does rank 0 add
     ``simpo_mcore.json``, rename the directory and replace ``latest`` (an atomic rename), so a
     crash at any point leaves the previous checkpoint and ``latest`` untouched. ``tokenizer``: a
     local tokenizer directory (its files are copied in, so exports carry them) or a hub name.
+    ``run_config``: the run's resolved config, written to ``run_config.yaml``; ``run_info``: what else the
+    resume checks need (the training data's fingerprint, the total steps), added to ``simpo_mcore.json``.
     """
     root = Path(root)
     final = root / step_dir_name(step)
@@ -98,11 +108,13 @@ def save_train_checkpoint(root: str | Path, step: int, ddp_chunks: list, optimiz
     state = train_state_dict(ddp_chunks, optimizer, layout, with_optimizer, is_loading=False)
     # Plain values land in the common state (rank 0's copy, checked equal across ranks).
     state["progress"] = dict(progress)
-    state["scheduler"] = scheduler.state_dict()
     save_sharded(state, tmp)
     dist.barrier()
     if dist.get_rank() == 0:
-        info = {**meta.info, "step": step, **progress, "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}}
+        info = {**meta.info, "step": step, **progress, "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
+                **(run_info or {})}
+        if run_config is not None:
+            write_run_config(tmp, run_config)
         tok = tokenizer
         if tokenizer and Path(tokenizer).is_dir() and copy_tokenizer_files(tokenizer, tmp / TOKENIZER_DIR):
             tok = TOKENIZER_DIR
@@ -121,9 +133,10 @@ def save_train_checkpoint(root: str | Path, step: int, ddp_chunks: list, optimiz
 
 
 @torch.no_grad()
-def load_train_checkpoint(path: str | Path, ddp_chunks: list, optimizer, scheduler, layout,
+def load_train_checkpoint(path: str | Path, ddp_chunks: list, optimizer, layout,
                           with_optimizer: bool = True) -> dict:
-    """Restore model, optimizer, scheduler and (same layout only) RNG; return the progress dict."""
+    """Restore model, optimizer state and (same layout only) RNG; return the progress dict. The optimizer's
+    hyper-parameters (lr, betas, weight decay) are the caller's to set from its config (``apply_optim_config``)."""
     path = Path(path)
     meta = CheckpointMeta.read(path)
     if meta.kind != "train":
@@ -147,12 +160,56 @@ def load_train_checkpoint(path: str | Path, ddp_chunks: list, optimizer, schedul
         for i, c in enumerate(chunks):
             load_chunk(c, loaded[f"model{i}"])
     if with_optimizer:
+        _match_group_learning_rates(loaded["optimizer"], optimizer)
         with _megatron_019_adam_step_fix(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
-    scheduler.load_state_dict(common["scheduler"])
     if same_layout:
         _restore_rng(loaded["rng_state"])
     return dict(common["progress"])
+
+
+def write_run_config(ckpt_dir: str | Path, run_config: dict) -> None:
+    text = yaml.safe_dump(run_config, sort_keys=False, default_flow_style=False)
+    (Path(ckpt_dir) / RUN_CONFIG_FILE).write_text(
+        "# The resolved config of the run that wrote this checkpoint (simpo-train accepts it as a config).\n"
+        "# A resume compares what is optimised (loss, training data, global batch, seed, model) with it.\n" + text)
+
+
+def read_run_config(ckpt_dir: str | Path) -> dict[str, Any] | None:
+    """The saved run config of a training checkpoint; ``None`` for checkpoints written without one."""
+    path = Path(ckpt_dir) / RUN_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({exc}); the checkpoint's run config is damaged") from None
+    if not isinstance(tree, dict):
+        raise ValueError(f"{path}: expected a mapping; the checkpoint's run config is damaged")
+    return tree
+
+
+def _match_group_learning_rates(saved, optimizer) -> None:
+    """megatron pairs saved and live parameter groups by their settings, ``max_lr`` / ``min_lr`` (the config's
+    lr) among them, so a run resumed with another ``optim.lr`` found no group (a ``KeyError``). The lr is the
+    schedule's, which follows the config: the saved groups take the live groups' values of these two keys
+    (when every live group has the same, as ours do; per-group learning rates are left to megatron)."""
+    live = {(g.get("max_lr"), g.get("min_lr")) for g in optimizer.param_groups}
+    if len(live) != 1:
+        return
+    max_lr, min_lr = live.pop()
+    pending = [saved]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            groups = node.get("param_groups")
+            if isinstance(groups, list):
+                for group in groups:
+                    if isinstance(group, dict) and "max_lr" in group:
+                        group["max_lr"], group["min_lr"] = max_lr, min_lr
+            pending.extend(v for k, v in node.items() if k != "param_groups")
+        elif isinstance(node, (list, tuple)):
+            pending.extend(node)
 
 
 def _materialize_optimizer_state(ddp_chunks: list, optimizer) -> None:

@@ -190,16 +190,19 @@ class ParallelConfig:
 @dataclass
 class OptimConfig:
     lr: float = 6e-7
-    """Peak learning rate."""
+    """Peak learning rate, reached at the end of the warm-up."""
 
     min_lr: float = 0.0
-    """Learning rate at the end of the decay."""
+    """Floor of the decay. 0 (the HF Trainer's and the reference's schedules) decays to 0; ``min_lr > 0``
+    decays to ``min_lr`` instead, as transformers' ``cosine_with_min_lr`` does (linear: the same form). Must
+    be 0 with ``scheduler: constant``."""
 
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    """Decay after warm-up."""
+    """Decay after warm-up, exactly transformers' ``get_{cosine,linear,constant}_schedule_with_warmup``."""
 
     warmup_ratio: float = 0.1
-    """Fraction of the total steps spent in linear warm-up."""
+    """Warm-up of ``ceil(warmup_ratio x total steps)`` updates (the HF Trainer's count), the lr rising linearly
+    from 0: any ratio > 0 warms up at least one update, and the first update uses lr 0."""
 
     weight_decay: float = 0.0
     """AdamW decoupled weight decay."""
@@ -277,6 +280,13 @@ class CheckpointConfig:
     save_optimizer: bool = True
     """Include optimizer state (needed for exact resume)."""
 
+    allow_changes: list[str] = field(default_factory=list)
+    """On resume, what may differ from the run config saved in the checkpoint among the settings that change
+    what is optimised (:data:`RESUME_GUARDED`: ``loss``, the training data, ``train.global_batch_pairs``,
+    ``train.seed``, ``model.checkpoint``): sections (``loss``, ``data``) or fields (``loss.beta``). Any other
+    such difference is refused, naming the field with its old and new values. The optimiser's settings and the
+    run's length need no permission: the learning-rate schedule always follows the config."""
+
 
 @dataclass
 class RunConfig:
@@ -348,6 +358,15 @@ class RunConfig:
             raise ConfigError(f"train.epochs must be positive, got {t.epochs}")
         if not 0.0 <= self.optim.warmup_ratio < 1.0:
             raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.optim.warmup_ratio}")
+        if not 0.0 <= self.optim.min_lr <= self.optim.lr:
+            raise ConfigError(f"optim.min_lr must be in [0, optim.lr = {self.optim.lr}], got {self.optim.min_lr}")
+        if self.optim.scheduler == "constant" and self.optim.min_lr:
+            raise ConfigError(f"optim.min_lr ({self.optim.min_lr}) has no effect with optim.scheduler: constant; "
+                              "set it to 0")
+        for name in self.checkpoint.allow_changes:
+            if name not in config_fields(self):
+                raise ConfigError(f"checkpoint.allow_changes: {name!r} is not a config section or field "
+                                  "(e.g. loss, data, loss.beta)")
         if self.model.logprob_chunk_tokens < 0:
             raise ConfigError("model.logprob_chunk_tokens must be >= 0")
         for name in ("save_interval", "keep_last"):
@@ -359,6 +378,59 @@ class RunConfig:
             raise ConfigError(
                 f"train.precision: fp8 needs the Transformer Engine spec; model.spec is {self.model.spec!r}")
         return self
+
+
+SECTIONS = tuple(name for name, tp in typing.get_type_hints(RunConfig).items() if dataclasses.is_dataclass(tp))
+"""The config's sections (``model``, ``data``, ...), in order."""
+
+RESUME_GUARDED = ("loss", "data", "train.global_batch_pairs", "train.seed", "model.checkpoint",
+                  "model.make_vocab_size_divisible_by")
+"""What a resumed run may change only with ``checkpoint.allow_changes``: what is optimised (the objective,
+the training pairs and their order, the batch a step averages over, the starting model). Data settings that
+do not decide the training pairs (:data:`DATA_NOT_GUARDED`) are free."""
+
+DATA_NOT_GUARDED = ("data.eval_path", "data.eval_split", "data.max_eval_pairs", "data.num_proc", "data.cache_dir",
+                    "data.packing", "data.pack_tokens")
+"""``data.packing`` / ``data.pack_tokens`` lay a step's pairs out (packed rows or padded micro-batches, as
+``train.micro_batch_pairs`` does): the same pairs and the same mean, equal to fp32 rounding."""
+
+
+def config_fields(cfg: RunConfig) -> set[str]:
+    """The names ``checkpoint.allow_changes`` may hold: every section and every ``section.field``."""
+    names = set()
+    for f in dataclasses.fields(cfg):
+        names.add(f.name)
+        if dataclasses.is_dataclass(getattr(cfg, f.name)):
+            names.update(f"{f.name}.{g.name}" for g in dataclasses.fields(getattr(cfg, f.name)))
+    return names
+
+
+def flat_config(tree: dict[str, Any]) -> dict[str, Any]:
+    """``{"loss.beta": 2.0, ..., "output_dir": ...}`` from a config tree (``dataclasses.asdict`` or YAML)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key in SECTIONS:
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def config_changes(saved: dict[str, Any], cfg: RunConfig) -> list[tuple[str, Any, Any]]:
+    """``(field, saved value, value now)`` for every field of ``cfg`` that differs from the saved config tree
+    (fields the saved config does not have, from another version, are skipped)."""
+    old, now = flat_config(saved), flat_config(dataclasses.asdict(cfg))
+    return [(name, old[name], value) for name, value in now.items() if name in old and old[name] != value]
+
+
+def is_guarded(name: str) -> bool:
+    """Whether changing the field ``name`` on resume changes what is optimised (:data:`RESUME_GUARDED`)."""
+    return name not in DATA_NOT_GUARDED and (name in RESUME_GUARDED or name.split(".")[0] in RESUME_GUARDED)
+
+
+def is_allowed(name: str, allow: list[str]) -> bool:
+    """Whether ``checkpoint.allow_changes`` names the field ``name`` or its section."""
+    return name in allow or name.split(".")[0] in allow
 
 
 DATA_COLUMNS = ("prompt", "chosen", "rejected", "conversations", "system", "prompt_id", "input",
@@ -421,6 +493,13 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
         return float(value)
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if isinstance(value, str):  # one name, as `key=name` on the command line gives it
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{name}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         key_type, value_type = typing.get_args(tp)
         if not isinstance(value, dict):

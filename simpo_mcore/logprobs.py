@@ -20,6 +20,10 @@ Math (one token with hidden state ``h``, target id ``y``, TP rank ``r`` holding 
     grad_h         = sum_j g_j W_j      a partial sum over this rank's rows: the TP region reduces it
     grad_W_j       = g_j h
 
+With final logit soft-capping (``softcap`` = c, Gemma-2's 30) every ``z_j`` above is ``c * tanh(z_j / c)`` of
+the raw logit, and ``g_j`` is multiplied by the cap's derivative ``1 - tanh(z_j / c)^2``; the raw logits are
+what the GEMMs produce and what the backward recomputes.
+
 Public API:
 
 * :func:`vocab_parallel_token_logps`: from vocab-parallel logits (megatron's unfused cross-entropy,
@@ -39,6 +43,7 @@ log-prob returned is fp32 ``[b, s]``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +122,11 @@ def _valid_rows(vocab_size: int, rows_per_rank: int, tp_rank: int) -> tuple[int,
     return vocab_start, max(0, min(rows_per_rank, vocab_size - vocab_start))
 
 
+def _check_softcap(softcap: float | None) -> None:
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a positive finite number or None, got {softcap}")
+
+
 def _all_reduce(tensor: torch.Tensor, op, group) -> None:
     if dist.get_world_size(group) > 1:
         dist.all_reduce(tensor, op=op, group=group)
@@ -133,23 +143,26 @@ class _ChunkedVocabParallelLogps(torch.autograd.Function):
     backward, and slicing the caller's logits would allocate one full-size gradient per chunk. Instead
     the forward runs it without a graph and the backward recomputes it one chunk at a time (a second pass
     of elementwise work, no matmul), writing each chunk's gradient into one preallocated tensor.
+
+    With ``softcap`` megatron's function sees the capped logits ``c * tanh(z / c)``; the backward
+    differentiates through the cap by autograd.
     """
 
     @staticmethod
-    def forward(ctx, logits, target, valid, vocab_size, tp_group, seq_chunk):
+    def forward(ctx, logits, target, valid, vocab_size, tp_group, seq_chunk, softcap):
         s = logits.shape[0]
         tp_rank = dist.get_rank(tp_group)
         _, n_valid = _valid_rows(vocab_size, logits.shape[-1], tp_rank)
         token_logps = torch.empty(target.shape, dtype=torch.float32, device=logits.device)  # [s, b]
         for s0 in range(0, s, seq_chunk):
             s1 = min(s, s0 + seq_chunk)
-            logits32 = _masked_fp32_copy(logits[s0:s1], n_valid)  # [c, b, v/tp]
+            logits32 = _fp32_logits(logits[s0:s1].to(torch.float32, copy=True), n_valid, softcap)  # [c, b, v/tp]
             # megatron returns -logp and overwrites logits32 in place (our private copy).
             token_logps[s0:s1] = -vocab_parallel_cross_entropy(logits32, target[s0:s1], tp_group=tp_group)
             del logits32
         token_logps.masked_fill_(~valid, 0.0)
         ctx.save_for_backward(logits, target, valid)
-        ctx.tp_group, ctx.n_valid, ctx.seq_chunk = tp_group, n_valid, seq_chunk
+        ctx.tp_group, ctx.n_valid, ctx.seq_chunk, ctx.softcap = tp_group, n_valid, seq_chunk, softcap
         return token_logps
 
     @staticmethod
@@ -162,27 +175,35 @@ class _ChunkedVocabParallelLogps(torch.autograd.Function):
         s = logits.shape[0]
         for s0 in range(0, s, ctx.seq_chunk):
             s1 = min(s, s0 + ctx.seq_chunk)
-            logits32 = _masked_fp32_copy(logits[s0:s1], ctx.n_valid).requires_grad_()  # [c, b, v/tp]
+            raw32 = logits[s0:s1].to(torch.float32, copy=True)  # [c, b, v/tp], a private copy
             with torch.enable_grad():
+                if ctx.softcap is None:  # the masked copy is the leaf (megatron overwrites it: no second copy)
+                    leaf = logits32 = _fp32_logits(raw32, ctx.n_valid, None).requires_grad_()
+                else:
+                    leaf = raw32.requires_grad_()
+                    logits32 = _fp32_logits(leaf, ctx.n_valid, ctx.softcap)
                 nll = vocab_parallel_cross_entropy(logits32, target[s0:s1], tp_group=ctx.tp_group)
             # megatron's backward returns its softmax buffer turned into the gradient (no new chunk).
-            (grad_chunk,) = torch.autograd.grad(nll, logits32, grad_nll[s0:s1])
+            (grad_chunk,) = torch.autograd.grad(nll, leaf, grad_nll[s0:s1])
             grad_logits[s0:s1] = grad_chunk  # cast to the logits dtype on the copy
-            del logits32, nll, grad_chunk
-        return grad_logits, None, None, None, None, None
+            del raw32, leaf, logits32, nll, grad_chunk
+        return grad_logits, None, None, None, None, None, None
 
 
-def _masked_fp32_copy(logits_chunk: torch.Tensor, n_valid: int) -> torch.Tensor:
-    """A private fp32 copy (``.float()`` of fp32 logits would alias the caller's tensor, which megatron
-    then overwrites), with padded vocabulary columns at -inf so that they get probability 0."""
-    logits32 = logits_chunk.to(torch.float32, copy=True)
+def _fp32_logits(logits32: torch.Tensor, n_valid: int, softcap: float | None) -> torch.Tensor:
+    """The logits megatron's cross-entropy sees, from a private fp32 copy (``.float()`` of fp32 logits
+    would alias the caller's tensor, which megatron then overwrites): soft-capped with ``softcap``, and
+    padded vocabulary columns at -inf so that they get probability 0 (in place without ``softcap``)."""
+    if softcap is not None:
+        logits32 = torch.tanh(logits32 / softcap) * softcap
     if n_valid < logits32.shape[-1]:
         logits32[..., n_valid:] = float("-inf")
     return logits32
 
 
 def vocab_parallel_token_logps(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-                               tp_group=None, chunk_tokens: int = 4096, check: bool = True) -> torch.Tensor:
+                               tp_group=None, chunk_tokens: int = 4096, check: bool = True,
+                               softcap: float | None = None) -> torch.Tensor:
     """Token log-probs ``[b, s]`` (fp32, 0.0 at label -100) from vocab-parallel logits ``[s, b, v_pad/tp]``.
 
     Args:
@@ -193,8 +214,10 @@ def vocab_parallel_token_logps(logits: torch.Tensor, labels: torch.Tensor, vocab
         chunk_tokens: tokens per chunk; each chunk becomes ``chunk_tokens x v/tp`` fp32 temporaries
             (rounded to whole sequence positions, at least one).
         check: check the label values (a device sync on a GPU); ``False`` where :func:`check_labels` ran.
+        softcap: final logit soft-capping ``z -> softcap * tanh(z / softcap)`` before the softmax; ``None``: none.
     """
     tp_group = _tp_group_or_default(tp_group)
+    _check_softcap(softcap)
     s, b = logits.shape[0], logits.shape[1]
     if labels.shape != (b, s):
         raise ValueError(f"labels {tuple(labels.shape)} do not match logits [s, b, v] = {tuple(logits.shape)}")
@@ -207,7 +230,7 @@ def vocab_parallel_token_logps(logits: torch.Tensor, labels: torch.Tensor, vocab
     # megatron has no ignore_index: any real id keeps its arithmetic finite; the result is zeroed.
     target = torch.where(valid, labels_sb, 0)  # [s, b]
     seq_chunk = max(1, chunk_tokens // b)
-    token_logps = _ChunkedVocabParallelLogps.apply(logits, target, valid, vocab_size, tp_group, seq_chunk)
+    token_logps = _ChunkedVocabParallelLogps.apply(logits, target, valid, vocab_size, tp_group, seq_chunk, softcap)
     return token_logps.t().contiguous()  # [b, s]
 
 
@@ -243,7 +266,8 @@ class _FusedTokenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, local_id, owned, valid, n_valid, chunk_tokens, tp_group, kernel, recompute):
+    def forward(ctx, hidden, weight, local_id, owned, valid, n_valid, chunk_tokens, tp_group, kernel, recompute,
+                softcap):
         ctx.kernel = kernels.resolve(kernel, hidden)
         num_tokens = hidden.shape[0]
         weight_real = weight[:n_valid]  # [n_valid, h]
@@ -262,13 +286,16 @@ class _FusedTokenLogps(torch.autograd.Function):
                 logits_max = logits.max(dim=-1).values.float()  # [c]; exact in any dtype
                 # From the same rounded logits as the softmax, so the two agree to the last bit.
                 target_logits = logits.gather(1, local_id[t0:t1, None]).squeeze(1).float()  # [c]
+                if softcap is not None:  # monotone: the capped maximum is the cap of the maximum
+                    logits_max = kernels.softcap_fp32(logits_max, softcap)
+                    target_logits = kernels.softcap_fp32(target_logits, softcap)
             else:  # this rank holds only padding
                 logits_max = torch.full((t1 - t0,), float("-inf"), device=hidden.device)
                 target_logits = torch.zeros(t1 - t0, device=hidden.device)
             target_logits = torch.where(owned[t0:t1], target_logits, 0.0)
             _all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
             # [c] fp32; 0 without rows. The torch path may use fp32 logits as scratch unless they are kept.
-            sum_exp = kernels.sum_exp(logits, logits_max, ctx.kernel, overwrite=recompute)
+            sum_exp = kernels.sum_exp(logits, logits_max, ctx.kernel, overwrite=recompute, softcap=softcap)
             del logits
             stats = torch.stack([sum_exp, target_logits])  # [2, c]
             _all_reduce(stats, dist.ReduceOp.SUM, tp_group)
@@ -279,7 +306,7 @@ class _FusedTokenLogps(torch.autograd.Function):
             ctx.save_for_backward(hidden, weight, lse, local_id, owned, valid)
         else:
             ctx.save_for_backward(hidden, weight, lse, local_id, owned, valid, all_logits)
-        ctx.n_valid, ctx.chunk_tokens, ctx.recompute = n_valid, chunk_tokens, recompute
+        ctx.n_valid, ctx.chunk_tokens, ctx.recompute, ctx.softcap = n_valid, chunk_tokens, recompute, softcap
         return token_logps
 
     @staticmethod
@@ -309,14 +336,14 @@ class _FusedTokenLogps(torch.autograd.Function):
             # The target column in this slice, or -1 for tokens whose target lies elsewhere.
             target = torch.where(owned & (local_id >= v0) & (local_id < v1), local_id - v0, -1)  # [T]
             # g = -grad_out * (p - onehot), written straight into the logits' storage.
-            kernels.softmax_grad_(grad_logits, lse, minus_grad_out, target, ctx.kernel)
+            kernels.softmax_grad_(grad_logits, lse, minus_grad_out, target, ctx.kernel, ctx.softcap)
             if need_weight:
                 torch.mm(grad_logits.t(), hidden, out=grad_weight[v0:v1])  # [r, h]
             if need_hidden:
                 grad_hidden32 += grad_logits @ weight_slice  # [T, h]
             del grad_logits
         grad_hidden = grad_hidden32.to(hidden.dtype) if need_hidden else None
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
 
     @staticmethod
     def _backward_from_kept_logits(ctx, saved, minus_grad_out):
@@ -326,14 +353,15 @@ class _FusedTokenLogps(torch.autograd.Function):
         for t0 in range(0, num_tokens, ctx.chunk_tokens):  # chunks bound the torch path's fp32 blocks
             t1 = min(num_tokens, t0 + ctx.chunk_tokens)
             # g = -grad_out * (p - onehot), over the forward's logits in place.
-            kernels.softmax_grad_(logits[t0:t1], lse[t0:t1], minus_grad_out[t0:t1], target[t0:t1], ctx.kernel)
+            kernels.softmax_grad_(logits[t0:t1], lse[t0:t1], minus_grad_out[t0:t1], target[t0:t1], ctx.kernel,
+                                  ctx.softcap)
         grad_hidden = grad_weight = None
         if ctx.needs_input_grad[1]:
             grad_weight = torch.zeros_like(weight)  # [v_pad/tp, h]; padded rows stay 0
             torch.mm(logits.t(), hidden, out=grad_weight[:n_valid])  # [n_valid, h]
         if ctx.needs_input_grad[0]:
             grad_hidden = logits @ weight[:n_valid]  # [T, h], one rounding from the GEMM's accumulator
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
 
 
 def _vocab_slice_rows(chunk_tokens: int, n_valid: int, num_tokens: int) -> int:
@@ -346,7 +374,8 @@ def _vocab_slice_rows(chunk_tokens: int, n_valid: int, num_tokens: int) -> int:
 def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
                       tp_group=None, sequence_parallel: bool = False,
                       chunk_tokens: int = 4096, kernel: str = "auto", recompute: bool = True,
-                      check: bool = True, token_index: torch.Tensor | None = None) -> torch.Tensor:
+                      check: bool = True, token_index: torch.Tensor | None = None,
+                      softcap: float | None = None) -> torch.Tensor:
     """Token log-probs ``[b, s]`` (fp32, 0.0 at label -100) from the output layer's input and weight.
 
     Computes what ``ColumnParallelLinear`` (the output layer) followed by :func:`vocab_parallel_token_logps`
@@ -373,6 +402,8 @@ def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         token_index: :func:`labelled_positions` of ``labels`` (on ``hidden``'s device, the same on every TP
             rank): the head then runs its GEMMs on those tokens only, not on the prompt and padding, whose
             log-probs are 0 anyway. It must hold every labelled position (extra positions are harmless).
+        softcap: final logit soft-capping ``z -> softcap * tanh(z / softcap)`` before the softmax (Gemma-2);
+            ``None``: none.
     """
     tp_group = _tp_group_or_default(tp_group)
     if chunk_tokens < 1:
@@ -405,8 +436,9 @@ def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     owned = valid & (local_id >= 0) & (local_id < n_valid)  # [T]: this rank holds the target's row
     local_id = torch.where(owned, local_id, 0)  # [T], a harmless index where not owned
 
+    _check_softcap(softcap)
     token_logps = _FusedTokenLogps.apply(
-        hidden, weight, local_id, owned, valid, n_valid, chunk_tokens, tp_group, kernel, recompute)  # [T]
+        hidden, weight, local_id, owned, valid, n_valid, chunk_tokens, tp_group, kernel, recompute, softcap)  # [T]
     if token_index is not None:
         # Every other token is unlabelled: 0.0, and no gradient (index_select's backward adds zeros there).
         token_logps = torch.zeros(s * b, dtype=torch.float32, device=hidden.device).index_copy(
@@ -450,7 +482,9 @@ def token_logps_output_processor(*, hidden_states: torch.Tensor, output_layer, o
 
     Called on the last pipeline stage with the hidden states after the final norm; returns token log-probs
     ``[b, s]`` fp32 in place of the logits. ``output_weight`` is the shared embedding weight when the
-    embeddings are tied, else ``None`` (the output layer's own weight).
+    embeddings are tied, else ``None`` (the output layer's own weight). The model's final logit soft-capping
+    (``config.final_logit_softcapping``, :class:`simpo_mcore.model.specs.ExtendedTransformerConfig`) is
+    applied inside the head.
     """
     if labels is None:
         raise ValueError("token_logps_output_processor needs labels: call the model with labels=")
@@ -465,15 +499,17 @@ def token_logps_output_processor(*, hidden_states: torch.Tensor, output_layer, o
     weight = output_weight if output_weight is not None else output_layer.weight
     # The layer's own flag: megatron turns sequence parallelism off in it when TP is 1.
     sequence_parallel = bool(output_layer.sequence_parallel)
+    # Part of the model (Gemma-2): read from its config, so no caller can leave it out.
+    softcap = getattr(config, "final_logit_softcapping", None)
     if context.chunk_tokens > 0:
         return fused_token_logps(hidden_states, weight, labels, context.vocab_size,
                                  tp_group=output_layer.tp_group, sequence_parallel=sequence_parallel,
                                  chunk_tokens=context.chunk_tokens, kernel=context.kernel,
                                  recompute=context.recompute, check=not context.labels_checked,
-                                 token_index=context.token_index)
+                                 token_index=context.token_index, softcap=softcap)
     logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=False)  # [s, b, v/tp]
     return vocab_parallel_token_logps(logits, labels, context.vocab_size, tp_group=output_layer.tp_group,
-                                      check=not context.labels_checked)
+                                      check=not context.labels_checked, softcap=softcap)
 
 
 # ------------------------------------------------------------------------------------- per sequence

@@ -130,11 +130,12 @@ def build_runtime(cfg: RunConfig, layout: Layout, *, load_weights: bool = True) 
     """Checkpoint, tokenizer, model chunks and head of a run on ``layout`` (process groups made)."""
     setup_logging(layout.rank)
     cuda = layout.device.type == "cuda"
-    spec = resolve_spec(cfg.model.spec, cuda)
-    if cfg.train.precision == "fp8":
-        _check_fp8(spec, cuda)
+    if cfg.train.precision == "fp8":  # before anything slow
+        _check_fp8(resolve_spec(cfg.model.spec, cuda), cuda)
     ckpt_dir = resolve_checkpoint(cfg, layout)
     meta = CheckpointMeta.read(ckpt_dir)
+    # What the model needs decides too: TE only where it soft-caps attention scores as the model does.
+    spec = resolve_spec(cfg.model.spec, cuda, attn_softcap=meta.arch.attn_logit_softcapping is not None)
     tokenizer_source = _tokenizer_source(cfg, ckpt_dir, meta)
     tokenizer = load_tokenizer(tokenizer_source)
     if layout.rank == 0 and (warning := max_length_warning(cfg.data.max_length, meta.arch.max_position_embeddings)):

@@ -1,15 +1,17 @@
 """``simpo-train``: the :class:`Trainer` (every component of a run, built once) and its loop.
 
     run_training(cfg)                       the job: process groups -> Trainer.build -> train()
-    Trainer.build(cfg, layout)              runtime (model, tokenizer, head), data, DDP, optimizer,
-                                            scheduler, resume, logger
+    Trainer.build(cfg, layout)              resume checks, runtime (model, tokenizer, head), data, DDP,
+                                            optimizer, LR schedule, resume, logger
     Trainer.train()                         evaluate at step 0, then per step: should_stop,
                                             train_step, maybe_evaluate, maybe_save; finish
     Trainer.train_step()                    one optimizer step: micro-batches -> forward_backward ->
-                                            finiteness check -> optimizer / scheduler -> progress, log
+                                            finiteness check -> lr from the schedule, optimizer step ->
+                                            progress, log
 
 The step's arithmetic (loss scaling, metric reduction) is :mod:`simpo_mcore.step`; the data order
-:mod:`simpo_mcore.data.sampler`; checkpoints :mod:`simpo_mcore.checkpoint`.
+:mod:`simpo_mcore.data.sampler`; checkpoints :mod:`simpo_mcore.checkpoint`; what a resumed run may change
+:mod:`simpo_mcore.resume`.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ from simpo_mcore.convert.tool import run_in_fresh_process
 from simpo_mcore.data.pipeline import TokenizedSplit, TrainBatches, load_split
 from simpo_mcore.evaluate import evaluate
 from simpo_mcore.metrics_log import MetricsLogger, memory_gib, model_flops_per_token, peak_tflops
-from simpo_mcore.optim import build_optimizer, build_scheduler, wrap_ddp
+from simpo_mcore.optim import LRSchedule, apply_optim_config, build_optimizer, wrap_ddp
 from simpo_mcore.parallel import Layout, distributed
 from simpo_mcore.reference import attach_reference_logps
+from simpo_mcore.resume import check_resume_config, check_resume_data, log_resume_changes
 from simpo_mcore.runtime import Runtime, build_runtime
 from simpo_mcore.step import LossScale, make_forward_step, reduce_reports, run_schedule
 
@@ -138,8 +141,8 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, rt: Runtime, train_split: TokenizedSplit,
                  eval_split: TokenizedSplit | None, batches: TrainBatches, ddp_chunks: list, optimizer,
-                 scheduler, total_steps: int, progress: Progress,
-                 resumed_from: Path | None, logger: MetricsLogger, stop: StopSignal):
+                 schedule: LRSchedule, total_steps: int, progress: Progress,
+                 resumed_from: Path | None, logger: MetricsLogger, stop: StopSignal, train_data: dict):
         self.cfg = cfg
         self.rt = rt
         self.layout: Layout = rt.layout
@@ -149,7 +152,9 @@ class Trainer:
         self.batches = batches
         self.ddp_chunks = ddp_chunks
         self.optimizer = optimizer
-        self.scheduler = scheduler
+        self.schedule = schedule
+        self.train_data = train_data
+        """The training pairs' ``content_fingerprint``, saved with each checkpoint for the resume checks."""
         self.total_steps = total_steps
         self.progress = progress
         self.logger = logger
@@ -171,10 +176,14 @@ class Trainer:
         stop = StopSignal()
         ckpt_root = Path(cfg.output_dir) / "checkpoints"
         resume_from = ckpt.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
+        changes = check_resume_config(cfg, resume_from) if resume_from is not None else []
         # A SimPO resume overwrites every weight: skip reading the starting checkpoint. DPO needs the
         # starting weights whenever its reference log-probs have to be computed.
         rt = build_runtime(cfg, layout, load_weights=resume_from is None or cfg.loss.type == "dpo")
         train_split, eval_split = cls._load_data(cfg, rt)
+        train_data = train_split.content_fingerprint()
+        if resume_from is not None:
+            check_resume_data(cfg, resume_from, changes, train_data)
         check_batch_sizes(cfg, layout.dp)
         steps = total_steps(cfg, len(train_split))
         batches = TrainBatches(cfg.train, train_split, rt.batch_layout, layout.dp_rank, layout.dp)
@@ -183,20 +192,21 @@ class Trainer:
         ddp_chunks = wrap_ddp(rt.chunks, cfg.parallel.distributed_optimizer, cpu)
         optimizer = build_optimizer(ddp_chunks, cfg.optim, cfg.train.precision, cfg.parallel.distributed_optimizer,
                                     cpu)
-        scheduler = build_scheduler(optimizer, cfg.optim, steps)
+        schedule = LRSchedule.from_config(cfg.optim, steps)
 
         progress = Progress()
         if layout.rank == 0 and (removed := ckpt.remove_incomplete(ckpt_root)):
             log.warning("removed interrupted checkpoint save(s): %s", ", ".join(removed))
         if resume_from is not None:
             progress = Progress(**ckpt.load_train_checkpoint(
-                resume_from, ddp_chunks, optimizer, scheduler, layout, cfg.checkpoint.save_optimizer))
+                resume_from, ddp_chunks, optimizer, layout, cfg.checkpoint.save_optimizer))
             log.info("resumed from %s at step %d (%d pairs consumed)", resume_from, progress.step,
                      progress.consumed_pairs)
+            log_resume_changes(changes, resume_from, schedule, progress.step - progress.skipped_steps)
         logger = MetricsLogger(cfg.output_dir, layout.rank, steps, progress.step,
                                cfg.train.tensorboard, cfg.train.progress_bar)
-        return cls(cfg, rt, train_split, eval_split, batches, ddp_chunks, optimizer, scheduler, steps,
-                   progress, resume_from, logger, stop)
+        return cls(cfg, rt, train_split, eval_split, batches, ddp_chunks, optimizer, schedule, steps,
+                   progress, resume_from, logger, stop, train_data)
 
     @staticmethod
     def _load_data(cfg: RunConfig, rt: Runtime) -> tuple[TokenizedSplit, TokenizedSplit | None]:
@@ -260,12 +270,13 @@ class Trainer:
 
         finite = math.isfinite(metrics["loss"]) and grads_are_finite(self.ddp_chunks, self.device)
         grad_norm = float("nan")
+        # Skipped updates do not advance the schedule (as the HF Trainer's skipped fp16 steps do not).
+        lr = self.schedule.lr_at(progress.step - progress.skipped_steps)
         if finite:
+            apply_optim_config(self.optimizer, cfg.optim, lr)
             ok, grad_norm, _ = self.optimizer.step()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")  # a tensor on GPUs
             finite = bool(ok) and math.isfinite(grad_norm)
-            if finite:
-                self.scheduler.step(increment=1)
         progress.step += 1
         progress.consumed_pairs += cfg.train.global_batch_pairs
         self.steps_run += 1
@@ -276,7 +287,7 @@ class Trainer:
 
         dt = time.perf_counter() - t0
         record = dict(metrics)
-        record.update(lr=self.optimizer.param_groups[0]["lr"], grad_norm=grad_norm, step_time_s=dt,
+        record.update(lr=lr, grad_norm=grad_norm, step_time_s=dt,
                       tokens_per_s=metrics["tokens_computed"] / dt, real_tokens_per_s=metrics["tokens_real"] / dt,
                       consumed_pairs=progress.consumed_pairs, skipped_steps=progress.skipped_steps,
                       **memory_gib(self.device.type == "cuda"))
@@ -320,9 +331,10 @@ class Trainer:
     def save(self) -> None:
         step = self.progress.step
         ckpt.save_train_checkpoint(
-            self.ckpt_root, step, self.ddp_chunks, self.optimizer, self.scheduler, asdict(self.progress),
+            self.ckpt_root, step, self.ddp_chunks, self.optimizer, asdict(self.progress),
             self.rt.meta, self.layout, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.save_optimizer,
-            tokenizer=self.rt.tokenizer_source)
+            tokenizer=self.rt.tokenizer_source, run_config=asdict(self.cfg),
+            run_info={"train_data": self.train_data, "total_steps": self.total_steps})
         self.last_saved = step
         self.logger.print(f"checkpoint saved: {self.ckpt_root / ckpt.step_dir_name(step)}")
 

@@ -52,31 +52,80 @@ def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
 
 
-def make_tiny_hf_llama(out_dir: str | Path, *, vocab_size: int = 250, hidden_size: int = 64,
-                       intermediate_size: int = 160, num_layers: int = 4, heads: int = 4,
-                       kv_heads: int = 2, tie: bool = False, rope_scaling: dict | None = None,
-                       head_dim: int | None = None, seed: int = 0, dtype: str = "float32",
-                       model_type: str = "llama", max_position_embeddings: int = 512):
-    """A random-weight HF Llama saved with safetensors; returns the model (eval mode, fp32)."""
+WINDOW = 16
+"""The tiny models' sliding window: the parity sequences (64-100 tokens) reach well past it."""
+
+FAMILY_MODELS = {
+    "mistral": dict(family="mistral", sliding_window=WINDOW),
+    # Layers 1-3 slide (max_window_layers=1), layer 0 attends fully; tied embeddings.
+    "qwen2": dict(family="qwen2", use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1, tie=True),
+    "qwen3": dict(family="qwen3", head_dim=32),
+    # Caps small enough, and weights large enough (init_std 0.1: logits up to about 2.6), that each of them,
+    # the window and query_pre_attn_scalar move the logits by 0.3 to 3.4 (measured with the caps removed).
+    "gemma2": dict(family="gemma2", head_dim=32, sliding_window=WINDOW, query_pre_attn_scalar=24,
+                   attn_logit_softcapping=2.0, final_logit_softcapping=3.0, init_std=0.1, tie=True),
+}
+"""``make_tiny_hf_model`` arguments of one tiny model per family beyond Llama, the same in every test."""
+
+FAMILY_CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
+                  "qwen3": "Qwen3Config", "gemma2": "Gemma2Config"}
+
+
+def make_tiny_hf_model(out_dir: str | Path, *, family: str = "llama", vocab_size: int = 250, hidden_size: int = 64,
+                       intermediate_size: int = 160, num_layers: int = 4, heads: int = 4, kv_heads: int = 2,
+                       tie: bool = False, rope_scaling: dict | None = None, head_dim: int | None = None,
+                       seed: int = 0, dtype: str = "float32", max_position_embeddings: int = 512,
+                       init_std: float = 0.02, **family_kw):
+    """A random-weight HF model of ``family`` saved with safetensors; returns it (eval mode; see
+    :func:`hf_attention` for its attention implementation).
+
+    ``family_kw`` go to the family's config class as they are (``sliding_window``, ``use_sliding_window``,
+    ``max_window_layers``, ``query_pre_attn_scalar``, the soft-capping values, ...). Norm weights and biases are
+    random (HF initialises them to 1 or 0 and 0), so that a wrong mapping of any of them shows.
+    """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     torch.manual_seed(seed)
     kwargs = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                   num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                   max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-5,
-                  tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                  tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                  initializer_range=init_std, **family_kw)
     if head_dim is not None:
         kwargs["head_dim"] = head_dim
     if rope_scaling is not None:
         kwargs["rope_scaling"] = rope_scaling
-    config = LlamaConfig(**kwargs)
-    model = LlamaForCausalLM(config)
-    # HF initialises norms to 1; random norms make a wrong norm mapping visible.
+    config = getattr(transformers, FAMILY_CONFIGS[family])(**kwargs)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=hf_attention(family))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.uniform_(0.5, 1.5)
+                # (1 + w) norms (Gemma) get weights around 0, the others around 1.
+                p.uniform_(-0.5, 0.5) if family == "gemma2" else p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
     model = model.to(getattr(torch, dtype)).eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     return model
+
+
+def make_tiny_hf_llama(out_dir: str | Path, *, model_type: str = "llama", **kwargs):
+    """A random-weight HF Llama (or Mistral) saved with safetensors; see :func:`make_tiny_hf_model`."""
+    return make_tiny_hf_model(out_dir, family=model_type, **kwargs)
+
+
+def hf_attention(family: str) -> str:
+    """HF's attention implementation for references: ``eager`` for Gemma-2 (the one that soft-caps the
+    scores), transformers' default ``sdpa`` (a banded mask where a window applies) for the others."""
+    return "eager" if family == "gemma2" else "sdpa"
+
+
+def load_hf_model(hf_dir: str | Path, dtype=None):
+    """An HF model directory loaded for comparisons: fp32 unless told, attention as :func:`hf_attention`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    family = json.loads((Path(hf_dir) / "config.json").read_text())["model_type"]
+    return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype or torch.float32,
+                                                attn_implementation=hf_attention(family)).eval()

@@ -12,16 +12,19 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from simpo_mcore.model.hf_config import LlamaArch
+from simpo_mcore.model.hf_config import ModelArch
 
 META_FILE = "simpo_mcore.json"
 TOKENIZER_DIR = "tokenizer"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""1: Llama / Mistral without a sliding window, before ``ModelArch`` had its family fields; their defaults
+are that model, so a version 1 file reads as the architecture it was written for."""
 
 
 @dataclass
 class CheckpointMeta:
-    arch: LlamaArch
+    arch: ModelArch
     tokenizer: str | None = None
     """A directory relative to the checkpoint (``tokenizer``), an absolute path, or a hub name."""
     kind: str = "converted"
@@ -46,18 +49,19 @@ class CheckpointMeta:
             raise ValueError(f"{path}: not valid JSON ({exc}); the checkpoint's metadata is damaged") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: format_version {data.get('format_version')} is not {FORMAT_VERSION}")
+        if data.get("format_version") not in READABLE_VERSIONS:
+            raise ValueError(f"{path}: format_version {data.get('format_version')} is not one this version reads "
+                             f"{READABLE_VERSIONS}")
         arch = data.get("arch")
         if not isinstance(arch, dict):
             raise ValueError(f"{path}: field 'arch' is missing or not an object")
-        known = {f.name for f in fields(LlamaArch)}
+        known = {f.name for f in fields(ModelArch)}
         unknown, missing = sorted(set(arch) - known), sorted(
-            f.name for f in fields(LlamaArch)
+            f.name for f in fields(ModelArch)
             if f.name not in arch and f.default is MISSING and f.default_factory is MISSING)
         if unknown or missing:
             raise ValueError(f"{path}: field 'arch' has unknown keys {unknown} and lacks required keys {missing}")
-        return cls(arch=LlamaArch.from_json(arch), tokenizer=data.get("tokenizer"),
+        return cls(arch=ModelArch.from_json(arch), tokenizer=data.get("tokenizer"),
                    kind=data.get("kind", "converted"), info=data.get("info", {}))
 
     def tokenizer_path(self, ckpt_dir: str | Path) -> str | None:

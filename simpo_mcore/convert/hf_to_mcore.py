@@ -1,4 +1,5 @@
-"""HF Llama directory -> megatron ``dist_checkpointing`` directory that loads at any TP / PP.
+"""HF model directory (any family of :mod:`simpo_mcore.model.hf_config`) -> megatron ``dist_checkpointing``
+directory that loads at any TP / PP.
 
 Every tensor is read lazily from safetensors, checked against the shape the config implies,
 packed (QKV, gate/up) and handed to ``dist_checkpointing.save`` as one layer slice of the stacked
@@ -21,12 +22,12 @@ from simpo_mcore.convert import keymap
 from simpo_mcore.convert.checkpoint_meta import TOKENIZER_DIR, CheckpointMeta
 from simpo_mcore.convert.hf_io import CheckpointError, SafetensorsReader, copy_tokenizer_files, staged_output
 from simpo_mcore.convert.mcore_io import save_sharded
-from simpo_mcore.model.hf_config import LlamaArch
+from simpo_mcore.model.hf_config import ModelArch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def check_hf_tensors(reader: SafetensorsReader, arch: LlamaArch) -> None:
+def check_hf_tensors(reader: SafetensorsReader, arch: ModelArch) -> None:
     """Refuse missing, unexpected or wrongly shaped tensors, naming the first one."""
     expected = keymap.expected_hf_shapes(arch)
     present = reader.names()
@@ -53,7 +54,7 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | No
     """Write ``out_dir`` (must not exist or be empty). Needs a (one-process) torch.distributed group."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     start = time.time()
-    arch = LlamaArch.from_hf_dir(hf_dir)
+    arch = ModelArch.from_hf_dir(hf_dir)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     reader = SafetensorsReader(hf_dir)
@@ -74,7 +75,7 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | No
             state[mkey] = ShardedTensor.from_rank_offsets(mkey, load(hkey), replica_id=0)
         n = arch.num_layers
         for i in range(n):
-            for t in keymap.LAYER_TENSORS:
+            for t in keymap.layer_tensors(arch):
                 parts = [load(keymap.hf_layer_key(i, name)) for name in t.hf]
                 data = keymap.pack(parts, t.packing, arch)
                 key = keymap.layer_key(t.mcore)
@@ -94,5 +95,5 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | No
     return meta
 
 
-def _with_dtype(arch: LlamaArch, dtype: str) -> LlamaArch:
+def _with_dtype(arch: ModelArch, dtype: str) -> ModelArch:
     return dataclasses.replace(arch, torch_dtype=dtype)

@@ -98,12 +98,12 @@ def convert_mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_byt
         n = arch.num_layers
         for i in range(n):
             requests = {}
-            for t in keymap.LAYER_TENSORS:
+            for t in keymap.layer_tensors(arch):
                 key = keymap.layer_key(t.mcore)
                 md = metadata[key]
                 requests[t.mcore] = (key, tuple(md.global_shape[1:]), md.dtype, i, n)
             loaded = _read(ckpt_dir, requests)
-            for t in keymap.LAYER_TENSORS:
+            for t in keymap.layer_tensors(arch):
                 for hf_name, tensor in zip(t.hf, keymap.unpack(loaded[t.mcore], t.packing, arch)):
                     emit(keymap.hf_layer_key(i, hf_name), tensor)
             log(f"[export] layer {i + 1}/{n}")

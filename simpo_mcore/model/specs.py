@@ -1,4 +1,4 @@
-"""Layer specs: which classes make up a Llama layer (Transformer Engine, local, local + SDPA).
+"""Layer specs: which classes make up a decoder layer (Transformer Engine, local, local + SDPA).
 
 ``ModuleSpec`` separates *which* modules are used from how megatron wires them, so the three
 choices differ only here:
@@ -13,11 +13,21 @@ choices differ only here:
 
 All three produce the same checkpoint keys: the local layer spec maps ``input_layernorm.`` to
 ``self_attention.linear_qkv.layer_norm_`` (the TE name) in its sharded state dict.
+
+The families' additions (see :class:`simpo_mcore.model.hf_config.ModelArch`) reach the layers through
+:class:`ExtendedTransformerConfig`: sliding windows (megatron's ``window_size`` /
+``window_attn_skip_freq``: TE takes them natively, :class:`SDPAttention` builds the banded mask), attention
+soft-capping (TE's ``softcap``; computed explicitly by :func:`softcapped_attention` otherwise), q / k norms
+(megatron's ``qk_layernorm``), ``(1 + weight)`` norms (``layernorm_zero_centered_gamma``) and Gemma-2's norms
+after the attention and MLP projections (:func:`with_post_norm`).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +36,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
 
 SPECS = ("te", "sdpa", "local")
@@ -40,27 +51,73 @@ def te_available() -> bool:
     return bool(HAVE_TE)
 
 
-def resolve_spec(spec: str, cuda: bool) -> str:
-    """``auto`` -> ``te`` on a GPU with TE, else ``sdpa``. An explicit ``te`` without TE is an error."""
+def te_softcap_available() -> bool:
+    """Transformer Engine's ``DotProductAttention`` takes ``softcap`` (attention logit soft-capping)."""
+    try:
+        import transformer_engine.pytorch as te
+    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+        return False
+    return "softcap" in inspect.signature(te.DotProductAttention.__init__).parameters
+
+
+def resolve_spec(spec: str, cuda: bool, attn_softcap: bool = False) -> str:
+    """``auto`` -> ``te`` on a GPU with TE (that soft-caps attention scores, when the model needs it), else
+    ``sdpa``. An explicit ``te`` without TE, or without the soft-capping the model needs, is an error."""
     if spec == "auto":
-        return "te" if cuda and te_available() else "sdpa"
+        usable = cuda and te_available() and (not attn_softcap or te_softcap_available())
+        return "te" if usable else "sdpa"
     if spec == "te" and not (cuda and te_available()):
         raise RuntimeError(
             "model.spec: te needs Transformer Engine and a GPU "
             f"(GPU used: {cuda}, TE importable: {te_available()}); use model.spec: sdpa")
+    if spec == "te" and attn_softcap and not te_softcap_available():
+        raise ValueError(_NO_TE_SOFTCAP)
     if spec not in SPECS:
         raise ValueError(f"model.spec must be one of auto, {', '.join(SPECS)}; got {spec!r}")
     return spec
 
 
+_NO_TE_SOFTCAP = ("model.spec: te cannot run this model: its attention soft-capping (attn_logit_softcapping) "
+                  "needs Transformer Engine's DotProductAttention(softcap=), which this TE build lacks; "
+                  "use model.spec: sdpa")
+
+
+@dataclass
+class ExtendedTransformerConfig(TransformerConfig):
+    """megatron-core's ``TransformerConfig`` plus the model features it has no field for (0.19); the layer
+    specs, the model and the log-prob head read them from here."""
+
+    attn_logit_softcapping: float | None = None
+    """Attention scores ``s -> c * tanh(s / c)`` after scaling, before the mask and softmax; None: off."""
+
+    final_logit_softcapping: float | None = None
+    """Output logits ``z -> c * tanh(z / c)`` before the softmax (the model's logits and the log-prob head)."""
+
+    embedding_multiplier: float | None = None
+    """Embeddings multiplied by this (rounded to their dtype first, as HF Gemma does); None: not scaled."""
+
+    sandwich_norms: bool = False
+    """An RMSNorm on the output of the attention projection and of the MLP, before each residual add."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+            cap = getattr(self, name)
+            if cap is not None and not (math.isfinite(cap) and cap > 0):
+                raise ValueError(f"{name} must be a positive finite number or None, got {cap}")
+
+
 class RMSNorm(torch.nn.Module):
-    """Llama's RMSNorm, computed exactly as HF ``LlamaRMSNorm`` does (fp32 statistics, cast back
-    to the input dtype *before* the weight multiply) on a CPU.
+    """RMSNorm computed exactly as HF computes it on a CPU: fp32 statistics, then Llama's
+    ``weight * x_normed.to(dtype)`` or, with ``config.layernorm_zero_centered_gamma``, Gemma's
+    ``(x_normed * (1 + weight)).to(dtype)`` with ``1 + weight`` in fp32.
 
     On a GPU it calls ``torch.nn.functional.rms_norm`` (one fused kernel each way, fp32 inside,
     nothing saved but the input and the inverse RMS) instead of HF's seven elementwise kernels and
     saved fp32 copy of the input: 33 norms of the 1B model's step. That result is rounded once where
-    HF's is rounded twice (before and after the weight multiply), a difference below bf16's resolution.
+    HF's Llama norm is rounded twice (before and after the weight multiply), a difference below bf16's
+    resolution. The zero-centred form runs it on an fp32 copy with an fp32 ``1 + weight``, one rounding
+    at the end as HF's Gemma norm.
 
     Its weight is marked ``sequence_parallel`` under sequence parallelism so that megatron's
     ``finalize_model_grads`` all-reduces the partial gradients each TP rank computes on its
@@ -70,10 +127,18 @@ class RMSNorm(torch.nn.Module):
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **_):
         super().__init__()
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.zero_centered = config.layernorm_zero_centered_gamma
+        init = torch.zeros if self.zero_centered else torch.ones
+        self.weight = torch.nn.Parameter(init(hidden_size, dtype=config.params_dtype))
         self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.zero_centered:
+            gamma = 1.0 + self.weight.float()
+            if x.is_cuda:
+                return F.rms_norm(x.float(), (x.shape[-1],), gamma, self.eps).to(x.dtype)
+            x32 = x.float()
+            return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * gamma).to(x.dtype)
         if x.is_cuda and x.dtype == self.weight.dtype:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         dtype = x.dtype
@@ -82,19 +147,57 @@ class RMSNorm(torch.nn.Module):
         return self.weight * x32.to(dtype)
 
 
+def visible_keys(q_positions: torch.Tensor, k_positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """``[..., sq, sk]`` bool: whether query i may attend to key j, from their positions in their sequence.
+
+    Causal (``k <= q``) and, with a sliding ``window`` of W tokens, ``q - k < W`` (the query and the W - 1
+    keys before it: HF's ``sliding_window`` and megatron / TE's ``window_size = (W - 1, 0)``). Positions
+    are ``[s]`` or ``[b, s]``; rows packed into one sequence compose by and-ing a same-sequence mask.
+    """
+    distance = q_positions[..., :, None] - k_positions[..., None, :]  # [..., sq, sk]
+    visible = distance >= 0
+    if window is not None:
+        visible &= distance < window
+    return visible
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float,
+                         softcap: float, dropout: float = 0.0) -> torch.Tensor:
+    """Attention with tanh soft-capped scores, in HF Gemma-2's (eager) order of operations.
+
+    ``q [b, np, s, hn]``, ``k, v [b, ng, s, hn]`` (query heads of group g are ``g * np/ng ...``), ``visible``
+    broadcastable to ``[b, np, s, s]``. Materialises the ``[b, np, s, s]`` scores: no fused kernel of torch
+    takes a score modification without compilation.
+    """
+    repeat = q.shape[1] // k.shape[1]
+    if repeat > 1:
+        k = k.repeat_interleave(repeat, dim=1)  # [b, np, s, hn]
+        v = v.repeat_interleave(repeat, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale  # [b, np, sq, sk]
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout:
+        probs = F.dropout(probs, p=dropout)
+    return torch.matmul(probs, v)  # [b, np, sq, hn]
+
+
 class SDPAttention(MegatronModule):
     """Causal core attention through ``F.scaled_dot_product_attention`` with native GQA.
 
     Same interface as megatron's ``DotProductAttention``: inputs ``[s, b, heads/tp, head_dim]``,
     output ``[s, b, heads/tp * head_dim]``. Sequences are right-padded, so the causal mask alone
-    keeps padding from touching real tokens and no [s, s] mask is ever built.
+    keeps padding from touching real tokens. Full causal attention builds no ``[s, s]`` mask; a
+    sliding-window layer (``config.window_size`` on the layers ``window_attn_skip_freq`` selects,
+    decided as megatron decides it) passes the banded mask of :func:`visible_keys`, and attention
+    logit soft-capping runs :func:`softcapped_attention`.
 
     Packed rows (``packed_seq_params`` with ``qkv_format="thd"``: inputs ``[t, heads/tp, head_dim]``, the
     sequences of a row end to end) are attended one segment at a time, each causal on its own, so no token
     sees another sequence: on a CPU this ran 14x faster than one call with a block-diagonal causal mask over
     a real 8k-token row of 22 sequences (``benchmarks/bench_varlen_attention.py``, docs/packing.md), and
-    torch's ``flex_attention`` has no CPU backward. A per-sequence mask (a sliding window, from positions within the
-    segment) composes with it: :meth:`_attend` sees one sequence at a time.
+    torch's ``flex_attention`` has no CPU backward. Windows and soft-capping compose with it: :meth:`_attend`
+    sees one sequence at a time, its positions from 0.
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
@@ -115,6 +218,13 @@ class SDPAttention(MegatronModule):
         self.groups = divide(config.num_query_groups, tp)
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.window = None  # tokens visible to a query, itself included
+        if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
+            left, right = config.window_size
+            if right != 0 or left < 0:
+                raise ValueError(f"SDPAttention supports causal windows (W - 1, 0) only, got {config.window_size}")
+            self.window = left + 1
+        self.softcap = getattr(config, "attn_logit_softcapping", None)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None, **_):
@@ -149,36 +259,115 @@ class SDPAttention(MegatronModule):
         return out[0].permute(1, 0, 2).reshape(query.shape[0], -1)  # [t, np * hn]
 
     def _attend(self, q, k, v):
-        """Causal attention of ``[b, np, s, hn]`` queries over ``[b, ng, s, hn]`` keys / values of the same
-        sequences (position 0 first)."""
-        return F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.softmax_scale,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.heads != self.groups,
-        )  # [b, np, s, hn]
+        """Attention of ``[b, np, s, hn]`` queries over ``[b, ng, s, hn]`` keys / values of the same sequences
+        (positions 0..s-1): causal, within the layer's sliding window, scores soft-capped when the model's are."""
+        dropout = self.dropout if self.training else 0.0
+        if self.window is None and self.softcap is None:
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=self.softmax_scale, dropout_p=dropout,
+                enable_gqa=self.heads != self.groups)  # [b, np, s, hn]
+        positions = torch.arange(q.shape[2], device=q.device)
+        visible = visible_keys(positions, positions, self.window)  # [s, s]
+        if self.softcap is None:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=visible, scale=self.softmax_scale, dropout_p=dropout,
+                enable_gqa=self.heads != self.groups)  # [b, np, s, hn]
+        return softcapped_attention(q, k, v, visible, self.softmax_scale, self.softcap, dropout)
+
+
+@functools.cache
+def with_post_norm(linear_cls: type, norm_cls: type) -> type:
+    """``linear_cls`` (a row-parallel linear: the attention or MLP output projection) followed by an RMSNorm
+    of its output, held as the submodule ``post_norm``: Gemma-2's post-attention / post-feed-forward norms,
+    which megatron's layer (input and pre-MLP norms only) has no place for. Under sequence parallelism the
+    output is this rank's sequence shard, which the norm's ``sequence_parallel`` weight accounts for."""
+
+    class PostNormed(linear_cls):
+        def __init__(self, input_size, output_size, *args, config, **kwargs):
+            super().__init__(input_size, output_size, *args, config=config, **kwargs)
+            self.post_norm = norm_cls(config=config, hidden_size=output_size, eps=config.layernorm_epsilon)
+
+        def forward(self, *args, **kwargs):
+            output, bias = super().forward(*args, **kwargs)
+            if bias is not None:
+                raise ValueError("a post-normed projection must have no bias (add_bias_linear=False)")
+            return self.post_norm(output), None
+
+    PostNormed.__name__ = PostNormed.__qualname__ = f"PostNormed{linear_cls.__name__}"
+    return PostNormed
+
+
+def te_core_attention(config: TransformerConfig) -> type:
+    """Transformer Engine's core attention for ``config``: megatron's ``TEDotProductAttention`` (which
+    passes ``window_size`` to TE on the layers that slide), and with attention soft-capping a subclass that
+    also passes TE ``DotProductAttention(softcap=)``. TE builds without that argument are refused: the
+    cap would be dropped. (Wired as TE documents it; not yet measured on a GPU.)"""
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+    if getattr(config, "attn_logit_softcapping", None) is None:
+        return TEDotProductAttention
+    if not te_softcap_available():
+        raise ValueError(_NO_TE_SOFTCAP)
+    return _softcap_te_attention()
+
+
+@functools.cache
+def _softcap_te_attention() -> type:
+    import transformer_engine.pytorch as te
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+    class _PassSoftcap(te.DotProductAttention):
+        # Sits between megatron's TEDotProductAttention and TE's class in the MRO: megatron's __init__
+        # sets self.config, then calls this with its own keyword arguments, to which the cap is added.
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, softcap=self.config.attn_logit_softcapping, **kwargs)
+
+    class SoftcapTEDotProductAttention(TEDotProductAttention, _PassSoftcap):
+        """megatron's TE core attention with TE's tanh soft-capping of the attention scores."""
+
+    return SoftcapTEDotProductAttention
 
 
 def block_spec(spec: str, config: TransformerConfig, vp_stage: int | None = None,
                pp_rank: int | None = None) -> TransformerBlockSubmodules:
-    """The decoder block submodules for ``spec`` on this pipeline stage."""
+    """The decoder block submodules for ``spec`` on this pipeline stage.
+
+    What the family needs beyond Llama's layer comes from ``config``: per-head q / k norms
+    (``qk_layernorm``), norms after the attention and MLP projections (``sandwich_norms``), attention
+    soft-capping and sliding windows (read by the core attention itself).
+    """
+    softcap = getattr(config, "attn_logit_softcapping", None)
     if spec == "te":
-        from megatron.core.extensions.transformer_engine import TENorm
+        from megatron.core.extensions.transformer_engine import TENorm, TERowParallelLinear
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        layer = get_gpt_layer_with_transformer_engine_spec()
-        final_norm = TENorm
+        layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+        layer.submodules.self_attention.submodules.core_attention = te_core_attention(config)
+        norm, row_linear = TENorm, TERowParallelLinear
     else:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        from megatron.core.tensor_parallel import RowParallelLinear
 
-        layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+        if spec == "local" and softcap is not None:
+            raise ValueError("model.spec: local has no attention soft-capping (this model needs it); use sdpa")
+        layer = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
         layer.submodules.input_layernorm = RMSNorm
         layer.submodules.pre_mlp_layernorm = RMSNorm
+        attention = layer.submodules.self_attention.submodules
+        if config.qk_layernorm:
+            attention.q_layernorm = attention.k_layernorm = RMSNorm
         if spec == "sdpa":
-            attention = layer.submodules.self_attention
-            attention.submodules.core_attention = SDPAttention
-        final_norm = RMSNorm
+            attention.core_attention = SDPAttention
+        norm, row_linear = RMSNorm, RowParallelLinear
+    if getattr(config, "sandwich_norms", False):
+        post_normed = with_post_norm(row_linear, norm)
+        layer.submodules.self_attention.submodules.linear_proj = post_normed
+        mlp = layer.submodules.mlp  # partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(...))
+        submodules = replace(mlp.keywords["submodules"], linear_fc2=post_normed)
+        layer.submodules.mlp = functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": submodules})
     n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=final_norm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=norm)
 
 
-__all__ = ["RMSNorm", "SDPAttention", "block_spec", "resolve_spec", "te_available", "ModuleSpec"]
+__all__ = ["ExtendedTransformerConfig", "RMSNorm", "SDPAttention", "block_spec", "resolve_spec", "softcapped_attention",
+           "te_available", "visible_keys", "with_post_norm", "ModuleSpec"]

@@ -1,5 +1,5 @@
 """The log-prob head on 2 TP ranks (gloo, CPU) against the single-process full-vocabulary reference, and
-inside a real GPTModel at TP=1 and TP=2 (+ sequence parallelism).
+inside a real GPTModel at TP=1 and TP=2 (+ sequence parallelism), plain and with final logit soft-capping.
 
 Each launch writes the worst error over ranks per case (see the scripts in ``scripts/``); fp32 throughout,
 so everything must agree to fp32 rounding.
@@ -22,11 +22,14 @@ def test_tp2_fused_and_unfused_match_full_vocab_reference(tmp_path):
     errors = read_json(out)
     # Two vocabularies: padding at the end of the last rank's shard (50 of 64), and a last rank that holds
     # nothing but padding (30 of 64); fused with and without sequence parallelism, two chunk sizes, with
-    # the logits recomputed in the backward and kept from the forward, on all tokens and the labelled ones.
-    assert len([c for c in errors if c.startswith("fused")]) == 16
-    assert len([c for c in errors if "recompute=False" in c]) == 4
-    assert len([c for c in errors if c.endswith("labelled=True")]) == 4
-    assert len([c for c in errors if c.startswith("unfused")]) == 4
+    # the logits recomputed in the backward and kept from the forward, on all tokens and the labelled ones;
+    # with final logit soft-capping (against the capped float64 reference) chunked, kept and in one chunk.
+    assert len([c for c in errors if c.startswith("fused")]) == 28
+    assert len([c for c in errors if "recompute=False" in c]) == 8
+    assert len([c for c in errors if "labelled=True" in c]) == 4
+    assert len([c for c in errors if c.startswith("fused") and c.endswith("softcap=2.0")]) == 12
+    assert len([c for c in errors if c.startswith("unfused")]) == 6
+    assert len([c for c in errors if c.startswith("unfused") and c.endswith("softcap=2.0")]) == 2
     for case, err in errors.items():
         assert err["value"] < VALUE_TOL, (case, err)
         if case.startswith("fused"):
@@ -44,8 +47,10 @@ def test_gpt_model_output_processor_matches_its_logits(tmp_path, tp):
     out = tmp_path / "errors.json"
     run_ranks("logprobs_model.py", tp, out, tp)
     errors = read_json(out)
-    # sp x tie x chunk (0 = unfused through the output layer, 5 = many fused chunks, 4096 = one).
-    assert len(errors) == (2 if tp > 1 else 1) * 2 * 3
+    # sp x (untied, tied, Gemma-2) x chunk (0 = unfused through the output layer, 5 = many fused chunks,
+    # 4096 = one).
+    assert len(errors) == (2 if tp > 1 else 1) * 3 * 3
+    assert len([c for c in errors if "gemma2" in c]) == (2 if tp > 1 else 1) * 3
     for case, err in errors.items():
         assert err["value"] < VALUE_TOL, (case, err)
         assert err["grad_params"] < GRAD_TOL, (case, err)

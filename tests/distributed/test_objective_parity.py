@@ -11,6 +11,9 @@ prompts (H4 and ShareGPT files) that simpo_mcore reads through its data pipeline
 reference takes the chat template of the whole conversation: the prompt is the conversation before
 the final assistant turn, the response what the template adds for that turn, then EOS.
 
+Besides the Llama models, at TP=2: Gemma-2 (the head's final logit soft-capping, the sandwich norms' partial
+gradients) and a Qwen2.5-shaped model (q / k / v biases split over TP ranks).
+
 Each layout runs the step padded (micro-batches of k pairs) and packed (rows of whole pairs laid end to end,
 split over the data-parallel ranks as training splits them), including the interleaved pipeline (PP 2 x VPP 2);
 the packed step must match the reference too, and the padded step to within fp32 rounding: per-sequence sums
@@ -25,7 +28,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import QUIET, make_tiny_hf_llama, run_ranks
+from helpers import FAMILY_MODELS, QUIET, make_tiny_hf_model, run_ranks
 from safetensors.torch import load_file
 
 from simpo_mcore.config import DataConfig
@@ -38,7 +41,8 @@ BETA, RATIO, LS, SFT_W = 2.0, 0.5, 0.1, 0.5
 NUM_PAIRS = 8
 
 
-MODELS = {"untied": dict(tie=False, seed=0), "tied": dict(tie=True, seed=5)}
+MODELS = {"untied": dict(tie=False, seed=0), "tied": dict(tie=True, seed=5),
+          "gemma2": dict(FAMILY_MODELS["gemma2"], seed=6), "qwen25": dict(family="qwen2", tie=False, seed=7)}
 """``tied`` (Llama-3.2 style): with PP > 1 the embedding and the output layer share one weight held on the
 first and the last stage, whose two gradient halves megatron must sum (``finalize_model_grads``)."""
 
@@ -49,7 +53,7 @@ def setup(tmp_path_factory):
     ensure_process_group()
     hfs = {}
     for name, kwargs in MODELS.items():
-        hfs[name] = make_tiny_hf_llama(root / name / "hf", vocab_size=250, num_layers=4, hidden_size=64, heads=4,
+        hfs[name] = make_tiny_hf_model(root / name / "hf", vocab_size=250, num_layers=4, hidden_size=64, heads=4,
                                        kv_heads=2, **kwargs)
         convert_hf_to_mcore(root / name / "hf", root / name / "mcore", **QUIET)
     rng = random.Random(0)
@@ -153,8 +157,10 @@ def reference(hf, pairs):
 # (tp, pp, dp, sp, vpp); one launch per world size covers its layouts (the groups are rebuilt per layout).
 LAYOUTS = [(1, 1, 1, False, None), (2, 1, 1, False, None), (1, 2, 1, False, None), (2, 2, 1, False, None),
            (1, 1, 2, False, None), (2, 1, 1, True, None), (1, 2, 1, False, 2)]
-# The tied model where it differs: the shared weight split over two pipeline stages (one 4-rank launch).
+# The tied model where it differs: the shared weight split over two pipeline stages.
 TIED_LAYOUTS = [(2, 2, 1, False, None), (1, 2, 2, False, None)]
+FAMILY_LAYOUTS = [(2, 1, 1, False, None)]
+MODEL_LAYOUTS = {"untied": LAYOUTS, "tied": TIED_LAYOUTS, "gemma2": FAMILY_LAYOUTS, "qwen25": FAMILY_LAYOUTS}
 
 
 def layout_name(tp, pp, dp, sp, vpp) -> str:
@@ -163,15 +169,17 @@ def layout_name(tp, pp, dp, sp, vpp) -> str:
 
 @pytest.fixture(scope="module")
 def results(setup, tmp_path_factory):
+    """One launch per world size (1, 2, 4 ranks), each running every model's layouts of that size."""
     root, _, _ = setup
     out = tmp_path_factory.mktemp("objective_results")
-    for model, layouts in (("untied", LAYOUTS), ("tied", TIED_LAYOUTS)):
-        by_world: dict[int, list[str]] = {}
+    by_world: dict[int, dict[str, list[str]]] = {}
+    for model, layouts in MODEL_LAYOUTS.items():
         for tp, pp, dp, sp, vpp in layouts:
-            by_world.setdefault(tp * pp * dp, []).append(f"{tp},{pp},{int(sp)}" + (f",{vpp}" if vpp else ""))
-        for world, specs in by_world.items():
-            run_ranks("objective_parity.py", world, root / model / "hf", root / model / "mcore", root / "pairs.json",
-                      out / model, *specs)
+            spec = f"{tp},{pp},{int(sp)}" + (f",{vpp}" if vpp else "")
+            by_world.setdefault(tp * pp * dp, {}).setdefault(model, []).append(spec)
+    for world, models in sorted(by_world.items()):
+        specs = [f"{m}={root / m / 'hf'}={root / m / 'mcore'}={'/'.join(layouts)}" for m, layouts in models.items()]
+        run_ranks("objective_parity.py", world, root / "pairs.json", out, *specs)
     return out
 
 
@@ -222,8 +230,12 @@ def check_layout(run_dir, expected, inputs, dp, vpp=None):
         assert got["metrics"]["tokens_real"] == real
         assert got["metrics"]["tokens_computed"] >= real
         grads = load_file(str(run_dir / f"grads_{name}.safetensors"))
-        bad = {n: e for n, e in relative_grad_error(grads, ref_grads).items() if not e <= GRAD_RTOL}
+        errors = relative_grad_error(grads, ref_grads)
+        bad = {n: e for n, e in errors.items() if not e <= GRAD_RTOL}
         assert not bad, f"{name}: relative gradient error above {GRAD_RTOL}: {bad}"
+        worst_avg = max((avg[:, 0] - ref_c).abs().max().item(), (avg[:, 1] - ref_r).abs().max().item())
+        print(f"[objective] {run_dir.parent.name} {run_dir.name} {name}: avg_logps max |err| {worst_avg:.2g}, "
+              f"gradients max relative error {max(errors.values()):.2g}")
     base = result[padded[-1]]
     base_grads = load_file(str(run_dir / f"grads_{padded[-1]}.safetensors"))
     for name in packed:
@@ -249,3 +261,14 @@ def test_tied_embeddings_split_over_pipeline_stages(setup, results, expected, tp
     """The embedding's gradient is the sum of its use as input embedding and as output layer, on two
     different pipeline stages; HF's tied model has one ``embed_tokens.weight`` gradient holding both."""
     check_layout(results / "tied" / layout_name(tp, pp, dp, sp, vpp), expected["tied"], inputs(setup), dp, vpp)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["gemma2", "qwen25"])
+@pytest.mark.parametrize("tp,pp,dp,sp,vpp", FAMILY_LAYOUTS, ids=lambda v: str(v))
+def test_model_families_match_reference(setup, results, expected, model, tp, pp, dp, sp, vpp):
+    """Gemma-2's average log-probs come from soft-capped logits (HF caps them; the fused head caps inside its
+    chunks), its gradients through the cap and the post-attention / post-MLP norms; Qwen2.5's through biases
+    sharded over the two TP ranks. Packed, Gemma-2's sliding windows and attention soft-capping apply within
+    each sequence of a row."""
+    check_layout(results / model / layout_name(tp, pp, dp, sp, vpp), expected[model], inputs(setup), dp, vpp)

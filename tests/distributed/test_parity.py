@@ -1,12 +1,17 @@
-"""Converted checkpoints compute what HF ``LlamaForCausalLM`` computes, at every layout.
+"""Converted checkpoints compute what the HF model computes, at every layout, for every family.
 
-Four tiny random HF Llamas (4 layers, so PP=2 splits them 2 + 2), each converted with
+Tiny random HF models (4 layers, so PP=2 splits them 2 + 2), each converted with
 ``convert_hf_to_mcore`` and loaded with ``load_model_weights``:
 
-* ``gqa``      4 heads / 2 kv heads, vocab 250 (not a multiple of 128: padded to 256 at TP=2)
+* ``gqa``      Llama, 4 heads / 2 kv heads, vocab 250 (not a multiple of 128: padded to 256 at TP=2)
 * ``llama31``  Llama-3.1 rope scaling with original_max_position_embeddings=64 < seq 96, vocab 1000
 * ``tied``     tied embeddings (the output layer is the embedding; at PP=2 a copy on the last stage)
 * ``qkv_hd32`` hidden 64, 4 heads / 2 kv heads, head_dim 32 != 64 / 4 (QKV layout and kv_channels)
+* ``mistral``  Mistral, sliding window 16 on every layer (seq 96: the window decides the logits)
+* ``qwen2``    q / k / v biases, window 16 on layers 1-3 only, tied embeddings
+* ``qwen3``    per-head q / k RMSNorm, head_dim 32
+* ``gemma2``   Gemma-2: scaled embeddings, (1 + w) norms, four norms per layer, GeGLU, query_pre_attn_scalar,
+               attention and final soft-capping, window 16 on alternate layers, tied (HF eager attention)
 
 Logits (fp32): one torchrun launch (4 ranks) checks every model at (TP, PP) = (1, 1), (2, 1),
 (2, 1) + sequence parallel, (1, 2), (2, 2), on a full batch and a right-padded batch.
@@ -27,7 +32,7 @@ import json
 
 import pytest
 import torch
-from helpers import LLAMA31_ROPE, QUIET, make_tiny_hf_llama, read_json, run_ranks
+from helpers import FAMILY_MODELS, LLAMA31_ROPE, QUIET, make_tiny_hf_model, read_json, run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -36,9 +41,10 @@ MODELS = {
     "llama31": dict(vocab_size=1000, rope_scaling=LLAMA31_ROPE, seed=2),
     "tied": dict(vocab_size=250, tie=True, seed=3),
     "qkv_hd32": dict(vocab_size=300, hidden_size=64, heads=4, kv_heads=2, head_dim=32, seed=4),
+    **{name: dict(kw, vocab_size=250, seed=10 + i) for i, (name, kw) in enumerate(FAMILY_MODELS.items())},
 }
 LAYOUTS = ["1x1", "2x1", "2x1sp", "1x2", "2x2"]
-LOGITS_ATOL = 1e-4
+LOGITS_ATOL = 1e-5
 GRAD_RTOL = 1e-5
 NPROC_LOGITS = 4
 
@@ -57,7 +63,7 @@ def models(tmp_path_factory):
     specs = []
     for name, kw in MODELS.items():
         kw = {**kw, "rope_scaling": dict(kw["rope_scaling"])} if "rope_scaling" in kw else kw
-        make_tiny_hf_llama(root / f"{name}_hf", **kw)
+        make_tiny_hf_model(root / f"{name}_hf", **kw)
         convert_hf_to_mcore(root / f"{name}_hf", root / f"{name}_ckpt", **QUIET)
         specs.append(f"{name}={root / f'{name}_hf'}={root / f'{name}_ckpt'}")
     yield root, specs
@@ -94,7 +100,8 @@ def test_logits_parity(logits_errors, layout, record_property):
             assert err <= LOGITS_ATOL, f"{layout} {name} {batch}: max |logits - HF| = {err:.3g}"
             worst = max(worst, err)
     record_property("max_abs_logits_err", worst)
-    print(f"[parity] {layout}: max |logits_mcore - logits_hf| = {worst:.3g}")
+    per_model = ", ".join(f"{m} {max(res[m]['full'], res[m]['padded']):.2g}" for m in MODELS)
+    print(f"[parity] {layout}: max |logits_mcore - logits_hf| = {worst:.3g} ({per_model})")
 
 
 def test_tp1_logits_are_bit_identical(logits_errors):
@@ -104,10 +111,15 @@ def test_tp1_logits_are_bit_identical(logits_errors):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_grad_parity_tp2(grad_errors, name, record_property):
+def test_grad_parity_tp2(models, grad_errors, name, record_property):
+    from safetensors import safe_open
+
     res = grad_errors[name]
     n_hf = res["num_hf_params"]
-    assert n_hf == (38 if name == "tied" else 39)  # 4 layers x 9 + embed + norm (+ lm_head)
+    with safe_open(models[0] / f"{name}_hf" / "model.safetensors", framework="pt") as f:
+        # Every tensor of the HF checkpoint (a tied model stores no lm_head): Llama's 4 x 9 + embed + norm
+        # (+ lm_head), plus biases, q / k norms or Gemma-2's two extra norms per layer.
+        assert n_hf == len(list(f.keys()))
     for key in ("nosp", "sp"):
         errs = res[key]
         assert res[f"{key}_missing"] == [] and res[f"{key}_unexpected"] == [], key

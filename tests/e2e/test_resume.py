@@ -1,4 +1,4 @@
-"""Exact resume: 20 steps straight == 10 steps, stop, resume to 20 (model, optimizer, scheduler,
+"""Exact resume: 20 steps straight == 10 steps, stop, resume to 20 (model, optimizer state, schedule position,
 data position and RNG restored), with the distributed optimizer, across layouts and with an
 interleaved pipeline; and an interrupted save never costs the previous checkpoint."""
 

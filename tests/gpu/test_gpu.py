@@ -1,5 +1,6 @@
-"""GPU-only checks: the Transformer Engine spec, bf16 and FP8 logits against HF, packed rows through TE's THD
-attention, the Triton head kernels, and a training step without host syncs of its own.
+"""GPU-only checks: the Transformer Engine spec, bf16 and FP8 logits against HF (Llama, and each other family),
+packed rows through TE's THD attention, the Triton head kernels (plain and soft-capped), and a training step
+without host syncs of its own.
 
 CI has no GPU, so these skip there; they run on an H100 / H200 with megatron-core and Transformer Engine
 installed (``benchmarks/gpu_session.sh`` runs them). With ``SIMPO_MCORE_GPU_REPORT=path.json`` the measured
@@ -126,8 +127,48 @@ def test_logits_parity_bf16_te_and_sdpa_fp8_te(layout, converted):
     assert errors["fp8_rel_l2"] < 0.15  # measured 0.099 on an H200 (e4m3 rounding is up to 6% per element)
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma2"])
+def test_family_logits_bf16_sdpa_and_te(layout, tmp_path, family):
+    """Each family beyond Llama (``helpers.FAMILY_MODELS``: windows of 16 at sequence 96, biases, q / k norms,
+    Gemma-2's soft-capping), converted, against HF in fp32 on this GPU: the SDPA spec in fp32 and bf16, and the
+    TE spec in bf16 where TE can run the model (Gemma-2 needs TE's DotProductAttention(softcap=); without it
+    ``model.spec: auto`` takes the SDPA spec, as recorded in the report)."""
+    from helpers import FAMILY_MODELS, load_hf_model, make_tiny_hf_model
+
+    from simpo_mcore.model.specs import te_available, te_softcap_available
+
+    hf_dir, ckpt = tmp_path / "hf", tmp_path / "ckpt"
+    make_tiny_hf_model(hf_dir, vocab_size=1000, hidden_size=256, intermediate_size=704, heads=8, kv_heads=2,
+                       **FAMILY_MODELS[family])
+    subprocess.run([sys.executable, str(ROOT / "tools" / "convert_hf_to_mcore.py"), "--hf", str(hf_dir),
+                    "--out", str(ckpt)], check=True, cwd=ROOT, capture_output=True, text=True)
+    tokens, mask = _batch(1000)
+    real = mask.bool()
+
+    def hf(dtype):
+        model = load_hf_model(hf_dir, dtype=dtype).cuda()
+        with torch.no_grad():
+            return model(input_ids=tokens, attention_mask=mask).logits.float()
+
+    ref = hf(torch.float32)
+    errors = {"hf_bf16": (hf(torch.bfloat16) - ref).abs()[real].max().item(),
+              "logits_max_abs": ref[real].abs().max().item()}
+    te_runs = te_available() and (family != "gemma2" or te_softcap_available())
+    errors["te_used"] = te_runs
+    for spec, precision in [("sdpa", "fp32"), ("sdpa", "bf16")] + ([("te", "bf16")] if te_runs else []):
+        logits, chunks = _mcore_logits(ckpt, spec, precision, tokens)
+        errors[f"mcore_{spec}_{precision}"] = (logits - ref).abs()[real].max().item()
+        del chunks
+    _report(f"family_{family}_logits_max_abs_err_vs_hf_fp32", errors)
+    assert errors["mcore_sdpa_fp32"] <= 1e-4 * max(1.0, errors["logits_max_abs"])
+    for key in ("mcore_sdpa_bf16", "mcore_te_bf16"):
+        if key in errors:
+            assert errors[key] <= 2 * errors["hf_bf16"] + 1e-3, key
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0], ids=["plain", "softcap30"])
 @pytest.mark.parametrize("tp_chunks", [(4096, 100), (1000, 333)])
-def test_triton_head_matches_torch_head_on_gpu(layout, tp_chunks):
+def test_triton_head_matches_torch_head_on_gpu(layout, tp_chunks, softcap):
     import torch.distributed as dist
 
     from simpo_mcore.logprobs import fused_token_logps, sequence_logps
@@ -147,7 +188,7 @@ def test_triton_head_matches_torch_head_on_gpu(layout, tp_chunks):
                                     ("triton_keep", "triton", False)):
         hh, ww = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         logps = fused_token_logps(hh, ww, labels, vocab, group, chunk_tokens=chunk_tokens, kernel=kernel,
-                                  recompute=recompute)
+                                  recompute=recompute, softcap=softcap)
         _, _, avg = sequence_logps(logps, labels)
         (avg * torch.linspace(-1, 1, b, device="cuda")).sum().backward()
         out[name], grads[name] = logps.detach(), (hh.grad.float(), ww.grad.float())
@@ -156,7 +197,7 @@ def test_triton_head_matches_torch_head_on_gpu(layout, tp_chunks):
         diff = (out[name] - out["torch"]).abs().max().item()
         rel = [((grads[name][i] - grads["torch"][i]).norm() / grads["torch"][i].norm()).item() for i in (0, 1)]
         report[name] = {"max_abs_logp_diff": diff, "grad_hidden_rel": rel[0], "grad_weight_rel": rel[1]}
-    _report(f"triton_vs_torch_head_chunk{chunk_tokens}", report)
+    _report(f"triton_vs_torch_head_chunk{chunk_tokens}_softcap{softcap}", report)
     assert torch.equal(out["triton_keep"], out["triton"])  # the same forward
     for name, r in report.items():
         assert (out[name][labels == -100] == 0).all()

@@ -19,8 +19,8 @@ def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
 
 
 def test_every_shipped_config_loads():
-    # Found recursively: a test that listed only the top folder would check 1 file of 37.
-    assert len(SHIPPED) >= 37, SHIPPED
+    # Found recursively: a test that listed only the top folder would check 1 file of 43.
+    assert len(SHIPPED) >= 43, SHIPPED
     for path in SHIPPED:
         cfg = load_config(path)
         assert cfg.loss.type in ("simpo", "simpo_hinge", "dpo"), path
@@ -32,6 +32,8 @@ def test_shipped_reference_rows():
             "simpo/llama3_8b_instruct_v0.2_multinode": ("simpo", 10.0, 0.3, 1e-6, 2048),
             "simpo/mistral_7b_base_8gpu": ("simpo", 2.0, 0.8, 3e-7, 1024),
             "simpo/gemma2_9b_it_8gpu": ("simpo", 10.0, 0.5, 8e-7, 2048),
+            "simpo/qwen25_7b_instruct_8gpu": ("simpo", 2.5, 0.55, 1e-6, 2048),  # the Llama-3-Instruct row's
+            "dpo/qwen25_7b_instruct_beta0.01_multinode": ("dpo", 0.01, None, 7e-7, 2048),
             "dpo/llama3_8b_base_beta0.01_8gpu": ("dpo", 0.01, None, 5e-7, 2048),
             "dpo/marin_llama3.1_8b_instruct_beta0.1_8gpu": ("dpo", 0.1, None, 5e-7, 4096)}
     for name, (loss, beta, ratio, lr, max_len) in rows.items():

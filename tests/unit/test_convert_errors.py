@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUIET, make_tiny_hf_llama
+from helpers import QUIET, make_tiny_hf_llama, make_tiny_hf_model
 from safetensors.torch import load_file, save_file
 
 from simpo_mcore.convert.checkpoint_meta import META_FILE, CheckpointMeta
@@ -87,6 +87,24 @@ def test_wrong_shape(hf_dir, tmp_path):
     edit_tensors(hf_dir, put={"model.layers.0.self_attn.k_proj.weight": torch.zeros(64, 64)})
     refuse_import(hf_dir, tmp_path / "ckpt", CheckpointError,
                   "model.layers.0.self_attn.k_proj.weight", "[64, 64]", "[32, 64]")
+
+
+@pytest.mark.parametrize("family, drop, put, fragments", [
+    ("qwen2", ["model.layers.1.self_attn.k_proj.bias"], {}, ("model.layers.1.self_attn.k_proj.bias", "missing")),
+    ("qwen3", ["model.layers.0.self_attn.q_norm.weight"], {}, ("model.layers.0.self_attn.q_norm.weight", "missing")),
+    ("gemma2", ["model.layers.1.post_feedforward_layernorm.weight"], {},
+     ("model.layers.1.post_feedforward_layernorm.weight", "missing")),
+    # A Llama checkpoint with biases the config does not declare: refused, never dropped.
+    ("llama", [], {"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)},
+     ("unexpected", "model.layers.0.self_attn.q_proj.bias")),
+    ("qwen2", [], {"model.layers.0.self_attn.q_proj.bias": torch.zeros(32)},
+     ("model.layers.0.self_attn.q_proj.bias", "[32]", "[64]")),
+], ids=["qwen2_bias", "qwen3_qk_norm", "gemma2_post_norm", "llama_with_bias", "qwen2_bias_shape"])
+def test_family_tensors_are_checked(tmp_path, family, drop, put, fragments):
+    """Each family's own tensors are required with their shapes, and another family's are refused."""
+    make_tiny_hf_model(tmp_path / "hf", family=family, num_layers=2)
+    edit_tensors(tmp_path / "hf", drop=drop, put=put)
+    refuse_import(tmp_path / "hf", tmp_path / "ckpt", CheckpointError, *fragments)
 
 
 def test_unexpected_tensor(hf_dir, tmp_path):

@@ -3,7 +3,9 @@
 1. tied embeddings: the lm_head skipped (or exported untied and then randomly initialised);
 2. padded vocabulary rows leaking into the exported embedding / lm_head;
 3. Llama-3.1 rope scaling silently dropped;
-4. a wrong QKV layout (visible only when kv_heads < heads, and head_dim != hidden / heads).
+4. a wrong QKV layout (visible only when kv_heads < heads, and head_dim != hidden / heads);
+5. a family's features dropped on the way (a config written as Llama's, a window or a soft-cap left out):
+   each of them changes what the tiny test models compute, so the parity tests would see it.
 
 Each test compares what ``transformers`` computes from the exported directory with the source, and
 where the failure could hide, a negative control shows the comparison would have caught it. The
@@ -17,14 +19,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LLAMA31_ROPE, QUIET, make_tiny_hf_llama
+from helpers import (
+    FAMILY_MODELS,
+    LLAMA31_ROPE,
+    QUIET,
+    load_hf_model,
+    make_tiny_hf_llama,
+    make_tiny_hf_model,
+)
 from safetensors.torch import load_file
 
 from simpo_mcore.convert import keymap
 from simpo_mcore.convert.checkpoint_meta import META_FILE
 from simpo_mcore.convert.hf_to_mcore import convert_hf_to_mcore
 from simpo_mcore.convert.mcore_to_hf import convert_mcore_to_hf
-from simpo_mcore.model.hf_config import LlamaArch
+from simpo_mcore.model.hf_config import ModelArch
 
 TOKENS = torch.randint(0, 250, (2, 100), generator=torch.Generator().manual_seed(0))  # 100 > 64
 
@@ -111,7 +120,7 @@ def test_qkv_layout_grouped_per_query_group():
 
     Labels every row by (kind, head) and checks the packed order by hand for 4 heads / 2 groups.
     """
-    arch = LlamaArch(vocab_size=10, hidden_size=64, intermediate_size=8, num_layers=1, num_attention_heads=4,
+    arch = ModelArch(vocab_size=10, hidden_size=64, intermediate_size=8, num_layers=1, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5, rope_theta=1e4,
                      max_position_embeddings=16)
     d, h = 32, 64
@@ -132,7 +141,7 @@ def test_qkv_layout_matters_for_this_model(tmp_path):
     and reading the fused tensor as a plain [q; k; v] (a common converter bug) does not."""
     source, _, out = export(tmp_path, hidden_size=64, heads=4, kv_heads=2, head_dim=32)
     assert torch.equal(logits(load(out)), logits(source))
-    arch = LlamaArch.from_hf_dir(out)
+    arch = ModelArch.from_hf_dir(out)
     wrong = load(out)
     with torch.no_grad():
         for layer in wrong.model.layers:
@@ -143,3 +152,36 @@ def test_qkv_layout_matters_for_this_model(tmp_path):
             attn.k_proj.weight.copy_(k)
             attn.v_proj.weight.copy_(v)
     assert (logits(wrong) - logits(source)).abs().max() > 1e-3
+
+
+# What a converter that loses each feature would export, as config edits: the feature switched off, or the
+# family written as Llama.
+DROPPED = {
+    "mistral": {"sliding_window": None},
+    "qwen2": {"model_type": "llama", "architectures": ["LlamaForCausalLM"]},  # loses the q / k / v biases
+    "qwen3": {"model_type": "llama", "architectures": ["LlamaForCausalLM"]},  # loses the q / k norms
+    "gemma2": {"attn_logit_softcapping": None, "final_logit_softcapping": None, "sliding_window": 4096,
+               "query_pre_attn_scalar": 32},  # 4096: no window at these lengths; 32: head_dim's own scale
+}
+
+
+@pytest.mark.parametrize("family", DROPPED)
+def test_family_features_survive_export_and_each_matters(tmp_path, family):
+    """The export computes the source's logits exactly (sequence 100, window 16); each feature the export
+    carries changes the logits by more than 0.1 when dropped, so a parity test at this size sees it."""
+    src, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "out"
+    make_tiny_hf_model(src, **FAMILY_MODELS[family])
+    convert_hf_to_mcore(src, ckpt, **QUIET)
+    convert_mcore_to_hf(ckpt, out, **QUIET)
+    reference = logits(load_hf_model(src))
+    assert torch.equal(logits(load_hf_model(out)), reference)
+    cfg = json.loads((out / "config.json").read_text())
+    effects = {}
+    for key, value in DROPPED[family].items():
+        if key == "architectures":
+            continue
+        changed = {**cfg, key: value, **({"architectures": ["LlamaForCausalLM"]} if key == "model_type" else {})}
+        (out / "config.json").write_text(json.dumps(changed))
+        effects[key] = (logits(load_hf_model(out)) - reference).abs().max().item()
+    assert all(e > 0.1 for e in effects.values()), effects
+    print(f"[dropped] {family}: max |logits change| " + ", ".join(f"{k} {v:.2g}" for k, v in effects.items()))

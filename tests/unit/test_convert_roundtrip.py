@@ -2,8 +2,10 @@
 
 Single process (``ensure_process_group`` gives the world of one that ``dist_checkpointing`` needs).
 The exported directory is also loaded with ``AutoModelForCausalLM`` and must compute exactly the
-source model's logits: the config it carries (rope scaling, tying, head_dim, eps, theta) is the
-one transformers actually reads, not just keys that look right.
+source model's logits: the config it carries (rope scaling, tying, head_dim, eps, theta; per family
+the window and its layers, biases, q / k norms, Gemma-2's norms, scalar and soft-capping) is the one
+transformers actually reads, not just keys that look right. Every family: Llama, Mistral with its
+sliding window, Qwen2 (biases, tied), Qwen3, Gemma-2.
 """
 
 from __future__ import annotations
@@ -14,14 +16,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LLAMA31_ROPE, QUIET, make_tiny_hf_llama
+from helpers import (
+    FAMILY_MODELS,
+    LLAMA31_ROPE,
+    QUIET,
+    load_hf_model,
+    make_tiny_hf_llama,
+    make_tiny_hf_model,
+)
 from safetensors import safe_open
 
 from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
 from simpo_mcore.convert.hf_io import INDEX_FILE, SINGLE_FILE
 from simpo_mcore.convert.hf_to_mcore import convert_hf_to_mcore
 from simpo_mcore.convert.mcore_to_hf import convert_mcore_to_hf
-from simpo_mcore.model.hf_config import LlamaArch
+from simpo_mcore.model.hf_config import ModelArch
 
 pytestmark = pytest.mark.usefixtures("world_of_one")
 
@@ -38,9 +47,7 @@ def read_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    model = load_hf_model(hf_dir, dtype="auto")
     with torch.no_grad():
         return model(tokens).logits
 
@@ -49,7 +56,7 @@ def roundtrip(tmp_path: Path, max_shard_bytes: int = 5 * 10**9, **model_kw) -> t
     src, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "out"
     if model_kw.get("rope_scaling"):  # transformers adds rope_theta to the dict it is given
         model_kw["rope_scaling"] = dict(model_kw["rope_scaling"])
-    make_tiny_hf_llama(src, **model_kw)
+    make_tiny_hf_model(src, **model_kw)
     convert_hf_to_mcore(src, ckpt, **QUIET)
     convert_mcore_to_hf(ckpt, out, max_shard_bytes=max_shard_bytes, **QUIET)
     return src, ckpt, out
@@ -60,6 +67,9 @@ CASES = {
     "bf16_untied": dict(dtype="bfloat16"),
     "fp32_tied_llama32_like": dict(dtype="float32", tie=True, rope_scaling=LLAMA31_ROPE, head_dim=32),
     "bf16_tied_llama32_like": dict(dtype="bfloat16", tie=True, rope_scaling=LLAMA31_ROPE, head_dim=32),
+    **{f"fp32_{name}": dict(dtype="float32", **kw) for name, kw in FAMILY_MODELS.items()},
+    "bf16_gemma2": dict(dtype="bfloat16", **FAMILY_MODELS["gemma2"]),
+    "fp32_qwen2_untied_no_window": dict(dtype="float32", family="qwen2"),
 }
 
 
@@ -91,12 +101,20 @@ def test_roundtrip_is_bit_exact(tmp_path, case, sharded):
 @pytest.mark.parametrize("case", CASES)
 def test_roundtrip_config_and_logits(tmp_path, case):
     src, ckpt, out = roundtrip(tmp_path, vocab_size=1000, **CASES[case])
-    a, b = LlamaArch.from_hf_dir(src), LlamaArch.from_hf_dir(out)
-    for f in dataclasses.fields(LlamaArch):
+    a, b = ModelArch.from_hf_dir(src), ModelArch.from_hf_dir(out)
+    for f in dataclasses.fields(ModelArch):
         if f.name != "extra":
             assert getattr(b, f.name) == getattr(a, f.name), f.name
-    assert CheckpointMeta.read(ckpt).arch == a  # the checkpoint's own copy of the architecture
-    # seq 100 > original_max_position_embeddings 64: rope scaling decides these logits.
+    meta = CheckpointMeta.read(ckpt)
+    assert meta.arch == a  # the checkpoint's own copy of the architecture
+    family = CASES[case].get("family", "llama")
+    assert meta.arch.model_type == family
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["model_type"] == family
+    assert exported["architectures"] == json.loads((src / "config.json").read_text())["architectures"]
+    assert (out / "generation_config.json").read_bytes() == (src / "generation_config.json").read_bytes()
+    # seq 100 > original_max_position_embeddings 64 and > the families' window 16: rope scaling and the
+    # window decide these logits.
     tokens = torch.randint(0, 1000, (2, 100), generator=torch.Generator().manual_seed(0))
     assert torch.equal(hf_logits(out, tokens), hf_logits(src, tokens))
 
@@ -164,7 +182,7 @@ def test_checkpoint_is_layout_independent_and_unpadded(tmp_path):
     src, ckpt = tmp_path / "hf", tmp_path / "ckpt"
     make_tiny_hf_llama(src, vocab_size=250, tie=False)
     convert_hf_to_mcore(src, ckpt, **QUIET)
-    arch = LlamaArch.from_hf_dir(src)
+    arch = ModelArch.from_hf_dir(src)
     md = dist_checkpointing.load_tensors_metadata(str(ckpt))
     shapes = {k: tuple(v.global_shape) for k, v in md.items()}
     assert shapes == keymap.expected_mcore_shapes(arch)
@@ -173,3 +191,26 @@ def test_checkpoint_is_layout_independent_and_unpadded(tmp_path):
     meta = json.loads((ckpt / "simpo_mcore.json").read_text())
     assert meta["kind"] == "converted" and meta["arch"]["vocab_size"] == 250
     assert not list(tmp_path.glob("*.incomplete"))
+
+
+def test_format_1_metadata_still_reads(tmp_path):
+    """A checkpoint converted before the model families (format 1: no family fields in ``arch``) reads as
+    the Llama it was; an unknown format is refused naming it."""
+    src, ckpt = tmp_path / "hf", tmp_path / "ckpt"
+    make_tiny_hf_llama(src)
+    convert_hf_to_mcore(src, ckpt, **QUIET)
+    meta_path = ckpt / "simpo_mcore.json"
+    data = json.loads(meta_path.read_text())
+    assert data["format_version"] == 2 and data["arch"]["model_type"] == "llama"
+    old_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings",
+                  "tie_word_embeddings", "rope_scaling", "model_type", "torch_dtype", "bos_token_id",
+                  "eos_token_id", "pad_token_id", "extra")  # LlamaArch's fields in format 1
+    meta_path.write_text(json.dumps({**data, "format_version": 1,
+                                     "arch": {k: data["arch"][k] for k in old_fields}}))
+    arch = CheckpointMeta.read(ckpt).arch
+    assert arch == ModelArch.from_hf_dir(src)
+    assert arch.sliding_window is None and not arch.qkv_bias and not arch.sandwich_norms
+    meta_path.write_text(json.dumps({**data, "format_version": 3}))
+    with pytest.raises(ValueError, match="format_version 3"):
+        CheckpointMeta.read(ckpt)

@@ -1,7 +1,8 @@
 """Single-process (TP=1) checks of the log-prob head against ``log_softmax`` over the full vocabulary.
 
-The reference is plain autograd in float64 through ``log_softmax(logits[..., :vocab_size])``: padded rows
-are simply not part of it, so any probability they carry shows up as an error.
+The reference is plain autograd in float64 through ``log_softmax(logits[..., :vocab_size])`` (of
+``c * tanh(logits / c)`` with final logit soft-capping c): padded rows are simply not part of it, so any
+probability they carry shows up as an error.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from simpo_mcore.parallel import ensure_process_group
 
 S, B, H = 13, 3, 16  # 39 tokens
 VOCAB, V_PAD = 50, 64
+SOFTCAP = 2.0
+"""Logits here have a standard deviation of about 2: a cap of 2 bends most of them (Gemma-2 caps at 30 logits
+that are of that order)."""
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +54,12 @@ def make_inputs(dtype=torch.float32, seed=0):
     return hidden.to(dtype), weight.to(dtype), labels
 
 
-def reference_token_logps(logits, labels, vocab_size):
+def reference_token_logps(logits, labels, vocab_size, softcap=None):
     """``[b, s]`` from full logits ``[s, b, v_pad]``, by plain autograd (any dtype in, float64 math)."""
-    logps = torch.log_softmax(logits[..., :vocab_size].double(), dim=-1)  # [s, b, v]
+    logits = logits[..., :vocab_size].double()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logps = torch.log_softmax(logits, dim=-1)  # [s, b, v]
     valid = labels.t() != -100  # [s, b]
     target = torch.where(valid, labels.t(), 0)
     token = logps.gather(-1, target[..., None]).squeeze(-1)  # [s, b]
@@ -76,25 +83,27 @@ def abs_err(x, ref):
     return (x.double() - ref.double()).abs().max().item()
 
 
-def reference_grads(hidden, weight, labels):
+def reference_grads(hidden, weight, labels, softcap=None):
     h = hidden.detach().double().requires_grad_()
     w = weight.detach().double().requires_grad_()
-    ref = reference_token_logps(h @ w.t(), labels, VOCAB)
+    ref = reference_token_logps(h @ w.t(), labels, VOCAB, softcap)
     simpo_like_objective(ref, labels).backward()
     return ref.detach(), h.grad, w.grad
 
 
 def check_fused_head_against_reference(tp_group, chunk_tokens: int, kernel: str = "auto",
-                                       recompute: bool = True, labelled_only: bool = False) -> None:
+                                       recompute: bool = True, labelled_only: bool = False,
+                                       softcap: float | None = None) -> None:
     """Values and gradients of the fused head equal float64 ``log_softmax`` over the real vocabulary
     (``labelled_only``: the head given the labelled positions, as the training step gives them)."""
     hidden, weight, labels = make_inputs()
-    ref, ref_grad_h, ref_grad_w = reference_grads(hidden, weight, labels)
+    ref, ref_grad_h, ref_grad_w = reference_grads(hidden, weight, labels, softcap)
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
     token_logps = fused_token_logps(h, w, labels, VOCAB, tp_group, sequence_parallel=False,
                                     chunk_tokens=chunk_tokens, kernel=kernel, recompute=recompute,
-                                    token_index=labelled_positions(labels) if labelled_only else None)
+                                    token_index=labelled_positions(labels) if labelled_only else None,
+                                    softcap=softcap)
     assert token_logps.dtype == torch.float32 and token_logps.shape == (B, S)
     assert abs_err(token_logps, ref) < 1e-5
     assert (token_logps[labels == -100] == 0).all()
@@ -104,12 +113,25 @@ def check_fused_head_against_reference(tp_group, chunk_tokens: int, kernel: str 
     assert (w.grad[VOCAB:] == 0).all()
 
 
+@pytest.mark.parametrize("softcap", [None, SOFTCAP], ids=["plain", "softcap"])
 @pytest.mark.parametrize("labelled_only", [False, True])
 @pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("chunk_tokens", [1, 7, 16, 39, 1000])
-def test_fused_values_and_grads_match_full_log_softmax(tp_group, chunk_tokens, recompute, labelled_only):
+def test_fused_values_and_grads_match_full_log_softmax(tp_group, chunk_tokens, recompute, labelled_only, softcap):
     check_fused_head_against_reference(tp_group, chunk_tokens, kernel="torch", recompute=recompute,
-                                       labelled_only=labelled_only)
+                                       labelled_only=labelled_only, softcap=softcap)
+
+
+def test_softcap_changes_the_result(tp_group):
+    """The capped reference is not the uncapped one at these logits: the soft-capping tests above compare
+    something the cap decides (the head with the cap forgotten would fail them by this much)."""
+    hidden, weight, labels = make_inputs()
+    capped, grad_h, _ = reference_grads(hidden, weight, labels, SOFTCAP)
+    plain, plain_grad_h, _ = reference_grads(hidden, weight, labels)
+    assert abs_err(capped, plain) > 0.5
+    assert rel_err(grad_h, plain_grad_h) > 0.1
+    with pytest.raises(ValueError, match="softcap must be a positive finite number"):
+        fused_token_logps(hidden, weight, labels, VOCAB, tp_group, softcap=0.0)
 
 
 def test_labelled_positions_by_hand():
@@ -172,16 +194,18 @@ def test_kept_logits_allow_one_backward_only(tp_group):
         objective.backward()
 
 
+@pytest.mark.parametrize("softcap", [None, SOFTCAP], ids=["plain", "softcap"])
 @pytest.mark.parametrize("chunk_tokens", [1, 7, 39, 1000])
-def test_unfused_values_and_grads_match_and_logits_untouched(tp_group, chunk_tokens):
+def test_unfused_values_and_grads_match_and_logits_untouched(tp_group, chunk_tokens, softcap):
     hidden, weight, labels = make_inputs()
     logits = (hidden @ weight.t()).requires_grad_()  # [s, b, v_pad], fp32: megatron would overwrite it
     before = logits.detach().clone()
     ref_logits = logits.detach().double().requires_grad_()
-    ref = reference_token_logps(ref_logits, labels, VOCAB)
+    ref = reference_token_logps(ref_logits, labels, VOCAB, softcap)
     simpo_like_objective(ref, labels).backward()
 
-    token_logps = vocab_parallel_token_logps(logits, labels, VOCAB, tp_group, chunk_tokens=chunk_tokens)
+    token_logps = vocab_parallel_token_logps(logits, labels, VOCAB, tp_group, chunk_tokens=chunk_tokens,
+                                             softcap=softcap)
     assert torch.equal(logits.detach(), before), "the caller's logits were modified"
     assert token_logps.dtype == torch.float32 and token_logps.shape == (B, S)
     assert abs_err(token_logps, ref) < 1e-5
@@ -253,6 +277,20 @@ def test_output_processor_uses_the_right_weight(tp_group, chunk_tokens, tied):
     token_logps = token_logps_output_processor(
         hidden_states=hidden, output_layer=layer, output_weight=weight if tied else None, labels=labels,
         context=TokenLogpsContext(vocab_size=VOCAB, chunk_tokens=chunk_tokens), loss_mask=None)
+    assert abs_err(token_logps, ref) < 1e-5
+
+
+@pytest.mark.parametrize("chunk_tokens", [0, 7])
+def test_output_processor_caps_as_the_model_config_says(tp_group, chunk_tokens):
+    """The model's final soft-capping reaches the head from the config GPTModel passes, not from the caller."""
+    from types import SimpleNamespace
+
+    hidden, weight, labels = make_inputs()
+    ref = reference_token_logps(hidden @ weight.t(), labels, VOCAB, SOFTCAP)
+    token_logps = token_logps_output_processor(
+        hidden_states=hidden, output_layer=_FakeOutputLayer(weight, tp_group), output_weight=None, labels=labels,
+        context=TokenLogpsContext(vocab_size=VOCAB, chunk_tokens=chunk_tokens),
+        config=SimpleNamespace(final_logit_softcapping=SOFTCAP))
     assert abs_err(token_logps, ref) < 1e-5
 
 

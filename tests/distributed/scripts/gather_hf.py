@@ -58,7 +58,7 @@ def to_hf(model, name: str, full: torch.Tensor, arch) -> dict[str, torch.Tensor]
     if name.startswith("decoder.layers."):
         _, _, idx, rest = name.split(".", 3)
         layer = model.decoder.layers[int(idx)].layer_number - 1
-        spec = next(t for t in keymap.LAYER_TENSORS if rest in (t.mcore, _local_norm_name(t.mcore)))
+        spec = next(t for t in keymap.layer_tensors(arch) if rest in (t.mcore, _local_norm_name(t.mcore)))
         return {keymap.hf_layer_key(layer, hf_name): tensor
                 for hf_name, tensor in zip(spec.hf, keymap.unpack(full, spec.packing, arch))}
     if name == keymap.EMBEDDING[0]:

@@ -2,12 +2,15 @@
 unfused) vs ``log_softmax`` of the model's own logits, values and the gradient of every parameter.
 
 argv: out_json tp. With tp > 1 both layouts run: plain TP and TP + sequence parallelism; tied and untied
-embeddings each time. Errors are reduced with MAX over ranks; rank 0 writes them as JSON.
+Llama embeddings and a tied Gemma-2-shaped model (its logits soft-capped by the model, which the head must
+reproduce inside its chunks from the model's config) each time. Errors are reduced with MAX over ranks;
+rank 0 writes them as JSON.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import torch
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -16,16 +19,22 @@ from parity_common import write_worst_over_ranks
 from simpo_mcore.config import ParallelConfig
 from simpo_mcore.logprobs import TokenLogpsContext, token_logps_output_processor
 from simpo_mcore.model.builder import ModelOptions, build_model, padded_vocab_size
-from simpo_mcore.model.hf_config import LlamaArch
+from simpo_mcore.model.hf_config import ModelArch
 from simpo_mcore.parallel import init_distributed, shutdown
 
 VOCAB, B, S = 250, 2, 16
 
 
-def arch(tie: bool) -> LlamaArch:
-    return LlamaArch(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_layers=2,
+def arch(variant: str) -> ModelArch:
+    base = ModelArch(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
-                     rope_theta=10000.0, max_position_embeddings=64, tie_word_embeddings=tie)
+                     rope_theta=10000.0, max_position_embeddings=64, tie_word_embeddings=variant != "untied")
+    if variant != "gemma2":
+        return base
+    return replace(base, model_type="gemma2", hidden_act="gelu_pytorch_tanh", sliding_window=8,
+                   layer_types=("sliding_attention", "full_attention"), norm_zero_centered=True,
+                   sandwich_norms=True, scale_embeddings=True, query_pre_attn_scalar=12,
+                   attn_logit_softcapping=5.0, final_logit_softcapping=1.5)
 
 
 def batch():
@@ -69,12 +78,14 @@ def main(out_path, tp):
     tokens, position_ids, labels = batch()
     results = {}
     for sp in ([False, True] if tp > 1 else [False]):
-        for tie in (False, True):
-            (model,) = build_model(arch(tie), ModelOptions(tp=tp, sequence_parallel=sp))
+        for variant in ("untied", "tied", "gemma2"):
+            (model,) = build_model(arch(variant), ModelOptions(tp=tp, sequence_parallel=sp))
             v_pad = padded_vocab_size(VOCAB, 128, tp)
             weight = model.shared_embedding_or_output_weight()
             vl = weight.shape[0]
             with torch.no_grad():  # loud padded rows: they must not change any log-prob
+                if variant == "gemma2":  # logits of about 1.6 (from 0.16), which the cap of 1.5 bends
+                    weight.mul_(10.0)
                 first_pad = max(0, VOCAB - tp_rank * vl)
                 weight[first_pad:] = torch.randn(weight[first_pad:].shape) * 2.0
 
@@ -95,7 +106,7 @@ def main(out_path, tp):
                                     output_processor_context=TokenLogpsContext(VOCAB, chunk))
                 assert token_logps.shape == (B, S) and token_logps.dtype == torch.float32
                 objective(token_logps, labels).backward()
-                results[f"tp={tp} sp={sp} tie={tie} chunk={chunk}"] = dict(
+                results[f"tp={tp} sp={sp} {variant} chunk={chunk}"] = dict(
                     value=(token_logps.double() - ref.detach()).abs().max().item(),
                     grad_params=worst_rel(grads(model), ref_grads),
                 )

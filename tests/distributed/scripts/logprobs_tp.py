@@ -1,5 +1,5 @@
 """TP ranks vs the single-process full-vocabulary reference: fused (with and without sequence
-parallelism) and unfused token log-probs and their gradients.
+parallelism) and unfused token log-probs and their gradients, plain and with final logit soft-capping.
 
 Every rank builds the same full tensors from one seed, computes the float64 reference over the whole
 unsharded vocabulary, then runs the head on its own shard. Errors are reduced with MAX over ranks and
@@ -18,6 +18,7 @@ from simpo_mcore.logprobs import fused_token_logps, labelled_positions, vocab_pa
 from simpo_mcore.parallel import init_distributed, shutdown
 
 S, B, H = 12, 3, 16  # s divisible by TP for sequence parallelism; 36 tokens
+SOFTCAP = 2.0  # logits here have a standard deviation of about 2: the cap bends most of them
 
 
 def make_inputs(vocab_size, v_pad, seed):
@@ -35,19 +36,22 @@ def make_inputs(vocab_size, v_pad, seed):
     return hidden, weight, labels
 
 
-def reference(hidden, weight, labels, vocab_size):
+def reference(hidden, weight, labels, vocab_size, softcap=None):
     """float64 token log-probs [b, s] and grads of a SimPO-like objective wrt hidden, weight, logits."""
     h = hidden.double().requires_grad_()
     w = weight.double().requires_grad_()
     logits = h @ w.t()  # [s, b, v_pad]
     logits.retain_grad()
-    token = token_logps_of(logits, labels, vocab_size)
+    token = token_logps_of(logits, labels, vocab_size, softcap)
     objective(token, labels).backward()
     return token.detach(), h.grad, w.grad, logits.grad
 
 
-def token_logps_of(logits, labels, vocab_size):
-    logps = torch.log_softmax(logits[..., :vocab_size], dim=-1)  # [s, b, v]
+def token_logps_of(logits, labels, vocab_size, softcap=None):
+    logits = logits[..., :vocab_size]
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logps = torch.log_softmax(logits, dim=-1)  # [s, b, v]
     valid = labels.t() != -100
     token = logps.gather(-1, torch.where(valid, labels.t(), 0)[..., None]).squeeze(-1)  # [s, b]
     return torch.where(valid, token, 0.0).t()  # [b, s]
@@ -76,21 +80,27 @@ def main(out_path):
     # (vocab_size, v_pad): padding inside the last rank's shard; a last rank holding only padding.
     for vocab_size, v_pad in [(50, 64), (30, 64)]:
         hidden, weight, labels = make_inputs(vocab_size, v_pad, seed=vocab_size)
-        ref, ref_gh, ref_gw, ref_glogits = reference(hidden, weight, labels, vocab_size)
+        refs = {cap: reference(hidden, weight, labels, vocab_size, cap) for cap in (None, SOFTCAP)}
         vl = v_pad // tp
         rows = slice(r * vl, (r + 1) * vl)
         for sp in (False, True):
-            # chunk 5 with the logits recomputed and kept, and on the labelled tokens only; one chunk (1000)
-            for chunk, recompute, labelled in ((5, True, False), (5, False, False), (5, True, True),
-                                               (1000, True, False)):
+            # chunk 5 with the logits recomputed and kept, and on the labelled tokens only; one chunk (1000);
+            # soft-capped: chunk 5 recomputed and kept, one chunk
+            for chunk, recompute, labelled, cap in ((5, True, False, None), (5, False, False, None),
+                                                    (5, True, True, None), (1000, True, False, None),
+                                                    (5, True, False, SOFTCAP), (5, False, False, SOFTCAP),
+                                                    (1000, True, False, SOFTCAP)):
+                ref, ref_gh, ref_gw, _ = refs[cap]
                 s_rows = slice(r * S // tp, (r + 1) * S // tp) if sp else slice(None)
                 h = hidden[s_rows].clone().requires_grad_()  # [s/tp, b, h] under SP
                 w = weight[rows].clone().requires_grad_()  # [v_pad/tp, h]
                 token = fused_token_logps(h, w, labels, vocab_size, group, sequence_parallel=sp,
                                           chunk_tokens=chunk, recompute=recompute,
-                                          token_index=labelled_positions(labels) if labelled else None)
+                                          token_index=labelled_positions(labels) if labelled else None,
+                                          softcap=cap)
                 objective(token, labels).backward()
-                case = f"fused v{vocab_size}/{v_pad} sp={sp} chunk={chunk} recompute={recompute} labelled={labelled}"
+                case = (f"fused v{vocab_size}/{v_pad} sp={sp} chunk={chunk} recompute={recompute} "
+                        f"labelled={labelled} softcap={cap}")
                 results[case] = dict(
                     value=(token.double() - ref).abs().max().item(),
                     grad_hidden=rel(h.grad, ref_gh[s_rows]),
@@ -98,12 +108,13 @@ def main(out_path):
                     grad_padded_rows=w.grad[max(0, vocab_size - r * vl):].abs().max().item()
                     if vocab_size < (r + 1) * vl else 0.0,
                 )
-        for chunk in (4, 1000):
+        for chunk, cap in ((4, None), (1000, None), (4, SOFTCAP)):
+            ref, _, _, ref_glogits = refs[cap]
             logits = (hidden @ weight[rows].t()).requires_grad_()  # [s, b, v_pad/tp] fp32
             before = logits.detach().clone()
-            token = vocab_parallel_token_logps(logits, labels, vocab_size, group, chunk_tokens=chunk)
+            token = vocab_parallel_token_logps(logits, labels, vocab_size, group, chunk_tokens=chunk, softcap=cap)
             objective(token, labels).backward()
-            results[f"unfused v{vocab_size}/{v_pad} chunk={chunk}"] = dict(
+            results[f"unfused v{vocab_size}/{v_pad} chunk={chunk} softcap={cap}"] = dict(
                 value=(token.double() - ref).abs().max().item(),
                 grad_logits=rel(logits.grad, ref_glogits[..., rows]),
                 grad_padded_columns=logits.grad[..., max(0, vocab_size - r * vl):].abs().max().item()

@@ -1,13 +1,14 @@
-"""One training step's SimPO objective at a given (TP, PP, VPP, DP, SP) layout, padded and packed; rank 0 writes
+"""One training step's SimPO objective at given (TP, PP, VPP, DP, SP) layouts, padded and packed; rank 0 writes
 what it saw.
 
-argv: hf_dir ckpt_dir pairs.json out_dir LAYOUT [LAYOUT ...], LAYOUT = "tp,pp,sp[,vpp]" (DP is what the world
-leaves; the process groups are rebuilt for each layout, so one launch covers several).
-For each layout and each way of batching the step (``padded_k<k>``: micro-batches of k pairs padded to the
-step's longest sequence; ``packed_<capacity>``: the global batch packed into rows of at most ``capacity``
-tokens and split over the data-parallel ranks, as training does): per-pair average and summed log-probs, the
-reduced metrics, the micro-batch counts, and the gradients of every parameter (gathered and mapped to HF names)
-after megatron's schedule + DDP finalisation, written to ``out_dir/<tp>-<pp>-<dp>-<sp>[-vpp<v>]/``.
+argv: pairs.json out_root MODEL [MODEL ...], MODEL = "name=hf_dir=ckpt_dir=LAYOUT[/LAYOUT...]" and
+LAYOUT = "tp,pp,sp[,vpp]" (DP is what the world leaves; the process groups are rebuilt for each layout, so one
+launch covers several models and layouts). For each model, layout and way of batching the step
+(``padded_k<k>``: micro-batches of k pairs padded to the step's longest sequence; ``packed_<capacity>``: the
+global batch packed into rows of at most ``capacity`` tokens and split over the data-parallel ranks, as training
+does): per-pair average and summed log-probs, the reduced metrics, the micro-batch counts, and the gradients of
+every parameter (gathered and mapped to HF names) after megatron's schedule + DDP finalisation, written to
+``out_root/<name>/<tp>-<pp>-<dp>-<sp>[-vpp<v>]/``.
 """
 
 from __future__ import annotations
@@ -80,10 +81,12 @@ def batchings(pairs: list[dict], dp: int, pp: int, vpp: int | None) -> list[tupl
 
 
 def main():
-    hf_dir, ckpt_dir, pairs_path, out_root = sys.argv[1:5]
-    for spec in sys.argv[5:]:
-        tp, pp, sp, *vpp = (int(x) for x in spec.split(","))
-        run_layout(ckpt_dir, pairs_path, out_root, tp, pp, bool(sp), vpp[0] if vpp else None)
+    pairs_path, out_root = sys.argv[1:3]
+    for model in sys.argv[3:]:
+        name, _, ckpt_dir, layouts = model.split("=")
+        for spec in layouts.split("/"):
+            tp, pp, sp, *vpp = (int(x) for x in spec.split(","))
+            run_layout(ckpt_dir, pairs_path, Path(out_root) / name, tp, pp, bool(sp), vpp[0] if vpp else None)
     shutdown()
 
 

@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 
 BATCH, SEQ = 3, 96
-"""SEQ > 64 = the rope-scaling model's original_max_position_embeddings, and divisible by TP=2 (SP)."""
+"""SEQ > 64 = the rope-scaling model's original_max_position_embeddings, > 16 = the families' sliding window
+(``helpers.WINDOW``), and divisible by TP=2 (SP)."""
 LENGTHS = (96, 70, 41)
 """Real tokens per row of the padded batch (right padding)."""
 
@@ -30,9 +31,10 @@ def batches(vocab: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor
 
 
 def load_hf(hf_dir: str):
-    from transformers import LlamaForCausalLM
+    """The HF model of any family, fp32, with the attention implementation HF needs (eager for Gemma-2)."""
+    from helpers import load_hf_model
 
-    return LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    return load_hf_model(hf_dir)
 
 
 def hf_logits(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Gradient parity at TP=2 (with and without sequence parallelism) vs HF ``LlamaForCausalLM``.
+"""Gradient parity at TP=2 (with and without sequence parallelism) vs the HF model (any family).
 
     torchrun --nproc-per-node=2 parity_grads.py OUT.json PADDED_CKPT_DIR NAME=HF_DIR=CKPT_DIR ...
 
@@ -59,7 +59,10 @@ def mcore_grads(chunks, arch, tokens, mask, targets, weights) -> tuple[dict[str,
     weighted_logp_sum(logits, targets, weights, mask).backward()
     grads = {}
     for name, p in model.named_parameters():
-        if getattr(p, "sequence_parallel", False):  # partial sums over this rank's sequence shard
+        # Partial sums that megatron's finalize_model_grads all-reduces over TP, by its own rule: weights
+        # marked sequence_parallel (over this rank's sequence shard), and q / k norms (over its heads).
+        sp_partial = chunks[0].config.sequence_parallel and getattr(p, "sequence_parallel", False)
+        if sp_partial or "q_layernorm" in name or "k_layernorm" in name:
             dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
         grads[name] = full_tensor(p, p.grad, name)
     padded_rows_grad = max(  # vocab rows megatron pads: no gradient may reach them

@@ -1,4 +1,4 @@
-"""Logits parity of converted checkpoints vs HF ``LlamaForCausalLM`` at several (TP, PP, SP) layouts.
+"""Logits parity of converted checkpoints vs the HF model (any family) at several (TP, PP, SP) layouts.
 
     torchrun --nproc-per-node=4 parity_logits.py OUT.json LAYOUTS NAME=HF_DIR=CKPT_DIR ...
 

@@ -1,0 +1,102 @@
+"""What a resumed run may change: the config it is launched with against the run config saved in the checkpoint.
+
+The learning-rate schedule follows the config (it is a function of the config and the updates done,
+:class:`simpo_mcore.optim.LRSchedule`): a longer run continues on the longer schedule, a new lr or schedule applies
+from the resumed step, and the log says so. What is optimised (:data:`simpo_mcore.config.RESUME_GUARDED`: the
+objective, the training pairs and their order, the batch a step averages over, the starting model) may change
+only where ``checkpoint.allow_changes`` names it; any other difference is refused before anything loads, naming
+each field with its old and new value. The training pairs themselves are compared by content, so a data file
+changed in place (or another tokenizer or chat template) is refused too.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from simpo_mcore import checkpoint as ckpt
+from simpo_mcore.config import ConfigError, OptimConfig, RunConfig, config_changes, is_allowed, is_guarded
+from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
+from simpo_mcore.optim import LRSchedule
+
+log = logging.getLogger("simpo_mcore")
+
+Change = tuple[str, Any, Any]
+"""``(dotted field, value in the checkpoint's run config, value now)``."""
+
+
+def _show(changes: list[Change]) -> str:
+    return "; ".join(f"{name}: {old!r} -> {new!r}" for name, old, new in changes)
+
+
+def check_resume_config(cfg: RunConfig, ckpt_dir: Path) -> list[Change]:
+    """Every difference between ``cfg`` and the run config saved in ``ckpt_dir``. Refuses (``ConfigError``, one
+    message naming each field with its old and new value) those that change what is optimised unless
+    ``checkpoint.allow_changes`` names them, and a global batch that does not divide the pairs consumed. Reads two
+    small files: it runs before anything loads."""
+    saved = ckpt.read_run_config(ckpt_dir)
+    if saved is None:
+        log.warning("%s holds no run config (written by an older simpo_mcore): changes to the config since "
+                    "cannot be checked", ckpt_dir)
+        return []
+    changes = config_changes(saved, cfg)
+    allow = cfg.checkpoint.allow_changes
+    refused = [c for c in changes if is_guarded(c[0]) and not is_allowed(c[0], allow)]
+    if refused:
+        names = ",".join(name for name, _, _ in refused)
+        raise ConfigError(
+            f"resuming {ckpt_dir} with a config that changes what is optimised: {_show(refused)} (the checkpoint's "
+            f"config: {ckpt_dir / ckpt.RUN_CONFIG_FILE}). To continue with the new values, add "
+            f"checkpoint.allow_changes=[{names}]; to start a new run, use another output_dir or "
+            "checkpoint.resume=false")
+    if any(name == "train.global_batch_pairs" for name, _, _ in changes):
+        consumed = CheckpointMeta.read(ckpt_dir).info.get("consumed_pairs", 0)
+        if consumed % cfg.train.global_batch_pairs:
+            raise ConfigError(f"train.global_batch_pairs ({cfg.train.global_batch_pairs}) must divide the {consumed} "
+                              f"pairs {ckpt_dir} has consumed to resume from it")
+    return changes
+
+
+def check_resume_data(cfg: RunConfig, ckpt_dir: Path, changes: list[Change], train_data: dict) -> None:
+    """Refuses training pairs that differ from those ``ckpt_dir`` was trained on (a file changed in place, another
+    tokenizer or chat template) unless ``checkpoint.allow_changes`` names ``data``, or names every data setting
+    that changed. ``train_data``: this run's ``TokenizedSplit.content_fingerprint()``."""
+    saved = CheckpointMeta.read(ckpt_dir).info.get("train_data")
+    if saved is None or saved == train_data:
+        return
+    allow = cfg.checkpoint.allow_changes
+    changed = [name for name, _, _ in changes if name.startswith("data.") and is_guarded(name)]
+    what = (f"{saved['pairs']} pairs (sha256 {saved['sha256'][:12]}) -> {train_data['pairs']} pairs "
+            f"(sha256 {train_data['sha256'][:12]})")
+    if "data" in allow or (changed and all(is_allowed(name, allow) for name in changed)):
+        log.warning("training on other pairs than the checkpoint's, as checkpoint.allow_changes allows: %s", what)
+        return
+    raise ConfigError(
+        f"the training data ({cfg.data.train_path}) differ from those {ckpt_dir} was trained on: {what}; the file, "
+        "the tokenizer or its chat template changed. To train on them anyway, add checkpoint.allow_changes=[data]")
+
+
+def log_resume_changes(changes: list[Change], ckpt_dir: Path, schedule: LRSchedule, updates: int) -> None:
+    """Say what the resumed run does differently from the checkpoint's: the schedule it now follows (from update
+    ``updates + 1``), the changes ``checkpoint.allow_changes`` let through, and the rest."""
+    optim = [c for c in changes if c[0].startswith("optim.")]
+    old_total = CheckpointMeta.read(ckpt_dir).info.get("total_steps")
+    if optim or (old_total is not None and old_total != schedule.total):
+        what = [_show(optim)] if optim else []
+        what.append(f"{old_total} -> {schedule.total} total steps" if old_total not in (None, schedule.total)
+                    else f"{schedule.total} total steps")
+        was = ""
+        try:  # the lr the checkpoint's own schedule would have used, when its config says
+            old = LRSchedule.from_config(OptimConfig(**ckpt.read_run_config(ckpt_dir)["optim"]), old_total)
+            was = f" (the checkpoint's schedule: {old.lr_at(updates):.6g})"
+        except (TypeError, KeyError):
+            pass
+        log.info("the learning-rate schedule follows this config from update %d on: %s, warm-up %d; update %d uses "
+                 "lr %.6g%s", updates + 1, "; ".join(what), schedule.warmup, updates + 1, schedule.lr_at(updates), was)
+    allowed = [c for c in changes if is_guarded(c[0])]
+    if allowed:
+        log.warning("resuming with changes checkpoint.allow_changes allows: %s", _show(allowed))
+    rest = [c for c in changes if not is_guarded(c[0]) and not c[0].startswith(("optim.", "checkpoint.allow_changes"))]
+    if rest:
+        log.info("also changed since the checkpoint: %s", _show(rest))
