@@ -27,12 +27,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from simpo_mcore import checkpoint as ckpt
-from simpo_mcore.config import ConfigError, RunConfig
+from simpo_mcore.config import ConfigError, RunConfig, UserError
 from simpo_mcore.convert.tool import run_in_fresh_process
-from simpo_mcore.data.pipeline import TokenizedSplit, TrainBatches, load_split
+from simpo_mcore.data.pipeline import TokenizedSplit, TrainBatches, check_data_paths, load_split
 from simpo_mcore.evaluate import evaluate
 from simpo_mcore.metrics_log import MetricsLogger, memory_gib, model_flops_per_token, peak_tflops
 from simpo_mcore.optim import build_optimizer, build_scheduler, wrap_ddp
+from simpo_mcore.output_dir import claim_output_dir
 from simpo_mcore.parallel import Layout, distributed
 from simpo_mcore.reference import attach_reference_logps
 from simpo_mcore.runtime import Runtime, build_runtime
@@ -110,15 +111,18 @@ def grads_are_finite(ddp_chunks: list, device) -> bool:
     return bad.item() == 0
 
 
-def run_training(cfg: RunConfig) -> dict[str, float]:
-    """Train; returns the final evaluation metrics (or the last step's metrics without eval data)."""
+def run_training(cfg: RunConfig) -> dict[str, float] | None:
+    """Train; returns the final held-out metrics, or None when the run has no held-out data or stopped
+    before its last step (a signal, ``train.exit_interval``)."""
     with distributed(cfg.parallel, cfg.train.seed) as layout:
         check_batch_sizes(cfg, layout.dp)  # before anything slow
-        trainer = Trainer.build(cfg, layout)
-        try:
-            return trainer.train()
-        finally:
-            trainer.close()
+        with claim_output_dir(cfg.output_dir, cfg.checkpoint, layout.rank):
+            trainer = Trainer.build(cfg, layout)
+            try:
+                trainer.train()
+            finally:
+                trainer.close()
+            return trainer.final_eval if trainer.progress.step >= trainer.total_steps else None
 
 
 class Trainer:
@@ -159,6 +163,7 @@ class Trainer:
     @classmethod
     def build(cls, cfg: RunConfig, layout: Layout) -> Trainer:
         stop = StopSignal()
+        check_data_paths(cfg.data, ("train", "eval"), layout.rank)  # before the model loads
         ckpt_root = Path(cfg.output_dir) / "checkpoints"
         resume_from = ckpt.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
         # A SimPO resume overwrites every weight: skip reading the starting checkpoint. DPO needs the
@@ -283,9 +288,13 @@ class Trainer:
         self.logger.print(f"step {progress.step}: non-finite loss or gradient (loss={loss}, grad_norm={grad_norm}); "
                           f"update skipped ({progress.nonfinite_in_a_row} in a row, {progress.skipped_steps} in all)")
         if progress.nonfinite_in_a_row >= limit:
-            raise FloatingPointError(
+            last = (f"the last checkpoint is {self.ckpt_root / ckpt.step_dir_name(self.last_saved)}"
+                    if self.last_saved >= 0 else "no checkpoint was saved")
+            # Every rank gets here at the same step (the finiteness check is all-reduced): one error line each.
+            raise UserError(
                 f"{progress.nonfinite_in_a_row} consecutive non-finite steps (last: step {progress.step}); "
-                f"aborting (train.max_nonfinite_steps={limit})")
+                f"aborting (train.max_nonfinite_steps={limit}); {last}. Lower optim.lr, check the data, or "
+                f"raise train.max_nonfinite_steps")
 
     def evaluate(self) -> dict[str, float]:
         """Metrics on the held-out split now; logged and printed."""
