@@ -83,7 +83,10 @@ def _forward_signals() -> None:
     import psutil
 
     def forward(signum, frame):
-        for rank in psutil.Process().children():
+        ranks = psutil.Process().children()
+        if not ranks:  # none started yet: stop here (any that start now die with this process)
+            os._exit(128 + signum)
+        for rank in ranks:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(rank.pid, signum)
 

@@ -12,7 +12,8 @@
   the run ends in any way Python sees (return, error, signal). A second launch is refused, naming the
   holder. A lock left by a process that was killed outright is stale: on the holder's host when that
   pid no longer runs (or runs another program), elsewhere once its heartbeat is :data:`STALE_AFTER_S`
-  seconds old; a stale lock is replaced.
+  seconds old, and at once when it is an earlier run of the same requeued SLURM job (same
+  ``SLURM_JOB_ID``, lower ``SLURM_RESTART_COUNT``); a stale lock is replaced.
 - **Never silently overwritten**: a fresh run (``checkpoint.resume: false``) into an output_dir that
   holds a previous run's outputs is refused unless ``checkpoint.overwrite: true``, which deletes them.
 """
@@ -107,7 +108,7 @@ class OutputDirLock:
     def _record(self) -> dict:
         me = psutil.Process()
         return {"host": socket.gethostname(), "pid": me.pid, "process_started": me.create_time(),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "token": self.token}
+                "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "token": self.token, **_slurm_job()}
 
     def acquire(self) -> None:
         for _ in range(3):
@@ -152,6 +153,10 @@ class OutputDirLock:
     def _stale(holder: dict | None, age: float | None) -> bool:
         if age is None:
             return True  # gone since we tried
+        job = _slurm_job()
+        if holder is not None and job and holder.get("slurm_job_id") == job["slurm_job_id"] \
+                and int(holder.get("slurm_restart_count", 0)) < job["slurm_restart_count"]:
+            return True  # an earlier run of this requeued SLURM job: SLURM ended it before requeueing
         if holder is None or holder.get("host") != socket.gethostname():
             return age > STALE_AFTER_S  # being written, or on another host: only the heartbeat tells
         try:
@@ -196,6 +201,14 @@ class OutputDirLock:
         return (f"output_dir {self.path.parent} is in use by another run ({who}; lock file {self.path}): two runs "
                 f"there would resume and delete each other's checkpoints. Wait for it or stop it, or use another "
                 f"output_dir; if that process no longer exists (it ran on another machine), delete the lock file")
+
+
+def _slurm_job() -> dict:
+    """This process's SLURM job id and restart count (a requeued job keeps its id), when under SLURM."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return {}
+    return {"slurm_job_id": os.environ["SLURM_JOB_ID"],
+            "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0"))}
 
 
 def _describe(holder: dict) -> str:

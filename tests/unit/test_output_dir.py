@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -95,6 +96,16 @@ def test_stale_locks_are_replaced(tmp_path, monkeypatch):
         lock.acquire()
         assert holder(tmp_path)["token"] == lock.token, name
         lock.release()
+    # A requeued SLURM job (same id, one more restart) replaces its killed earlier run's fresh lock at once.
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    lock_file.write_text(json.dumps({"host": "elsewhere", "pid": 7, "token": "e", "slurm_job_id": "4242",
+                                     "slurm_restart_count": 0}))
+    lock = od.OutputDirLock(tmp_path)
+    lock.acquire()
+    assert holder(tmp_path)["slurm_restart_count"] == 1
+    lock.release()
+    monkeypatch.delenv("SLURM_JOB_ID")
     # A live run on another host, heartbeat fresh: refused.
     lock_file.write_text(json.dumps({"host": "elsewhere", "pid": 7, "since": "then", "token": "d"}))
     with pytest.raises(UserError, match=r"in use by another run \(host elsewhere, pid 7, since then;"):
@@ -127,3 +138,20 @@ def test_claim_checks_locks_and_releases(tmp_path):
         with pytest.raises(UserError, match="in use by another run"), od.claim_output_dir(out, cfg, rank=0):
             pass
     assert not (out / od.LOCK_FILE).exists()
+
+
+def test_simpo_train_reports_them_in_one_line(tmp_path, capsys):
+    """Through the command: exit code 2 and one ``error:`` line, before any model loads (a file as
+    output_dir used to end in a NotADirectoryError traceback once the data cache was created)."""
+    from simpo_mcore.cli import train_main
+
+    config = str(Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert train_main([config, "parallel.tp=1", f"output_dir={afile}"]) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "error" in line] == [
+        f"simpo-train: error: output_dir {afile} is a file, not a directory"]
+    assert train_main([config, "optim.lr=-1e-6", f"output_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "simpo-train: config error: optim.lr must be a positive number, got -1e-06"
