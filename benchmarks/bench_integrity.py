@@ -5,8 +5,9 @@
 Writes the model tensors of a Llama shape (random, bf16 by default: the size of a converted checkpoint)
 with megatron's ``dist_checkpointing`` in a world of one, then times ``write_manifest`` and
 ``verify_manifest`` (which also re-reads every byte) with one hashing thread and with the default
-(``integrity.HASH_THREADS``), and prints GB/s beside the rate of SHA-256 on data already in memory. In a job each rank hashes its share (``integrity.share``),
-so the time per rank is about size / (ranks x the per-process rate printed here).
+(``integrity.HASH_THREADS``), and prints GB/s beside the rate of SHA-256 on data already in memory. In a
+job each rank hashes its share (``integrity.share``), so the time per rank is about size / (ranks x the
+per-process rate printed here).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from simpo_mcore.evaluate import evaluate
 from simpo_mcore.metrics_log import MetricsLogger, memory_gib, model_flops_per_token, peak_tflops
 from simpo_mcore.optim import build_optimizer, build_scheduler, wrap_ddp
 from simpo_mcore.output_dir import claim_output_dir
-from simpo_mcore.parallel import Layout, distributed
+from simpo_mcore.parallel import Layout, agreed, distributed
 from simpo_mcore.reference import attach_reference_logps
 from simpo_mcore.runtime import Runtime, build_runtime
 from simpo_mcore.step import LossScale, make_forward_step, reduce_reports, run_schedule
@@ -345,14 +345,16 @@ class Trainer:
     def export_hf(self) -> None:
         """The newest checkpoint as a Hugging Face model in ``<output_dir>/hf``."""
         out = Path(self.cfg.output_dir) / "hf"
-        if self.layout.rank == 0:
+
+        def export():
             if out.exists():
                 shutil.rmtree(out)
             # A process of its own: the converter runs in a world of one while this job's ranks wait.
             run_in_fresh_process("mcore-to-hf", "--ckpt", str(self.ckpt_root / ckpt.step_dir_name(self.progress.step)),
                                  "--out", str(out))
             self.logger.print(f"exported Hugging Face model: {out}")
-        dist.barrier()
+
+        agreed(export, run=self.layout.rank == 0)
 
     def close(self) -> None:
         self.logger.close()
