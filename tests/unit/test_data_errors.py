@@ -112,3 +112,19 @@ def test_identical_pairs_are_counted_warned_once_and_kept(tmp_path, tok, caplog)
     clean.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
     ds, report = build(clean, tmp_path, tok, identical_pairs="drop", on_bad_row="error")  # no bad rows
     assert (report.rows_kept, report.bad_rows) == (2, 0)
+
+
+def test_tokenizer_path_or_hub_name_fails_at_once(tmp_path, monkeypatch):
+    """model.tokenizer the same way: a missing local path is named, a hub name without network fails at once."""
+    from simpo_mcore.runtime import load_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"^model.tokenizer ./tok does not exist$"):
+        load_tokenizer("./tok")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"model.tokenizer 'someorg/tok' is not a local path, and the Hugging Face "
+                                         r"Hub \(http://127.0.0.1:9\) cannot be reached"):
+        load_tokenizer("someorg/tok")
+    assert time.monotonic() - start < sources.HUB_PROBE_TIMEOUT_S
