@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from megatron.core.safe_globals import SafeUnpickler
-from numpy._core import multiarray as np_multiarray
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
 from simpo_mcore.convert.hf_io import CheckpointError
@@ -55,7 +54,7 @@ METADATA_CLASSES = {
 """What a ``.metadata`` written by torch's distributed checkpoint (as megatron uses it) is made of:
 plain dataclasses, enums, ``torch.Size`` and dtypes (also admitted: any ``torch.<dtype>``)."""
 
-NUMPY_ARRAYS = [np.ndarray, np.dtype, np_multiarray._reconstruct,
+NUMPY_ARRAYS = [np.ndarray, np.dtype, np.ndarray.__reduce__(np.empty(0))[0],  # numpy's _reconstruct (1.x and 2.x)
                 *(type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64))]
 """A numeric array rebuilt from its bytes (numpy's own pickling, as torch's documentation allowlists it):
 an older simpo_mcore RNG state holds numpy's (uint32)."""
