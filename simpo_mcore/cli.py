@@ -10,11 +10,21 @@ command.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
-from simpo_mcore.config import ConfigError, load_config
+from simpo_mcore.config import USER_ERRORS, ConfigError, load_config
+
+USER_ERROR_EXIT = 2
+"""The exit code of a user error, from every rank and from the launcher."""
+LAUNCHER_PID = "SIMPO_LAUNCHER_PID"
+"""Set by the CPU re-launch for its ranks: the process they must not outlive."""
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""Pre-emption signals the CPU re-launch passes to its ranks itself (each rank saves and exits 0)."""
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -44,18 +54,71 @@ def _relaunch_if_needed(prog: str, cfg, args) -> int | None:
 
     from simpo_mcore.parallel import free_port
 
+    # torchrun leaves SIGTERM / SIGUSR1 to us (see _forward_signals); it still handles SIGINT and friends.
     cmd = [f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-           "-m", "simpo_mcore.cli", prog, args.config, *args.overrides]
+           "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", "-m", "simpo_mcore.cli", prog, args.config, *args.overrides]
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    os.environ[LAUNCHER_PID] = str(os.getpid())
     print(f"[simpo_mcore] launching {nproc} CPU ranks: torchrun {' '.join(cmd)}", flush=True)
+    _forward_signals()
+    # The launcher reports a failed rank itself (_launch_failure): torchrun's own log lines about it
+    # ("closing signal SIGTERM", "failed (exitcode: 2)") would follow every user error.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         torchrun(cmd)
     except SystemExit as exc:
         return int(exc.code or 0)
-    except Exception as exc:  # noqa: BLE001 - torchrun raises ChildFailedError with the rank's log
-        print(f"[simpo_mcore] {prog} failed: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:  # noqa: BLE001 - torchrun raises ChildFailedError naming the failed ranks
+        return _launch_failure(prog, exc)
     return 0
+
+
+def _forward_signals() -> None:
+    """In the CPU re-launch: SIGTERM / SIGUSR1 go on to every rank, as they would from a scheduler.
+
+    torchrun's own handling of SIGTERM stops waiting for the ranks and exits 1 ("signal 15") even when
+    they save a checkpoint and exit 0; here the launcher only passes the signal on and keeps waiting, so
+    a pre-emption save ends in exit 0. Each rank leads a process group of its own (torchrun starts it
+    in a new session), as torchrun signals it."""
+    import psutil
+
+    def forward(signum, frame):
+        ranks = psutil.Process().children()
+        if not ranks:  # none started yet: stop here (any that start now die with this process)
+            os._exit(128 + signum)
+        for rank in ranks:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(rank.pid, signum)
+
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, forward)
+
+
+def _launch_failure(prog: str, exc: Exception) -> int:
+    """The re-launch's exit code once a rank failed: 2 when the ranks reported a user error (each
+    printed its ``error:`` line), else 1 with one line naming the rank."""
+    failures = getattr(exc, "failures", None) or {}
+    codes = {rank: failure.exitcode for rank, failure in failures.items()}
+    if codes and all(code == USER_ERROR_EXIT for code in codes.values()):
+        return USER_ERROR_EXIT
+    detail = ", ".join(f"rank {rank} exit code {code}" for rank, code in sorted(codes.items())) or str(exc)
+    print(f"{prog}: error: {detail} (its output above says why)", file=sys.stderr)
+    return 1
+
+
+def _die_with_launcher() -> None:
+    """A rank started by torchrun is killed when its launcher dies, even by ``kill -9`` (which the
+    launcher cannot pass on): otherwise the ranks run on as orphans and race the relaunch for the
+    output_dir. Linux ``PR_SET_PDEATHSIG``; elsewhere nothing."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    launcher = int(os.environ.get(LAUNCHER_PID, "0"))
+    if os.getppid() == 1 or (launcher and os.getppid() != launcher):
+        os._exit(1)  # the launcher died before the line above took effect
 
 
 QUIET_WARNINGS = (
@@ -84,21 +147,33 @@ def _quiet() -> None:
 
 
 def _main(prog: str, job, argv: list[str] | None) -> int:
+    _die_with_launcher()
     _quiet()
     args = _parse(prog, argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
         print(f"{prog}: config error: {exc}", file=sys.stderr)
-        return 2
+        return USER_ERROR_EXIT
     code = _relaunch_if_needed(prog, cfg, args)
     if code is not None:
         return code
+    return _run_job(prog, job, cfg)
+
+
+def _run_job(prog: str, job, cfg) -> int:
+    """``job(cfg)`` on this rank; a user error (every rank raises the same one: ``parallel.agreed``)
+    becomes one ``error:`` line and exit code 2, a failure on another rank one line and exit code 1."""
+    from simpo_mcore.parallel import PeerFailed
+
     try:
         job(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT
+    except PeerFailed as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
@@ -106,11 +181,9 @@ def train_main(argv: list[str] | None = None) -> int:
     from simpo_mcore.train import run_training
 
     def job(cfg):
-        metrics = run_training(cfg)
-        if int(os.environ.get("RANK", "0")) == 0 and metrics:
-            acc = metrics.get("rewards/accuracies")
-            if acc is not None:
-                print(f"[simpo_mcore] final held-out reward accuracy: {acc:.3f}", flush=True)
+        held_out = run_training(cfg)  # None without held-out data or when stopped early
+        if int(os.environ.get("RANK", "0")) == 0 and held_out:
+            print(f"[simpo_mcore] final held-out reward accuracy: {held_out['rewards/accuracies']:.3f}", flush=True)
 
     return _main("simpo-train", job, argv)
 
@@ -146,9 +219,9 @@ def data_main(argv: list[str] | None = None) -> int:
         warning = max_positions is not None and max_length_warning(cfg.data.max_length, max_positions)
         print(run_preview(cfg.data, tokenizer, args.split, Path(cfg.output_dir) / "data_cache", batch,
                           samples=args.samples, color=sys.stdout.isatty(), warnings=[warning] if warning else []))
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except USER_ERRORS as exc:
         print(f"simpo-data: error: {exc}", file=sys.stderr)
-        return 2
+        return USER_ERROR_EXIT
     return 0
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from huggingface_hub import constants as hf_constants
 from transformers import AutoTokenizer
 
 from simpo_mcore.config import RunConfig
@@ -18,11 +18,12 @@ from simpo_mcore.convert.tiny import TINY_ARCH
 from simpo_mcore.convert.tool import run_in_fresh_process
 from simpo_mcore.data.batching import pad_token_id
 from simpo_mcore.data.pipeline import TokenizedSplit, eval_batch_groups, pad_multiple
+from simpo_mcore.data.sources import hub_reachable, hub_unreachable_error, looks_local
 from simpo_mcore.data.synthetic import build_tokenizer
 from simpo_mcore.logprobs import TokenLogpsContext
 from simpo_mcore.model.builder import ModelOptions, build_model
 from simpo_mcore.model.specs import resolve_spec
-from simpo_mcore.parallel import Layout
+from simpo_mcore.parallel import Layout, agreed
 
 log = logging.getLogger("simpo_mcore")
 
@@ -73,11 +74,14 @@ def resolve_checkpoint(cfg: RunConfig, layout: Layout) -> Path:
     if cfg.model.checkpoint != TINY_CHECKPOINT:
         return _existing_checkpoint(cfg.model.checkpoint)
     path = Path(cfg.output_dir) / "tiny_init"
-    if layout.rank == 0 and not (path / "mcore" / "metadata.json").is_file():
-        # In a fresh process: dist_checkpointing.save works on the default group, which here
-        # spans every rank, while only rank 0 converts.
-        run_in_fresh_process("tiny", "--out", str(path), "--seed", str(cfg.train.seed))
-    dist.barrier()
+
+    def build_tiny():
+        if not (path / "mcore" / "metadata.json").is_file():
+            # In a fresh process: dist_checkpointing.save works on the default group, which here
+            # spans every rank, while only rank 0 converts.
+            run_in_fresh_process("tiny", "--out", str(path), "--seed", str(cfg.train.seed))
+
+    agreed(build_tiny, run=layout.rank == 0)
     return path / "mcore"
 
 
@@ -89,6 +93,11 @@ def _existing_checkpoint(name: str) -> Path:
 
 
 def load_tokenizer(source: str):
+    if not Path(source).exists():
+        if looks_local(source):
+            raise FileNotFoundError(f"model.tokenizer {source} does not exist")
+        if not hf_constants.HF_HUB_OFFLINE and not hub_reachable():  # fail now, not after the hub's retries
+            raise ValueError(hub_unreachable_error(f"model.tokenizer {source!r}"))
     try:
         return AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # noqa: BLE001 - re-raised with the config key that named it

@@ -29,13 +29,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from simpo_mcore import checkpoint as ckpt
-from simpo_mcore.config import ConfigError, RunConfig
+from simpo_mcore.config import ConfigError, RunConfig, UserError
 from simpo_mcore.convert.tool import run_in_fresh_process
-from simpo_mcore.data.pipeline import TokenizedSplit, TrainBatches, load_split
+from simpo_mcore.data.pipeline import TokenizedSplit, TrainBatches, check_data_paths, load_split
 from simpo_mcore.evaluate import evaluate
 from simpo_mcore.metrics_log import MetricsLogger, memory_gib, model_flops_per_token, peak_tflops
 from simpo_mcore.optim import LRSchedule, apply_optim_config, build_optimizer, wrap_ddp
-from simpo_mcore.parallel import Layout, distributed
+from simpo_mcore.output_dir import claim_output_dir
+from simpo_mcore.parallel import Layout, agreed, distributed
 from simpo_mcore.reference import attach_reference_logps
 from simpo_mcore.resume import check_resume_config, check_resume_data, log_resume_changes
 from simpo_mcore.runtime import Runtime, build_runtime
@@ -113,15 +114,18 @@ def grads_are_finite(ddp_chunks: list, device) -> bool:
     return bad.item() == 0
 
 
-def run_training(cfg: RunConfig) -> dict[str, float]:
-    """Train; returns the final evaluation metrics (or the last step's metrics without eval data)."""
+def run_training(cfg: RunConfig) -> dict[str, float] | None:
+    """Train; returns the final held-out metrics, or None when the run has no held-out data or stopped
+    before its last step (a signal, ``train.exit_interval``)."""
     with distributed(cfg.parallel, cfg.train.seed) as layout:
         check_batch_sizes(cfg, layout.dp)  # before anything slow
-        trainer = Trainer.build(cfg, layout)
-        try:
-            return trainer.train()
-        finally:
-            trainer.close()
+        with claim_output_dir(cfg.output_dir, cfg.checkpoint, layout.rank):
+            trainer = Trainer.build(cfg, layout)
+            try:
+                trainer.train()
+            finally:
+                trainer.close()
+            return trainer.final_eval if trainer.progress.step >= trainer.total_steps else None
 
 
 class Trainer:
@@ -164,6 +168,7 @@ class Trainer:
     @classmethod
     def build(cls, cfg: RunConfig, layout: Layout) -> Trainer:
         stop = StopSignal()
+        check_data_paths(cfg.data, ("train", "eval"), layout.rank)  # before the model loads
         ckpt_root = Path(cfg.output_dir) / "checkpoints"
         resume_from = ckpt.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
         changes = check_resume_config(cfg, resume_from) if resume_from is not None else []
@@ -294,9 +299,13 @@ class Trainer:
         self.logger.print(f"step {progress.step}: non-finite loss or gradient (loss={loss}, grad_norm={grad_norm}); "
                           f"update skipped ({progress.nonfinite_in_a_row} in a row, {progress.skipped_steps} in all)")
         if progress.nonfinite_in_a_row >= limit:
-            raise FloatingPointError(
+            last = (f"the last checkpoint is {self.ckpt_root / ckpt.step_dir_name(self.last_saved)}"
+                    if self.last_saved >= 0 else "no checkpoint was saved")
+            # Every rank gets here at the same step (the finiteness check is all-reduced): one error line each.
+            raise UserError(
                 f"{progress.nonfinite_in_a_row} consecutive non-finite steps (last: step {progress.step}); "
-                f"aborting (train.max_nonfinite_steps={limit})")
+                f"aborting (train.max_nonfinite_steps={limit}); {last}. Lower optim.lr, check the data, or "
+                f"raise train.max_nonfinite_steps")
 
     def evaluate(self) -> dict[str, float]:
         """Metrics on the held-out split now; logged and printed."""
@@ -348,14 +357,16 @@ class Trainer:
     def export_hf(self) -> None:
         """The newest checkpoint as a Hugging Face model in ``<output_dir>/hf``."""
         out = Path(self.cfg.output_dir) / "hf"
-        if self.layout.rank == 0:
+
+        def export():
             if out.exists():
                 shutil.rmtree(out)
             # A process of its own: the converter runs in a world of one while this job's ranks wait.
             run_in_fresh_process("mcore-to-hf", "--ckpt", str(self.ckpt_root / ckpt.step_dir_name(self.progress.step)),
                                  "--out", str(out))
             self.logger.print(f"exported Hugging Face model: {out}")
-        dist.barrier()
+
+        agreed(export, run=self.layout.rank == 0)
 
     def close(self) -> None:
         self.logger.close()

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from simpo_mcore import parallel
@@ -46,6 +48,41 @@ def run_ranks(script: str | Path, nproc: int, *args: str, timeout: float = 600,
             f"{' '.join(cmd)} failed with {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"
             f"\n--- stderr ---\n{proc.stderr[-12000:]}")
     return proc
+
+
+def launch_ranks(script: str | Path, nproc: int, *args: str, timeout: float = 600,
+                 env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess]:
+    """Run ``script`` on ``nproc`` CPU ranks started here, one process each (no torchrun), so that every
+    rank's own exit code and output can be checked. Does not raise when they fail."""
+    script = Path(script)
+    if not script.is_absolute():
+        script = SCRIPTS / script
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}",
+            "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), **(env or {})}
+    # Files, not pipes: a rank blocked on a full pipe would hold up the other in a collective.
+    files = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(nproc)]
+    procs = [subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=ROOT, text=True,
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=out, stderr=err)
+             for r, (out, err) in enumerate(files)]
+    results = []
+    try:
+        deadline = time.monotonic() + timeout
+        for proc, (out, err) in zip(procs, files):
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            out.seek(0), err.seek(0)
+            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read()))
+    finally:
+        for proc, (out, err) in zip(procs, files):
+            if proc.poll() is None:
+                proc.kill()
+            out.close(), err.close()
+    return results
+
+
+def error_lines(text: str) -> list[str]:
+    """The ``error:`` lines of a command's output."""
+    return [line for line in text.splitlines() if "error:" in line]
 
 
 def read_json(path: str | Path):

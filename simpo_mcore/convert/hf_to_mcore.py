@@ -21,6 +21,7 @@ from simpo_mcore import cpu_mode
 from simpo_mcore.convert import keymap
 from simpo_mcore.convert.checkpoint_meta import TOKENIZER_DIR, CheckpointMeta
 from simpo_mcore.convert.hf_io import CheckpointError, SafetensorsReader, copy_tokenizer_files, staged_output
+from simpo_mcore.convert.integrity import write_manifest
 from simpo_mcore.convert.mcore_io import save_sharded
 from simpo_mcore.model.hf_config import ModelArch
 
@@ -91,6 +92,7 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | No
         if copy_tokenizer_files(hf_dir, tmp_dir / TOKENIZER_DIR):
             meta.tokenizer = TOKENIZER_DIR
         meta.write(tmp_dir)
+        write_manifest(tmp_dir)
     log(f"[convert] done in {time.time() - start:.1f} s: {n} layers, vocab {arch.vocab_size}")
     return meta
 

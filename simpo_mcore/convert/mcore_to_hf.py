@@ -26,6 +26,7 @@ from simpo_mcore.convert.hf_io import (
     staged_output,
 )
 from simpo_mcore.convert.hf_to_mcore import DTYPES
+from simpo_mcore.convert.mcore_io import verify_checkpoint
 
 
 def check_mcore_tensors(metadata: dict, arch, ckpt_dir: Path) -> None:
@@ -81,6 +82,7 @@ def convert_mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_byt
     out_dtype = DTYPES[dtype or arch.torch_dtype] if (dtype or arch.torch_dtype) in DTYPES else None
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty")
+    verify_checkpoint(ckpt_dir)
     metadata = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
     check_mcore_tensors(metadata, arch, ckpt_dir)
     with staged_output(out_dir) as tmp_dir:

@@ -75,14 +75,29 @@ class DataReport:
     """What the user should know about how the rows are rendered (logged once per split)."""
     warnings: list[str] = field(default_factory=list)
     """The same, where the rendering may not be what they want (a template's default system prompt)."""
+    identical: int = 0
+    """Valid pairs whose chosen and rejected responses tokenise the same (after truncation)."""
+    identical_dropped: bool = False
+    """Whether they were removed (``data.identical_pairs: drop``) rather than kept."""
     cache_path: str = ""
     cache_hit: bool = False
+
+    @property
+    def bad_rows(self) -> int:
+        return sum(self.dropped.values())
 
     def drop_summary(self) -> str:
         counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.dropped.items()))
         named = "; ".join(f"{r['row_id']} ({r['reason']}: {r['detail']})" for r in self.first_dropped)
-        return (f"dropped {self.rows_in - self.rows_kept} of {self.rows_in} {self.split} rows from "
+        return (f"dropped {self.bad_rows} of {self.rows_in} {self.split} rows from "
                 f"{self.source} ({counts}); first: {named}")
+
+    def identical_summary(self) -> str:
+        what = ("removed (data.identical_pairs: drop)" if self.identical_dropped else
+                "kept, as the reference does (data.identical_pairs: drop removes them)")
+        return (f"{self.identical} of {self.rows_in - self.bad_rows} pairs from {self.source} have identical chosen "
+                f"and rejected responses: they carry no preference (no gradient from their loss term; they "
+                f"count in the batch mean and as misses in reward accuracy); {what}")
 
     def format_summary(self) -> str:
         by_format: dict[str, list[str]] = {}
@@ -119,10 +134,11 @@ def build_preference_dataset(cfg: DataConfig, tokenizer, split: Literal["train",
     elif (files := sources.local_files(path)) is not None:
         fingerprint = sources.local_fingerprint(files)
     else:
-        rows, fingerprint = sources.load_hub(path, hub_split)
+        sources.check_local_path(path, f"data.{split}_path")
+        rows, fingerprint = sources.load_hub(path, hub_split, f"data.{split}_path")
         parts = [(f"{path} ({hub_split})", rows)]
     key = cache.cache_key(source=fingerprint, tokenizer=cache.tokenizer_fingerprint(tokenizer),
-                          limit=limit, rendering=rendering, **settings)
+                          limit=limit, rendering=rendering, identical_pairs=cfg.identical_pairs, **settings)
     entry = cache.entry_dir(cache_dir, split, key)
     hit = cache.is_complete(entry)
     if not hit:
@@ -132,7 +148,7 @@ def build_preference_dataset(cfg: DataConfig, tokenizer, split: Literal["train",
         if not parts:
             raise ValueError(f"data.{split}_path {path}: no rows")
         _build_entry(parts, tokenizer, settings, rendering, cfg.num_proc, cache_dir, key, entry,
-                     source=path, split=split)
+                     source=path, split=split, drop_identical=cfg.identical_pairs == "drop")
     report = DataReport(**cache.read_report(entry), cache_path=str(entry), cache_hit=hit)
     if announce:
         logger.info("%s data from %s: %s", split, path, report.format_summary())
@@ -140,6 +156,8 @@ def build_preference_dataset(cfg: DataConfig, tokenizer, split: Literal["train",
             logger.info("%s data: %s", split, note)
         for warning in report.warnings:
             logger.warning("%s data: %s", split, warning)
+        if report.identical:
+            logger.warning("%s data: %s", split, report.identical_summary())
     _check_drops(report, cfg.on_bad_row, announce)
     if announce:
         logger.info("%s data from %s: %d of %d rows kept (%s %s)", split, path, report.rows_kept,
@@ -163,7 +181,7 @@ def _check_drops(report: DataReport, on_bad_row: str, announce: bool = True) -> 
     if report.rows_kept == 0:
         raise ValueError(f"no valid preference pairs in {report.source} ({report.split}): "
                          f"{report.drop_summary()}")
-    if report.rows_kept == report.rows_in:
+    if report.bad_rows == 0:
         return
     if on_bad_row == "error":
         first = report.first_dropped[0]
@@ -200,7 +218,7 @@ def _plan(parts: list[tuple[str, datasets.Dataset]], tokenizer, rendering: dict)
 
 def _build_entry(parts: list[tuple[str, datasets.Dataset]], tokenizer, settings: dict, rendering: dict,
                  num_proc: int | None, cache_dir: Path, key: str, entry: Path, *, source: str,
-                 split: str) -> None:
+                 split: str, drop_identical: bool = False) -> None:
     planned, formats, notes, warnings = _plan(parts, tokenizer, rendering)
     rows_in = sum(len(rows) for rows, _ in planned)
     if num_proc is None:
@@ -210,7 +228,7 @@ def _build_entry(parts: list[tuple[str, datasets.Dataset]], tokenizer, settings:
     features = datasets.Features({**{c: ids for c in PAIR_COLUMNS},
                                   **{c: datasets.Value("int32") for c in LENGTH_COLUMNS},
                                   "truncated": datasets.Value("bool"), "row_id": datasets.Value("string"),
-                                  "drop_reason": datasets.Value("string"),
+                                  "identical": datasets.Value("bool"), "drop_reason": datasets.Value("string"),
                                   "drop_detail": datasets.Value("string")})
     tmp = cache.new_tmp_dir(cache_dir, key)
     try:
@@ -227,16 +245,19 @@ def _build_entry(parts: list[tuple[str, datasets.Dataset]], tokenizer, settings:
             offset += len(rows)
         mapped = datasets.concatenate_datasets(mapped) if len(mapped) > 1 else mapped[0]
         reasons = list(mapped["drop_reason"])
+        identical = list(mapped["identical"])
         bad = [i for i, reason in enumerate(reasons) if reason]
         first_bad = mapped.select(bad[:REPORTED_BAD_ROWS])
+        keep = [i for i, reason in enumerate(reasons) if not reason and not (drop_identical and identical[i])]
         report = DataReport(
-            source=source, split=split, rows_in=rows_in, rows_kept=rows_in - len(bad),
+            source=source, split=split, rows_in=rows_in, rows_kept=len(keep),
             dropped=dict(Counter(reasons[i] for i in bad)),
             first_dropped=[{"row_id": r["row_id"], "index": i, "reason": r["drop_reason"],
                             "detail": r["drop_detail"]} for i, r in zip(bad, first_bad)],
-            formats=formats, notes=notes, warnings=warnings)
-        kept = mapped.select([i for i, reason in enumerate(reasons) if not reason])
-        kept.remove_columns(["drop_reason", "drop_detail"]).save_to_disk(str(tmp / "dataset"))
+            formats=formats, notes=notes, warnings=warnings, identical=sum(identical),
+            identical_dropped=drop_identical)
+        kept = mapped.select(keep)
+        kept.remove_columns(["identical", "drop_reason", "drop_detail"]).save_to_disk(str(tmp / "dataset"))
         shutil.rmtree(tmp / "work")
         report_dict = asdict(report)
         for transient in ("cache_path", "cache_hit"):
@@ -249,7 +270,8 @@ def _build_entry(parts: list[tuple[str, datasets.Dataset]], tokenizer, settings:
 def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer, settings: dict,
                     options: RenderOptions, offset: int) -> dict[str, list]:
     """``datasets.map`` body: every input row gives one output row; bad rows carry a reason."""
-    out = {c: [] for c in (*PAIR_COLUMNS, *LENGTH_COLUMNS, "truncated", "row_id", "drop_reason", "drop_detail")}
+    out = {c: [] for c in (*PAIR_COLUMNS, *LENGTH_COLUMNS, "truncated", "row_id", "identical", "drop_reason",
+                           "drop_detail")}
     for i, index in enumerate(indices):
         row = {name: values[i] for name, values in batch.items()}
         prompt_id = row.get("prompt_id")
@@ -262,6 +284,7 @@ def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer, se
             reason, detail = exc.reason, exc.detail
         for c in (*PAIR_COLUMNS, *LENGTH_COLUMNS, "truncated"):
             out[c].append(pair[c])
+        out["identical"].append(not reason and pair["chosen_input_ids"] == pair["rejected_input_ids"])
         out["drop_reason"].append(reason)
         out["drop_detail"].append(detail)
     return out
