@@ -27,11 +27,20 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from simpo_mcore import checkpoint as ckpt
+from simpo_mcore import console
 from simpo_mcore.config import ConfigError, RunConfig
 from simpo_mcore.convert.tool import run_in_fresh_process
 from simpo_mcore.data.pipeline import TokenizedSplit, TrainBatches, load_split
 from simpo_mcore.evaluate import evaluate
-from simpo_mcore.metrics_log import MetricsLogger, memory_gib, model_flops_per_token, peak_tflops
+from simpo_mcore.metrics_log import (
+    MetricsLogger,
+    RunTotals,
+    check_wandb,
+    memory_gib,
+    model_flops_per_token,
+    peak_tflops,
+    run_summary,
+)
 from simpo_mcore.optim import build_optimizer, build_scheduler, wrap_ddp
 from simpo_mcore.parallel import Layout, distributed
 from simpo_mcore.reference import attach_reference_logps
@@ -49,6 +58,10 @@ class Progress:
     consumed_pairs: int = 0
     skipped_steps: int = 0
     nonfinite_in_a_row: int = 0
+    consumed_tokens: int = 0
+    """Tokens the model computed, padding included (the steps' ``tokens``)."""
+    consumed_real_tokens: int | None = None
+    """Tokens of the pairs themselves, when the steps report ``tokens_real``."""
 
 
 class StopSignal:
@@ -112,9 +125,12 @@ def grads_are_finite(ddp_chunks: list, device) -> bool:
 
 def run_training(cfg: RunConfig) -> dict[str, float]:
     """Train; returns the final evaluation metrics (or the last step's metrics without eval data)."""
+    started = time.monotonic()
+    check_wandb(cfg.logging.wandb)
+    console.set_progress_interval(cfg.logging.progress_interval_s)
     with distributed(cfg.parallel, cfg.train.seed) as layout:
         check_batch_sizes(cfg, layout.dp)  # before anything slow
-        trainer = Trainer.build(cfg, layout)
+        trainer = Trainer.build(cfg, layout, started)
         try:
             return trainer.train()
         finally:
@@ -128,7 +144,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, rt: Runtime, train_split: TokenizedSplit,
                  eval_split: TokenizedSplit | None, batches: TrainBatches, ddp_chunks: list, optimizer,
                  scheduler, total_steps: int, num_microbatches: int, progress: Progress,
-                 resumed_from: Path | None, logger: MetricsLogger, stop: StopSignal):
+                 resumed_from: Path | None, logger: MetricsLogger, stop: StopSignal, started: float):
         self.cfg = cfg
         self.rt = rt
         self.layout: Layout = rt.layout
@@ -153,11 +169,15 @@ class Trainer:
         self.final_eval: dict[str, float] | None = None
         self.flops_per_token = model_flops_per_token(rt.meta.arch, cfg.data.max_length)
         self.peak_tflops = peak_tflops(self.device.type == "cuda")
+        self.started = started
+        """``time.monotonic()`` when the job started (the summary's wall time)."""
+        self.hf_export: Path | None = None
 
     # ------------------------------------------------------------------------------------- building
 
     @classmethod
-    def build(cls, cfg: RunConfig, layout: Layout) -> Trainer:
+    def build(cls, cfg: RunConfig, layout: Layout, started: float | None = None) -> Trainer:
+        started = time.monotonic() if started is None else started
         stop = StopSignal()
         ckpt_root = Path(cfg.output_dir) / "checkpoints"
         resume_from = ckpt.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
@@ -183,10 +203,14 @@ class Trainer:
                 resume_from, ddp_chunks, optimizer, scheduler, layout, cfg.checkpoint.save_optimizer))
             log.info("resumed from %s at step %d (%d pairs consumed)", resume_from, progress.step,
                      progress.consumed_pairs)
-        logger = MetricsLogger(cfg.output_dir, layout.rank, steps, progress.step,
-                               cfg.train.tensorboard, cfg.train.progress_bar)
+        run_config = {**asdict(cfg), "run": {"world_size": layout.world_size, "dp": layout.dp, "total_steps": steps,
+                                              "train_pairs": len(train_split),
+                                              "eval_pairs": len(eval_split) if eval_split is not None else 0}}
+        logger = MetricsLogger(cfg.output_dir, layout.rank, steps, progress.step, cfg.train.tensorboard,
+                               cfg.train.progress_bar, cfg.train.log_interval, cfg.logging.wandb, run_config,
+                               resumed=resume_from is not None)
         return cls(cfg, rt, train_split, eval_split, batches, ddp_chunks, optimizer, scheduler, steps, num_micro,
-                   progress, resume_from, logger, stop)
+                   progress, resume_from, logger, stop, started)
 
     @staticmethod
     def _load_data(cfg: RunConfig, rt: Runtime) -> tuple[TokenizedSplit, TokenizedSplit | None]:
@@ -256,6 +280,9 @@ class Trainer:
                 self.scheduler.step(increment=1)
         progress.step += 1
         progress.consumed_pairs += cfg.train.global_batch_pairs
+        progress.consumed_tokens += int(metrics["tokens"])
+        if "tokens_real" in metrics:
+            progress.consumed_real_tokens = (progress.consumed_real_tokens or 0) + int(metrics["tokens_real"])
         self.steps_run += 1
         if finite:
             progress.nonfinite_in_a_row = 0
@@ -289,8 +316,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Metrics on the held-out split now; logged and printed."""
-        metrics = evaluate(self.ddp_chunks, self.rt.eval_groups(self.eval_split), self.cfg.loss, self.rt.head,
-                           self.device)
+        groups = self.rt.eval_groups(self.eval_split, progress=f"eval step {self.progress.step}")
+        metrics = evaluate(self.ddp_chunks, groups, self.cfg.loss, self.rt.head, self.device)
         record = {f"eval/{k}": v for k, v in metrics.items()}
         self.logger.log(self.progress.step, record)
         self.logger.print(f"eval step {self.progress.step}: " + ", ".join(
@@ -325,13 +352,28 @@ class Trainer:
         if self.last_saved != self.progress.step:
             self.save()
         if stopped_by is not None:
+            self.logger.end_progress()
             self.logger.print(f"stopped by {stopped_by} at step {self.progress.step}; resume with the same command")
+            self.logger.print(self.summary(stopped_by))
             return self.last_metrics
         if self.eval_split is not None:
             self.final_eval = self.evaluate()
         if self.cfg.checkpoint.export_hf:
             self.export_hf()
+        self.logger.end_progress()
+        self.logger.print(self.summary())
         return self.final_eval if self.final_eval is not None else self.last_metrics
+
+    def summary(self, stopped_by: str | None = None) -> str:
+        """What the run did and where its outputs are (printed by rank 0 at the end)."""
+        p = self.progress
+        totals = RunTotals(step=p.step, total_steps=self.total_steps, steps_this_process=self.steps_run,
+                           pairs=p.consumed_pairs, tokens=p.consumed_tokens, real_tokens=p.consumed_real_tokens,
+                           skipped_steps=p.skipped_steps, wall_s=time.monotonic() - self.started,
+                           stopped_by=stopped_by)
+        saved = self.ckpt_root / ckpt.step_dir_name(self.last_saved) if self.last_saved >= 0 else None
+        wandb = self.logger.wandb.describe() if self.logger.wandb is not None else None
+        return run_summary(totals, self.logger.evals, saved, self.hf_export, Path(self.cfg.output_dir), wandb)
 
     def export_hf(self) -> None:
         """The newest checkpoint as a Hugging Face model in ``<output_dir>/hf``."""
@@ -343,6 +385,7 @@ class Trainer:
             run_in_fresh_process("mcore-to-hf", "--ckpt", str(self.ckpt_root / ckpt.step_dir_name(self.progress.step)),
                                  "--out", str(out))
             self.logger.print(f"exported Hugging Face model: {out}")
+        self.hf_export = out
         dist.barrier()
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "distributed" / "scripts"
 
 
-QUIET = dict(log=lambda _: None)
+QUIET = dict(log=None)
 """Keyword arguments that silence the converters' progress lines."""
 
 LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -80,3 +81,13 @@ def make_tiny_hf_llama(out_dir: str | Path, *, vocab_size: int = 250, hidden_siz
     model = model.to(getattr(torch, dtype)).eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     return model
+
+
+WARNING_LINE = re.compile(r"Warning\b|warnings\.warn\(|^[WE]\d{4} \d\d:\d\d:\d\d")
+"""A line of a library warning: ``...: UserWarning: ...``, its ``warnings.warn(`` source line, or torch's
+glog-style ``W1130 11:19:46.5 ...`` log lines."""
+
+
+def warning_lines(text: str) -> list[str]:
+    """The library-warning lines of a console output."""
+    return [line for line in text.splitlines() if WARNING_LINE.search(line)]

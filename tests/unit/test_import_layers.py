@@ -3,7 +3,7 @@ module graph has no cycle, and imports sit at the top of each module except in t
 
 The layers, lowest first (docs/architecture.md draws them):
 
-    config, cpu_mode -> parallel -> data -> model -> convert -> logprobs_kernels -> logprobs, losses -> step
+    config, cpu_mode, console -> parallel -> data -> model -> convert -> logprobs_kernels -> logprobs, losses -> step
     -> checkpoint, optim, metrics_log -> runtime -> reference -> evaluate -> train -> cli
 
 ``convert`` (HF <-> megatron files, model weights I/O) and ``checkpoint`` (training state) sit beside the
@@ -20,7 +20,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "simpo_mcore"
 
 LAYERS = [
-    ("config", "cpu_mode"),
+    ("config", "cpu_mode", "console"),
     ("parallel",),
     ("data",),
     ("model",),
