@@ -92,28 +92,30 @@ def format_step_line(step: int, total: int, record: dict, elapsed_s: float, eta_
 
 class StepConsole:
     """Rank 0's console during training: a bar on a terminal (``bar``), else a step line every
-    ``log_interval`` steps and at the last. ETA = wall time per step so far in this process (evaluations
-    and saves included) x steps left."""
+    ``log_interval`` steps and at the last. Elapsed: since ``job_started`` (``time.monotonic()``; default now).
+    ETA: wall time per step of the loop so far in this process (evaluations and saves included) x steps left."""
 
-    def __init__(self, total_steps: int, start_step: int, log_interval: int, bar: bool | None):
+    def __init__(self, total_steps: int, start_step: int, log_interval: int, bar: bool | None,
+                 job_started: float | None = None):
         self.total = total_steps
         self.start_step = start_step
         self.log_interval = log_interval
         self.started = time.monotonic()
+        self.job_started = self.started if job_started is None else job_started
         self._progress = Progress(total_steps, "train", "steps", bar=bar, interval_s=math.inf, leave=True)
         self._progress.set(start_step)
 
     def step(self, step: int, record: dict) -> None:
-        elapsed = time.monotonic() - self.started
+        now = time.monotonic()
         done = step - self.start_step
-        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+        eta = (now - self.started) / done * (self.total - step) if done > 0 else float("nan")
         if self._progress.drawing_bar:
             rate, _ = tokens_per_s(record)
             self._progress.set(step, postfix=(
                 f"loss={record.get('loss', float('nan')):.4f}, acc={record.get('rewards/accuracies', float('nan')):.2f}"
                 f", margin={record.get('rewards/margins', float('nan')):.3f}, {format_count(rate)} tok/s"))
         elif step % self.log_interval == 0 or step == self.total:
-            self._progress.write(format_step_line(step, self.total, record, elapsed, eta))
+            self._progress.write(format_step_line(step, self.total, record, now - self.job_started, eta))
 
     def print(self, text: str) -> None:
         self._progress.write(text)
@@ -150,6 +152,10 @@ class WandbRun:
         self.dir = Path(self.run.dir).parent if cfg.mode == "offline" else None
         self.url = getattr(self.run, "url", None) if cfg.mode == "online" else None
 
+    def update_config(self, values: dict) -> None:
+        """Add to the run's config what is known only once the job is built (world size, steps, data)."""
+        self.run.config.update(values, allow_val_change=True)
+
     def describe(self) -> str:
         where = self.url or (f"offline in {self.dir}; upload with `wandb sync {self.dir}`" if self.dir else self.mode)
         return f"W&B run {self.id}{' (resumed)' if self.resumed else ''}: {where}"
@@ -158,8 +164,8 @@ class WandbRun:
         # NaN / inf stay numbers here (W&B shows them as gaps); metrics.jsonl writes them as text.
         self.run.log({k: v for k, v in record.items() if k not in ("step", "time") and _is_number(v)}, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 @dataclass
@@ -170,15 +176,15 @@ class EvalRecord:
 
 
 class MetricsLogger:
-    """Writes ``metrics.jsonl``, TensorBoard events and (``logging.wandb``) a W&B run; draws the console.
-    Rank 0 only: on other ranks every method is a no-op.
+    """Writes ``metrics.jsonl``, TensorBoard events and (``wandb``, started by the job) a W&B run; draws the
+    console. Rank 0 only: on other ranks every method is a no-op.
 
     Keeps the run's evaluations (``evals``): on a resume those of ``metrics.jsonl`` up to ``start_step``,
     then each one logged, for the run summary's best and final evaluation."""
 
     def __init__(self, output_dir: str | Path, rank: int, total_steps: int, start_step: int, tensorboard: bool,
-                 progress_bar: bool, log_interval: int = 1, wandb: WandbConfig | None = None,
-                 run_config: dict | None = None, resumed: bool = False):
+                 progress_bar: bool, log_interval: int = 1, wandb: WandbRun | None = None,
+                 run_info: dict | None = None, resumed: bool = False, job_started: float | None = None):
         self.active = rank == 0
         self.total = total_steps
         self.output_dir = Path(output_dir)
@@ -186,7 +192,7 @@ class MetricsLogger:
         self._tb = None
         self._file = None
         self._console = None
-        self.wandb: WandbRun | None = None
+        self.wandb = wandb if self.active else None
         if not self.active:
             return
         out = self.output_dir
@@ -198,9 +204,10 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
-        if wandb is not None and wandb.project is not None and wandb.mode != "disabled":
-            self.wandb = WandbRun(wandb, out, run_config or {}, resume=resumed)
-        self._console = StepConsole(total_steps, start_step, log_interval, bar=None if progress_bar else False)
+        if self.wandb is not None and run_info:
+            self.wandb.update_config({"run": run_info})
+        self._console = StepConsole(total_steps, start_step, log_interval, bar=None if progress_bar else False,
+                                    job_started=job_started)
         if self.wandb is not None:
             self.print(self.wandb.describe())
 
@@ -235,14 +242,14 @@ class MetricsLogger:
         if self.active:
             self._console.close()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if not self.active:
             return
         self._console.close()
         if self._tb is not None:
             self._tb.close()
         if self.wandb is not None:
-            self.wandb.close()
+            self.wandb.close(failed)
         self._file.close()
         self.active = False
 

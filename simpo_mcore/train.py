@@ -35,6 +35,7 @@ from simpo_mcore.evaluate import evaluate
 from simpo_mcore.metrics_log import (
     MetricsLogger,
     RunTotals,
+    WandbRun,
     check_wandb,
     memory_gib,
     model_flops_per_token,
@@ -130,11 +131,29 @@ def run_training(cfg: RunConfig) -> dict[str, float]:
     console.set_progress_interval(cfg.logging.progress_interval_s)
     with distributed(cfg.parallel, cfg.train.seed) as layout:
         check_batch_sizes(cfg, layout.dp)  # before anything slow
-        trainer = Trainer.build(cfg, layout, started)
+        wandb = open_wandb(cfg, layout.rank)  # also before anything slow: a W&B that cannot start fails now
+        trainer, finished = None, False
         try:
-            return trainer.train()
+            trainer = Trainer.build(cfg, layout, started, wandb)
+            metrics = trainer.train()
+            finished = True
+            return metrics
         finally:
-            trainer.close()
+            if trainer is not None:
+                trainer.close(failed=not finished)
+            elif wandb is not None:
+                wandb.close(failed=True)
+
+
+def open_wandb(cfg: RunConfig, rank: int) -> WandbRun | None:
+    """Rank 0's W&B run (``logging.wandb``), continuing this output_dir's when the job resumes; else None."""
+    w = cfg.logging.wandb
+    if rank != 0 or w.project is None or w.mode == "disabled":
+        return None
+    out = Path(cfg.output_dir)
+    resume = cfg.checkpoint.resume and ckpt.latest_checkpoint(out / "checkpoints") is not None
+    out.mkdir(parents=True, exist_ok=True)
+    return WandbRun(w, out, asdict(cfg), resume)
 
 
 class Trainer:
@@ -176,7 +195,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------- building
 
     @classmethod
-    def build(cls, cfg: RunConfig, layout: Layout, started: float | None = None) -> Trainer:
+    def build(cls, cfg: RunConfig, layout: Layout, started: float | None = None,
+              wandb: WandbRun | None = None) -> Trainer:
         started = time.monotonic() if started is None else started
         stop = StopSignal()
         ckpt_root = Path(cfg.output_dir) / "checkpoints"
@@ -203,12 +223,11 @@ class Trainer:
                 resume_from, ddp_chunks, optimizer, scheduler, layout, cfg.checkpoint.save_optimizer))
             log.info("resumed from %s at step %d (%d pairs consumed)", resume_from, progress.step,
                      progress.consumed_pairs)
-        run_config = {**asdict(cfg), "run": {"world_size": layout.world_size, "dp": layout.dp, "total_steps": steps,
-                                              "train_pairs": len(train_split),
-                                              "eval_pairs": len(eval_split) if eval_split is not None else 0}}
+        run_info = {"world_size": layout.world_size, "dp": layout.dp, "total_steps": steps,
+                    "train_pairs": len(train_split), "eval_pairs": len(eval_split) if eval_split is not None else 0}
         logger = MetricsLogger(cfg.output_dir, layout.rank, steps, progress.step, cfg.train.tensorboard,
-                               cfg.train.progress_bar, cfg.train.log_interval, cfg.logging.wandb, run_config,
-                               resumed=resume_from is not None)
+                               cfg.train.progress_bar, cfg.train.log_interval, wandb, run_info,
+                               resumed=resume_from is not None, job_started=started)
         return cls(cfg, rt, train_split, eval_split, batches, ddp_chunks, optimizer, scheduler, steps, num_micro,
                    progress, resume_from, logger, stop, started)
 
@@ -388,5 +407,6 @@ class Trainer:
         self.hf_export = out
         dist.barrier()
 
-    def close(self) -> None:
-        self.logger.close()
+    def close(self, failed: bool = False) -> None:
+        """Close the metrics sinks (a W&B run is marked failed when the run raised)."""
+        self.logger.close(failed)

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from helpers import ROOT, free_port, run_ranks
+from helpers import ROOT, free_port, run_ranks, wandb_records
 from train_utils import read_metrics, write_config
 
 
@@ -33,8 +33,14 @@ def test_nonfinite_gradient_is_skipped_then_aborts(tmp_path, tiny, straight):
 
     with pytest.raises(AssertionError, match="3 consecutive non-finite steps"):
         run_ranks("train_entry.py", 2, write_config(tmp_path / "abort.yaml", *tiny, output_dir=str(tmp_path / "abort"),
-                                                    parallel=par, train={"max_steps": 8, "max_nonfinite_steps": 3}),
+                                                    parallel=par, train={"max_steps": 8, "max_nonfinite_steps": 3},
+                                                    logging={"wandb": {"project": "t", "mode": "offline"}}),
                   env={"TEST_NAN_AT_STEPS": "2,3,4"})
+    # The aborted run's W&B run is closed as failed, with the steps it took.
+    (run_file,) = (tmp_path / "abort" / "wandb").glob("offline-run-*/run-*.wandb")
+    records = wandb_records(run_file)
+    assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [1]
+    assert [r.history.step.num for r in records if r.WhichOneof("record_type") == "history"] == [1, 2, 3]
 
 
 @pytest.mark.slow

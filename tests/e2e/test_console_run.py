@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, warning_lines
+from helpers import ROOT, item_key, wandb_records, warning_lines
 
 from simpo_mcore.console import format_count
 from simpo_mcore.data.synthetic import generate_rows
@@ -108,39 +107,6 @@ def test_run_summary(run):
     assert "final held-out reward accuracy" in summary.splitlines()[-1]
 
 
-def wandb_records(path: Path) -> list:
-    """The protobuf records of a W&B run file: a LevelDB-style log (7-byte file header, then 32 KiB blocks of
-    records each with a 7-byte header: CRC, length, type full / first / middle / last)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", path
-    pos, block, pending, payloads = 7, 32768, b"", []
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:  # a block's tail too short for a header is padding
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0:  # zero padding up to the next block
-            pos += left
-            continue
-        payload, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == 1:
-            payloads.append(payload)
-        elif kind == 2:
-            pending = payload
-        elif kind == 3:
-            pending += payload
-        else:
-            payloads.append(pending + payload)
-    return [pb.Record.FromString(p) for p in payloads]
-
-
-def item_key(item) -> str:
-    return item.key or "/".join(item.nested_key)
-
-
 def test_wandb_offline_run_holds_the_metrics_and_continues_after_resume(run):
     out, first, _ = run
     run_id = (out / "wandb_run_id").read_text().strip()
@@ -150,6 +116,7 @@ def test_wandb_offline_run_holds_the_metrics_and_continues_after_resume(run):
     history: dict[int, dict] = {}
     configs = []
     for path in files:
+        configs.append({})
         for record in wandb_records(path):
             kind = record.WhichOneof("record_type")
             if kind == "history":
@@ -158,7 +125,9 @@ def test_wandb_offline_run_holds_the_metrics_and_continues_after_resume(run):
                     {k: v for k, v in row.items() if not k.startswith("_")})
             elif kind == "run":
                 assert record.run.run_id == run_id and record.run.project == "simpo-test"
-                configs.append({item_key(i): json.loads(i.value_json) for i in record.run.config.update})
+                configs[-1].update({item_key(i): json.loads(i.value_json) for i in record.run.config.update})
+            elif kind == "config":  # what the job added once built
+                configs[-1].update({item_key(i): json.loads(i.value_json) for i in record.config.update})
     expected: dict[int, dict] = {}
     for r in metrics_records(out):
         expected.setdefault(r["step"], {}).update({k: v for k, v in r.items() if k not in ("step", "time")})
