@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -89,17 +90,13 @@ def quiet_third_party() -> None:
         return
     for message, module in QUIET_WARNINGS:
         # `message` is a regex matched at the start of the text; escape ours, which are literal.
-        warnings.filterwarnings("ignore", message=_escape(message), module=module)
+        warnings.filterwarnings("ignore", message=re.escape(message), module=module)
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is imported
     if "datasets" in sys.modules:  # already imported (a caller in the same process): tell it directly
         sys.modules["datasets"].disable_progress_bars()
-
-
-def _escape(text: str) -> str:
-    return "".join("\\" + c if c in ".^$*+?{}[]\\|()" else c for c in text)
 
 
 def setup_logging(rank: int) -> None:

@@ -93,22 +93,25 @@ def format_step_line(step: int, total: int, record: dict, elapsed_s: float, eta_
 class StepConsole:
     """Rank 0's console during training: a bar on a terminal (``bar``), else a step line every
     ``log_interval`` steps and at the last. Elapsed: since ``job_started`` (``time.monotonic()``; default now).
-    ETA: wall time per step of the loop so far in this process (evaluations and saves included) x steps left."""
+    ETA: wall time per step since this process's first step began (later evaluations and saves included; the
+    build and the step-0 evaluation not) x steps left."""
 
     def __init__(self, total_steps: int, start_step: int, log_interval: int, bar: bool | None,
                  job_started: float | None = None):
         self.total = total_steps
         self.start_step = start_step
         self.log_interval = log_interval
-        self.started = time.monotonic()
-        self.job_started = self.started if job_started is None else job_started
+        self.job_started = time.monotonic() if job_started is None else job_started
+        self._loop_started: float | None = None
         self._progress = Progress(total_steps, "train", "steps", bar=bar, interval_s=math.inf, leave=True)
         self._progress.set(start_step)
 
     def step(self, step: int, record: dict) -> None:
         now = time.monotonic()
+        if self._loop_started is None:
+            self._loop_started = now - record.get("step_time_s", 0.0)
         done = step - self.start_step
-        eta = (now - self.started) / done * (self.total - step) if done > 0 else float("nan")
+        eta = (now - self._loop_started) / done * (self.total - step) if done > 0 else float("nan")
         if self._progress.drawing_bar:
             rate, _ = tokens_per_s(record)
             self._progress.set(step, postfix=(
