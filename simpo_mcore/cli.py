@@ -17,6 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
+from simpo_mcore import console
 from simpo_mcore.config import USER_ERRORS, ConfigError, load_config
 
 USER_ERROR_EXIT = 2
@@ -26,19 +27,71 @@ LAUNCHER_PID = "SIMPO_LAUNCHER_PID"
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 """Pre-emption signals the CPU re-launch passes to its ranks itself (each rank saves and exits 0)."""
 
+OVERRIDES_HELP = """overrides:
+  Any config field as dotted.key=value after the config file, the value read as YAML; they win over
+  the file (and its _base_ files):
+    train.max_steps=200  optim.lr=5e-7  output_dir=runs/try2  data.max_pairs=null
+    logging.wandb.project=simpo  logging.wandb.mode=offline
+  Every field, with its meaning, is in simpo_mcore/config.py; unknown keys and wrong types are errors
+  naming the key."""
 
-def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+TRAIN_HELP = ("""Train a model with SimPO (or a DPO baseline) from a YAML run config.
+
+Run one process per rank: under torchrun on GPUs; on a CPU a config that needs several ranks
+(parallel.tp x parallel.pp) re-launches itself on that many (or --nproc). Writes checkpoints,
+metrics.jsonl, TensorBoard and (with logging.wandb.project) a W&B run into output_dir, and resumes
+from output_dir/checkpoints/latest when it exists. Rank 0 prints one line every train.log_interval
+steps (a progress bar on a terminal) and a summary at the end.""", """examples:
+  simpo-train configs/tiny_cpu.yaml                                  # the CPU demo, 2 ranks
+  simpo-train configs/tiny_cpu.yaml train.max_steps=20 output_dir=runs/short
+  torchrun --nproc-per-node 8 -m simpo_mcore.cli simpo-train configs/simpo/llama3_8b_base_8gpu.yaml
+  sbatch tools/launch/slurm_multinode.sbatch configs/simpo/llama3_8b_base_multinode.yaml
+  (docs/launch.md: torchrun, several nodes, SLURM, pre-emption)""")
+
+EVAL_HELP = ("""Evaluate a checkpoint on a preference split (data.eval_path): loss, rewards, reward accuracy and
+margins, log-probs, written to output_dir/eval_metrics.json.
+
+Same config and launch as simpo-train; model.checkpoint names the converted or trained checkpoint.""",
+             """examples:
+  simpo-eval configs/tiny_cpu.yaml model.checkpoint=runs/tiny_cpu/checkpoints/step_0000150 output_dir=runs/eval150
+  torchrun --nproc-per-node 8 -m simpo_mcore.cli simpo-eval configs/simpo/llama3_8b_base_8gpu.yaml \\
+      model.checkpoint=runs/simpo_llama3_8b_base_8gpu/checkpoints/step_0000400 output_dir=runs/eval400""")
+
+DATA_HELP = ("""Show a run's preference data as it will be trained on: the detected format, rendered pairs with
+the trained tokens marked, length distributions, truncation and padding efficiency. One process, no
+GPU; builds the tokenised cache the run then reads.""", """examples:
+  simpo-data configs/tiny_cpu.yaml
+  simpo-data configs/simpo/llama3_8b_base_8gpu.yaml --dp 8 --samples 5
+  simpo-data configs/simpo/llama3_8b_base.yaml --split eval data.max_eval_pairs=200""")
+
+
+def _parser(prog: str, help_text: tuple[str, str]) -> argparse.ArgumentParser:
+    description, examples = help_text
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     epilog=f"{OVERRIDES_HELP}\n\n{examples}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML run config (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=10")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides (below)")
+    parser.add_argument("--verbose", action="store_true",
+                        help=f"show every library warning and every rank's log ({console.VERBOSE_ENV}=1)")
     return parser
 
 
+def _parse_quietly(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse (``--help`` answers here, before any heavy import), then quiet the libraries before the job
+    imports them."""
+    args = parser.parse_intermixed_args(argv)  # options and overrides in any order
+    if args.verbose:
+        console.set_verbose()  # in the environment: ranks launched from here inherit it
+    console.quiet_third_party()
+    return args
+
+
 def _parse(prog: str, argv: list[str] | None):
-    parser = _parser(prog, __doc__.split("\n\n")[0])
+    parser = _parser(prog, TRAIN_HELP if prog == "simpo-train" else EVAL_HELP)
     parser.add_argument("--nproc", type=int, default=None,
                         help="CPU only, outside torchrun: ranks to launch (default: tp x pp)")
-    return parser.parse_args(argv)
+    return _parse_quietly(parser, argv)
 
 
 def _relaunch_if_needed(prog: str, cfg, args) -> int | None:
@@ -121,34 +174,8 @@ def _die_with_launcher() -> None:
         os._exit(1)  # the launcher died before the line above took effect
 
 
-QUIET_WARNINGS = (
-    "Apex is not installed", "Transformer Engine and Apex are not installed", "MimoModelConfig is experimental",
-    "torch.distributed is disabled", "MCore's async save is deprecated", "No CUDA runtime is found",
-    "is not a leaf Tensor is being accessed", "reduce_scatter_tensor` is deprecated",
-    "all_gather_into_tensor` is deprecated", "CUDA_DEVICE_MAX_CONNECTIONS",
-)
-"""Warnings megatron / torch print on every CPU rank that say nothing about this run."""
-
-
-def _quiet() -> None:
-    import logging
-    import warnings
-
-    for text in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=f".*{text}.*")
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-    except ImportError:
-        pass
-
-
 def _main(prog: str, job, argv: list[str] | None) -> int:
     _die_with_launcher()
-    _quiet()
     args = _parse(prog, argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -178,9 +205,9 @@ def _run_job(prog: str, job, cfg) -> int:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    from simpo_mcore.train import run_training
-
     def job(cfg):
+        from simpo_mcore.train import run_training
+
         held_out = run_training(cfg)  # None without held-out data or when stopped early
         if int(os.environ.get("RANK", "0")) == 0 and held_out:
             print(f"[simpo_mcore] final held-out reward accuracy: {held_out['rewards/accuracies']:.3f}", flush=True)
@@ -189,25 +216,28 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    from simpo_mcore.evaluate import run_eval
+    def job(cfg):
+        from simpo_mcore.evaluate import run_eval
 
-    return _main("simpo-eval", run_eval, argv)
+        run_eval(cfg)
+
+    return _main("simpo-eval", job, argv)
 
 
 def data_main(argv: list[str] | None = None) -> int:
     """``simpo-data CONFIG.yaml [overrides]``: the run's data as it will be trained on (one process,
     no process group); builds the tokenised cache the run then reads."""
-    _quiet()
-    parser = _parser("simpo-data", "Show a run's preference data as it will be trained on.")
+    parser = _parser("simpo-data", DATA_HELP)
     parser.add_argument("--split", choices=["train", "eval"], default="train")
     parser.add_argument("--samples", type=int, default=3, help="rendered pairs to show (default 3)")
     parser.add_argument("--dp", type=int, default=1,
                         help="data-parallel size of the launch, for the padding efficiency (default 1)")
-    args = parser.parse_intermixed_args(argv)  # options and overrides in any order
+    args = _parse_quietly(parser, argv)
     try:
         if args.dp < 1 or args.samples < 0:
             raise ValueError(f"--dp must be >= 1 and --samples >= 0 (got {args.dp}, {args.samples})")
         cfg = load_config(args.config, args.overrides)
+        console.set_progress_interval(cfg.logging.progress_interval_s)
         from simpo_mcore.data.pipeline import pad_multiple
         from simpo_mcore.data.preview import BatchShape, run_preview
         from simpo_mcore.runtime import data_tokenizer, max_length_warning
@@ -225,7 +255,17 @@ def data_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+COMMANDS = {"simpo-train": train_main, "simpo-eval": eval_main, "simpo-data": data_main}
+
+
+def module_main(argv: list[str]) -> int:
+    """``python -m simpo_mcore.cli simpo-train CONFIG ...`` (what torchrun and the CPU re-launch run)."""
+    if not argv or argv[0] not in COMMANDS:
+        out = sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr
+        print(f"usage: python -m simpo_mcore.cli {{{','.join(COMMANDS)}}} CONFIG [overrides] [--help]", file=out)
+        return 0 if out is sys.stdout else 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
 if __name__ == "__main__":
-    # `python -m simpo_mcore.cli simpo-train CONFIG ...` (what the CPU re-launch runs).
-    prog, rest = sys.argv[1], sys.argv[2:]
-    sys.exit({"simpo-train": train_main, "simpo-eval": eval_main, "simpo-data": data_main}[prog](rest))
+    sys.exit(module_main(sys.argv[1:]))

@@ -256,7 +256,8 @@ class TrainConfig:
     Megatron-LM's --exit-interval); the schedule still spans the whole run and a relaunch resumes."""
 
     log_interval: int = 1
-    """Write metrics every N steps."""
+    """Write metrics (``metrics.jsonl``, TensorBoard, W&B) every N steps, and without a terminal print a
+    step line (loss, reward accuracy and margin, lr, grad norm, tokens/s, MFU, memory, ETA) as often."""
 
     max_nonfinite_steps: int = 3
     """Abort after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
@@ -265,7 +266,8 @@ class TrainConfig:
     """Write TensorBoard event files under ``<output_dir>/tensorboard``."""
 
     progress_bar: bool = True
-    """Rank-0 progress bar on stderr."""
+    """On a terminal, rank 0 draws a progress bar on stderr; ``false`` prints the step lines instead
+    (as it always does without a terminal)."""
 
 
 @dataclass
@@ -300,6 +302,37 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str | None = None
+    """Weights & Biases project. ``None`` (the default): no W&B. Needs the optional extra
+    (``pip install -e .[wandb]``). The run gets the resolved config and every metric of
+    ``metrics.jsonl``; a resumed run continues the same W&B run (its id is kept in
+    ``<output_dir>/wandb_run_id``)."""
+
+    name: str | None = None
+    """Run name shown in W&B; ``None``: the last component of ``output_dir``."""
+
+    entity: str | None = None
+    """W&B team or user; ``None``: the default entity of the logged-in account."""
+
+    mode: Literal["online", "offline", "disabled"] = "online"
+    """``online`` streams to the W&B server (needs network and ``wandb login`` or ``WANDB_API_KEY``);
+    ``offline`` writes the run under ``<output_dir>/wandb`` with no network (upload it later with
+    ``wandb sync <output_dir>/wandb/offline-run-*``); ``disabled`` turns W&B off."""
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases tracking (off unless ``project`` is set). TensorBoard is ``train.tensorboard``."""
+
+    progress_interval_s: float = 30.0
+    """Without a terminal (a SLURM log, a pipe): seconds between the progress lines of tokenisation, the
+    DPO reference pass and evaluation. Training prints a line every ``train.log_interval`` steps; on a
+    terminal every task draws a progress bar instead."""
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -308,6 +341,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     output_dir: str = "runs/simpo"
     """Everything a run writes: checkpoints, metrics.jsonl, TensorBoard, eval_metrics.json."""
 
@@ -369,6 +403,11 @@ class RunConfig:
         if self.checkpoint.overwrite and self.checkpoint.resume:
             raise ConfigError("checkpoint.overwrite deletes a previous run to start over: it needs "
                               "checkpoint.resume: false (resuming keeps the previous run)")
+        if self.logging.progress_interval_s < 0:
+            raise ConfigError(f"logging.progress_interval_s must be >= 0, got {self.logging.progress_interval_s}")
+        for name in ("project", "name", "entity"):
+            if getattr(self.logging.wandb, name) == "":
+                raise ConfigError(f"logging.wandb.{name} is empty; leave it unset (null) instead")
         if t.precision == "fp8" and self.model.spec in ("local", "sdpa"):
             raise ConfigError(
                 f"train.precision: fp8 needs the Transformer Engine spec; model.spec is {self.model.spec!r}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from simpo_mcore import console
 from simpo_mcore.config import LossConfig, RunConfig
 from simpo_mcore.data.pipeline import check_data_paths, load_split
 from simpo_mcore.logprobs import TokenLogpsContext
@@ -41,6 +42,7 @@ def run_eval(cfg: RunConfig) -> dict[str, float]:
     """``simpo-eval``: metrics of ``model.checkpoint`` on ``data.eval_path`` -> eval_metrics.json."""
     if cfg.data.eval_path is None:
         raise ValueError("data.eval_path is required for simpo-eval")
+    console.set_progress_interval(cfg.logging.progress_interval_s)
     with distributed(cfg.parallel, cfg.train.seed) as layout:
         out = Path(cfg.output_dir)
         agreed(lambda: check_writable(out), run=layout.rank == 0)  # before the model loads, not after the pass
@@ -50,7 +52,7 @@ def run_eval(cfg: RunConfig) -> dict[str, float]:
         if cfg.loss.type == "dpo":
             # A checkpoint is its own reference at evaluation unless one was trained from it.
             split = attach_reference_logps(rt, split, "eval")
-        metrics = evaluate(rt.chunks, rt.eval_groups(split), cfg.loss, rt.head, layout.device)
+        metrics = evaluate(rt.chunks, rt.eval_groups(split, progress="eval"), cfg.loss, rt.head, layout.device)
         metrics = {"num_pairs": int(metrics.pop("num_pairs")), **metrics}
 
         def write():

@@ -4,6 +4,7 @@ tokenizer, model and head."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from huggingface_hub import constants as hf_constants
 from transformers import AutoTokenizer
 
+from simpo_mcore import console
 from simpo_mcore.config import RunConfig
 from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
 from simpo_mcore.convert.mcore_io import load_model_weights
@@ -22,7 +24,7 @@ from simpo_mcore.data.sources import hub_reachable, hub_unreachable_error, looks
 from simpo_mcore.data.synthetic import build_tokenizer
 from simpo_mcore.logprobs import TokenLogpsContext
 from simpo_mcore.model.builder import ModelOptions, build_model
-from simpo_mcore.model.specs import resolve_spec
+from simpo_mcore.model.specs import resolve_spec, te_available
 from simpo_mcore.parallel import Layout, agreed
 
 log = logging.getLogger("simpo_mcore")
@@ -54,17 +56,17 @@ class Runtime:
         """What every batch's sequence length is a multiple of."""
         return pad_multiple(self.layout.tp, self.options.sequence_parallel)
 
-    def eval_groups(self, split: TokenizedSplit):
-        """``split``'s forward-only micro-batch groups for this rank (evaluation, DPO reference pass)."""
-        return eval_batch_groups(split, self.cfg.train.micro_batch_pairs, self.pad_id, self.pad_multiple,
-                                 self.layout)
-
-
-def setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="[%(asctime)s simpo_mcore] %(message)s", datefmt="%H:%M:%S", force=True)
-    for noisy in ("megatron", "torch.distributed", "datasets", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    def eval_groups(self, split: TokenizedSplit, progress: str | None = None):
+        """``split``'s forward-only micro-batch groups for this rank (evaluation, DPO reference pass);
+        ``progress``: the task's name, to report its progress in pairs (rank 0's share x DP)."""
+        groups = eval_batch_groups(split, self.cfg.train.micro_batch_pairs, self.pad_id, self.pad_multiple,
+                                   self.layout)
+        if progress is None:
+            return groups
+        dp = self.layout.dp
+        return console.track(groups, len(split), progress, "pairs",
+                             size=lambda group: dp * sum(b["tokens"].shape[0] // 2 for b in group
+                                                         if not b.get("padding", False)))
 
 
 def resolve_checkpoint(cfg: RunConfig, layout: Layout) -> Path:
@@ -136,8 +138,16 @@ def data_tokenizer(cfg: RunConfig) -> tuple[object, int | None]:
 
 def build_runtime(cfg: RunConfig, layout: Layout, *, load_weights: bool = True) -> Runtime:
     """Checkpoint, tokenizer, model chunks and head of a run on ``layout`` (process groups made)."""
-    setup_logging(layout.rank)
+    console.setup_logging(layout.rank)
     cuda = layout.device.type == "cuda"
+    if cuda and layout.rank == 0 and not te_available():
+        # megatron's own notices of this (one per module, on every rank) are filtered by the console.
+        log.warning("Transformer Engine is not installed: using torch SDPA layers and megatron's torch "
+                    "optimizer, slower than TE's fused kernels and without FP8 (pip install -e '.[te]')")
+    if cuda and layout.rank == 0 and layout.tp > 1 and os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") != "1":
+        # megatron warns on every rank; the console filters those (docs/launch.md says why it matters).
+        log.warning("CUDA_DEVICE_MAX_CONNECTIONS is not 1: tensor-parallel communication will not overlap "
+                    "with the GEMMs as megatron expects (tools/launch/ scripts set it)")
     if cfg.train.precision == "fp8":  # before anything slow
         _check_fp8(resolve_spec(cfg.model.spec, cuda), cuda)
     ckpt_dir = resolve_checkpoint(cfg, layout)

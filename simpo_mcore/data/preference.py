@@ -17,7 +17,9 @@ discarded. Callers that want one build should call it on rank 0 first, then barr
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import shutil
 from collections import Counter
@@ -28,6 +30,7 @@ from typing import Literal
 import datasets
 
 from simpo_mcore.config import DataConfig
+from simpo_mcore.console import Progress
 from simpo_mcore.data import cache, sources
 from simpo_mcore.data.formats import FORMATS, column_kinds, map_columns, resolve_format
 from simpo_mcore.data.render import (
@@ -48,6 +51,8 @@ LENGTH_COLUMNS = ("prompt_length", "chosen_length", "rejected_length")
 """Token counts before truncation (BOS / EOS included), with the boolean column ``truncated``."""
 ROWS_PER_PROCESS = 1000
 """With ``data.num_proc: null``, tokenise with one process per this many rows (at most 8)."""
+PROGRESS_STEPS = 20
+"""Tokenisation runs in about this many pieces, each reported to the progress bar or line when done."""
 REPORTED_BAD_ROWS = 5
 """How many bad rows the warning (and the report) name."""
 
@@ -147,8 +152,9 @@ def build_preference_dataset(cfg: DataConfig, tokenizer, split: Literal["train",
         parts = _first_rows(parts, limit)
         if not parts:
             raise ValueError(f"data.{split}_path {path}: no rows")
-        _build_entry(parts, tokenizer, settings, rendering, cfg.num_proc, cache_dir, key, entry,
-                     source=path, split=split, drop_identical=cfg.identical_pairs == "drop")
+        with _datasets_bars_off():
+            _build_entry(parts, tokenizer, settings, rendering, cfg.num_proc, cache_dir, key, entry,
+                         source=path, split=split, drop_identical=cfg.identical_pairs == "drop")
     report = DataReport(**cache.read_report(entry), cache_path=str(entry), cache_hit=hit)
     if announce:
         logger.info("%s data from %s: %s", split, path, report.format_summary())
@@ -221,8 +227,8 @@ def _build_entry(parts: list[tuple[str, datasets.Dataset]], tokenizer, settings:
                  split: str, drop_identical: bool = False) -> None:
     planned, formats, notes, warnings = _plan(parts, tokenizer, rendering)
     rows_in = sum(len(rows) for rows, _ in planned)
-    if num_proc is None:
-        num_proc = min(8, os.cpu_count() or 1, rows_in // ROWS_PER_PROCESS)
+    explicit = num_proc is not None
+    num_proc = max(1, num_proc if explicit else min(8, os.cpu_count() or 1, rows_in // ROWS_PER_PROCESS))
     ids = datasets.List(datasets.Value("int32")) if hasattr(datasets, "List") else \
         datasets.Sequence(datasets.Value("int32"))
     features = datasets.Features({**{c: ids for c in PAIR_COLUMNS},
@@ -234,15 +240,23 @@ def _build_entry(parts: list[tuple[str, datasets.Dataset]], tokenizer, settings:
     try:
         (tmp / "work").mkdir()
         mapped, offset = [], 0
-        for i, (rows, options) in enumerate(planned):
-            # new_fingerprint: our key already covers the tokenizer, so datasets need not hash it.
-            mapped.append(rows.map(
-                _tokenize_batch, batched=True, with_indices=True, num_proc=max(1, min(num_proc, len(rows))),
-                fn_kwargs=dict(tokenizer=tokenizer, settings=settings, options=options, offset=offset),
-                remove_columns=rows.column_names, features=features,
-                cache_file_name=str(tmp / "work" / f"tokenized-{i}.arrow"), new_fingerprint=f"{key}-{i}",
-                desc=f"Tokenising {split} preferences"))
-            offset += len(rows)
+        # In pieces, so that the progress can be told: datasets' own bar is one endless line in a log file.
+        piece = max(math.ceil(rows_in / PROGRESS_STEPS), ROWS_PER_PROCESS * num_proc)
+        with Progress(rows_in, f"tokenising {split} data", "rows") as progress:
+            for i, (rows, options) in enumerate(planned):
+                for j, start in enumerate(range(0, len(rows), piece)):
+                    part = rows.select(range(start, min(start + piece, len(rows))))  # contiguous: no copy
+                    procs = min(num_proc, len(part)) if explicit else \
+                        max(1, min(num_proc, len(part) // ROWS_PER_PROCESS))
+                    # new_fingerprint: our key already covers the tokenizer, so datasets need not hash it.
+                    mapped.append(part.map(
+                        _tokenize_batch, batched=True, with_indices=True, num_proc=procs,
+                        fn_kwargs=dict(tokenizer=tokenizer, settings=settings, options=options, offset=offset + start),
+                        remove_columns=rows.column_names, features=features,
+                        cache_file_name=str(tmp / "work" / f"tokenized-{i}-{j}.arrow"),
+                        new_fingerprint=f"{key}-{i}-{j}"))
+                    progress.update(len(part))
+                offset += len(rows)
         mapped = datasets.concatenate_datasets(mapped) if len(mapped) > 1 else mapped[0]
         reasons = list(mapped["drop_reason"])
         identical = list(mapped["identical"])
@@ -265,6 +279,19 @@ def _build_entry(parts: list[tuple[str, datasets.Dataset]], tokenizer, settings:
         cache.commit(tmp, entry, report_dict)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _datasets_bars_off():
+    """datasets' per-call bars (map, save_to_disk) off for the block: ours reports the whole split."""
+    was_on = datasets.is_progress_bar_enabled()
+    if was_on:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
 
 
 def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer, settings: dict,

@@ -16,7 +16,7 @@ import time
 
 import psutil
 import pytest
-from helpers import ROOT, error_lines, launch_ranks, run_ranks
+from helpers import ROOT, error_lines, launch_ranks, run_ranks, wandb_records
 from train_utils import read_metrics, write_config
 
 from simpo_mcore.cli import train_main
@@ -44,7 +44,8 @@ def test_nonfinite_gradient_is_skipped_then_aborts(tmp_path, tiny, straight):
     # was a FloatingPointError traceback per rank).
     ranks = launch_ranks("train_entry.py", 2, write_config(
         tmp_path / "abort.yaml", *tiny, output_dir=str(tmp_path / "abort"), parallel=par,
-        train={"max_steps": 8, "max_nonfinite_steps": 3}), env={"TEST_NAN_AT_STEPS": "2,3,4"})
+        train={"max_steps": 8, "max_nonfinite_steps": 3}, logging={"wandb": {"project": "t", "mode": "offline"}}),
+        env={"TEST_NAN_AT_STEPS": "2,3,4"})
     for rank in ranks:
         assert rank.returncode == 2, rank.stderr[-3000:]
         assert "Traceback" not in rank.stderr
@@ -52,6 +53,11 @@ def test_nonfinite_gradient_is_skipped_then_aborts(tmp_path, tiny, straight):
             "simpo-train: error: 3 consecutive non-finite steps (last: step 4); aborting "
             "(train.max_nonfinite_steps=3); no checkpoint was saved. Lower optim.lr, check the data, or raise "
             "train.max_nonfinite_steps"]
+    # The aborted run's W&B run is closed as failed, with the steps it took.
+    (run_file,) = (tmp_path / "abort" / "wandb").glob("offline-run-*/run-*.wandb")
+    records = wandb_records(run_file)
+    assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [1]
+    assert [r.history.step.num for r in records if r.WhichOneof("record_type") == "history"] == [1, 2, 3]
 
 
 @pytest.mark.slow

@@ -146,7 +146,7 @@ def test_crafted_rng_object_is_refused_and_runs_nothing(converted, tmp_path):
     write_manifest(path)
     with pytest.raises(RefusedPickle, match=r"__0_0\.distcp \(item rng_state/shard_0\.0\.0_1\.1\.1\): refusing "
                                             r"to load: it names builtins\.exec"):
-        ckpt.load_train_checkpoint(path, ddp_chunks=[], optimizer=None, scheduler=None, layout=None)
+        ckpt.load_train_checkpoint(path, ddp_chunks=[], optimizer=None, layout=None)
     assert not marker.exists()
 
 
