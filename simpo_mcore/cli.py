@@ -65,6 +65,13 @@ GPU; builds the tokenised cache the run then reads.""", """examples:
   simpo-data configs/simpo/llama3_8b_base.yaml --split eval data.max_eval_pairs=200""")
 
 
+def error_line(text: str) -> None:
+    """``text`` and its newline on stderr in one write: ranks started by torchrun run unbuffered (``python
+    -u``), where ``print`` writes the newline separately and two ranks' lines could run into one another."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def _parser(prog: str, help_text: tuple[str, str]) -> argparse.ArgumentParser:
     description, examples = help_text
     parser = argparse.ArgumentParser(prog=prog, description=description,
@@ -155,7 +162,7 @@ def _launch_failure(prog: str, exc: Exception) -> int:
     if codes and all(code == USER_ERROR_EXIT for code in codes.values()):
         return USER_ERROR_EXIT
     detail = ", ".join(f"rank {rank} exit code {code}" for rank, code in sorted(codes.items())) or str(exc)
-    print(f"{prog}: error: {detail} (its output above says why)", file=sys.stderr)
+    error_line(f"{prog}: error: {detail} (its output above says why)")
     return 1
 
 
@@ -180,7 +187,7 @@ def _main(prog: str, job, argv: list[str] | None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
-        print(f"{prog}: config error: {exc}", file=sys.stderr)
+        error_line(f"{prog}: config error: {exc}")
         return USER_ERROR_EXIT
     code = _relaunch_if_needed(prog, cfg, args)
     if code is not None:
@@ -196,10 +203,10 @@ def _run_job(prog: str, job, cfg) -> int:
     try:
         job(cfg)
     except USER_ERRORS as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        error_line(f"{prog}: error: {exc}")
         return USER_ERROR_EXIT
     except PeerFailed as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        error_line(f"{prog}: error: {exc}")
         return 1
     return 0
 
@@ -250,7 +257,7 @@ def data_main(argv: list[str] | None = None) -> int:
         print(run_preview(cfg.data, tokenizer, args.split, Path(cfg.output_dir) / "data_cache", batch,
                           samples=args.samples, color=sys.stdout.isatty(), warnings=[warning] if warning else []))
     except USER_ERRORS as exc:
-        print(f"simpo-data: error: {exc}", file=sys.stderr)
+        error_line(f"simpo-data: error: {exc}")
         return USER_ERROR_EXIT
     return 0
 
