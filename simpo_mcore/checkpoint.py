@@ -20,15 +20,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.serialization import load_common_state_dict
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from simpo_mcore.convert.checkpoint_meta import TOKENIZER_DIR, CheckpointMeta
 from simpo_mcore.convert.hf_io import copy_tokenizer_files
-from simpo_mcore.convert.mcore_io import load_chunk, model_sharded_state_dict, save_sharded
+from simpo_mcore.convert.integrity import write_manifest
+from simpo_mcore.convert.mcore_io import (
+    load_checked,
+    load_chunk,
+    model_sharded_state_dict,
+    save_sharded,
+    verify_checkpoint,
+)
+from simpo_mcore.parallel import agreed
 
 LATEST = "latest"
 RUN_CONFIG_FILE = "run_config.yaml"
@@ -54,20 +61,67 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return path
 
 
-def _rng_object(layout):
-    """This rank's RNG states, one ShardedObject per (pp, tp, dp) position."""
+RNG_KEY = "rng_state"
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    """This rank's RNG states as tensors (a checkpoint holds no pickled object of ours): Python's and
+    numpy's Mersenne Twisters, torch's CPU (and CUDA) generator, megatron's tracker streams."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    assert version == 3 and name == "MT19937", (version, name)
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python_mt": torch.tensor(mt, dtype=torch.int64),  # 624 words + position
+        "python_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
+        "numpy_mt": torch.tensor([*keys.tolist(), pos], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([has_gauss, cached], dtype=torch.float64),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "tracker": get_cuda_rng_tracker().get_states(),
     }
-    return ShardedObject("rng_state", state, (layout.pp, layout.tp, layout.dp),
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    for stream, tensor in get_cuda_rng_tracker().get_states().items():
+        state[f"tracker.{stream}"] = tensor.cpu()
+    return state
+
+
+def _restore_rng_tensors(state: dict[str, torch.Tensor]) -> None:
+    gauss = state["python_gauss"].tolist()
+    random.setstate((3, tuple(state["python_mt"].tolist()), gauss[1] if gauss[0] else None))
+    numpy_mt = state["numpy_mt"].tolist()
+    has_gauss, cached = state["numpy_gauss"].tolist()
+    np.random.set_state(("MT19937", np.array(numpy_mt[:-1], dtype=np.uint32), numpy_mt[-1], int(has_gauss), cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    streams = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("tracker.")}
+    if streams:
+        get_cuda_rng_tracker().set_states(streams)
+
+
+def _rng_sharded(layout, present: set[str] | None = None) -> dict:
+    """One ``[pp, tp, dp, n]`` tensor per RNG state, this rank's row at its (pp, tp, dp) position. When
+    loading, ``present`` limits them to the states the checkpoint holds (a CUDA state saved on a GPU is
+    skipped on a CPU and vice versa)."""
+    out = {}
+    for name, tensor in _rng_tensors().items():
+        key = f"{RNG_KEY}.{name}"
+        if present is not None and key not in present:
+            continue
+        out[name] = ShardedTensor.from_rank_offsets(
+            key, tensor.reshape(1, 1, 1, -1).clone(), (0, layout.pp_rank, layout.pp),  # [1, 1, 1, n]
+            (1, layout.tp_rank, layout.tp), (2, layout.dp_rank, layout.dp), replica_id=0)
+    return out
+
+
+def _legacy_rng_object(layout) -> ShardedObject:
+    """How checkpoints written before the RNG states became tensors held them: a pickled dict per rank
+    (read only after :func:`~simpo_mcore.convert.safe_pickle.check_checkpoint_pickles` found nothing but
+    arrays and numbers in it)."""
+    return ShardedObject(RNG_KEY, None, (layout.pp, layout.tp, layout.dp),
                          (layout.pp_rank, layout.tp_rank, layout.dp_rank), replica_id=0)
 
 
-def _restore_rng(state: dict) -> None:
+def _restore_legacy_rng(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -76,12 +130,11 @@ def _restore_rng(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def train_state_dict(ddp_chunks: list, optimizer, layout, with_optimizer: bool, is_loading: bool) -> dict:
+def train_state_dict(ddp_chunks: list, optimizer, with_optimizer: bool, is_loading: bool) -> dict:
     chunks = [c.module for c in ddp_chunks]
     state = model_sharded_state_dict(chunks)
     if with_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=OPTIM_SHARDING)
-    state["rng_state"] = _rng_object(layout)
     return state
 
 
@@ -89,70 +142,100 @@ def save_train_checkpoint(root: str | Path, step: int, ddp_chunks: list, optimiz
                           progress: dict, meta: CheckpointMeta, layout, keep_last: int,
                           with_optimizer: bool = True, tokenizer: str | None = None,
                           run_config: dict | None = None, run_info: dict | None = None) -> Path:
-    """Write ``root/step_N`` atomically and point ``root/latest`` at it; keep the newest K.
+    """Write ``root/step_N`` atomically and point ``root/latest`` at it; keep the newest K up to it.
 
-    The tensors go to ``step_N.incomplete``; only when every rank has finished does rank 0 add
-    ``simpo_mcore.json``, rename the directory and replace ``latest`` (an atomic rename), so a
-    crash at any point leaves the previous checkpoint and ``latest`` untouched. ``tokenizer``: a
-    local tokenizer directory (its files are copied in, so exports carry them) or a hub name.
-    ``run_config``: the run's resolved config, written to ``run_config.yaml``; ``run_info``: what else the
-    resume checks need (the training data's fingerprint, the total steps), added to ``simpo_mcore.json``.
+    The tensors (model, optimizer, RNG) go to ``step_N.incomplete``; when every rank has finished,
+    rank 0 adds ``simpo_mcore.json`` (architecture, progress: JSON a person can read) and
+    ``run_config.yaml``, every rank hashes its share of the files into ``integrity.json``, and rank 0
+    renames the directory and replaces ``latest`` (an atomic rename), so a crash at any point leaves the
+    previous checkpoint and ``latest`` untouched. ``tokenizer``: a local tokenizer directory (its files are
+    copied in, so exports carry them) or a hub name. ``run_config``: the run's resolved config;
+    ``run_info``: what else the resume checks need (the training data's fingerprint, the total steps),
+    added to ``simpo_mcore.json``.
     """
     root = Path(root)
     final = root / step_dir_name(step)
     tmp = root / (step_dir_name(step) + ".incomplete")
-    if dist.get_rank() == 0:
+    rank0 = dist.get_rank() == 0
+
+    def fresh_dir():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    dist.barrier()
-    state = train_state_dict(ddp_chunks, optimizer, layout, with_optimizer, is_loading=False)
-    # Plain values land in the common state (rank 0's copy, checked equal across ranks).
-    state["progress"] = dict(progress)
+
+    agreed(fresh_dir, run=rank0)
+    state = train_state_dict(ddp_chunks, optimizer, with_optimizer, is_loading=False)
+    state[RNG_KEY] = _rng_sharded(layout)
     save_sharded(state, tmp)
     dist.barrier()
-    if dist.get_rank() == 0:
-        info = {**meta.info, "step": step, **progress, "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
-                **(run_info or {})}
+
+    def write_meta():
+        info = {**meta.info, "step": step, **progress, "progress": dict(progress),
+                "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}, **(run_info or {})}
         if run_config is not None:
             write_run_config(tmp, run_config)
         tok = tokenizer
         if tokenizer and Path(tokenizer).is_dir() and copy_tokenizer_files(tokenizer, tmp / TOKENIZER_DIR):
             tok = TOKENIZER_DIR
         CheckpointMeta(arch=meta.arch, tokenizer=tok, kind="train", info=info).write(tmp)
+
+    agreed(write_meta, run=rank0)
+    write_manifest(tmp)
+
+    def publish():
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
         marker_tmp = root / (LATEST + ".tmp")
         marker_tmp.write_text(final.name + "\n")
         os.replace(marker_tmp, root / LATEST)
-        steps = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".incomplete"))
-        for old in steps[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+        prune_checkpoints(root, keep_last, step)
+
+    agreed(publish, run=rank0)
     return final
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("_")[1])
+
+
+def prune_checkpoints(root: Path, keep_last: int, step: int) -> list[str]:
+    """Delete all but the newest ``keep_last`` complete checkpoints at or below ``step`` (the one just
+    written); returns the names deleted. Never the one just written, never one of a higher step (another
+    run's, or one ``latest`` was pointed back from): keeping K newest by step number alone once deleted
+    the checkpoint a run had just written when an older run's higher steps sat beside it."""
+    older = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".incomplete")
+                    and _step_of(p) < step), key=_step_of)
+    doomed = older[:max(0, len(older) - (keep_last - 1))]
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)
+    return [p.name for p in doomed]
 
 
 @torch.no_grad()
 def load_train_checkpoint(path: str | Path, ddp_chunks: list, optimizer, layout,
                           with_optimizer: bool = True) -> dict:
     """Restore model, optimizer state and (same layout only) RNG; return the progress dict. The optimizer's
-    hyper-parameters (lr, betas, weight decay) are the caller's to set from its config (``apply_optim_config``)."""
+    hyper-parameters (lr, betas, weight decay) are the caller's to set from its config (``apply_optim_config``).
+
+    The checkpoint is verified first (every file against ``integrity.json``, no pickle that could run
+    code: :func:`~simpo_mcore.convert.mcore_io.verify_checkpoint`)."""
     path = Path(path)
     meta = CheckpointMeta.read(path)
     if meta.kind != "train":
         raise ValueError(f"{path} is a {meta.kind} checkpoint, not a training checkpoint")
-    common = load_common_state_dict(str(path))
-    saved = meta.info.get("layout", {})
-    same_layout = saved == {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}
-    has_optimizer = any(k.startswith("optimizer") for k in common) or _has_optimizer_tensors(path)
-    if with_optimizer and not has_optimizer:
+    present = {k.split("/shard_")[0] for k in verify_checkpoint(path).state_dict_metadata}
+    same_layout = meta.info.get("layout", {}) == {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}
+    if with_optimizer and not any(k.startswith("optimizer") for k in present):
         raise ValueError(f"{path} holds no optimizer state (saved with checkpoint.save_optimizer: false)")
     if with_optimizer:
         _materialize_optimizer_state(ddp_chunks, optimizer)
-    state = train_state_dict(ddp_chunks, optimizer, layout, with_optimizer, is_loading=True)
-    if not same_layout:
-        state.pop("rng_state")  # RNG streams are per rank; a new layout reseeds (no dropout in use)
-    loaded = dist_checkpointing.load(state, str(path))
+    state = train_state_dict(ddp_chunks, optimizer, with_optimizer, is_loading=True)
+    # RNG streams are per rank: restored at the same layout only (a new layout reseeds; no dropout in use).
+    if same_layout and RNG_KEY in present:
+        state[RNG_KEY] = _legacy_rng_object(layout)
+    elif same_layout:
+        state[RNG_KEY] = _rng_sharded(layout, present)
+    loaded = load_checked(state, path)
     chunks = [c.module for c in ddp_chunks]
     if len(chunks) == 1:
         load_chunk(chunks[0], loaded["model"])
@@ -163,9 +246,19 @@ def load_train_checkpoint(path: str | Path, ddp_chunks: list, optimizer, layout,
         _match_group_learning_rates(loaded["optimizer"], optimizer)
         with _megatron_019_adam_step_fix(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
-    if same_layout:
-        _restore_rng(loaded["rng_state"])
-    return dict(common["progress"])
+    if RNG_KEY in loaded and isinstance(loaded[RNG_KEY], dict) and "python" in loaded[RNG_KEY]:
+        _restore_legacy_rng(loaded[RNG_KEY])
+    elif RNG_KEY in loaded:
+        _restore_rng_tensors({name: t.reshape(-1) for name, t in loaded[RNG_KEY].items()})
+    return dict(_saved_progress(path, meta))
+
+
+def _saved_progress(path: Path, meta: CheckpointMeta) -> dict:
+    """The progress dict from ``simpo_mcore.json``; a checkpoint from before it moved there holds it in
+    megatron's common state (read after its pickles were checked)."""
+    if "progress" in meta.info:
+        return meta.info["progress"]
+    return load_common_state_dict(str(path))["progress"]
 
 
 def write_run_config(ckpt_dir: str | Path, run_config: dict) -> None:
@@ -266,10 +359,6 @@ def _megatron_019_adam_step_fix(optimizer):
             for state in getattr(opt, "optimizer", opt).state.values():
                 if isinstance(state.get("step"), torch.Tensor):
                     state["step"] = state["step"].clone()
-
-
-def _has_optimizer_tensors(path: Path) -> bool:
-    return any(k.startswith("optimizer") for k in dist_checkpointing.load_tensors_metadata(str(path)))
 
 
 def remove_incomplete(root: str | Path) -> list[str]:

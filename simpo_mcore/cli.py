@@ -10,25 +10,95 @@ command.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
-from simpo_mcore.config import ConfigError, load_config
+from simpo_mcore import console
+from simpo_mcore.config import USER_ERRORS, ConfigError, load_config
+
+USER_ERROR_EXIT = 2
+"""The exit code of a user error, from every rank and from the launcher."""
+LAUNCHER_PID = "SIMPO_LAUNCHER_PID"
+"""Set by the CPU re-launch for its ranks: the process they must not outlive."""
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""Pre-emption signals the CPU re-launch passes to its ranks itself (each rank saves and exits 0)."""
+
+OVERRIDES_HELP = """overrides:
+  Any config field as dotted.key=value after the config file, the value read as YAML; they win over
+  the file (and its _base_ files):
+    train.max_steps=200  optim.lr=5e-7  output_dir=runs/try2  data.max_pairs=null
+    logging.wandb.project=simpo  logging.wandb.mode=offline
+  Every field, with its meaning, is in simpo_mcore/config.py; unknown keys and wrong types are errors
+  naming the key."""
+
+TRAIN_HELP = ("""Train a model with SimPO (or a DPO baseline) from a YAML run config.
+
+Run one process per rank: under torchrun on GPUs; on a CPU a config that needs several ranks
+(parallel.tp x parallel.pp) re-launches itself on that many (or --nproc). Writes checkpoints,
+metrics.jsonl, TensorBoard and (with logging.wandb.project) a W&B run into output_dir, and resumes
+from output_dir/checkpoints/latest when it exists. Rank 0 prints one line every train.log_interval
+steps (a progress bar on a terminal) and a summary at the end.""", """examples:
+  simpo-train configs/tiny_cpu.yaml                                  # the CPU demo, 2 ranks
+  simpo-train configs/tiny_cpu.yaml train.max_steps=20 output_dir=runs/short
+  torchrun --nproc-per-node 8 -m simpo_mcore.cli simpo-train configs/simpo/llama3_8b_base_8gpu.yaml
+  sbatch tools/launch/slurm_multinode.sbatch configs/simpo/llama3_8b_base_multinode.yaml
+  (docs/launch.md: torchrun, several nodes, SLURM, pre-emption)""")
+
+EVAL_HELP = ("""Evaluate a checkpoint on a preference split (data.eval_path): loss, rewards, reward accuracy and
+margins, log-probs, written to output_dir/eval_metrics.json.
+
+Same config and launch as simpo-train; model.checkpoint names the converted or trained checkpoint.""",
+             """examples:
+  simpo-eval configs/tiny_cpu.yaml model.checkpoint=runs/tiny_cpu/checkpoints/step_0000150 output_dir=runs/eval150
+  torchrun --nproc-per-node 8 -m simpo_mcore.cli simpo-eval configs/simpo/llama3_8b_base_8gpu.yaml \\
+      model.checkpoint=runs/simpo_llama3_8b_base_8gpu/checkpoints/step_0000400 output_dir=runs/eval400""")
+
+DATA_HELP = ("""Show a run's preference data as it will be trained on: the detected format, rendered pairs with
+the trained tokens marked, length distributions, truncation and padding efficiency. One process, no
+GPU; builds the tokenised cache the run then reads.""", """examples:
+  simpo-data configs/tiny_cpu.yaml
+  simpo-data configs/simpo/llama3_8b_base_8gpu.yaml --dp 8 --samples 5
+  simpo-data configs/simpo/llama3_8b_base.yaml --split eval data.max_eval_pairs=200""")
 
 
-def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+def error_line(text: str) -> None:
+    """``text`` and its newline on stderr in one write: ranks started by torchrun run unbuffered (``python
+    -u``), where ``print`` writes the newline separately and two ranks' lines could run into one another."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def _parser(prog: str, help_text: tuple[str, str]) -> argparse.ArgumentParser:
+    description, examples = help_text
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     epilog=f"{OVERRIDES_HELP}\n\n{examples}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML run config (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=10")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides (below)")
+    parser.add_argument("--verbose", action="store_true",
+                        help=f"show every library warning and every rank's log ({console.VERBOSE_ENV}=1)")
     return parser
 
 
+def _parse_quietly(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse (``--help`` answers here, before any heavy import), then quiet the libraries before the job
+    imports them."""
+    args = parser.parse_intermixed_args(argv)  # options and overrides in any order
+    if args.verbose:
+        console.set_verbose()  # in the environment: ranks launched from here inherit it
+    console.quiet_third_party()
+    return args
+
+
 def _parse(prog: str, argv: list[str] | None):
-    parser = _parser(prog, __doc__.split("\n\n")[0])
+    parser = _parser(prog, TRAIN_HELP if prog == "simpo-train" else EVAL_HELP)
     parser.add_argument("--nproc", type=int, default=None,
                         help="CPU only, outside torchrun: ranks to launch (default: tp x pp)")
-    return parser.parse_args(argv)
+    return _parse_quietly(parser, argv)
 
 
 def _relaunch_if_needed(prog: str, cfg, args) -> int | None:
@@ -44,97 +114,137 @@ def _relaunch_if_needed(prog: str, cfg, args) -> int | None:
 
     from simpo_mcore.parallel import free_port
 
+    # torchrun leaves SIGTERM / SIGUSR1 to us (see _forward_signals); it still handles SIGINT and friends.
     cmd = [f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-           "-m", "simpo_mcore.cli", prog, args.config, *args.overrides]
+           "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", "-m", "simpo_mcore.cli", prog, args.config, *args.overrides]
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    os.environ[LAUNCHER_PID] = str(os.getpid())
     print(f"[simpo_mcore] launching {nproc} CPU ranks: torchrun {' '.join(cmd)}", flush=True)
+    _forward_signals()
+    # The launcher reports a failed rank itself (_launch_failure): torchrun's own log lines about it
+    # ("closing signal SIGTERM", "failed (exitcode: 2)") would follow every user error.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         torchrun(cmd)
     except SystemExit as exc:
         return int(exc.code or 0)
-    except Exception as exc:  # noqa: BLE001 - torchrun raises ChildFailedError with the rank's log
-        print(f"[simpo_mcore] {prog} failed: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:  # noqa: BLE001 - torchrun raises ChildFailedError naming the failed ranks
+        return _launch_failure(prog, exc)
     return 0
 
 
-QUIET_WARNINGS = (
-    "Apex is not installed", "Transformer Engine and Apex are not installed", "MimoModelConfig is experimental",
-    "torch.distributed is disabled", "MCore's async save is deprecated", "No CUDA runtime is found",
-    "is not a leaf Tensor is being accessed", "reduce_scatter_tensor` is deprecated",
-    "all_gather_into_tensor` is deprecated", "CUDA_DEVICE_MAX_CONNECTIONS",
-)
-"""Warnings megatron / torch print on every CPU rank that say nothing about this run."""
+def _forward_signals() -> None:
+    """In the CPU re-launch: SIGTERM / SIGUSR1 go on to every rank, as they would from a scheduler.
+
+    torchrun's own handling of SIGTERM stops waiting for the ranks and exits 1 ("signal 15") even when
+    they save a checkpoint and exit 0; here the launcher only passes the signal on and keeps waiting, so
+    a pre-emption save ends in exit 0. Each rank leads a process group of its own (torchrun starts it
+    in a new session), as torchrun signals it."""
+    import psutil
+
+    def forward(signum, frame):
+        ranks = psutil.Process().children()
+        if not ranks:  # none started yet: stop here (any that start now die with this process)
+            os._exit(128 + signum)
+        for rank in ranks:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(rank.pid, signum)
+
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, forward)
 
 
-def _quiet() -> None:
-    import logging
-    import warnings
+def _launch_failure(prog: str, exc: Exception) -> int:
+    """The re-launch's exit code once a rank failed: 2 when the ranks reported a user error (each
+    printed its ``error:`` line), else 1 with one line naming the rank."""
+    failures = getattr(exc, "failures", None) or {}
+    codes = {rank: failure.exitcode for rank, failure in failures.items()}
+    if codes and all(code == USER_ERROR_EXIT for code in codes.values()):
+        return USER_ERROR_EXIT
+    detail = ", ".join(f"rank {rank} exit code {code}" for rank, code in sorted(codes.items())) or str(exc)
+    error_line(f"{prog}: error: {detail} (its output above says why)")
+    return 1
 
-    for text in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=f".*{text}.*")
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-    try:
-        import datasets
 
-        datasets.disable_progress_bars()
-    except ImportError:
-        pass
+def _die_with_launcher() -> None:
+    """A rank started by torchrun is killed when its launcher dies, even by ``kill -9`` (which the
+    launcher cannot pass on): otherwise the ranks run on as orphans and race the relaunch for the
+    output_dir. Linux ``PR_SET_PDEATHSIG``; elsewhere nothing."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    launcher = int(os.environ.get(LAUNCHER_PID, "0"))
+    if os.getppid() == 1 or (launcher and os.getppid() != launcher):
+        os._exit(1)  # the launcher died before the line above took effect
 
 
 def _main(prog: str, job, argv: list[str] | None) -> int:
-    _quiet()
+    _die_with_launcher()
     args = _parse(prog, argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
-        print(f"{prog}: config error: {exc}", file=sys.stderr)
-        return 2
+        error_line(f"{prog}: config error: {exc}")
+        return USER_ERROR_EXIT
     code = _relaunch_if_needed(prog, cfg, args)
     if code is not None:
         return code
+    return _run_job(prog, job, cfg)
+
+
+def _run_job(prog: str, job, cfg) -> int:
+    """``job(cfg)`` on this rank; a user error (every rank raises the same one: ``parallel.agreed``)
+    becomes one ``error:`` line and exit code 2, a failure on another rank one line and exit code 1."""
+    from simpo_mcore.parallel import PeerFailed
+
     try:
         job(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        error_line(f"{prog}: error: {exc}")
+        return USER_ERROR_EXIT
+    except PeerFailed as exc:
+        error_line(f"{prog}: error: {exc}")
+        return 1
     return 0
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    from simpo_mcore.train import run_training
-
     def job(cfg):
-        metrics = run_training(cfg)
-        if int(os.environ.get("RANK", "0")) == 0 and metrics:
-            acc = metrics.get("rewards/accuracies")
-            if acc is not None:
-                print(f"[simpo_mcore] final held-out reward accuracy: {acc:.3f}", flush=True)
+        from simpo_mcore.train import run_training
+
+        held_out = run_training(cfg)  # None without held-out data or when stopped early
+        if int(os.environ.get("RANK", "0")) == 0 and held_out:
+            print(f"[simpo_mcore] final held-out reward accuracy: {held_out['rewards/accuracies']:.3f}", flush=True)
 
     return _main("simpo-train", job, argv)
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    from simpo_mcore.evaluate import run_eval
+    def job(cfg):
+        from simpo_mcore.evaluate import run_eval
 
-    return _main("simpo-eval", run_eval, argv)
+        run_eval(cfg)
+
+    return _main("simpo-eval", job, argv)
 
 
 def data_main(argv: list[str] | None = None) -> int:
     """``simpo-data CONFIG.yaml [overrides]``: the run's data as it will be trained on (one process,
     no process group); builds the tokenised cache the run then reads."""
-    _quiet()
-    parser = _parser("simpo-data", "Show a run's preference data as it will be trained on.")
+    parser = _parser("simpo-data", DATA_HELP)
     parser.add_argument("--split", choices=["train", "eval"], default="train")
     parser.add_argument("--samples", type=int, default=3, help="rendered pairs to show (default 3)")
     parser.add_argument("--dp", type=int, default=1,
                         help="data-parallel size of the launch, for the padding efficiency (default 1)")
-    args = parser.parse_intermixed_args(argv)  # options and overrides in any order
+    args = _parse_quietly(parser, argv)
     try:
         if args.dp < 1 or args.samples < 0:
             raise ValueError(f"--dp must be >= 1 and --samples >= 0 (got {args.dp}, {args.samples})")
         cfg = load_config(args.config, args.overrides)
+        console.set_progress_interval(cfg.logging.progress_interval_s)
         from simpo_mcore.data.preview import BatchShape, run_preview
         from simpo_mcore.runtime import data_tokenizer, max_length_warning
 
@@ -143,13 +253,23 @@ def data_main(argv: list[str] | None = None) -> int:
         warning = max_positions is not None and max_length_warning(cfg.data.max_length, max_positions)
         print(run_preview(cfg.data, tokenizer, args.split, Path(cfg.output_dir) / "data_cache", batch,
                           samples=args.samples, color=sys.stdout.isatty(), warnings=[warning] if warning else []))
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"simpo-data: error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        error_line(f"simpo-data: error: {exc}")
+        return USER_ERROR_EXIT
     return 0
 
 
+COMMANDS = {"simpo-train": train_main, "simpo-eval": eval_main, "simpo-data": data_main}
+
+
+def module_main(argv: list[str]) -> int:
+    """``python -m simpo_mcore.cli simpo-train CONFIG ...`` (what torchrun and the CPU re-launch run)."""
+    if not argv or argv[0] not in COMMANDS:
+        out = sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr
+        print(f"usage: python -m simpo_mcore.cli {{{','.join(COMMANDS)}}} CONFIG [overrides] [--help]", file=out)
+        return 0 if out is sys.stdout else 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
 if __name__ == "__main__":
-    # `python -m simpo_mcore.cli simpo-train CONFIG ...` (what the CPU re-launch runs).
-    prog, rest = sys.argv[1], sys.argv[2:]
-    sys.exit({"simpo-train": train_main, "simpo-eval": eval_main, "simpo-data": data_main}[prog](rest))
+    sys.exit(module_main(sys.argv[1:]))

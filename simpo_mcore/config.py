@@ -10,6 +10,7 @@ the dotted name of the offending field, and :meth:`RunConfig.validate` checks th
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,8 +20,20 @@ from typing import Any, Literal
 import yaml
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Something the user gave or did stops the job: a file, path, checkpoint or setting, or a documented
+    stop (``train.max_nonfinite_steps``). The entry points print it as one line ``error: ...`` and exit 2,
+    on every rank."""
+
+
+class ConfigError(UserError, ValueError):
     """A configuration value is missing, unknown, of the wrong type or inconsistent."""
+
+
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
+"""What the entry points report as the user's error (one ``error:`` line, exit 2): ours, and the errors the
+libraries raise for bad values and paths."""
 
 
 @dataclass
@@ -87,7 +100,13 @@ class DataConfig:
 
     on_bad_row: Literal["drop", "error"] = "drop"
     """Rows that cannot form a valid pair (missing field, last turn not from the assistant, empty
-    response, no room left by the prompt): ``drop`` with a counted warning, or ``error``."""
+    response, no room left by the prompt, a chat-template error): ``drop`` with a counted warning, or
+    ``error``."""
+
+    identical_pairs: Literal["keep", "drop"] = "keep"
+    """Pairs whose chosen and rejected responses are the same tokens carry no preference (their loss term
+    has no gradient; they still count in the batch mean and as misses in reward accuracy). They are
+    counted and warned about once; ``keep`` trains on them as the reference does, ``drop`` removes them."""
 
     max_pairs: int | None = None
     """Use only the first N rows of the training split (debugging); ``None`` uses all."""
@@ -251,7 +270,8 @@ class TrainConfig:
     Megatron-LM's --exit-interval); the schedule still spans the whole run and a relaunch resumes."""
 
     log_interval: int = 1
-    """Write metrics every N steps."""
+    """Write metrics (``metrics.jsonl``, TensorBoard, W&B) every N steps, and without a terminal print a
+    step line (loss, reward accuracy and margin, lr, grad norm, tokens/s, MFU, memory, ETA) as often."""
 
     max_nonfinite_steps: int = 3
     """Abort after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
@@ -260,7 +280,8 @@ class TrainConfig:
     """Write TensorBoard event files under ``<output_dir>/tensorboard``."""
 
     progress_bar: bool = True
-    """Rank-0 progress bar on stderr."""
+    """On a terminal, rank 0 draws a progress bar on stderr; ``false`` prints the step lines instead
+    (as it always does without a terminal)."""
 
 
 @dataclass
@@ -269,10 +290,16 @@ class CheckpointConfig:
     """Save every N steps (0: only at the end and on a signal)."""
 
     keep_last: int = 2
-    """Keep the newest K step checkpoints."""
+    """Keep the newest K step checkpoints up to the step just saved (never the one just saved; never
+    one of a higher step)."""
 
     resume: bool = True
     """Resume from ``<output_dir>/checkpoints/latest`` when it exists."""
+
+    overwrite: bool = False
+    """With ``resume: false``: delete what a previous run left in ``output_dir`` (checkpoints,
+    metrics.jsonl, TensorBoard events, the HF export, eval_metrics.json) and start over. Without it,
+    a fresh run into an output_dir that holds a previous run is refused."""
 
     export_hf: bool = False
     """Also write a Hugging Face model to ``<output_dir>/hf`` at the end."""
@@ -289,6 +316,37 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str | None = None
+    """Weights & Biases project. ``None`` (the default): no W&B. Needs the optional extra
+    (``pip install -e .[wandb]``). The run gets the resolved config and every metric of
+    ``metrics.jsonl``; a resumed run continues the same W&B run (its id is kept in
+    ``<output_dir>/wandb_run_id``)."""
+
+    name: str | None = None
+    """Run name shown in W&B; ``None``: the last component of ``output_dir``."""
+
+    entity: str | None = None
+    """W&B team or user; ``None``: the default entity of the logged-in account."""
+
+    mode: Literal["online", "offline", "disabled"] = "online"
+    """``online`` streams to the W&B server (needs network and ``wandb login`` or ``WANDB_API_KEY``);
+    ``offline`` writes the run under ``<output_dir>/wandb`` with no network (upload it later with
+    ``wandb sync <output_dir>/wandb/offline-run-*``); ``disabled`` turns W&B off."""
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases tracking (off unless ``project`` is set). TensorBoard is ``train.tensorboard``."""
+
+    progress_interval_s: float = 30.0
+    """Without a terminal (a SLURM log, a pipe): seconds between the progress lines of tokenisation, the
+    DPO reference pass and evaluation. Training prints a line every ``train.log_interval`` steps; on a
+    terminal every task draws a progress bar instead."""
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -297,6 +355,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     output_dir: str = "runs/simpo"
     """Everything a run writes: checkpoints, metrics.jsonl, TensorBoard, eval_metrics.json."""
 
@@ -356,13 +415,7 @@ class RunConfig:
             raise ConfigError(f"train.max_steps must be >= 1 or null, got {t.max_steps}")
         if t.epochs <= 0:
             raise ConfigError(f"train.epochs must be positive, got {t.epochs}")
-        if not 0.0 <= self.optim.warmup_ratio < 1.0:
-            raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.optim.warmup_ratio}")
-        if not 0.0 <= self.optim.min_lr <= self.optim.lr:
-            raise ConfigError(f"optim.min_lr must be in [0, optim.lr = {self.optim.lr}], got {self.optim.min_lr}")
-        if self.optim.scheduler == "constant" and self.optim.min_lr:
-            raise ConfigError(f"optim.min_lr ({self.optim.min_lr}) has no effect with optim.scheduler: constant; "
-                              "set it to 0")
+        _validate_optim(self.optim)
         for name in self.checkpoint.allow_changes:
             if name not in config_fields(self):
                 raise ConfigError(f"checkpoint.allow_changes: {name!r} is not a config section or field "
@@ -374,6 +427,14 @@ class RunConfig:
                 raise ConfigError(f"checkpoint.{name} must be >= 0")
         if self.checkpoint.keep_last < 1:
             raise ConfigError("checkpoint.keep_last must be >= 1")
+        if self.checkpoint.overwrite and self.checkpoint.resume:
+            raise ConfigError("checkpoint.overwrite deletes a previous run to start over: it needs "
+                              "checkpoint.resume: false (resuming keeps the previous run)")
+        if self.logging.progress_interval_s < 0:
+            raise ConfigError(f"logging.progress_interval_s must be >= 0, got {self.logging.progress_interval_s}")
+        for name in ("project", "name", "entity"):
+            if getattr(self.logging.wandb, name) == "":
+                raise ConfigError(f"logging.wandb.{name} is empty; leave it unset (null) instead")
         if t.precision == "fp8" and self.model.spec in ("local", "sdpa"):
             raise ConfigError(
                 f"train.precision: fp8 needs the Transformer Engine spec; model.spec is {self.model.spec!r}")
@@ -436,6 +497,26 @@ def is_allowed(name: str, allow: list[str]) -> bool:
 DATA_COLUMNS = ("prompt", "chosen", "rejected", "conversations", "system", "prompt_id", "input",
                 "preferred_output", "non_preferred_output")
 """The column names the data formats read (the keys ``data.columns`` may map)."""
+
+
+def _validate_optim(o: OptimConfig) -> None:
+    """AdamW and schedule values that would train nothing or diverge silently."""
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        raise ConfigError(f"optim.lr must be a positive number, got {o.lr}")
+    if not 0.0 <= o.min_lr <= o.lr:
+        raise ConfigError(f"optim.min_lr must be in [0, optim.lr={o.lr}], got {o.min_lr}")
+    if not 0.0 <= o.warmup_ratio < 1.0:
+        raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {o.warmup_ratio}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(o, name) < 1.0:
+            raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(o, name)}")
+    if not o.adam_eps > 0:
+        raise ConfigError(f"optim.adam_eps must be positive, got {o.adam_eps}")
+    for name in ("weight_decay", "clip_grad"):
+        if not getattr(o, name) >= 0:
+            raise ConfigError(f"optim.{name} must be >= 0, got {getattr(o, name)}")
+    if o.scheduler == "constant" and o.min_lr:
+        raise ConfigError(f"optim.min_lr ({o.min_lr}) has no effect with optim.scheduler: constant; set it to 0")
 
 
 def _positive(cfg: RunConfig, names: list[str]) -> None:

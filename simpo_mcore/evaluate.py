@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 
+from simpo_mcore import console
 from simpo_mcore.config import LossConfig, RunConfig
-from simpo_mcore.data.pipeline import load_split
+from simpo_mcore.data.pipeline import check_data_paths, load_split
 from simpo_mcore.logprobs import TokenLogpsContext
-from simpo_mcore.parallel import distributed
+from simpo_mcore.output_dir import check_writable
+from simpo_mcore.parallel import agreed, distributed
 from simpo_mcore.reference import attach_reference_logps
 from simpo_mcore.runtime import build_runtime
 from simpo_mcore.step import make_forward_step, reduce_reports, run_schedule
@@ -41,18 +43,23 @@ def run_eval(cfg: RunConfig) -> dict[str, float]:
     """``simpo-eval``: metrics of ``model.checkpoint`` on ``data.eval_path`` -> eval_metrics.json."""
     if cfg.data.eval_path is None:
         raise ValueError("data.eval_path is required for simpo-eval")
+    console.set_progress_interval(cfg.logging.progress_interval_s)
     with distributed(cfg.parallel, cfg.train.seed) as layout:
+        out = Path(cfg.output_dir)
+        agreed(lambda: check_writable(out), run=layout.rank == 0)  # before the model loads, not after the pass
+        check_data_paths(cfg.data, ("eval",), layout.rank)
         rt = build_runtime(cfg, layout)
         split = load_split(cfg.data, rt.tokenizer, "eval", layout.rank, cfg.output_dir)
         if cfg.loss.type == "dpo":
             # A checkpoint is its own reference at evaluation unless one was trained from it.
             split = attach_reference_logps(rt, split, "eval")
-        metrics = evaluate(rt.chunks, rt.eval_groups(split), cfg.loss, rt.head, layout.device)
+        metrics = evaluate(rt.chunks, rt.eval_groups(split, progress="eval"), cfg.loss, rt.head, layout.device)
         metrics = {"num_pairs": int(metrics.pop("num_pairs")), **metrics}
-        if layout.rank == 0:
-            out = Path(cfg.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
+
+        def write():
             (out / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
             log.info("eval on %d pairs: %s", metrics["num_pairs"],
                      ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "num_pairs"))
+
+        agreed(write, run=layout.rank == 0)
         return metrics

@@ -12,8 +12,10 @@ import contextlib
 import datetime
 import os
 import random
+import signal
 import socket
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +25,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from simpo_mcore import cpu_mode
-from simpo_mcore.config import ConfigError, ParallelConfig
+from simpo_mcore.config import USER_ERRORS, ConfigError, ParallelConfig, UserError
 
 _cpu_scope_opened = False
 """Whether :func:`init_distributed` opened the CPU-mode scope that :func:`shutdown` must close."""
@@ -106,11 +108,55 @@ def init_distributed(cfg: ParallelConfig, seed: int) -> Layout:
 
 @contextlib.contextmanager
 def distributed(cfg: ParallelConfig, seed: int) -> Iterator[Layout]:
-    """``init_distributed`` for the block, then :func:`shutdown` however it ends."""
+    """``init_distributed`` for the block, then :func:`shutdown` however it ends.
+
+    A rank of a torchrun job that leaves the block with an error ignores SIGTERM from then on: every rank
+    raises the same error (:func:`agreed`) and exits with it, but torchrun sends SIGTERM to the others as
+    soon as the first one exits, which would cut their ``error:`` line and exit code short."""
     try:
         yield init_distributed(cfg, seed)
+    except BaseException:
+        if "TORCHELASTIC_RUN_ID" in os.environ and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise
     finally:
         shutdown()
+
+
+class PeerFailed(RuntimeError):
+    """Another rank failed with an error that is not the user's; its traceback is in its own output."""
+
+
+def agreed[T](fn: Callable[[], T], run: bool = True) -> T | None:
+    """Call ``fn`` where ``run`` is true, then make every rank of the job agree on how it went.
+
+    A rank that fails alone would otherwise leave the others waiting in their next collective until its
+    exit tears the group down ("Connection closed by peer", and the launcher blames a healthy rank). Here
+    a failing rank re-raises its own exception and every other rank raises the same user error
+    (:class:`UserError` with the same message: each prints the same ``error:`` line and exits 2), or
+    :class:`PeerFailed` naming the failed rank when the error was not the user's. Use it wherever one rank
+    (usually rank 0) does work the others then depend on. Returns ``fn()`` where it ran, else ``None``.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn() if run else None
+    result, error, outcome = None, None, None
+    if run:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - told to every rank, then re-raised below
+            error = exc
+            outcome = (isinstance(exc, USER_ERRORS), type(exc).__name__, str(exc))
+    outcomes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, outcome)
+    if error is not None:
+        raise error
+    for rank, found in enumerate(outcomes):
+        if found is not None:
+            user, name, message = found
+            if user:
+                raise UserError(message)
+            raise PeerFailed(f"rank {rank} failed ({name}: {message}); its output has the traceback")
+    return result
 
 
 def current_layout(device: torch.device, vpp: int | None = None) -> Layout:

@@ -48,7 +48,7 @@ def reference_path(output_dir: str | Path, split: str) -> Path:
 
 
 @torch.no_grad()
-def compute_reference_logps(rt: Runtime, split: TokenizedSplit) -> np.ndarray:
+def compute_reference_logps(rt: Runtime, split: TokenizedSplit, name: str = "") -> np.ndarray:
     """``[N, 2]`` summed log-probs (chosen, rejected) under the model as it is now, on every rank."""
     out = torch.zeros(len(split), 2, dtype=torch.float64, device=rt.layout.device)
 
@@ -69,7 +69,7 @@ def compute_reference_logps(rt: Runtime, split: TokenizedSplit) -> np.ndarray:
 
     for c in rt.chunks:
         c.eval()
-    for group in rt.eval_groups(split):
+    for group in rt.eval_groups(split, progress=f"reference log-probs {name}".rstrip()):
         run_schedule(rt.chunks, forward_step, group, forward_only=True)
     for c in rt.chunks:
         c.train()
@@ -98,7 +98,7 @@ def attach_reference_logps(rt: Runtime, split: TokenizedSplit, name: str) -> Tok
         log.info("reference log-probs for %s: loaded %s", name, path)
     else:
         log.info("reference log-probs for %s: forward pass over %d pairs", name, len(split))
-        values = compute_reference_logps(rt, split)
+        values = compute_reference_logps(rt, split, name)
         if rt.layout.rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp.npz")

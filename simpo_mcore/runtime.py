@@ -4,13 +4,15 @@ tokenizer, model and head."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from huggingface_hub import constants as hf_constants
 from transformers import AutoTokenizer
 
+from simpo_mcore import console
 from simpo_mcore.config import RunConfig
 from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
 from simpo_mcore.convert.mcore_io import load_model_weights
@@ -18,11 +20,12 @@ from simpo_mcore.convert.tiny import TINY_ARCH
 from simpo_mcore.convert.tool import run_in_fresh_process
 from simpo_mcore.data.batching import pad_token_id
 from simpo_mcore.data.pipeline import BatchLayout, TokenizedSplit, eval_batch_groups
+from simpo_mcore.data.sources import hub_reachable, hub_unreachable_error, looks_local
 from simpo_mcore.data.synthetic import build_tokenizer
 from simpo_mcore.logprobs import TokenLogpsContext
 from simpo_mcore.model.builder import ModelOptions, build_model
-from simpo_mcore.model.specs import resolve_spec
-from simpo_mcore.parallel import Layout
+from simpo_mcore.model.specs import resolve_spec, te_available
+from simpo_mcore.parallel import Layout, agreed
 
 log = logging.getLogger("simpo_mcore")
 
@@ -55,16 +58,16 @@ class Runtime:
         return BatchLayout.for_run(self.cfg.data, self.pad_id, layout.tp, self.options.sequence_parallel,
                                    layout.pp, layout.vpp)
 
-    def eval_groups(self, split: TokenizedSplit):
-        """``split``'s forward-only micro-batch groups for this rank (evaluation, DPO reference pass)."""
-        return eval_batch_groups(split, self.cfg.train.micro_batch_pairs, self.batch_layout, self.layout)
-
-
-def setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="[%(asctime)s simpo_mcore] %(message)s", datefmt="%H:%M:%S", force=True)
-    for noisy in ("megatron", "torch.distributed", "datasets", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    def eval_groups(self, split: TokenizedSplit, progress: str | None = None):
+        """``split``'s forward-only micro-batch groups for this rank (evaluation, DPO reference pass);
+        ``progress``: the task's name, to report its progress in pairs (rank 0's share x DP)."""
+        groups = eval_batch_groups(split, self.cfg.train.micro_batch_pairs, self.batch_layout, self.layout)
+        if progress is None:
+            return groups
+        dp = self.layout.dp
+        return console.track(groups, len(split), progress, "pairs",
+                             size=lambda group: dp * sum(len(b["row_index"]) for b in group
+                                                         if not b.get("padding", False)))
 
 
 def resolve_checkpoint(cfg: RunConfig, layout: Layout) -> Path:
@@ -74,11 +77,14 @@ def resolve_checkpoint(cfg: RunConfig, layout: Layout) -> Path:
     if cfg.model.checkpoint != TINY_CHECKPOINT:
         return _existing_checkpoint(cfg.model.checkpoint)
     path = Path(cfg.output_dir) / "tiny_init"
-    if layout.rank == 0 and not (path / "mcore" / "metadata.json").is_file():
-        # In a fresh process: dist_checkpointing.save works on the default group, which here
-        # spans every rank, while only rank 0 converts.
-        run_in_fresh_process("tiny", "--out", str(path), "--seed", str(cfg.train.seed))
-    dist.barrier()
+
+    def build_tiny():
+        if not (path / "mcore" / "metadata.json").is_file():
+            # In a fresh process: dist_checkpointing.save works on the default group, which here
+            # spans every rank, while only rank 0 converts.
+            run_in_fresh_process("tiny", "--out", str(path), "--seed", str(cfg.train.seed))
+
+    agreed(build_tiny, run=layout.rank == 0)
     return path / "mcore"
 
 
@@ -90,6 +96,11 @@ def _existing_checkpoint(name: str) -> Path:
 
 
 def load_tokenizer(source: str):
+    if not Path(source).exists():
+        if looks_local(source):
+            raise FileNotFoundError(f"model.tokenizer {source} does not exist")
+        if not hf_constants.HF_HUB_OFFLINE and not hub_reachable():  # fail now, not after the hub's retries
+            raise ValueError(hub_unreachable_error(f"model.tokenizer {source!r}"))
     try:
         return AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # noqa: BLE001 - re-raised with the config key that named it
@@ -128,8 +139,16 @@ def data_tokenizer(cfg: RunConfig) -> tuple[object, int | None]:
 
 def build_runtime(cfg: RunConfig, layout: Layout, *, load_weights: bool = True) -> Runtime:
     """Checkpoint, tokenizer, model chunks and head of a run on ``layout`` (process groups made)."""
-    setup_logging(layout.rank)
+    console.setup_logging(layout.rank)
     cuda = layout.device.type == "cuda"
+    if cuda and layout.rank == 0 and not te_available():
+        # megatron's own notices of this (one per module, on every rank) are filtered by the console.
+        log.warning("Transformer Engine is not installed: using torch SDPA layers and megatron's torch "
+                    "optimizer, slower than TE's fused kernels and without FP8 (pip install -e '.[te]')")
+    if cuda and layout.rank == 0 and layout.tp > 1 and os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") != "1":
+        # megatron warns on every rank; the console filters those (docs/launch.md says why it matters).
+        log.warning("CUDA_DEVICE_MAX_CONNECTIONS is not 1: tensor-parallel communication will not overlap "
+                    "with the GEMMs as megatron expects (tools/launch/ scripts set it)")
     if cfg.train.precision == "fp8":  # before anything slow
         _check_fp8(resolve_spec(cfg.model.spec, cuda), cuda)
     ckpt_dir = resolve_checkpoint(cfg, layout)

@@ -29,13 +29,24 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from simpo_mcore import checkpoint as ckpt
-from simpo_mcore.config import ConfigError, RunConfig
+from simpo_mcore import console
+from simpo_mcore.config import ConfigError, RunConfig, UserError
 from simpo_mcore.convert.tool import run_in_fresh_process
-from simpo_mcore.data.pipeline import TokenizedSplit, TrainBatches, load_split
+from simpo_mcore.data.pipeline import TokenizedSplit, TrainBatches, check_data_paths, load_split
 from simpo_mcore.evaluate import evaluate
-from simpo_mcore.metrics_log import MetricsLogger, memory_gib, model_flops_per_token, peak_tflops
+from simpo_mcore.metrics_log import (
+    MetricsLogger,
+    RunTotals,
+    WandbRun,
+    check_wandb,
+    memory_gib,
+    model_flops_per_token,
+    peak_tflops,
+    run_summary,
+)
 from simpo_mcore.optim import LRSchedule, apply_optim_config, build_optimizer, wrap_ddp
-from simpo_mcore.parallel import Layout, distributed
+from simpo_mcore.output_dir import claim_output_dir
+from simpo_mcore.parallel import Layout, agreed, distributed
 from simpo_mcore.reference import attach_reference_logps
 from simpo_mcore.resume import check_resume_config, check_resume_data, log_resume_changes
 from simpo_mcore.runtime import Runtime, build_runtime
@@ -52,6 +63,10 @@ class Progress:
     consumed_pairs: int = 0
     skipped_steps: int = 0
     nonfinite_in_a_row: int = 0
+    consumed_tokens: int = 0
+    """Tokens the model computed, padding included (the steps' ``tokens_computed``)."""
+    consumed_real_tokens: int | None = None
+    """Tokens of the pairs themselves, when the steps report ``tokens_real``."""
 
 
 class StopSignal:
@@ -124,15 +139,38 @@ def grads_are_finite(ddp_chunks: list, device) -> bool:
     return bad.item() == 0
 
 
-def run_training(cfg: RunConfig) -> dict[str, float]:
-    """Train; returns the final evaluation metrics (or the last step's metrics without eval data)."""
+def run_training(cfg: RunConfig) -> dict[str, float] | None:
+    """Train; returns the final held-out metrics, or None when the run has no held-out data or stopped
+    before its last step (a signal, ``train.exit_interval``)."""
+    started = time.monotonic()
+    check_wandb(cfg.logging.wandb)
+    console.set_progress_interval(cfg.logging.progress_interval_s)
     with distributed(cfg.parallel, cfg.train.seed) as layout:
         check_batch_sizes(cfg, layout.dp)  # before anything slow
-        trainer = Trainer.build(cfg, layout)
-        try:
-            return trainer.train()
-        finally:
-            trainer.close()
+        with claim_output_dir(cfg.output_dir, cfg.checkpoint, layout.rank):
+            wandb = open_wandb(cfg, layout.rank)  # also before anything slow: a W&B that cannot start fails now
+            trainer, finished = None, False
+            try:
+                trainer = Trainer.build(cfg, layout, started, wandb)
+                trainer.train()
+                finished = True
+            finally:
+                if trainer is not None:
+                    trainer.close(failed=not finished)
+                elif wandb is not None:
+                    wandb.close(failed=True)
+            return trainer.final_eval if trainer.progress.step >= trainer.total_steps else None
+
+
+def open_wandb(cfg: RunConfig, rank: int) -> WandbRun | None:
+    """Rank 0's W&B run (``logging.wandb``), continuing this output_dir's when the job resumes; else None."""
+    w = cfg.logging.wandb
+    if rank != 0 or w.project is None or w.mode == "disabled":
+        return None
+    out = Path(cfg.output_dir)
+    resume = cfg.checkpoint.resume and ckpt.latest_checkpoint(out / "checkpoints") is not None
+    out.mkdir(parents=True, exist_ok=True)
+    return WandbRun(w, out, asdict(cfg), resume)
 
 
 class Trainer:
@@ -142,7 +180,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, rt: Runtime, train_split: TokenizedSplit,
                  eval_split: TokenizedSplit | None, batches: TrainBatches, ddp_chunks: list, optimizer,
                  schedule: LRSchedule, total_steps: int, progress: Progress,
-                 resumed_from: Path | None, logger: MetricsLogger, stop: StopSignal, train_data: dict):
+                 resumed_from: Path | None, logger: MetricsLogger, stop: StopSignal, train_data: dict,
+                 started: float):
         self.cfg = cfg
         self.rt = rt
         self.layout: Layout = rt.layout
@@ -168,12 +207,18 @@ class Trainer:
         self.final_eval: dict[str, float] | None = None
         self.flops_per_token = model_flops_per_token(rt.meta.arch, cfg.data.max_length)
         self.peak_tflops = peak_tflops(self.device.type == "cuda")
+        self.started = started
+        """``time.monotonic()`` when the job started (the summary's wall time)."""
+        self.hf_export: Path | None = None
 
     # ------------------------------------------------------------------------------------- building
 
     @classmethod
-    def build(cls, cfg: RunConfig, layout: Layout) -> Trainer:
+    def build(cls, cfg: RunConfig, layout: Layout, started: float | None = None,
+              wandb: WandbRun | None = None) -> Trainer:
+        started = time.monotonic() if started is None else started
         stop = StopSignal()
+        check_data_paths(cfg.data, ("train", "eval"), layout.rank)  # before the model loads
         ckpt_root = Path(cfg.output_dir) / "checkpoints"
         resume_from = ckpt.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
         changes = check_resume_config(cfg, resume_from) if resume_from is not None else []
@@ -203,10 +248,13 @@ class Trainer:
             log.info("resumed from %s at step %d (%d pairs consumed)", resume_from, progress.step,
                      progress.consumed_pairs)
             log_resume_changes(changes, resume_from, schedule, progress.step - progress.skipped_steps)
-        logger = MetricsLogger(cfg.output_dir, layout.rank, steps, progress.step,
-                               cfg.train.tensorboard, cfg.train.progress_bar)
+        run_info = {"world_size": layout.world_size, "dp": layout.dp, "total_steps": steps,
+                    "train_pairs": len(train_split), "eval_pairs": len(eval_split) if eval_split is not None else 0}
+        logger = MetricsLogger(cfg.output_dir, layout.rank, steps, progress.step, cfg.train.tensorboard,
+                               cfg.train.progress_bar, cfg.train.log_interval, wandb, run_info,
+                               resumed=resume_from is not None, job_started=started)
         return cls(cfg, rt, train_split, eval_split, batches, ddp_chunks, optimizer, schedule, steps,
-                   progress, resume_from, logger, stop, train_data)
+                   progress, resume_from, logger, stop, train_data, started)
 
     @staticmethod
     def _load_data(cfg: RunConfig, rt: Runtime) -> tuple[TokenizedSplit, TokenizedSplit | None]:
@@ -279,6 +327,9 @@ class Trainer:
             finite = bool(ok) and math.isfinite(grad_norm)
         progress.step += 1
         progress.consumed_pairs += cfg.train.global_batch_pairs
+        progress.consumed_tokens += int(metrics["tokens_computed"])
+        if "tokens_real" in metrics:
+            progress.consumed_real_tokens = (progress.consumed_real_tokens or 0) + int(metrics["tokens_real"])
         self.steps_run += 1
         if finite:
             progress.nonfinite_in_a_row = 0
@@ -307,14 +358,18 @@ class Trainer:
         self.logger.print(f"step {progress.step}: non-finite loss or gradient (loss={loss}, grad_norm={grad_norm}); "
                           f"update skipped ({progress.nonfinite_in_a_row} in a row, {progress.skipped_steps} in all)")
         if progress.nonfinite_in_a_row >= limit:
-            raise FloatingPointError(
+            last = (f"the last checkpoint is {self.ckpt_root / ckpt.step_dir_name(self.last_saved)}"
+                    if self.last_saved >= 0 else "no checkpoint was saved")
+            # Every rank gets here at the same step (the finiteness check is all-reduced): one error line each.
+            raise UserError(
                 f"{progress.nonfinite_in_a_row} consecutive non-finite steps (last: step {progress.step}); "
-                f"aborting (train.max_nonfinite_steps={limit})")
+                f"aborting (train.max_nonfinite_steps={limit}); {last}. Lower optim.lr, check the data, or "
+                f"raise train.max_nonfinite_steps")
 
     def evaluate(self) -> dict[str, float]:
         """Metrics on the held-out split now; logged and printed."""
-        metrics = evaluate(self.ddp_chunks, self.rt.eval_groups(self.eval_split), self.cfg.loss, self.rt.head,
-                           self.device)
+        groups = self.rt.eval_groups(self.eval_split, progress=f"eval step {self.progress.step}")
+        metrics = evaluate(self.ddp_chunks, groups, self.cfg.loss, self.rt.head, self.device)
         record = {f"eval/{k}": v for k, v in metrics.items()}
         self.logger.log(self.progress.step, record)
         self.logger.print(f"eval step {self.progress.step}: " + ", ".join(
@@ -350,25 +405,44 @@ class Trainer:
         if self.last_saved != self.progress.step:
             self.save()
         if stopped_by is not None:
+            self.logger.end_progress()
             self.logger.print(f"stopped by {stopped_by} at step {self.progress.step}; resume with the same command")
+            self.logger.print(self.summary(stopped_by))
             return self.last_metrics
         if self.eval_split is not None:
             self.final_eval = self.evaluate()
         if self.cfg.checkpoint.export_hf:
             self.export_hf()
+        self.logger.end_progress()
+        self.logger.print(self.summary())
         return self.final_eval if self.final_eval is not None else self.last_metrics
+
+    def summary(self, stopped_by: str | None = None) -> str:
+        """What the run did and where its outputs are (printed by rank 0 at the end)."""
+        p = self.progress
+        totals = RunTotals(step=p.step, total_steps=self.total_steps, steps_this_process=self.steps_run,
+                           pairs=p.consumed_pairs, tokens=p.consumed_tokens, real_tokens=p.consumed_real_tokens,
+                           skipped_steps=p.skipped_steps, wall_s=time.monotonic() - self.started,
+                           stopped_by=stopped_by)
+        saved = self.ckpt_root / ckpt.step_dir_name(self.last_saved) if self.last_saved >= 0 else None
+        wandb = self.logger.wandb.describe() if self.logger.wandb is not None else None
+        return run_summary(totals, self.logger.evals, saved, self.hf_export, Path(self.cfg.output_dir), wandb)
 
     def export_hf(self) -> None:
         """The newest checkpoint as a Hugging Face model in ``<output_dir>/hf``."""
         out = Path(self.cfg.output_dir) / "hf"
-        if self.layout.rank == 0:
+
+        def export():
             if out.exists():
                 shutil.rmtree(out)
             # A process of its own: the converter runs in a world of one while this job's ranks wait.
             run_in_fresh_process("mcore-to-hf", "--ckpt", str(self.ckpt_root / ckpt.step_dir_name(self.progress.step)),
                                  "--out", str(out))
             self.logger.print(f"exported Hugging Face model: {out}")
-        dist.barrier()
 
-    def close(self) -> None:
-        self.logger.close()
+        agreed(export, run=self.layout.rank == 0)
+        self.hf_export = out
+
+    def close(self, failed: bool = False) -> None:
+        """Close the metrics sinks (a W&B run is marked failed when the run raised)."""
+        self.logger.close(failed)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import struct
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from simpo_mcore import parallel
@@ -14,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "distributed" / "scripts"
 
 
-QUIET = dict(log=lambda _: None)
+QUIET = dict(log=None)
 """Keyword arguments that silence the converters' progress lines."""
 
 LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -46,6 +50,41 @@ def run_ranks(script: str | Path, nproc: int, *args: str, timeout: float = 600,
             f"{' '.join(cmd)} failed with {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"
             f"\n--- stderr ---\n{proc.stderr[-12000:]}")
     return proc
+
+
+def launch_ranks(script: str | Path, nproc: int, *args: str, timeout: float = 600,
+                 env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess]:
+    """Run ``script`` on ``nproc`` CPU ranks started here, one process each (no torchrun), so that every
+    rank's own exit code and output can be checked. Does not raise when they fail."""
+    script = Path(script)
+    if not script.is_absolute():
+        script = SCRIPTS / script
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}",
+            "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), **(env or {})}
+    # Files, not pipes: a rank blocked on a full pipe would hold up the other in a collective.
+    files = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(nproc)]
+    procs = [subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=ROOT, text=True,
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=out, stderr=err)
+             for r, (out, err) in enumerate(files)]
+    results = []
+    try:
+        deadline = time.monotonic() + timeout
+        for proc, (out, err) in zip(procs, files):
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            out.seek(0), err.seek(0)
+            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read()))
+    finally:
+        for proc, (out, err) in zip(procs, files):
+            if proc.poll() is None:
+                proc.kill()
+            out.close(), err.close()
+    return results
+
+
+def error_lines(text: str) -> list[str]:
+    """The ``error:`` lines of a command's output."""
+    return [line for line in text.splitlines() if "error:" in line]
 
 
 def read_json(path: str | Path):
@@ -129,3 +168,46 @@ def load_hf_model(hf_dir: str | Path, dtype=None):
     family = json.loads((Path(hf_dir) / "config.json").read_text())["model_type"]
     return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype or torch.float32,
                                                 attn_implementation=hf_attention(family)).eval()
+
+
+WARNING_LINE = re.compile(r"Warning\b|warnings\.warn\(|^[WE]\d{4} \d\d:\d\d:\d\d")
+"""A line of a library warning: ``...: UserWarning: ...``, its ``warnings.warn(`` source line, or torch's
+glog-style ``W1130 11:19:46.5 ...`` log lines."""
+
+
+def warning_lines(text: str) -> list[str]:
+    """The library-warning lines of a console output."""
+    return [line for line in text.splitlines() if WARNING_LINE.search(line)]
+
+
+def wandb_records(path: Path) -> list:
+    """The protobuf records of a W&B run file: a LevelDB-style log (7-byte file header, then 32 KiB blocks of
+    records each with a 7-byte header: CRC, length, type full / first / middle / last)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", path
+    pos, block, pending, payloads = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:  # zero padding up to the next block
+            pos += left
+            continue
+        payload, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            payloads.append(payload)
+        elif kind == 2:
+            pending = payload
+        elif kind == 3:
+            pending += payload
+        else:
+            payloads.append(pending + payload)
+    return [pb.Record.FromString(p) for p in payloads]
+
+
+def item_key(item) -> str:
+    return item.key or "/".join(item.nested_key)

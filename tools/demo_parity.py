@@ -51,7 +51,7 @@ def launcher() -> int:
         print(f"[demo] random HF Llama -> {tmp}/hf; converting to {tmp}/ckpt", flush=True)
         make_hf_model(Path(tmp) / "hf")
         ensure_process_group()
-        convert_hf_to_mcore(Path(tmp) / "hf", Path(tmp) / "ckpt", log=lambda _: None)
+        convert_hf_to_mcore(Path(tmp) / "hf", Path(tmp) / "ckpt", log=None)
         shutdown()
         print("[demo] loading the checkpoint at TP=2 (2 CPU ranks, gloo)", flush=True)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",

@@ -18,9 +18,11 @@ import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from simpo_mcore import cpu_mode
+from simpo_mcore.console import Progress
 from simpo_mcore.convert import keymap
 from simpo_mcore.convert.checkpoint_meta import TOKENIZER_DIR, CheckpointMeta
 from simpo_mcore.convert.hf_io import CheckpointError, SafetensorsReader, copy_tokenizer_files, staged_output
+from simpo_mcore.convert.integrity import write_manifest
 from simpo_mcore.convert.mcore_io import save_sharded
 from simpo_mcore.model.hf_config import ModelArch
 
@@ -50,8 +52,10 @@ def check_hf_tensors(reader: SafetensorsReader, arch: ModelArch) -> None:
 
 @cpu_mode.without_gpu
 def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
-                        log: Callable[[str], None] = print) -> CheckpointMeta:
-    """Write ``out_dir`` (must not exist or be empty). Needs a (one-process) torch.distributed group."""
+                        log: Callable[[str], None] | None = print) -> CheckpointMeta:
+    """Write ``out_dir`` (must not exist or be empty). Needs a (one-process) torch.distributed group.
+    ``log``: where progress goes (a bar instead on a terminal); ``None``: silent."""
+    progress_to, log = log, log or (lambda _: None)
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     start = time.time()
     arch = ModelArch.from_hf_dir(hf_dir)
@@ -74,14 +78,15 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | No
         for mkey, hkey in keymap.global_tensors(arch):
             state[mkey] = ShardedTensor.from_rank_offsets(mkey, load(hkey), replica_id=0)
         n = arch.num_layers
-        for i in range(n):
-            for t in keymap.layer_tensors(arch):
-                parts = [load(keymap.hf_layer_key(i, name)) for name in t.hf]
-                data = keymap.pack(parts, t.packing, arch)
-                key = keymap.layer_key(t.mcore)
-                state[f"{key}.{i}"] = ShardedTensor.from_rank_offsets(
-                    key, data, (0, i, n), replica_id=0, prepend_axis_num=1)
-            log(f"[convert] read layer {i + 1}/{n}")
+        with Progress(n, "[convert] reading", "layers", write=progress_to, interval_s=0) as progress:
+            for i in range(n):
+                for t in keymap.layer_tensors(arch):
+                    parts = [load(keymap.hf_layer_key(i, name)) for name in t.hf]
+                    data = keymap.pack(parts, t.packing, arch)
+                    key = keymap.layer_key(t.mcore)
+                    state[f"{key}.{i}"] = ShardedTensor.from_rank_offsets(
+                        key, data, (0, i, n), replica_id=0, prepend_axis_num=1)
+                progress.update()
         log(f"[convert] writing {out_dir}")
         save_sharded(state, tmp_dir)
         del state
@@ -91,6 +96,7 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | No
         if copy_tokenizer_files(hf_dir, tmp_dir / TOKENIZER_DIR):
             meta.tokenizer = TOKENIZER_DIR
         meta.write(tmp_dir)
+        write_manifest(tmp_dir)
     log(f"[convert] done in {time.time() - start:.1f} s: {n} layers, vocab {arch.vocab_size}")
     return meta
 

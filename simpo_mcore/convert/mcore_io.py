@@ -6,17 +6,26 @@ training checkpoints of :mod:`simpo_mcore.checkpoint`, which add optimizer, sche
 
 from __future__ import annotations
 
+import logging
 import queue
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.strategies import filesystem_async
+from torch.distributed.checkpoint.metadata import Metadata
 
 from simpo_mcore import cpu_mode
 from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
+from simpo_mcore.convert.hf_io import CheckpointError
+from simpo_mcore.convert.integrity import MANIFEST, verify_manifest
+from simpo_mcore.convert.safe_pickle import check_checkpoint_pickles, check_extra_state
+
+log = logging.getLogger("simpo_mcore")
 
 
 @cpu_mode.without_gpu
@@ -31,6 +40,28 @@ def save_sharded(sharded: dict, ckpt_dir: str | Path) -> None:
     if filesystem_async._results_queue is None:
         filesystem_async._results_queue = queue.Queue()
     dist_checkpointing.save(sharded, str(ckpt_dir))
+
+
+def verify_checkpoint(ckpt_dir: str | Path) -> Metadata:
+    """Before anything reads ``ckpt_dir``: every file as ``integrity.json`` recorded it, and no pickle in
+    it that could run code (:mod:`~simpo_mcore.convert.safe_pickle`). Collective when several ranks exist.
+    Raises :class:`CheckpointError` naming the checkpoint and the file; returns the checkpoint's
+    metadata (read safely)."""
+    if not verify_manifest(ckpt_dir) and (not dist.is_initialized() or dist.get_rank() == 0):
+        log.warning("%s has no %s (written by an older simpo_mcore): its files cannot be checked for damage",
+                    ckpt_dir, MANIFEST)
+    return check_checkpoint_pickles(ckpt_dir)
+
+
+def load_checked(sharded: dict, ckpt_dir: str | Path, **kwargs) -> dict:
+    """``dist_checkpointing.load`` of a verified checkpoint; what still fails (a checkpoint without a
+    manifest that is damaged, one that does not fit the model) is a :class:`CheckpointError` naming it."""
+    try:
+        return dist_checkpointing.load(sharded, str(ckpt_dir), **kwargs)
+    except (CheckpointingException, RuntimeError, OSError, EOFError, KeyError, ValueError, AssertionError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"checkpoint {ckpt_dir} cannot be loaded into this model "
+                              f"({type(exc).__name__}: {first[:500]})") from exc
 
 
 def model_sharded_state_dict(chunks: list) -> dict:
@@ -60,10 +91,11 @@ def load_model_weights(chunks: list, ckpt_dir: str | Path) -> CheckpointMeta:
     """Load the model tensors of ``ckpt_dir`` into ``chunks`` (built for any layout)."""
     ckpt_dir = Path(ckpt_dir)
     meta = CheckpointMeta.read(ckpt_dir)
+    verify_checkpoint(ckpt_dir)
     sharded = model_sharded_state_dict(chunks)
     present = {k.split("/shard_")[0] for k in load_sharded_metadata(str(ckpt_dir))}
     sharded = drop_absent_objects(sharded, present)
-    loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
+    loaded = load_checked(sharded, ckpt_dir)
     if len(chunks) == 1:
         load_chunk(chunks[0], loaded["model"])
     else:
@@ -74,6 +106,9 @@ def load_model_weights(chunks: list, ckpt_dir: str | Path) -> CheckpointMeta:
 
 def load_chunk(chunk, state: dict) -> None:
     """``state`` (one chunk's part of a loaded sharded state dict) into ``chunk``; every tensor must match."""
+    for key, value in state.items():
+        if key.endswith("_extra_state"):
+            check_extra_state(key, value)  # Transformer Engine unpickles it in set_extra_state
     missing, unexpected = chunk.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:

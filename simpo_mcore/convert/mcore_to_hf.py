@@ -17,6 +17,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from simpo_mcore import cpu_mode
+from simpo_mcore.console import Progress
 from simpo_mcore.convert import keymap
 from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
 from simpo_mcore.convert.hf_io import (
@@ -26,6 +27,7 @@ from simpo_mcore.convert.hf_io import (
     staged_output,
 )
 from simpo_mcore.convert.hf_to_mcore import DTYPES
+from simpo_mcore.convert.mcore_io import verify_checkpoint
 
 
 def check_mcore_tensors(metadata: dict, arch, ckpt_dir: Path) -> None:
@@ -70,8 +72,10 @@ def _read(ckpt_dir: Path, requests: dict[str, tuple[str, tuple[int, ...], torch.
 @cpu_mode.without_gpu
 def convert_mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 * 10**9,
                         dtype: str | None = None, tokenizer_dir: str | Path | None = None,
-                        log: Callable[[str], None] = print) -> Path:
-    """Write an HF model directory. Needs a (one-process) torch.distributed group."""
+                        log: Callable[[str], None] | None = print) -> Path:
+    """Write an HF model directory. Needs a (one-process) torch.distributed group. ``log``: where progress
+    goes (a bar instead on a terminal); ``None``: silent."""
+    progress_to, log = log, log or (lambda _: None)
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     start = time.time()
     meta = CheckpointMeta.read(ckpt_dir)
@@ -81,6 +85,7 @@ def convert_mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_byt
     out_dtype = DTYPES[dtype or arch.torch_dtype] if (dtype or arch.torch_dtype) in DTYPES else None
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty")
+    verify_checkpoint(ckpt_dir)
     metadata = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
     check_mcore_tensors(metadata, arch, ckpt_dir)
     with staged_output(out_dir) as tmp_dir:
@@ -96,17 +101,18 @@ def convert_mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_byt
         first = _read(ckpt_dir, {hkey: global_request(mkey) for mkey, hkey in keymap.global_tensors(arch)})
         emit(keymap.EMBEDDING[1], first[keymap.EMBEDDING[1]][: arch.vocab_size])  # strip padded rows
         n = arch.num_layers
-        for i in range(n):
-            requests = {}
-            for t in keymap.layer_tensors(arch):
-                key = keymap.layer_key(t.mcore)
-                md = metadata[key]
-                requests[t.mcore] = (key, tuple(md.global_shape[1:]), md.dtype, i, n)
-            loaded = _read(ckpt_dir, requests)
-            for t in keymap.layer_tensors(arch):
-                for hf_name, tensor in zip(t.hf, keymap.unpack(loaded[t.mcore], t.packing, arch)):
-                    emit(keymap.hf_layer_key(i, hf_name), tensor)
-            log(f"[export] layer {i + 1}/{n}")
+        with Progress(n, "[export] writing", "layers", write=progress_to, interval_s=0) as progress:
+            for i in range(n):
+                requests = {}
+                for t in keymap.layer_tensors(arch):
+                    key = keymap.layer_key(t.mcore)
+                    md = metadata[key]
+                    requests[t.mcore] = (key, tuple(md.global_shape[1:]), md.dtype, i, n)
+                loaded = _read(ckpt_dir, requests)
+                for t in keymap.layer_tensors(arch):
+                    for hf_name, tensor in zip(t.hf, keymap.unpack(loaded[t.mcore], t.packing, arch)):
+                        emit(keymap.hf_layer_key(i, hf_name), tensor)
+                progress.update()
         emit(keymap.FINAL_NORM[1], first[keymap.FINAL_NORM[1]])
         if not arch.tie_word_embeddings:
             emit(keymap.OUTPUT_LAYER[1], first[keymap.OUTPUT_LAYER[1]][: arch.vocab_size])

@@ -34,5 +34,5 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, **arch_overrides) -
     model.save_pretrained(out_dir / "hf", safe_serialization=True)
     tokenizer.save_pretrained(out_dir / "hf")
     ensure_process_group()
-    convert_hf_to_mcore(out_dir / "hf", out_dir / "mcore", log=lambda _: None)
+    convert_hf_to_mcore(out_dir / "hf", out_dir / "mcore", log=None)
     return out_dir / "mcore"

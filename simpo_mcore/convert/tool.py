@@ -23,6 +23,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from simpo_mcore import console
+
 DTYPES = ("bfloat16", "float16", "float32")  # hf_to_mcore.DTYPES keys, without importing torch for --help
 # What bad input raises; the library's messages name the field / tensor / file.
 INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
@@ -32,14 +34,27 @@ HF_TO_MCORE_HELP = """Convert a Hugging Face Llama directory (safetensors) into 
 The checkpoint loads at any TP / PP (keys are layout independent, the vocabulary is unpadded) and
 carries simpo_mcore.json (the architecture) and a copy of the tokenizer files. Bad input (an
 unsupported config field, a missing / extra / misshapen tensor, .bin-only weights, a non-empty output
-directory) ends with a one-line error: naming it and exit code 2."""
+directory) ends with a one-line error: naming it and exit code 2. Progress: a bar on a terminal, a line
+per layer otherwise."""
+
+HF_TO_MCORE_EXAMPLES = """examples:
+  python tools/convert_hf_to_mcore.py --hf /models/Llama-3-Base-8B-SFT --out checkpoints/llama-3-base-8b-sft-mcore
+  python -m simpo_mcore.convert hf-to-mcore --hf /models/Mistral-7B-SFT --out checkpoints/mistral-mcore --dtype bfloat16
+  then: simpo-train CONFIG model.checkpoint=checkpoints/llama-3-base-8b-sft-mcore"""
 
 MCORE_TO_HF_HELP = """Export a simpo_mcore checkpoint (converted or trained, any TP / PP) as a Hugging Face model.
 
 Writes config.json and safetensors (model-0000i-of-0000N.safetensors + index past the size limit)
 without padded vocabulary rows, and the tokenizer files (from --tokenizer, else the copy inside the
 checkpoint); loads with AutoModelForCausalLM.from_pretrained. Bad input ends with a one-line error:
-naming the tensor / field / file and exit code 2."""
+naming the tensor / field / file and exit code 2. Progress: a bar on a terminal, a line per layer otherwise."""
+
+MCORE_TO_HF_EXAMPLES = """examples:
+  python tools/convert_mcore_to_hf.py --ckpt runs/simpo_llama3_8b_base/checkpoints/step_0000400 --out hf/simpo-8b
+  python -m simpo_mcore.convert mcore-to-hf --ckpt CKPT --out HF_DIR --dtype bfloat16 --max-shard-size 2GB
+  (a run with checkpoint.export_hf: true exports its last checkpoint to <output_dir>/hf itself)"""
+
+VERBOSE_HELP = f"show every library warning ({console.VERBOSE_ENV}=1)"
 
 
 def run_conversion(convert: Callable[[], None]) -> int:
@@ -49,6 +64,7 @@ def run_conversion(convert: Callable[[], None]) -> int:
     GPU alone. ``convert`` should import what it needs itself, after this.
     """
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    console.quiet_third_party()  # before torch / megatron are imported
     import torch.distributed as dist
 
     from simpo_mcore.parallel import ensure_process_group
@@ -66,16 +82,17 @@ def run_conversion(convert: Callable[[], None]) -> int:
 
 
 def hf_to_mcore_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=HF_TO_MCORE_HELP,
+    p = argparse.ArgumentParser(prog=prog, description=HF_TO_MCORE_HELP, epilog=HF_TO_MCORE_EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf", required=True, help="Hugging Face model directory (config.json + safetensors)")
     p.add_argument("--out", required=True, help="checkpoint directory to create (must not exist or be empty)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="cast the weights (default: keep them)")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return p
 
 
 def mcore_to_hf_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=MCORE_TO_HF_HELP,
+    p = argparse.ArgumentParser(prog=prog, description=MCORE_TO_HF_HELP, epilog=MCORE_TO_HF_EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="simpo_mcore checkpoint directory (holds simpo_mcore.json)")
     p.add_argument("--out", required=True, help="HF directory to create (must not exist or be empty)")
@@ -84,11 +101,19 @@ def mcore_to_hf_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="dtype of the exported weights (default: the checkpoint's torch_dtype)")
     p.add_argument("--tokenizer", default=None,
                    help="copy tokenizer files from this directory (default: the checkpoint's tokenizer/)")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return p
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if getattr(args, "verbose", False):
+        console.set_verbose()
+    return args
+
+
 def hf_to_mcore_main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    args = hf_to_mcore_parser(prog).parse_args(argv)
+    args = _parse(hf_to_mcore_parser(prog), argv)
 
     def convert() -> None:
         from simpo_mcore.convert.hf_to_mcore import convert_hf_to_mcore
@@ -99,7 +124,7 @@ def hf_to_mcore_main(argv: list[str] | None = None, prog: str | None = None) -> 
 
 
 def mcore_to_hf_main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    args = mcore_to_hf_parser(prog).parse_args(argv)
+    args = _parse(mcore_to_hf_parser(prog), argv)
 
     def convert() -> None:
         from simpo_mcore.convert.hf_io import parse_size
@@ -124,7 +149,7 @@ def tiny_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                                 "(DIR/hf) and its converted checkpoint (DIR/mcore).")
     p.add_argument("--out", required=True, help="directory to create")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    args = p.parse_args(argv)
+    args = _parse(p, argv)
 
     def convert() -> None:
         from simpo_mcore.convert.tiny import make_tiny_checkpoint

@@ -16,13 +16,14 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 import torch
-import torch.distributed as dist
 
 from simpo_mcore.config import DataConfig, TrainConfig
 from simpo_mcore.data.batching import PAD_TO_MULTIPLE_OF, sequence_lengths, step_micro_batches
 from simpo_mcore.data.packing import pack_rows, packed_micro_batches, step_rows
 from simpo_mcore.data.preference import DataReport, build_preference_dataset
 from simpo_mcore.data.sampler import PairSampler, eval_micro_batches
+from simpo_mcore.data.sources import check_local_path
+from simpo_mcore.parallel import agreed
 
 REF_COLUMNS = ("ref_chosen_sum_logps", "ref_rejected_sum_logps")
 TOKEN_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
@@ -65,16 +66,26 @@ class TokenizedSplit:
         return dataclasses.replace(self, dataset=dataset)
 
 
+def check_data_paths(cfg: DataConfig, splits: tuple[str, ...], rank: int) -> None:
+    """Before anything slow loads: every local data path of ``splits`` exists (checked on rank 0, which
+    reads the sources; every rank raises the error)."""
+    def check():
+        for split in splits:
+            path = getattr(cfg, f"{split}_path")
+            if path is not None:
+                check_local_path(path, f"data.{split}_path")
+
+    agreed(check, run=rank == 0)
+
+
 def load_split(cfg: DataConfig, tokenizer, split: str, rank: int, output_dir: str | Path) -> TokenizedSplit:
     """The tokenised ``train`` or ``eval`` split. Rank 0 tokenises (and caches) first; the other
-    ranks then read the cache instead of tokenising the same rows again."""
+    ranks then read the cache instead of tokenising the same rows again. A data error on rank 0 (a
+    missing file, a bad row under ``data.on_bad_row: error``) is raised on every rank."""
     cache_dir = Path(output_dir) / "data_cache"
-    dataset = report = None
-    if rank == 0:
-        dataset, report = build_preference_dataset(cfg, tokenizer, split, cache_dir)
-    dist.barrier()
-    if rank != 0:
-        dataset, report = build_preference_dataset(cfg, tokenizer, split, cache_dir, announce=False)
+    first = agreed(lambda: build_preference_dataset(cfg, tokenizer, split, cache_dir), run=rank == 0)
+    rest = agreed(lambda: build_preference_dataset(cfg, tokenizer, split, cache_dir, announce=False), run=rank != 0)
+    dataset, report = first if rank == 0 else rest
     return TokenizedSplit(dataset, report)
 
 

@@ -17,7 +17,9 @@ discarded. Callers that want one build should call it on rank 0 first, then barr
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import shutil
 from collections import Counter
@@ -28,6 +30,7 @@ from typing import Literal
 import datasets
 
 from simpo_mcore.config import DataConfig
+from simpo_mcore.console import Progress
 from simpo_mcore.data import cache, sources
 from simpo_mcore.data.formats import FORMATS, column_kinds, map_columns, resolve_format
 from simpo_mcore.data.render import (
@@ -48,6 +51,8 @@ LENGTH_COLUMNS = ("prompt_length", "chosen_length", "rejected_length")
 """Token counts before truncation (BOS / EOS included), with the boolean column ``truncated``."""
 ROWS_PER_PROCESS = 1000
 """With ``data.num_proc: null``, tokenise with one process per this many rows (at most 8)."""
+PROGRESS_STEPS = 20
+"""Tokenisation runs in about this many pieces, each reported to the progress bar or line when done."""
 REPORTED_BAD_ROWS = 5
 """How many bad rows the warning (and the report) name."""
 
@@ -75,14 +80,29 @@ class DataReport:
     """What the user should know about how the rows are rendered (logged once per split)."""
     warnings: list[str] = field(default_factory=list)
     """The same, where the rendering may not be what they want (a template's default system prompt)."""
+    identical: int = 0
+    """Valid pairs whose chosen and rejected responses tokenise the same (after truncation)."""
+    identical_dropped: bool = False
+    """Whether they were removed (``data.identical_pairs: drop``) rather than kept."""
     cache_path: str = ""
     cache_hit: bool = False
+
+    @property
+    def bad_rows(self) -> int:
+        return sum(self.dropped.values())
 
     def drop_summary(self) -> str:
         counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.dropped.items()))
         named = "; ".join(f"{r['row_id']} ({r['reason']}: {r['detail']})" for r in self.first_dropped)
-        return (f"dropped {self.rows_in - self.rows_kept} of {self.rows_in} {self.split} rows from "
+        return (f"dropped {self.bad_rows} of {self.rows_in} {self.split} rows from "
                 f"{self.source} ({counts}); first: {named}")
+
+    def identical_summary(self) -> str:
+        what = ("removed (data.identical_pairs: drop)" if self.identical_dropped else
+                "kept, as the reference does (data.identical_pairs: drop removes them)")
+        return (f"{self.identical} of {self.rows_in - self.bad_rows} pairs from {self.source} have identical chosen "
+                f"and rejected responses: they carry no preference (no gradient from their loss term; they "
+                f"count in the batch mean and as misses in reward accuracy); {what}")
 
     def format_summary(self) -> str:
         by_format: dict[str, list[str]] = {}
@@ -119,10 +139,11 @@ def build_preference_dataset(cfg: DataConfig, tokenizer, split: Literal["train",
     elif (files := sources.local_files(path)) is not None:
         fingerprint = sources.local_fingerprint(files)
     else:
-        rows, fingerprint = sources.load_hub(path, hub_split)
+        sources.check_local_path(path, f"data.{split}_path")
+        rows, fingerprint = sources.load_hub(path, hub_split, f"data.{split}_path")
         parts = [(f"{path} ({hub_split})", rows)]
     key = cache.cache_key(source=fingerprint, tokenizer=cache.tokenizer_fingerprint(tokenizer),
-                          limit=limit, rendering=rendering, **settings)
+                          limit=limit, rendering=rendering, identical_pairs=cfg.identical_pairs, **settings)
     entry = cache.entry_dir(cache_dir, split, key)
     hit = cache.is_complete(entry)
     if not hit:
@@ -131,8 +152,9 @@ def build_preference_dataset(cfg: DataConfig, tokenizer, split: Literal["train",
         parts = _first_rows(parts, limit)
         if not parts:
             raise ValueError(f"data.{split}_path {path}: no rows")
-        _build_entry(parts, tokenizer, settings, rendering, cfg.num_proc, cache_dir, key, entry,
-                     source=path, split=split)
+        with _datasets_bars_off():
+            _build_entry(parts, tokenizer, settings, rendering, cfg.num_proc, cache_dir, key, entry,
+                         source=path, split=split, drop_identical=cfg.identical_pairs == "drop")
     report = DataReport(**cache.read_report(entry), cache_path=str(entry), cache_hit=hit)
     if announce:
         logger.info("%s data from %s: %s", split, path, report.format_summary())
@@ -140,6 +162,8 @@ def build_preference_dataset(cfg: DataConfig, tokenizer, split: Literal["train",
             logger.info("%s data: %s", split, note)
         for warning in report.warnings:
             logger.warning("%s data: %s", split, warning)
+        if report.identical:
+            logger.warning("%s data: %s", split, report.identical_summary())
     _check_drops(report, cfg.on_bad_row, announce)
     if announce:
         logger.info("%s data from %s: %d of %d rows kept (%s %s)", split, path, report.rows_kept,
@@ -163,7 +187,7 @@ def _check_drops(report: DataReport, on_bad_row: str, announce: bool = True) -> 
     if report.rows_kept == 0:
         raise ValueError(f"no valid preference pairs in {report.source} ({report.split}): "
                          f"{report.drop_summary()}")
-    if report.rows_kept == report.rows_in:
+    if report.bad_rows == 0:
         return
     if on_bad_row == "error":
         first = report.first_dropped[0]
@@ -200,43 +224,54 @@ def _plan(parts: list[tuple[str, datasets.Dataset]], tokenizer, rendering: dict)
 
 def _build_entry(parts: list[tuple[str, datasets.Dataset]], tokenizer, settings: dict, rendering: dict,
                  num_proc: int | None, cache_dir: Path, key: str, entry: Path, *, source: str,
-                 split: str) -> None:
+                 split: str, drop_identical: bool = False) -> None:
     planned, formats, notes, warnings = _plan(parts, tokenizer, rendering)
     rows_in = sum(len(rows) for rows, _ in planned)
-    if num_proc is None:
-        num_proc = min(8, os.cpu_count() or 1, rows_in // ROWS_PER_PROCESS)
+    explicit = num_proc is not None
+    num_proc = max(1, num_proc if explicit else min(8, os.cpu_count() or 1, rows_in // ROWS_PER_PROCESS))
     ids = datasets.List(datasets.Value("int32")) if hasattr(datasets, "List") else \
         datasets.Sequence(datasets.Value("int32"))
     features = datasets.Features({**{c: ids for c in PAIR_COLUMNS},
                                   **{c: datasets.Value("int32") for c in LENGTH_COLUMNS},
                                   "truncated": datasets.Value("bool"), "row_id": datasets.Value("string"),
-                                  "drop_reason": datasets.Value("string"),
+                                  "identical": datasets.Value("bool"), "drop_reason": datasets.Value("string"),
                                   "drop_detail": datasets.Value("string")})
     tmp = cache.new_tmp_dir(cache_dir, key)
     try:
         (tmp / "work").mkdir()
         mapped, offset = [], 0
-        for i, (rows, options) in enumerate(planned):
-            # new_fingerprint: our key already covers the tokenizer, so datasets need not hash it.
-            mapped.append(rows.map(
-                _tokenize_batch, batched=True, with_indices=True, num_proc=max(1, min(num_proc, len(rows))),
-                fn_kwargs=dict(tokenizer=tokenizer, settings=settings, options=options, offset=offset),
-                remove_columns=rows.column_names, features=features,
-                cache_file_name=str(tmp / "work" / f"tokenized-{i}.arrow"), new_fingerprint=f"{key}-{i}",
-                desc=f"Tokenising {split} preferences"))
-            offset += len(rows)
+        # In pieces, so that the progress can be told: datasets' own bar is one endless line in a log file.
+        piece = max(math.ceil(rows_in / PROGRESS_STEPS), ROWS_PER_PROCESS * num_proc)
+        with Progress(rows_in, f"tokenising {split} data", "rows") as progress:
+            for i, (rows, options) in enumerate(planned):
+                for j, start in enumerate(range(0, len(rows), piece)):
+                    part = rows.select(range(start, min(start + piece, len(rows))))  # contiguous: no copy
+                    procs = min(num_proc, len(part)) if explicit else \
+                        max(1, min(num_proc, len(part) // ROWS_PER_PROCESS))
+                    # new_fingerprint: our key already covers the tokenizer, so datasets need not hash it.
+                    mapped.append(part.map(
+                        _tokenize_batch, batched=True, with_indices=True, num_proc=procs,
+                        fn_kwargs=dict(tokenizer=tokenizer, settings=settings, options=options, offset=offset + start),
+                        remove_columns=rows.column_names, features=features,
+                        cache_file_name=str(tmp / "work" / f"tokenized-{i}-{j}.arrow"),
+                        new_fingerprint=f"{key}-{i}-{j}"))
+                    progress.update(len(part))
+                offset += len(rows)
         mapped = datasets.concatenate_datasets(mapped) if len(mapped) > 1 else mapped[0]
         reasons = list(mapped["drop_reason"])
+        identical = list(mapped["identical"])
         bad = [i for i, reason in enumerate(reasons) if reason]
         first_bad = mapped.select(bad[:REPORTED_BAD_ROWS])
+        keep = [i for i, reason in enumerate(reasons) if not reason and not (drop_identical and identical[i])]
         report = DataReport(
-            source=source, split=split, rows_in=rows_in, rows_kept=rows_in - len(bad),
+            source=source, split=split, rows_in=rows_in, rows_kept=len(keep),
             dropped=dict(Counter(reasons[i] for i in bad)),
             first_dropped=[{"row_id": r["row_id"], "index": i, "reason": r["drop_reason"],
                             "detail": r["drop_detail"]} for i, r in zip(bad, first_bad)],
-            formats=formats, notes=notes, warnings=warnings)
-        kept = mapped.select([i for i, reason in enumerate(reasons) if not reason])
-        kept.remove_columns(["drop_reason", "drop_detail"]).save_to_disk(str(tmp / "dataset"))
+            formats=formats, notes=notes, warnings=warnings, identical=sum(identical),
+            identical_dropped=drop_identical)
+        kept = mapped.select(keep)
+        kept.remove_columns(["identical", "drop_reason", "drop_detail"]).save_to_disk(str(tmp / "dataset"))
         shutil.rmtree(tmp / "work")
         report_dict = asdict(report)
         for transient in ("cache_path", "cache_hit"):
@@ -246,10 +281,24 @@ def _build_entry(parts: list[tuple[str, datasets.Dataset]], tokenizer, settings:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _datasets_bars_off():
+    """datasets' per-call bars (map, save_to_disk) off for the block: ours reports the whole split."""
+    was_on = datasets.is_progress_bar_enabled()
+    if was_on:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
+
+
 def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer, settings: dict,
                     options: RenderOptions, offset: int) -> dict[str, list]:
     """``datasets.map`` body: every input row gives one output row; bad rows carry a reason."""
-    out = {c: [] for c in (*PAIR_COLUMNS, *LENGTH_COLUMNS, "truncated", "row_id", "drop_reason", "drop_detail")}
+    out = {c: [] for c in (*PAIR_COLUMNS, *LENGTH_COLUMNS, "truncated", "row_id", "identical", "drop_reason",
+                           "drop_detail")}
     for i, index in enumerate(indices):
         row = {name: values[i] for name, values in batch.items()}
         prompt_id = row.get("prompt_id")
@@ -262,6 +311,7 @@ def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer, se
             reason, detail = exc.reason, exc.detail
         for c in (*PAIR_COLUMNS, *LENGTH_COLUMNS, "truncated"):
             out[c].append(pair[c])
+        out["identical"].append(not reason and pair["chosen_input_ids"] == pair["rejected_input_ids"])
         out["drop_reason"].append(reason)
         out["drop_detail"].append(detail)
     return out

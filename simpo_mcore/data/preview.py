@@ -183,7 +183,9 @@ def format_preview(preview: Preview, dataset: datasets.Dataset, tokenizer, *, sa
     lines += [f"note: {note}" for note in report.notes]
     lines += [f"warning: {warning}" for warning in report.warnings]
     lines.append(f"rows: {report.rows_in} read, {report.rows_kept} kept"
-                 + (f"; {report.drop_summary()}" if report.rows_kept < report.rows_in else ""))
+                 + (f"; {report.drop_summary()}" if report.bad_rows else ""))
+    if report.identical:
+        lines.append(f"warning: {report.identical_summary()}")
     marks = "bold: trained on, dim: not" if color else f"{OPEN} {CLOSE}: trained on"
     for index in range(min(samples, len(dataset))):
         row = dataset[index]

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
+import shutil
 
 import datasets
 import numpy as np
@@ -198,3 +200,38 @@ def test_dpo_eval_against_itself_is_log2(tmp_path, model):
     assert metrics["logps/rejected"] == pytest.approx(float(hf["sum_r"].mean()), rel=1e-5)
     ref = torch.from_numpy(np.load(out / "reference_logps" / "eval.npz")["logps"])
     torch.testing.assert_close(ref, torch.stack([hf["sum_c"], hf["sum_r"]], dim=1), rtol=1e-5, atol=1e-5)
+
+
+class Payload:
+    """Unpickling it creates ``marker`` (standing for any code a crafted checkpoint would run)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+@pytest.mark.slow  # builds a model in this process
+def test_simpo_eval_of_a_crafted_checkpoint_runs_nothing(tmp_path, tiny, capsys):
+    """A ``.metadata`` crafted to run code (with a matching integrity.json, as its author would write)
+    executed it during an ordinary ``simpo-eval``: torch's reader unpickles the file. Now the run stops
+    with one line naming the file and what it asked for, before megatron reads anything."""
+    from simpo_mcore.cli import eval_main
+    from simpo_mcore.convert.integrity import write_manifest
+
+    crafted = tmp_path / "crafted"
+    shutil.copytree(tiny[0], crafted)
+    marker = tmp_path / "pwned"
+    (crafted / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    write_manifest(crafted)
+    cfg = write_config(tmp_path / "c.yaml", crafted, tmp_path / "cache", output_dir=str(tmp_path / "eval"),
+                       data={"train_path": None, "eval_path": "synthetic"})
+    capsys.readouterr()
+    assert eval_main([str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "error:" in line] == [
+        f"simpo-eval: error: {crafted}/.metadata: refusing to load: it names builtins.exec, which this kind of file "
+        f"never holds and which could run code on load. The checkpoint was not written by simpo_mcore / megatron "
+        f"as it is, or has been tampered with"]
+    assert not marker.exists()

@@ -1,18 +1,27 @@
-"""Non-finite steps are skipped, counted and eventually abort; SIGTERM saves a loadable checkpoint."""
+"""Non-finite steps are skipped, counted and eventually abort in one error line per rank; a rank-0 error is
+every rank's; SIGTERM saves a loadable checkpoint; launches into one output_dir, ``kill -9`` and a damaged
+checkpoint lose nothing."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
-from helpers import ROOT, free_port, run_ranks
+from helpers import ROOT, error_lines, launch_ranks, run_ranks, wandb_records
 from train_utils import read_metrics, write_config
+
+from simpo_mcore.cli import train_main
+from simpo_mcore.convert.safe_pickle import read_metadata
+from simpo_mcore.output_dir import LOCK_FILE, OutputDirLock
 
 
 @pytest.mark.slow
@@ -31,46 +40,156 @@ def test_nonfinite_gradient_is_skipped_then_aborts(tmp_path, tiny, straight):
     assert b[4]["lr"] == a[3]["lr"]  # the skipped step did not advance the schedule
     assert all(math.isfinite(b[s]["loss"]) for s in range(4, 21))
 
-    with pytest.raises(AssertionError, match="3 consecutive non-finite steps"):
-        run_ranks("train_entry.py", 2, write_config(tmp_path / "abort.yaml", *tiny, output_dir=str(tmp_path / "abort"),
-                                                    parallel=par, train={"max_steps": 8, "max_nonfinite_steps": 3}),
-                  env={"TEST_NAN_AT_STEPS": "2,3,4"})
+    # The abort is documented behaviour, not a crash: one error line and exit code 2 on every rank (it
+    # was a FloatingPointError traceback per rank).
+    ranks = launch_ranks("train_entry.py", 2, write_config(
+        tmp_path / "abort.yaml", *tiny, output_dir=str(tmp_path / "abort"), parallel=par,
+        train={"max_steps": 8, "max_nonfinite_steps": 3}, logging={"wandb": {"project": "t", "mode": "offline"}}),
+        env={"TEST_NAN_AT_STEPS": "2,3,4"})
+    for rank in ranks:
+        assert rank.returncode == 2, rank.stderr[-3000:]
+        assert "Traceback" not in rank.stderr
+        assert error_lines(rank.stderr) == [
+            "simpo-train: error: 3 consecutive non-finite steps (last: step 4); aborting "
+            "(train.max_nonfinite_steps=3); no checkpoint was saved. Lower optim.lr, check the data, or raise "
+            "train.max_nonfinite_steps"]
+    # The aborted run's W&B run is closed as failed, with the steps it took.
+    (run_file,) = (tmp_path / "abort" / "wandb").glob("offline-run-*/run-*.wandb")
+    records = wandb_records(run_file)
+    assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [1]
+    assert [r.history.step.num for r in records if r.WhichOneof("record_type") == "history"] == [1, 2, 3]
 
 
 @pytest.mark.slow
-def test_sigterm_saves_loadable_checkpoint(tmp_path, tiny, straight):
-    """SIGTERM to torchrun mid-run: the ranks agree on a stop step, save, exit; relaunching the same
-    command resumes from it and reproduces the uninterrupted run."""
+def test_rank0_data_error_is_every_ranks_error(tmp_path, tiny):
+    """Rank 0 reads the data while the others wait: its error (here an empty file) used to leave them to
+    die with "Connection closed by peer" (and torchrun to blame one of them). Now every rank prints the
+    same single line and exits 2."""
+    empty = tmp_path / "prefs.jsonl"
+    empty.write_text("")
+    cfg = write_config(tmp_path / "c.yaml", *tiny, output_dir=str(tmp_path / "run"), data={"train_path": str(empty)})
+    ranks = launch_ranks("train_entry.py", 2, cfg)
+    for rank in ranks:
+        assert rank.returncode == 2, rank.stderr[-3000:]
+        assert error_lines(rank.stderr) == [f"simpo-train: error: data file {empty} is empty"]
+        assert "Traceback" not in rank.stderr and "Connection closed" not in rank.stderr
+
+
+def relaunch(cfg, log) -> subprocess.Popen:
+    """``simpo-train CONFIG --nproc 2`` on the CPU: the command re-launches itself under torchrun, in-process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen([sys.executable, "-m", "simpo_mcore.cli", "simpo-train", str(cfg), "--nproc", "2"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for(condition, proc, what: str, timeout: float = 300):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"exited ({proc.returncode}) before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def loss_lines(metrics) -> int:
+    return sum('"loss"' in line for line in metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
+def flip_optimizer_byte(ckpt_dir):
+    """Flip one bit inside an optimizer tensor's bytes (found through the checkpoint's own metadata)."""
+    metadata = read_metadata(ckpt_dir)
+    index, info = next((i, v) for i, v in metadata.storage_data.items() if i.fqn.startswith("optimizer.state.exp_avg"))
+    shard = ckpt_dir / info.relative_path
+    data = bytearray(shard.read_bytes())
+    data[info.offset + info.length // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    return shard.name, index.fqn
+
+
+@pytest.mark.slow
+def test_signals_lock_damage_and_relaunch(tmp_path, tiny, straight, capsys):
+    """The CPU re-launch (``simpo-train --nproc 2``) and the launches that share an output_dir:
+
+    1. a launch into an output_dir another run holds is refused by both ranks, naming the holder (host,
+       pid), exit 2 (a second launch used to resume the first one's checkpoint and delete its save);
+    2. SIGTERM to the launcher reaches the ranks: they save at an agreed step and the launcher exits 0
+       (torchrun's own handling exited 1 with "signal 15"); the lock is released;
+    3. ``kill -9`` of the launcher takes both ranks with it (they used to run on as orphans);
+    4. a bit flipped in an optimizer tensor of the saved checkpoint is refused by name (it loaded silently);
+    5. the same command again replaces the dead run's stale lock, resumes, and the whole run equals the
+       uninterrupted one bit for bit."""
     steps = 20
     out = tmp_path / "run"
+    metrics, lock_file = out / "metrics.jsonl", out / LOCK_FILE
     cfg = write_config(tmp_path / "r.yaml", *tiny, output_dir=str(out), parallel={"device": "cpu"})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-           "--master-addr=127.0.0.1", str(ROOT / "tests/distributed/scripts/train_entry.py"), str(cfg)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+
+    held = OutputDirLock(out)
+    out.mkdir()
+    held.acquire()
     try:
-        metrics = out / "metrics.jsonl"
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            if metrics.exists() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= 3:
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, proc.stdout.read()
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
+        refused = subprocess.run([sys.executable, "-m", "simpo_mcore.cli", "simpo-train", str(cfg), "--nproc", "2"],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=600,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        held.release()
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    lines = error_lines(refused.stderr)
+    assert len(lines) == 2 and lines[0] == lines[1], refused.stderr[-3000:]  # one line from each rank
+    assert lines[0].startswith(f"simpo-train: error: output_dir {out} is in use by another run (host "
+                               f"{socket.gethostname()}, pid {os.getpid()}, since "), lines[0]
+    assert "Traceback" not in refused.stderr and not metrics.exists()
+
+    with open(tmp_path / "a.log", "w+") as log:
+        run = relaunch(cfg, log)
+        try:
+            wait_for(lambda: loss_lines(metrics) >= 3, run, "3 steps")
+            ranks = psutil.Process(run.pid).children()
+            assert json.loads(lock_file.read_text())["pid"] in {r.pid for r in ranks}  # rank 0 holds the lock
+            run.send_signal(signal.SIGTERM)
+            assert run.wait(timeout=120) == 0
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+        log.seek(0)
+        output = log.read()
     latest = (out / "checkpoints" / "latest").read_text().strip()
     stopped_at = int(latest.split("_")[1])
     assert 3 <= stopped_at < steps, output[-3000:]
-    assert f"stopped by SIGTERM at step {stopped_at}" in output
+    assert f"stopped by SIGTERM at step {stopped_at}" in output and not lock_file.exists()
     info = json.loads((out / "checkpoints" / latest / "simpo_mcore.json").read_text())["info"]
     assert info["step"] == stopped_at and info["consumed_pairs"] == stopped_at * 8
 
-    run_ranks("train_entry.py", 2, cfg)  # the same command again
+    with open(tmp_path / "c.log", "w") as log:
+        run = relaunch(cfg, log)
+        try:
+            # Killed while its ranks build the run (the lock is taken first): no step, no save, no cleanup.
+            wait_for(lambda: lock_file.exists() and len(psutil.Process(run.pid).children()) == 2, run, "the lock")
+            ranks = psutil.Process(run.pid).children()
+            run.kill()
+            _, alive = psutil.wait_procs(ranks, timeout=30)
+            assert not alive, [p.pid for p in alive]
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+    assert lock_file.exists()  # left behind, naming a dead rank
+
+    damaged = tmp_path / "damaged" / "checkpoints"
+    shutil.copytree(out / "checkpoints" / latest, damaged / latest)
+    (damaged / "latest").write_text(latest + "\n")
+    shard, tensor = flip_optimizer_byte(damaged / latest)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    capsys.readouterr()
+    try:
+        assert train_main([str(cfg), f"output_dir={damaged.parent}"]) == 2
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert error_lines(capsys.readouterr().err) == [
+        f"simpo-train: error: checkpoint {damaged / latest} is damaged: {shard} has changed since it was written "
+        f"(its SHA-256 differs). Restore it from a copy, or use an earlier checkpoint (point checkpoints/latest at "
+        f"it)"], tensor
+
+    run_ranks("train_entry.py", 2, cfg)  # the same command again (through torchrun directly)
     a, b = straight("dp2"), read_metrics(out)
     assert sorted(b) == list(range(1, steps + 1))
-    for step in range(stopped_at + 1, steps + 1):
+    for step in range(1, steps + 1):
         assert b[step]["loss"] == a[step]["loss"], step

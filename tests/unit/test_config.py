@@ -110,3 +110,25 @@ def test_layout_rules():
         load_config(None, ["parallel.vpp=2"])
     with pytest.raises(ConfigError, match="fp8 needs the Transformer Engine spec"):
         load_config(None, ["train.precision=fp8", "model.spec=sdpa"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=-1e-6", r"optim\.lr must be a positive number, got -1e-06"),
+    ("optim.lr=0", r"optim\.lr must be a positive number, got 0\.0"),
+    ("optim.lr=.nan", r"optim\.lr must be a positive number, got nan"),
+    ("optim.min_lr=1e-3", r"optim\.min_lr must be in \[0, optim\.lr=6e-07\], got 0\.001"),
+    ("optim.adam_beta2=1.0", r"optim\.adam_beta2 must be in \[0, 1\), got 1\.0"),
+    ("optim.adam_eps=0", r"optim\.adam_eps must be positive, got 0\.0"),
+    ("optim.weight_decay=-0.1", r"optim\.weight_decay must be >= 0, got -0\.1"),
+    ("optim.clip_grad=-1", r"optim\.clip_grad must be >= 0, got -1\.0"),
+])
+def test_optim_values_are_checked_when_the_config_loads(override, message):
+    """A negative learning rate used to train (in reverse) until something else broke."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_overwrite_needs_a_fresh_run():
+    with pytest.raises(ConfigError, match=r"checkpoint\.overwrite .* needs checkpoint\.resume: false"):
+        load_config(None, ["checkpoint.overwrite=true"])
+    assert load_config(None, ["checkpoint.overwrite=true", "checkpoint.resume=false"]).checkpoint.overwrite

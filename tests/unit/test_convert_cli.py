@@ -41,7 +41,7 @@ def converted(tmp_path_factory):
     make_tiny_hf_llama(root / "hf", num_layers=2)
     proc = cli("convert_hf_to_mcore.py", "--hf", root / "hf", "--out", root / "ckpt")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[convert] read layer 2/2" in proc.stdout and "[convert] done" in proc.stdout
+    assert "[convert] reading: 2/2 layers (100%)" in proc.stdout and "[convert] done" in proc.stdout
     return root
 
 
@@ -50,7 +50,7 @@ def test_cli_roundtrip_sharded_bf16(converted, tmp_path):
     proc = cli("convert_mcore_to_hf.py", "--ckpt", converted / "ckpt", "--out", out,
                "--max-shard-size", "20KB", "--dtype", "bfloat16")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[export] layer 2/2" in proc.stdout and "[export] done" in proc.stdout
+    assert "[export] writing: 2/2 layers (100%)" in proc.stdout and "[export] done" in proc.stdout
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 3 and all((out / f).is_file() for f in files)

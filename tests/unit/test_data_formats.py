@@ -376,6 +376,10 @@ def test_template_errors_and_other_roles_are_bad_rows(tmp_path):
     ds, report = build(tok, write_rows([good, boom, tool], tmp_path / "rows.jsonl"), tmp_path)
     assert ds["row_id"] == ["p0"] and report.dropped == {"template_error": 1, "unsupported_role": 1}
     assert "no booms here" in report.first_dropped[0]["detail"]
+    # Under data.on_bad_row: error the template's refusal names the row instead (a jinja TemplateError
+    # reached the user as a traceback once).
+    with pytest.raises(BadRowError, match=r"row boom \(index 1\) .* is bad: template_error: .*no booms here"):
+        build(tok, tmp_path / "rows.jsonl", tmp_path, on_bad_row="error")
 
 
 def test_config_fields(tmp_path):

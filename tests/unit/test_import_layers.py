@@ -3,8 +3,8 @@ module graph has no cycle, and imports sit at the top of each module except in t
 
 The layers, lowest first (docs/architecture.md draws them):
 
-    config, cpu_mode -> parallel -> data -> model -> convert -> logprobs_kernels -> logprobs, losses -> step
-    -> checkpoint, optim, metrics_log, resume -> runtime -> reference -> evaluate -> train -> cli
+    config, cpu_mode, console -> parallel -> data -> model -> convert -> logprobs_kernels -> logprobs, losses
+    -> step -> checkpoint, optim, metrics_log, resume, output_dir -> runtime -> reference -> evaluate -> train -> cli
 
 ``convert`` (HF <-> megatron files, model weights I/O) and ``checkpoint`` (training state) sit beside the
 compute path: they know the model's architecture and nothing of the step.
@@ -20,7 +20,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "simpo_mcore"
 
 LAYERS = [
-    ("config", "cpu_mode"),
+    ("config", "cpu_mode", "console"),
     ("parallel",),
     ("data",),
     ("model",),
@@ -28,7 +28,7 @@ LAYERS = [
     ("logprobs_kernels",),
     ("logprobs", "losses"),
     ("step",),
-    ("checkpoint", "optim", "metrics_log", "resume"),
+    ("checkpoint", "optim", "metrics_log", "resume", "output_dir"),
     ("runtime",),
     ("reference",),
     ("evaluate",),
