@@ -64,8 +64,10 @@ def test_step_lines_progress_and_rank0_only(run):
             assert line.startswith(f"step {step}/{STEPS} ({100 * step // STEPS}%) | loss {r['loss']:.4f} | "
                                    f"acc {r['rewards/accuracies']:.3f} | margin {r['rewards/margins']:.3f} | "
                                    f"lr {r['lr']:.2e} | grad {r['grad_norm']:.3g} | "), line
-            assert re.search(r"\| [\d.]+k? tok/s \| mem [\d.]+ GiB RSS \| \d+:\d\d elapsed \| ETA \d+:\d\d$",
-                             line), line
+            # Packed rows (the default): real tokens/s and the real share of the positions computed.
+            real = round(100 * r["tokens_real"] / r["tokens_computed"])
+            assert re.search(rf"\| [\d.]+k? tok/s \(real {real}%\) \| mem [\d.]+ GiB RSS \| \d+:\d\d elapsed "
+                             r"\| ETA \d+:\d\d$", line), line
         assert proc.stdout.count("model: 4 layers") + proc.stderr.count("model: 4 layers") == 1
     # Tokenisation and evaluation report progress (logging.progress_interval_s=0: a line per piece).
     assert f"tokenising train data: {ROWS}/{ROWS} rows (100%)" in first.stdout
