@@ -33,8 +33,10 @@ def test_dpo_starts_at_log2_and_falls(tmp_path, tiny):
     assert stored["logps"].shape == (256, 2) and np.isfinite(stored["logps"]).all()
     assert json.loads(str(stored["fingerprint"]))["rows"] == 256
 
-    # The stored reference belongs to this data: changing the tokenisation makes it stale.
-    stale = write_config(tmp_path / "stale.yaml", *tiny, **{**sections, "data": {"max_length": 40}})
+    # The stored reference belongs to this data: changing the tokenisation makes it stale (the resume
+    # allows the change, so that the reference's own check is what refuses it).
+    stale = write_config(tmp_path / "stale.yaml", *tiny, **{**sections, "data": {"max_length": 40},
+                                                           "checkpoint": {"allow_changes": ["data.max_length"]}})
     with pytest.raises(AssertionError, match="reference log-probs .* are stale: .* different data"):
         run_ranks("train_entry.py", 2, stale)
 
