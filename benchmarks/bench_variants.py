@@ -128,7 +128,8 @@ def mcore_workload(arch: ModelArch, batch: Batch, loss_cfg: LossConfig, opts: Mo
     model_parallel_cuda_manual_seed(seed)
     (model,) = build_model(arch, opts)
     model.train()
-    host = {"tokens": batch.tokens.cpu(), "labels": batch.labels.cpu()}  # [2k, s] each
+    # [2k, s] each; random ids with no padding: every position is a real token.
+    host = {"tokens": batch.tokens.cpu(), "labels": batch.labels.cpu(), "tokens_real": batch.tokens.numel()}
     chosen_tokens = int((shift_labels(host["labels"][:batch.pairs]) != IGNORE_INDEX).sum())
     head = TokenLogpsContext(vocab_size=arch.vocab_size, chunk_tokens=chunk_tokens, kernel=head_kernel,
                              recompute=not keep_logits)

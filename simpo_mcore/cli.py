@@ -245,14 +245,11 @@ def data_main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--dp must be >= 1 and --samples >= 0 (got {args.dp}, {args.samples})")
         cfg = load_config(args.config, args.overrides)
         console.set_progress_interval(cfg.logging.progress_interval_s)
-        from simpo_mcore.data.pipeline import pad_multiple
         from simpo_mcore.data.preview import BatchShape, run_preview
         from simpo_mcore.runtime import data_tokenizer, max_length_warning
 
         tokenizer, max_positions = data_tokenizer(cfg)
-        t = cfg.train
-        multiple = pad_multiple(cfg.parallel.tp, cfg.parallel.sequence_parallel)
-        batch = BatchShape(t.micro_batch_pairs, t.global_batch_pairs, args.dp, multiple, t.seed)
+        batch = BatchShape.for_run(cfg, args.dp)
         warning = max_positions is not None and max_length_warning(cfg.data.max_length, max_positions)
         print(run_preview(cfg.data, tokenizer, args.split, Path(cfg.output_dir) / "data_cache", batch,
                           samples=args.samples, color=sys.stdout.isatty(), warnings=[warning] if warning else []))

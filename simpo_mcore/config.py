@@ -114,6 +114,19 @@ class DataConfig:
     max_eval_pairs: int | None = None
     """Use only the first N rows of the evaluation split."""
 
+    packing: bool = True
+    """Pack whole preference pairs end to end into rows (``docs/packing.md``): attention and labels stop at
+    every sequence boundary, and almost no position of a batch is padding. ``train.micro_batch_pairs`` is then
+    unused: a micro-batch is one row, holding as many pairs as fit. ``false``: micro-batches of
+    ``train.micro_batch_pairs`` pairs, each sequence right-padded. Needs ``model.spec`` ``te`` or ``sdpa``
+    (``auto`` is one of them); megatron's ``local`` attention takes no packed rows."""
+
+    pack_tokens: int = 8192
+    """With ``packing``: the most positions a row (one micro-batch) holds, a multiple of 16 and at least
+    ``2 x max_length`` so that any pair fits. Each step's pairs are spread over the fewest rows per
+    data-parallel rank that fit, as evenly as they go, so a row is usually shorter than this: it bounds the
+    memory of a micro-batch; a smaller value gives more (shorter) micro-batches."""
+
     num_proc: int | None = None
     """Processes for tokenisation (``datasets.map``); ``None`` picks min(8, cpu count)."""
 
@@ -224,10 +237,11 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     micro_batch_pairs: int = 1
-    """Preference pairs per micro-batch (2x sequences: chosen then rejected)."""
+    """Preference pairs per micro-batch (2x sequences: chosen then rejected), without ``data.packing``."""
 
     global_batch_pairs: int = 128
-    """Pairs per optimizer step = micro_batch_pairs x accumulation steps x data-parallel size."""
+    """Pairs per optimizer step (the loss is their mean): a multiple of the data-parallel size with
+    ``data.packing``, else micro_batch_pairs x accumulation steps x data-parallel size."""
 
     epochs: float = 1.0
     """Passes over the training set; ignored when ``max_steps`` is set."""
@@ -349,7 +363,7 @@ class RunConfig:
         """Cross-field checks that need no process group. Raises ConfigError naming the field."""
         d, t, p, loss = self.data, self.train, self.parallel, self.loss
         _positive(self, ["data.max_length", "data.max_prompt_length", "train.micro_batch_pairs",
-                         "train.global_batch_pairs", "parallel.tp", "parallel.pp",
+                         "train.global_batch_pairs", "parallel.tp", "parallel.pp", "data.pack_tokens",
                          "model.make_vocab_size_divisible_by", "train.log_interval",
                          "model.recompute_num_layers", "parallel.timeout_minutes"])
         if d.max_prompt_length >= d.max_length:
@@ -363,9 +377,22 @@ class RunConfig:
                 raise ConfigError(f"data.columns.{key}: empty column name")
         if sorted(set(d.columns.values())) != sorted(d.columns.values()):
             raise ConfigError(f"data.columns maps one column to several roles: {d.columns}")
+        if d.packing:
+            if d.pack_tokens % 16:
+                raise ConfigError(f"data.pack_tokens ({d.pack_tokens}) must be a multiple of 16")
+            if d.pack_tokens < 2 * d.max_length:
+                raise ConfigError(
+                    f"data.pack_tokens ({d.pack_tokens}) must be at least 2 x data.max_length ({2 * d.max_length}): "
+                    "a pair (chosen and rejected, each up to max_length tokens) must fit in one row")
+            if p.sequence_parallel and d.pack_tokens % p.tp:
+                raise ConfigError(f"data.pack_tokens ({d.pack_tokens}) must be a multiple of parallel.tp ({p.tp}) "
+                                  "under sequence parallelism")
+            if self.model.spec == "local":
+                raise ConfigError("data.packing needs model.spec te or sdpa (megatron's local attention takes no "
+                                  "packed rows); set data.packing: false to use model.spec: local")
         if d.chat_template is not None and not d.chat_template.strip():
             raise ConfigError("data.chat_template is empty; leave it unset to use the tokenizer's template")
-        if t.global_batch_pairs % t.micro_batch_pairs:
+        if not d.packing and t.global_batch_pairs % t.micro_batch_pairs:
             raise ConfigError(
                 f"train.global_batch_pairs ({t.global_batch_pairs}) must be a multiple of "
                 f"train.micro_batch_pairs ({t.micro_batch_pairs})")
@@ -423,7 +450,10 @@ RESUME_GUARDED = ("loss", "data", "train.global_batch_pairs", "train.seed", "mod
 the training pairs and their order, the batch a step averages over, the starting model). Data settings that
 do not decide the training pairs (:data:`DATA_NOT_GUARDED`) are free."""
 
-DATA_NOT_GUARDED = ("data.eval_path", "data.eval_split", "data.max_eval_pairs", "data.num_proc", "data.cache_dir")
+DATA_NOT_GUARDED = ("data.eval_path", "data.eval_split", "data.max_eval_pairs", "data.num_proc", "data.cache_dir",
+                    "data.packing", "data.pack_tokens")
+"""``data.packing`` / ``data.pack_tokens`` lay a step's pairs out (packed rows or padded micro-batches, as
+``train.micro_batch_pairs`` does): the same pairs and the same mean, equal to fp32 rounding."""
 
 
 def config_fields(cfg: RunConfig) -> set[str]:

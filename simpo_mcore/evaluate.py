@@ -24,8 +24,9 @@ log = logging.getLogger("simpo_mcore")
 @torch.no_grad()
 def evaluate(chunks: list, batch_groups, loss_cfg: LossConfig, head: TokenLogpsContext,
              device: torch.device) -> dict[str, float]:
-    """Metrics over every pair of ``batch_groups`` (an iterable of lists of equal-length
-    micro-batches for this data-parallel rank), reduced over ranks weighted by pairs."""
+    """Metrics over every pair of ``batch_groups`` (an iterable of lists of micro-batches for this
+    data-parallel rank, one schedule call each: packed rows or padded pairs, of one shape under pipeline
+    parallelism), reduced over ranks weighted by pairs."""
     for c in chunks:
         c.eval()
     forward_step = make_forward_step(loss_cfg, head, device, scale=None)

@@ -32,7 +32,8 @@ Public API:
   logits (forward chunks over tokens, backward over vocabulary rows; see :class:`_FusedTokenLogps`);
 * :func:`token_logps_output_processor` + :class:`TokenLogpsContext`: the ``GPTModel.forward(...,
   output_processor=...)`` hook that returns ``[b, s]`` token log-probs instead of logits;
-* :func:`sequence_logps`: per-sequence ``sum_logps``, ``num_tokens`` and ``avg_logps``.
+* :func:`sequence_logps`: per-sequence ``sum_logps``, ``num_tokens`` and ``avg_logps``;
+  :func:`unpack_token_logps` lays a packed row's token log-probs out per sequence first.
 
 Layouts follow megatron: hidden ``[s, b, h]`` (``[s/tp, b, h]`` under sequence parallelism), weight
 ``[v_pad/tp, h]``, logits ``[s, b, v_pad/tp]``; labels are batch-first ``[b, s]`` as ``GPTModel`` receives
@@ -514,6 +515,17 @@ def token_logps_output_processor(*, hidden_states: torch.Tensor, output_layer, o
 # ------------------------------------------------------------------------------------- per sequence
 
 
+def unpack_token_logps(token_logps: torch.Tensor, sequence_index: torch.Tensor) -> torch.Tensor:
+    """Token log-probs of a packed row ``[1, T]`` as one row per sequence ``[n, L]`` (0.0 beyond each
+    sequence's end): ``sequence_index [n, L]`` holds the row position of token j of sequence i, and ``T`` (one
+    past the row) beyond its end. One gather, then :func:`sequence_logps` gives the per-sequence sums, counts
+    and averages as for padded rows, with no loop over sequences; its backward adds each position's gradient
+    once (each real position is read by one sequence only)."""
+    flat = torch.cat([token_logps.reshape(-1), token_logps.new_zeros(1)])  # [T + 1]: position T reads 0.0
+    return flat[sequence_index]  # [n, L]
+
+
+
 def sequence_logps(token_logps: torch.Tensor, labels: torch.Tensor, check: bool = True
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(sum_logps [b] fp32, num_tokens [b] int64, avg_logps [b] fp32)`` over the tokens with label != -100.
@@ -541,5 +553,6 @@ __all__ = [
     "labelled_positions",
     "sequence_logps",
     "token_logps_output_processor",
+    "unpack_token_logps",
     "vocab_parallel_token_logps",
 ]

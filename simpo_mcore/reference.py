@@ -54,10 +54,11 @@ def compute_reference_logps(rt: Runtime, split: TokenizedSplit, name: str = "") 
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        output, labels = token_logps_forward(model, batch, rt.head, rt.layout.device)
+        output, targets = token_logps_forward(model, batch, rt.head, rt.layout.device)
 
         def loss_func(token_logps):
-            sum_logps, _, _ = sequence_logps(token_logps, labels, check=False)  # token_logps_forward checked them
+            # token_logps_forward checked the targets: no check (a device sync) here.
+            sum_logps, _, _ = sequence_logps(targets.token_logps(token_logps), targets.labels, check=False)
             k = sum_logps.shape[0] // 2
             rows = batch["row_index"].to(rt.layout.device)
             out[rows, 0] = sum_logps[:k].double()

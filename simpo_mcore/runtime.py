@@ -19,7 +19,7 @@ from simpo_mcore.convert.mcore_io import load_model_weights
 from simpo_mcore.convert.tiny import TINY_ARCH
 from simpo_mcore.convert.tool import run_in_fresh_process
 from simpo_mcore.data.batching import pad_token_id
-from simpo_mcore.data.pipeline import TokenizedSplit, eval_batch_groups, pad_multiple
+from simpo_mcore.data.pipeline import BatchLayout, TokenizedSplit, eval_batch_groups
 from simpo_mcore.data.sources import hub_reachable, hub_unreachable_error, looks_local
 from simpo_mcore.data.synthetic import build_tokenizer
 from simpo_mcore.logprobs import TokenLogpsContext
@@ -52,20 +52,21 @@ class Runtime:
         return pad_token_id(self.tokenizer)
 
     @property
-    def pad_multiple(self) -> int:
-        """What every batch's sequence length is a multiple of."""
-        return pad_multiple(self.layout.tp, self.options.sequence_parallel)
+    def batch_layout(self) -> BatchLayout:
+        """How this run's pairs become micro-batches (packed rows or padded pairs, and their lengths)."""
+        layout = self.layout
+        return BatchLayout.for_run(self.cfg.data, self.pad_id, layout.tp, self.options.sequence_parallel,
+                                   layout.pp, layout.vpp)
 
     def eval_groups(self, split: TokenizedSplit, progress: str | None = None):
         """``split``'s forward-only micro-batch groups for this rank (evaluation, DPO reference pass);
         ``progress``: the task's name, to report its progress in pairs (rank 0's share x DP)."""
-        groups = eval_batch_groups(split, self.cfg.train.micro_batch_pairs, self.pad_id, self.pad_multiple,
-                                   self.layout)
+        groups = eval_batch_groups(split, self.cfg.train.micro_batch_pairs, self.batch_layout, self.layout)
         if progress is None:
             return groups
         dp = self.layout.dp
         return console.track(groups, len(split), progress, "pairs",
-                             size=lambda group: dp * sum(b["tokens"].shape[0] // 2 for b in group
+                             size=lambda group: dp * sum(len(b["row_index"]) for b in group
                                                          if not b.get("padding", False)))
 
 

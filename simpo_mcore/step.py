@@ -3,15 +3,28 @@
 The contract (megatron ``get_forward_backward_func``): ``forward_step(data_iterator, model)``
 returns the model output and a ``loss_func``; on the last pipeline stage the schedule calls
 ``loss_func(output)`` which returns ``(loss, report)``; the schedule divides ``loss`` *in place*
-by the number of micro-batches before backward, and megatron's DDP averages gradients over
+by the number of micro-batches it was given before backward, and megatron's DDP averages gradients over
 data-parallel ranks.
 
-SimPO's batch loss is a mean over the *global* batch of pairs (and the optional SFT term a mean
-over all chosen response tokens of the global batch). Micro-batches may hold different numbers of
-response tokens, so a mean of micro-batch means would be wrong. Each micro-batch therefore
-contributes ``sum(pair losses) / global_pairs + sft_weight * nll_sum / global_chosen_tokens``,
-multiplied by ``num_microbatches * dp`` to undo the schedule's division and DDP's average: the
-gradient summed over micro-batches and ranks is then exactly the gradient of the global mean.
+Normalisation. SimPO's batch loss is a mean over the *global* batch of G pairs, and the optional SFT term a
+mean over all C chosen response tokens of the global batch. A micro-batch holds any number of pairs (packed
+rows hold as many as fit; padded micro-batches hold ``train.micro_batch_pairs``) and any number of response
+tokens, so a mean of micro-batch means would be wrong. Micro-batch m of data-parallel rank r, holding pairs
+P_m with pair losses l_p and chosen tokens C_m with NLLs nll_t, returns::
+
+    loss_m = ( sum_{p in P_m} l_p / G  +  sft_weight * sum_{t in C_m} nll_t / C ) * n_r * dp
+
+where n_r is the number of micro-batches rank r gives the schedule in this step. The schedule divides by
+n_r and DDP averages over dp, so the gradient summed over all micro-batches of all ranks is exactly the
+gradient of ``sum_p l_p / G + sft_weight * sum_t nll_t / C``: the global means, whatever the number of pairs
+in each micro-batch and the number of micro-batches on each rank (:class:`LossScale` holds G, C, n_r, dp;
+G and C are all-reduced over data-parallel ranks before the step).
+
+n_r is per rank because that is what the schedule divides by. Within one data-parallel replica every
+pipeline stage reads the same micro-batches (the packing is a function of the step's pairs), so the stages
+agree on n_r as they must: they exchange activations micro-batch by micro-batch. Replicas could differ (they
+meet only in DDP's all-reduce after the schedule), but packing gives every replica the same n (the global
+batch is split into dp x n rows) and padded micro-batches are the same count by construction.
 """
 
 from __future__ import annotations
@@ -26,32 +39,55 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from simpo_mcore.config import LossConfig
 from simpo_mcore.data.batching import shift_labels
+from simpo_mcore.data.packing import is_packed, sequence_targets, shift_packed_labels
 from simpo_mcore.logprobs import (
     TokenLogpsContext,
     check_labels,
     labelled_positions,
     sequence_logps,
     token_logps_output_processor,
+    unpack_token_logps,
 )
 from simpo_mcore.losses import pair_terms, sft_nll_sum
-from simpo_mcore.model.forward import position_ids_like
+from simpo_mcore.model.forward import packed_row_params, position_ids_like
 
 # Per-micro-batch sums; the metrics are ratios of their totals over the global batch.
 REPORT_FIELDS = (
     "pairs", "loss_sum", "rewards_chosen_sum", "rewards_rejected_sum", "accuracies_sum",
     "margins_sum", "logps_chosen_sum", "logps_rejected_sum", "sft_nll_sum", "sft_tokens",
-    "response_tokens", "tokens",
+    "response_tokens", "tokens_real", "tokens_computed",
 )
+"""``tokens_real``: positions holding a token of a sequence (prompt included); ``tokens_computed``: positions
+the model ran on (padding included). Their ratio is the real-token fraction."""
 
 
 @dataclass(frozen=True)
 class LossScale:
-    """Global normalisers of one optimizer step (identical on every rank)."""
+    """The normalisers of one optimizer step (see the module docstring)."""
 
     num_microbatches: int
+    """Micro-batches this rank gives the schedule in this step (n_r: what the schedule divides by)."""
     dp: int
     global_pairs: int
+    """Pairs of the global batch (G), summed over data-parallel ranks."""
     global_chosen_tokens: int
+    """Chosen response tokens of the global batch (C), summed over data-parallel ranks."""
+
+
+@dataclass(frozen=True)
+class SequenceTargets:
+    """A micro-batch's targets per sequence: ``labels [2k, L]`` shifted (chosen rows first), and for a packed
+    row the ``sequence_index [2k, L]`` that lays the row's token log-probs out the same way."""
+
+    labels: torch.Tensor
+    sequence_index: torch.Tensor | None = None
+
+    def token_logps(self, token_logps: torch.Tensor) -> torch.Tensor:
+        """``[2k, L]`` token log-probs per sequence from the model's output (``[2k, L]`` already, or a packed
+        row ``[1, T]``)."""
+        if self.sequence_index is None:
+            return token_logps
+        return unpack_token_logps(token_logps, self.sequence_index)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -71,20 +107,41 @@ def checked_targets(labels: torch.Tensor, head: TokenLogpsContext, device: torch
     positions of the labelled tokens are found here too, so that the head skips the prompt and padding."""
     targets = shift_labels(labels)  # [2k, s]
     check_labels(targets, head.vocab_size)
+    return _to_head(targets, head, device)
+
+
+def _to_head(targets: torch.Tensor, head: TokenLogpsContext, device: torch.device
+             ) -> tuple[torch.Tensor, TokenLogpsContext]:
     index = labelled_positions(targets)  # [n]
     targets, index = to_device(targets, device), to_device(index, device)
     return targets, dataclasses.replace(head, labels_checked=True, token_index=index)
 
 
-def token_logps_forward(model, batch: dict, head: TokenLogpsContext, device: torch.device):
-    """Run one micro-batch: ``(output, shifted labels [2k, s])``. On the last pipeline stage the
-    output is the token log-probs ``[2k, s]`` (the fused head replaces the logits); on the other
-    stages it is the hidden states the schedule sends on. See :func:`checked_targets`."""
-    labels, context = checked_targets(batch["labels"], head, device)  # [2k, s]
-    tokens = to_device(batch["tokens"], device)  # [2k, s]
-    output = model(tokens, position_ids_like(tokens), None, labels=labels,
+def token_logps_forward(model, batch: dict, head: TokenLogpsContext, device: torch.device
+                        ) -> tuple[torch.Tensor, SequenceTargets]:
+    """Run one micro-batch: ``(output, its targets per sequence)``. On the last pipeline stage the output is
+    the token log-probs (the fused head replaces the logits): ``[2k, s]`` for padded pairs, ``[1, T]`` for a
+    packed row; on the other stages it is the hidden states the schedule sends on. See
+    :func:`checked_targets`.
+
+    A packed row (``data/packing.py``) goes through ``GPTModel`` with megatron's ``PackedSeqParams``
+    (``qkv_format="thd"``): attention stays within each sequence and RoPE restarts at each; its labels are
+    shifted within each sequence, so the last token of one never predicts the first of the next, and checked
+    per sequence (each needs a labelled token), as padded pairs are."""
+    tokens = to_device(batch["tokens"], device)  # [2k, s] or [1, T]
+    if not is_packed(batch):
+        labels, context = checked_targets(batch["labels"], head, device)  # [2k, s]
+        output = model(tokens, position_ids_like(tokens), None, labels=labels,
+                       output_processor=token_logps_output_processor, output_processor_context=context)
+        return output, SequenceTargets(labels)
+    row_targets = shift_packed_labels(batch["labels"], batch["cu_seqlens"])  # [1, T]
+    targets = sequence_targets(row_targets, batch["sequence_index"])  # [2k, L]
+    check_labels(targets, head.vocab_size)
+    row_targets, context = _to_head(row_targets, head, device)
+    output = model(tokens, to_device(batch["position_ids"], device), None, labels=row_targets,
+                   packed_seq_params=packed_row_params(batch["cu_seqlens"], device),
                    output_processor=token_logps_output_processor, output_processor_context=context)
-    return output, labels
+    return output, SequenceTargets(to_device(targets, device), to_device(batch["sequence_index"], device))
 
 
 def make_forward_step(loss_cfg: LossConfig, head: TokenLogpsContext, device: torch.device,
@@ -93,19 +150,24 @@ def make_forward_step(loss_cfg: LossConfig, head: TokenLogpsContext, device: tor
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        output, labels = token_logps_forward(model, batch, head, device)
+        output, targets = token_logps_forward(model, batch, head, device)
         ref = batch.get("ref_sum_logps")
-        return output, partial(loss_func, loss_cfg, scale, labels, to_device(ref, device) if ref is not None else None)
+        sizes = (batch["tokens_real"], batch["tokens"].numel())
+        return output, partial(loss_func, loss_cfg, scale, targets,
+                               to_device(ref, device) if ref is not None else None, sizes)
 
     return forward_step
 
 
-def loss_func(loss_cfg: LossConfig, scale: LossScale | None, labels: torch.Tensor,
-              ref_sum_logps: torch.Tensor | None, token_logps: torch.Tensor):
-    """Loss of one micro-batch from its token log-probs ``[2k, s]`` (chosen rows first); ``labels`` passed
-    :func:`check_labels` in :func:`token_logps_forward`."""
+def loss_func(loss_cfg: LossConfig, scale: LossScale | None, targets: SequenceTargets,
+              ref_sum_logps: torch.Tensor | None, sizes: tuple[int, int], output: torch.Tensor):
+    """Loss of one micro-batch from the model's token log-probs (``[2k, s]``, or a packed row's ``[1, T]``;
+    chosen sequences first once laid out per sequence); ``targets`` passed :func:`check_labels` in
+    :func:`token_logps_forward`; ``sizes``: its (real, computed) token positions, host counts."""
+    labels = targets.labels  # [2k, L]
+    token_logps = targets.token_logps(output)  # [2k, L]
     sum_logps, num_tokens, avg_logps = sequence_logps(token_logps, labels, check=False)  # each [2k]
-    k = token_logps.shape[0] // 2
+    k = labels.shape[0] // 2
     terms = pair_terms(loss_cfg.type, loss_cfg.beta, loss_cfg.gamma_beta_ratio,
                        loss_cfg.label_smoothing, avg_logps, sum_logps, ref_sum_logps)
     pref_sum = terms.losses.sum()
@@ -120,9 +182,14 @@ def loss_func(loss_cfg: LossConfig, scale: LossScale | None, labels: torch.Tenso
         loss = pref_sum.detach()
 
     rc, rr = terms.rewards_chosen, terms.rewards_rejected
+    device = output.device
+
+    def fill(value: float) -> torch.Tensor:  # a fill: torch.tensor would copy from the host
+        return torch.full((), float(value), device=device)
+
     # Fresh tensors: the schedule divides `loss` in place, which must not leak into the report.
     report = torch.stack([
-        torch.full((), float(k), device=pref_sum.device),  # a fill: torch.tensor would copy from the host
+        fill(k),
         pref_sum.detach().float(),
         rc.sum().float(), rr.sum().float(),
         (rc > rr).float().sum(),
@@ -130,14 +197,15 @@ def loss_func(loss_cfg: LossConfig, scale: LossScale | None, labels: torch.Tenso
         terms.logps_chosen.sum().float(), terms.logps_rejected.sum().float(),
         nll_sum.detach().float(), nll_tokens.float(),
         num_tokens.sum().float(),
-        (labels.shape[1] * 2 * k) * torch.ones((), device=pref_sum.device),
+        fill(sizes[0]), fill(sizes[1]),
     ])
     return loss, {"report": report}
 
 
 def run_schedule(chunks: list, forward_step, micro_batches: list[dict], forward_only: bool) -> list[dict]:
-    """One pass of megatron's schedule over ``micro_batches`` (all padded to the same length); the
-    last pipeline stage gets the ``loss_func`` reports back, one per micro-batch."""
+    """One pass of megatron's schedule over ``micro_batches`` (of one shape under pipeline parallelism, which
+    sends the first one's ``[s, b, h]`` between stages); the last pipeline stage gets the ``loss_func`` reports
+    back, one per micro-batch."""
     if not micro_batches:
         return []
     tokens = micro_batches[0]["tokens"]
@@ -183,7 +251,8 @@ def metrics_from_totals(t: dict[str, float], sft_weight: float) -> dict[str, flo
         "logps/rejected": t["logps_rejected_sum"] / pairs,
         "num_pairs": t["pairs"],
         "response_tokens": t["response_tokens"],
-        "tokens": t["tokens"],
+        "tokens_real": t["tokens_real"],
+        "tokens_computed": t["tokens_computed"],
     }
     if sft_weight > 0:
         out["sft_loss"] = sft

@@ -64,7 +64,7 @@ class Progress:
     skipped_steps: int = 0
     nonfinite_in_a_row: int = 0
     consumed_tokens: int = 0
-    """Tokens the model computed, padding included (the steps' ``tokens``)."""
+    """Tokens the model computed, padding included (the steps' ``tokens_computed``)."""
     consumed_real_tokens: int | None = None
     """Tokens of the pairs themselves, when the steps report ``tokens_real``."""
 
@@ -98,9 +98,21 @@ def total_steps(cfg: RunConfig, num_pairs: int) -> int:
     return max(1, math.floor(per_epoch * t.epochs))
 
 
-def check_batch_sizes(cfg: RunConfig, dp: int) -> int:
-    """Micro-batches per step; explains a global batch that micro x accumulation x DP cannot make."""
-    t = cfg.train
+def check_batch_sizes(cfg: RunConfig, dp: int) -> int | None:
+    """Micro-batches per rank per step (``None`` with ``data.packing``: as many rows as the step's pairs
+    fill); explains a global batch that micro x accumulation x DP cannot make."""
+    t, p = cfg.train, cfg.parallel
+    if cfg.data.packing:
+        if t.global_batch_pairs % dp:
+            raise ConfigError(
+                f"train.global_batch_pairs ({t.global_batch_pairs}) must be a multiple of the data-parallel size "
+                f"({dp}). Try global_batch_pairs = {max(1, t.global_batch_pairs // dp) * dp}")
+        if p.vpp and t.global_batch_pairs // dp < p.pp:
+            raise ConfigError(
+                f"the interleaved pipeline (parallel.vpp={p.vpp}) needs at least parallel.pp={p.pp} micro-batches "
+                f"per step, each with a pair, but train.global_batch_pairs ({t.global_batch_pairs}) / DP {dp} = "
+                f"{t.global_batch_pairs // dp} pairs per rank")
+        return None
     per_rank = t.micro_batch_pairs * dp
     if t.global_batch_pairs % per_rank:
         raise ConfigError(
@@ -108,7 +120,6 @@ def check_batch_sizes(cfg: RunConfig, dp: int) -> int:
             f"({t.micro_batch_pairs}) x accumulation steps x data-parallel size ({dp}); it is not a "
             f"multiple of {per_rank}. Try global_batch_pairs = {max(1, t.global_batch_pairs // per_rank) * per_rank}")
     num_micro = t.global_batch_pairs // per_rank
-    p = cfg.parallel
     if p.vpp and num_micro < p.pp:
         raise ConfigError(
             f"the interleaved pipeline (parallel.vpp={p.vpp}) needs at least parallel.pp={p.pp} micro-batches "
@@ -168,7 +179,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, rt: Runtime, train_split: TokenizedSplit,
                  eval_split: TokenizedSplit | None, batches: TrainBatches, ddp_chunks: list, optimizer,
-                 schedule: LRSchedule, total_steps: int, num_microbatches: int, progress: Progress,
+                 schedule: LRSchedule, total_steps: int, progress: Progress,
                  resumed_from: Path | None, logger: MetricsLogger, stop: StopSignal, train_data: dict,
                  started: float):
         self.cfg = cfg
@@ -184,7 +195,6 @@ class Trainer:
         self.train_data = train_data
         """The training pairs' ``content_fingerprint``, saved with each checkpoint for the resume checks."""
         self.total_steps = total_steps
-        self.num_microbatches = num_microbatches
         self.progress = progress
         self.logger = logger
         self.stop = stop
@@ -219,9 +229,9 @@ class Trainer:
         train_data = train_split.content_fingerprint()
         if resume_from is not None:
             check_resume_data(cfg, resume_from, changes, train_data)
-        num_micro = check_batch_sizes(cfg, layout.dp)
+        check_batch_sizes(cfg, layout.dp)
         steps = total_steps(cfg, len(train_split))
-        batches = TrainBatches(cfg.train, train_split, rt.pad_id, rt.pad_multiple, layout.dp_rank, layout.dp)
+        batches = TrainBatches(cfg.train, train_split, rt.batch_layout, layout.dp_rank, layout.dp)
 
         cpu = layout.device.type == "cpu"
         ddp_chunks = wrap_ddp(rt.chunks, cfg.parallel.distributed_optimizer, cpu)
@@ -243,7 +253,7 @@ class Trainer:
         logger = MetricsLogger(cfg.output_dir, layout.rank, steps, progress.step, cfg.train.tensorboard,
                                cfg.train.progress_bar, cfg.train.log_interval, wandb, run_info,
                                resumed=resume_from is not None, job_started=started)
-        return cls(cfg, rt, train_split, eval_split, batches, ddp_chunks, optimizer, schedule, steps, num_micro,
+        return cls(cfg, rt, train_split, eval_split, batches, ddp_chunks, optimizer, schedule, steps,
                    progress, resume_from, logger, stop, train_data, started)
 
     @staticmethod
@@ -297,10 +307,12 @@ class Trainer:
         cfg, progress = self.cfg, self.progress
         t0 = time.perf_counter()
         micro_batches, local_chosen_tokens = self.batches.step(progress.consumed_pairs)
-        totals = torch.tensor([float(local_chosen_tokens), float(len(micro_batches) * cfg.train.micro_batch_pairs)],
-                              dtype=torch.float64, device=self.device)
+        local_pairs = sum(len(b["row_index"]) for b in micro_batches)
+        totals = torch.tensor([float(local_chosen_tokens), float(local_pairs)], dtype=torch.float64,
+                              device=self.device)
         dist.all_reduce(totals, group=ps.get_data_parallel_group())
-        scale = LossScale(num_microbatches=self.num_microbatches, dp=self.layout.dp,
+        # This rank's micro-batch count: what the schedule divides by (step.py's docstring).
+        scale = LossScale(num_microbatches=len(micro_batches), dp=self.layout.dp,
                           global_pairs=int(totals[1].item()), global_chosen_tokens=int(totals[0].item()))
         metrics = self.forward_backward(micro_batches, scale)
 
@@ -315,7 +327,7 @@ class Trainer:
             finite = bool(ok) and math.isfinite(grad_norm)
         progress.step += 1
         progress.consumed_pairs += cfg.train.global_batch_pairs
-        progress.consumed_tokens += int(metrics["tokens"])
+        progress.consumed_tokens += int(metrics["tokens_computed"])
         if "tokens_real" in metrics:
             progress.consumed_real_tokens = (progress.consumed_real_tokens or 0) + int(metrics["tokens_real"])
         self.steps_run += 1
@@ -327,10 +339,11 @@ class Trainer:
         dt = time.perf_counter() - t0
         record = dict(metrics)
         record.update(lr=lr, grad_norm=grad_norm, step_time_s=dt,
-                      tokens_per_s=metrics["tokens"] / dt, consumed_pairs=progress.consumed_pairs,
-                      skipped_steps=progress.skipped_steps, **memory_gib(self.device.type == "cuda"))
+                      tokens_per_s=metrics["tokens_computed"] / dt, real_tokens_per_s=metrics["tokens_real"] / dt,
+                      consumed_pairs=progress.consumed_pairs, skipped_steps=progress.skipped_steps,
+                      **memory_gib(self.device.type == "cuda"))
         if self.peak_tflops:
-            record["mfu"] = (metrics["tokens"] * self.flops_per_token / dt
+            record["mfu"] = (metrics["tokens_computed"] * self.flops_per_token / dt
                              / (self.peak_tflops * 1e12 * self.layout.world_size))
         self.last_metrics = record
         if progress.step % cfg.train.log_interval == 0 or progress.step == self.total_steps:
@@ -360,7 +373,7 @@ class Trainer:
         record = {f"eval/{k}": v for k, v in metrics.items()}
         self.logger.log(self.progress.step, record)
         self.logger.print(f"eval step {self.progress.step}: " + ", ".join(
-            f"{k}={v:.4f}" for k, v in record.items() if not k.endswith(("num_pairs", "tokens"))))
+            f"{k}={v:.4f}" for k, v in record.items() if not k.endswith(("num_pairs", "tokens", "_real", "_computed"))))
         return metrics
 
     def maybe_evaluate(self) -> dict[str, float] | None:

@@ -1,4 +1,4 @@
-"""Preference data: rows -> rendered text -> token ids and labels -> padded micro-batches.
+"""Preference data: rows -> rendered text -> token ids and labels -> packed rows or padded micro-batches.
 
 - :mod:`formats`    the row layouts (H4, TRL, ShareGPT, OpenAI, plain strings): detection, prompt / responses
 - :mod:`render`     a row -> prompt / chosen / rejected text (chat template, or plain text)
@@ -8,6 +8,8 @@
 - :mod:`preference` the entry point: :func:`build_preference_dataset`
 - :mod:`sampler`    deterministic, resumable, DP-invariant order of pairs per step and rank
 - :mod:`batching`   pairs -> ``tokens`` / ``labels`` [2k, S] micro-batches
+- :mod:`packing`    pairs -> packed rows ``[1, T]`` of whole pairs (``data.packing``)
+- :mod:`pipeline`   tokenised splits and each rank's micro-batches of a step (packed or padded)
 - :mod:`synthetic`  the embedded character tokenizer and learnable preference rows
 - :mod:`preview`    what ``simpo-data`` shows: rendered samples, lengths, padding efficiency
 """

@@ -6,8 +6,9 @@ reference concatenates them). Sequences are right-padded with the pad id; labels
 prompt and on padding and are NOT shifted (logits at t predict labels[t + 1]). S is a multiple of
 ``pad_to_multiple_of`` (sequence parallelism needs S % tp == 0; FP8 GEMMs want multiples of 16).
 
-All micro-batches of one optimizer step on one rank share S (pipeline parallelism sends fixed
-shapes), so :func:`step_micro_batches` pads them to the step's longest sequence.
+With pipeline parallelism all micro-batches of one schedule call share S (the stages exchange fixed
+shapes), so :func:`step_micro_batches` pads them to the step's longest sequence; without, each micro-batch
+is padded to its own longest (``shared_length=False``). Packed rows are :mod:`simpo_mcore.data.packing`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import datasets
+import pyarrow.compute as pc
 import torch
 
 from simpo_mcore.data.tokenize import LABEL_PAD
@@ -49,7 +51,8 @@ def float_columns(dataset: datasets.Dataset) -> dict[str, torch.dtype]:
 def collate_pairs(rows: dict[str, list], row_index: list[int], seq_len: int, pad_id: int,
                   extra_columns: dict[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
     """k pairs (``rows``: column -> k values) -> ``tokens``/``labels`` [2k, S], ``row_index`` [k]
-    (int64) and each of ``extra_columns`` (name -> dtype) as a [k] tensor."""
+    (int64), each of ``extra_columns`` (name -> dtype) as a [k] tensor, and the host counts ``tokens_real``
+    (non-padding positions) and ``chosen_tokens`` (chosen response tokens, the SFT term's count)."""
     sequences = rows["chosen_input_ids"] + rows["rejected_input_ids"]
     labels = rows["chosen_labels"] + rows["rejected_labels"]
     tokens_out = torch.full((len(sequences), seq_len), pad_id, dtype=torch.int64)  # [2k, S]
@@ -61,10 +64,21 @@ def collate_pairs(rows: dict[str, list], row_index: list[int], seq_len: int, pad
         tokens_out[i, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
         labels_out[i, :len(labs)] = torch.tensor(labs, dtype=torch.int64)
     batch = {"tokens": tokens_out, "labels": labels_out,
-             "row_index": torch.tensor(row_index, dtype=torch.int64)}  # [k]
+             "row_index": torch.tensor(row_index, dtype=torch.int64),  # [k]
+             "tokens_real": sum(map(len, sequences)),
+             "chosen_tokens": int(sum(label != LABEL_PAD for labs in rows["chosen_labels"] for label in labs[1:]))}
     for name, dtype in (extra_columns or {}).items():
         batch[name] = torch.tensor(rows[name], dtype=dtype)  # [k]
     return batch
+
+
+def sequence_lengths(dataset: datasets.Dataset) -> list[tuple[int, int]]:
+    """(chosen, rejected) token counts of every pair as batched (after truncation), read from the
+    arrow columns without materialising the ids."""
+    table = dataset.with_format("arrow")
+    chosen = pc.list_value_length(table["chosen_input_ids"]).to_pylist()
+    rejected = pc.list_value_length(table["rejected_input_ids"]).to_pylist()
+    return list(zip(chosen, rejected))
 
 
 def step_seq_len(lengths: Iterable[int], pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF) -> int:
@@ -73,27 +87,37 @@ def step_seq_len(lengths: Iterable[int], pad_to_multiple_of: int = PAD_TO_MULTIP
 
 
 def step_padding(micro_batches: list[list[tuple[int, int]]],
-                 pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF) -> tuple[int, int]:
+                 pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF, shared_length: bool = True) -> tuple[int, int]:
     """``(real tokens, token slots)`` of one rank's step laid out as :func:`step_micro_batches`
-    does: micro-batches of (chosen, rejected) sequence lengths, each ``[2k, S]`` with S shared."""
+    does: micro-batches of (chosen, rejected) sequence lengths, each ``[2k, S]``, S shared by the step's
+    micro-batches or (``shared_length=False``) each micro-batch's own."""
+    if not shared_length:
+        real = slots = 0
+        for micro in micro_batches:
+            micro_real, micro_slots = step_padding([micro], pad_to_multiple_of)
+            real, slots = real + micro_real, slots + micro_slots
+        return real, slots
     lengths = [n for micro in micro_batches for pair in micro for n in pair]
     return sum(lengths), len(lengths) * step_seq_len(lengths, pad_to_multiple_of)
 
 
 def step_micro_batches(dataset: datasets.Dataset, micro_batches: list[list[int]], pad_id: int,
                        pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF,
-                       seq_len: int | None = None) -> list[dict[str, torch.Tensor]]:
+                       seq_len: int | None = None, shared_length: bool = True) -> list[dict[str, torch.Tensor]]:
     """Collate one step's micro-batches (lists of dataset indices) to one shared S: the longest
-    sequence of the step rounded up to ``pad_to_multiple_of``, or ``seq_len`` when given."""
+    sequence of the step rounded up to ``pad_to_multiple_of``, or ``seq_len`` when given; with
+    ``shared_length=False`` (no pipeline parallelism) each micro-batch to its own longest instead."""
     extra = float_columns(dataset)
     flat = [index for micro in micro_batches for index in micro]
     rows = dataset.select_columns(["chosen_input_ids", "chosen_labels", "rejected_input_ids",
                                    "rejected_labels", *extra])[flat]
-    if seq_len is None:
+    if seq_len is None and shared_length:
         seq_len = step_seq_len(map(len, rows["chosen_input_ids"] + rows["rejected_input_ids"]), pad_to_multiple_of)
     batches, start = [], 0
     for micro in micro_batches:
         part = {name: values[start:start + len(micro)] for name, values in rows.items()}
-        batches.append(collate_pairs(part, micro, seq_len, pad_id, extra))
+        length = seq_len or step_seq_len(map(len, part["chosen_input_ids"] + part["rejected_input_ids"]),
+                                         pad_to_multiple_of)
+        batches.append(collate_pairs(part, micro, length, pad_id, extra))
         start += len(micro)
     return batches

@@ -18,11 +18,11 @@ import pyarrow.compute as pc
 import torch
 
 from simpo_mcore.config import DataConfig, TrainConfig
-from simpo_mcore.data.batching import PAD_TO_MULTIPLE_OF, shift_labels, step_micro_batches
+from simpo_mcore.data.batching import PAD_TO_MULTIPLE_OF, sequence_lengths, step_micro_batches
+from simpo_mcore.data.packing import pack_rows, packed_micro_batches, step_rows
 from simpo_mcore.data.preference import DataReport, build_preference_dataset
 from simpo_mcore.data.sampler import PairSampler, eval_micro_batches
 from simpo_mcore.data.sources import check_local_path
-from simpo_mcore.data.tokenize import LABEL_PAD
 from simpo_mcore.parallel import agreed
 
 REF_COLUMNS = ("ref_chosen_sum_logps", "ref_rejected_sum_logps")
@@ -94,6 +94,30 @@ def pad_multiple(tp: int, sequence_parallel: bool) -> int:
     return math.lcm(PAD_TO_MULTIPLE_OF, tp if sequence_parallel else 1)
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a rank's pairs become micro-batches: the same on every rank of a pipeline, so that its stages
+    agree on the micro-batches and their shapes without exchanging them."""
+
+    pad_id: int
+    """The token id of padding positions (never labelled, so its value is free)."""
+    multiple: int = PAD_TO_MULTIPLE_OF
+    """Sequence lengths (padded micro-batches) and row lengths (packed) are a multiple of this."""
+    pack_tokens: int | None = None
+    """Packed rows of at most this many positions (``data.pack_tokens``); ``None``: padded ``[2k, S]``."""
+    same_shape: bool = False
+    """All micro-batches of one schedule call get one shape (pipeline parallelism exchanges fixed shapes);
+    otherwise each is only as long as it needs."""
+    rows_multiple: int = 1
+    """Packed micro-batches per rank per step: a multiple of this (PP under the interleaved schedule)."""
+
+    @classmethod
+    def for_run(cls, data: DataConfig, pad_id: int, tp: int, sequence_parallel: bool, pp: int,
+                vpp: int | None) -> BatchLayout:
+        return cls(pad_id, pad_multiple(tp, sequence_parallel), data.pack_tokens if data.packing else None,
+                   same_shape=pp > 1, rows_multiple=pp if vpp else 1)
+
+
 def _finish(batches: list[dict]) -> list[dict]:
     """Our micro-batch layout: ``ref_sum_logps [2k]`` (chosen first) for DPO."""
     for b in batches:
@@ -105,46 +129,67 @@ def _finish(batches: list[dict]) -> list[dict]:
 class TrainBatches:
     """This rank's micro-batches for any step, recomputed from the pairs consumed so far."""
 
-    def __init__(self, cfg: TrainConfig, split: TokenizedSplit, pad_id: int, multiple: int,
-                 dp_rank: int, dp: int):
+    def __init__(self, cfg: TrainConfig, split: TokenizedSplit, layout: BatchLayout, dp_rank: int, dp: int):
         self.dataset = split.dataset
-        self.sampler = PairSampler(len(split), cfg.global_batch_pairs, cfg.micro_batch_pairs, dp_rank, dp, cfg.seed)
-        self.pad_id = pad_id
-        self.multiple = multiple
+        self.layout = layout
+        self.dp_rank, self.dp = dp_rank, dp
+        packed = layout.pack_tokens is not None
+        # Packed, the rank's share of a step comes from packing the whole global batch (data/packing.py).
+        self.sampler = PairSampler(len(split), cfg.global_batch_pairs, 1 if packed else cfg.micro_batch_pairs,
+                                   dp_rank, dp, cfg.seed)
+        self.pair_tokens = [c + r for c, r in sequence_lengths(self.dataset)] if packed else None
+
+    def micro_batch_pairs(self, step: int) -> list[list[int]]:
+        """Dataset indices of this rank's micro-batches of ``step``."""
+        layout = self.layout
+        if layout.pack_tokens is None:
+            return self.sampler.micro_batches(step)
+        pairs = self.sampler.global_batch(step)
+        rows = step_rows([self.pair_tokens[i] for i in pairs], layout.pack_tokens, self.dp, layout.rows_multiple)
+        return [[pairs[i] for i in row] for row in rows[self.dp_rank]]
 
     def step(self, consumed_pairs: int) -> tuple[list[dict], int]:
         """(micro-batches of the step after ``consumed_pairs``, chosen response tokens in them)."""
-        step = self.sampler.step_at(consumed_pairs)
-        batches = _finish(step_micro_batches(self.dataset, self.sampler.micro_batches(step), self.pad_id,
-                                             self.multiple))
-        chosen_tokens = 0
-        for b in batches:
-            k = b["tokens"].shape[0] // 2
-            chosen_tokens += int((shift_labels(b["labels"][:k]) != LABEL_PAD).sum())
-        return batches, chosen_tokens
+        micro = self.micro_batch_pairs(self.sampler.step_at(consumed_pairs))
+        batches = _finish(collate(self.dataset, micro, self.layout))
+        return batches, sum(b["chosen_tokens"] for b in batches)
 
 
-def eval_batch_groups(split: TokenizedSplit, micro_batch_pairs: int, pad_id: int, multiple: int, layout,
+def collate(dataset: datasets.Dataset, micro: list[list[int]], layout: BatchLayout) -> list[dict]:
+    """Micro-batches (lists of dataset indices) as ``layout`` lays them out."""
+    if layout.pack_tokens is not None:
+        return packed_micro_batches(dataset, micro, layout.pad_id, layout.multiple, layout.same_shape)
+    return step_micro_batches(dataset, micro, layout.pad_id, layout.multiple, shared_length=layout.same_shape)
+
+
+def eval_batch_groups(split: TokenizedSplit, micro_batch_pairs: int, batch_layout: BatchLayout, layout,
                       group_size: int = 8):
-    """All pairs once, this rank's shard, as lists of up to ``group_size`` micro-batches of equal
-    shape (one schedule call each: pipeline stages exchange fixed shapes, so a smaller last
-    micro-batch gets a group of its own).
+    """All pairs once, this rank's shard, as lists of up to ``group_size`` micro-batches (one schedule
+    call each; under pipeline parallelism of equal shape, so a smaller last micro-batch of padded pairs gets
+    a group of its own). Packed, the shard's pairs are packed into rows of at most ``pack_tokens``.
 
     megatron's interleaved schedule (VPP) needs a multiple of PP micro-batches per call, so there a
     group is topped up with copies of its last micro-batch marked ``padding: True``, placed last;
     the schedule returns their reports last too, and callers drop them (see ``evaluate``)."""
     dataset = split.dataset
-    micro = eval_micro_batches(len(dataset), micro_batch_pairs, layout.dp_rank, layout.dp)
+    if batch_layout.pack_tokens is None:
+        micro = eval_micro_batches(len(dataset), micro_batch_pairs, layout.dp_rank, layout.dp)
+    else:
+        shard = [i for m in eval_micro_batches(len(dataset), 1, layout.dp_rank, layout.dp) for i in m]
+        lengths = sequence_lengths(dataset)
+        rows = pack_rows([sum(lengths[i]) for i in shard], batch_layout.pack_tokens)[0] if shard else []
+        micro = [[shard[i] for i in row] for row in rows]
 
     def finish(group: list[list[int]]) -> list[dict]:
-        batches = _finish(step_micro_batches(dataset, group, pad_id, multiple))
+        batches = _finish(collate(dataset, group, batch_layout))
         if layout.vpp:
             batches += [{**batches[-1], "padding": True} for _ in range(-len(batches) % layout.pp)]
         return batches
 
     group: list[list[int]] = []
     for m in micro:
-        if group and (len(group) == group_size or len(m) != len(group[0])):
+        if group and (len(group) == group_size or (batch_layout.pack_tokens is None and batch_layout.same_shape
+                                                   and len(m) != len(group[0]))):
             yield finish(group)
             group = []
         group.append(m)

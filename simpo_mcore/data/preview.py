@@ -14,17 +14,18 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import datasets
-import pyarrow.compute as pc
 
-from simpo_mcore.config import DataConfig
-from simpo_mcore.data.batching import step_padding
+from simpo_mcore.config import DataConfig, RunConfig
+from simpo_mcore.data.batching import sequence_lengths, step_padding
 from simpo_mcore.data.formats import FORMATS
+from simpo_mcore.data.packing import packed_padding
+from simpo_mcore.data.pipeline import BatchLayout
 from simpo_mcore.data.preference import DataReport, build_preference_dataset
 from simpo_mcore.data.sampler import PairSampler
 from simpo_mcore.data.tokenize import LABEL_PAD
 
 Layout = Callable[[list[list[tuple[int, int]]]], tuple[int, int]]
-"""One rank's step (micro-batches of (chosen, rejected) lengths) -> (real tokens, token slots)."""
+"""A step as :func:`epoch_steps` yields it (lists of (chosen, rejected) lengths) -> (real tokens, token slots)."""
 
 DIM, BOLD, RESET = "\033[2m", "\033[1;32m", "\033[0m"
 OPEN, CLOSE = "[[", "]]"
@@ -32,12 +33,26 @@ OPEN, CLOSE = "[[", "]]"
 
 @dataclass(frozen=True)
 class BatchShape:
-    """The per-rank batch of a run: what decides how its steps are padded."""
+    """The per-rank batch of a run: what decides how its steps are padded (as ``pipeline.BatchLayout``)."""
     micro_batch_pairs: int
     global_batch_pairs: int
     dp: int
     pad_to_multiple_of: int
     seed: int = 42
+    pack_tokens: int | None = None
+    """Packed rows of at most this many positions (``data.pack_tokens``); ``None``: padded micro-batches."""
+    same_shape: bool = False
+    """The step's micro-batches share one length (pipeline parallelism), else each is as long as it needs."""
+    rows_multiple: int = 1
+    """Packed rows per rank per step: a multiple of this (PP under the interleaved schedule)."""
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, dp: int) -> BatchShape:
+        """The batch of a run of ``cfg`` at data-parallel size ``dp``."""
+        t, p = cfg.train, cfg.parallel
+        layout = BatchLayout.for_run(cfg.data, 0, p.tp, p.sequence_parallel, p.pp, p.vpp)
+        return cls(t.micro_batch_pairs, t.global_batch_pairs, dp, layout.multiple, t.seed, layout.pack_tokens,
+                    layout.same_shape, layout.rows_multiple)
 
 
 @dataclass(frozen=True)
@@ -70,16 +85,14 @@ def length_stats(values: list[int]) -> LengthStats:
     return LengthStats(statistics.median(ordered), p90, ordered[-1])
 
 
-def sequence_lengths(dataset: datasets.Dataset) -> list[tuple[int, int]]:
-    """(chosen, rejected) token counts of every pair as batched (after truncation)."""
-    table = dataset.with_format("arrow")
-    chosen = pc.list_value_length(table["chosen_input_ids"]).to_pylist()
-    rejected = pc.list_value_length(table["rejected_input_ids"]).to_pylist()
-    return list(zip(chosen, rejected))
-
-
 def epoch_steps(num_pairs: int, batch: BatchShape) -> Iterator[list[list[int]]]:
-    """Every rank's micro-batches (dataset indices) of every step of the first epoch."""
+    """Every step of the first epoch (dataset indices): each rank's micro-batches, or packed (where the
+    ranks' rows come from the whole global batch) the global batch as one list."""
+    if batch.pack_tokens is not None:
+        sampler = PairSampler(num_pairs, batch.global_batch_pairs, 1, 0, batch.dp, batch.seed)
+        for step in range(sampler.steps_per_epoch):
+            yield [sampler.global_batch(step)]
+        return
     samplers = [PairSampler(num_pairs, batch.global_batch_pairs, batch.micro_batch_pairs, rank, batch.dp,
                             batch.seed) for rank in range(batch.dp)]
     for step in range(samplers[0].steps_per_epoch):
@@ -87,10 +100,35 @@ def epoch_steps(num_pairs: int, batch: BatchShape) -> Iterator[list[list[int]]]:
             yield sampler.micro_batches(step)
 
 
+def batch_layout(batch: BatchShape) -> Layout:
+    """The layout a run of ``batch`` gives its steps: packed rows (:func:`packing.packed_padding`), or padded
+    micro-batches (:func:`batching.step_padding`), as the training step collates them."""
+    multiple = batch.pad_to_multiple_of
+    if batch.pack_tokens is not None:
+        return lambda step: packed_padding(step[0], batch.pack_tokens, batch.dp, multiple, batch.same_shape,
+                                           batch.rows_multiple)
+    return lambda step: step_padding(step, multiple, shared_length=batch.same_shape)
+
+
+def describe_layout(batch: BatchShape, steps: int) -> str:
+    """How :func:`batch_layout` lays out ``steps`` steps, in words."""
+    multiple, per_rank = batch.pad_to_multiple_of, batch.global_batch_pairs // batch.dp
+    if batch.pack_tokens is not None:
+        return (f"packed rows of at most {batch.pack_tokens} positions: each step's {batch.global_batch_pairs} "
+                f"pairs in the fewest rows per rank that fit, "
+                f"{'all of the longest row' if batch.same_shape else 'each'} rounded up to {multiple}; DP={batch.dp}, "
+                f"{steps} steps in the epoch")
+    how = ("step-wide padding: each rank's micro-batches padded to its step's longest sequence" if batch.same_shape
+           else "padding per micro-batch: each padded to its longest sequence")
+    return (f"{how}, rounded up to {multiple}; {per_rank} pairs per rank per step in micro-batches of "
+            f"{batch.micro_batch_pairs}, DP={batch.dp}, {steps} steps in the epoch")
+
+
 def batch_efficiency(lengths: list[tuple[int, int]], steps: Iterable[list[list[int]]],
                      layout: Layout) -> float:
     """The fraction of a batch layout's token slots that hold real tokens over ``steps``;
-    ``layout`` lays out one rank's step (:func:`batching.step_padding` for step-wide padding)."""
+    ``layout`` lays out one step (:func:`batch_layout`; :func:`batching.step_padding` for one rank's padded
+    micro-batches)."""
     real = slots = 0
     for micro_batches in steps:
         step_real, step_slots = layout([[lengths[i] for i in micro] for micro in micro_batches])
@@ -103,16 +141,11 @@ def preview_split(dataset: datasets.Dataset, report: DataReport, batch: BatchSha
     columns = {name: table[name].to_pylist() for name in ("prompt_length", "chosen_length", "rejected_length")}
     try:
         steps = list(epoch_steps(len(dataset), batch))
-    except ValueError as exc:  # fewer pairs than a global batch, sizes that do not divide
+        efficiency = batch_efficiency(sequence_lengths(dataset), steps, batch_layout(batch))
+    except ValueError as exc:  # fewer pairs than a global batch, sizes that do not divide, a pair too long
         efficiency, note = None, f"not computed: {exc}"
     else:
-        multiple = batch.pad_to_multiple_of
-        efficiency = batch_efficiency(sequence_lengths(dataset), steps,
-                                      lambda micro: step_padding(micro, multiple))
-        note = (f"step-wide padding: each rank's micro-batches padded to its step's longest sequence, rounded "
-                f"up to {multiple}; {batch.global_batch_pairs // batch.dp} pairs per rank per step in "
-                f"micro-batches of {batch.micro_batch_pairs}, DP={batch.dp}, {len(steps) // batch.dp} steps "
-                f"in the epoch")
+        note = describe_layout(batch, len(steps) if batch.pack_tokens is not None else len(steps) // batch.dp)
     return Preview(report, len(dataset), *(length_stats(columns[c]) for c in columns),
                    truncated=sum(table["truncated"].to_pylist()), efficiency=efficiency, efficiency_note=note)
 

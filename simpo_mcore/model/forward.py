@@ -1,13 +1,17 @@
 """Plain forward passes through the (possibly pipelined) model: logits for parity checks and demos.
 
 Training and evaluation go through :mod:`simpo_mcore.step`; this module returns full-vocabulary
-logits, which the log-prob head deliberately never materialises.
+logits, which the log-prob head deliberately never materialises. It also builds the attention parameters
+of a packed row (:func:`packed_row_params`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from megatron.core import parallel_state as ps
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -15,6 +19,29 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 def position_ids_like(tokens: torch.Tensor) -> torch.Tensor:
     b, s = tokens.shape
     return torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+
+
+@dataclass
+class PackedRow(PackedSeqParams):
+    """megatron's ``PackedSeqParams`` for one packed row (``qkv_format="thd"``, batch dimension 1), plus the
+    segment lengths on the host: :class:`~simpo_mcore.model.specs.SDPAttention` splits the row by them
+    without reading ``cu_seqlens`` back from the device. Transformer Engine reads the base fields only."""
+
+    seqlens: tuple[int, ...] = ()
+
+
+def packed_row_params(cu_seqlens: torch.Tensor, device: torch.device) -> PackedRow:
+    """``GPTModel.forward(packed_seq_params=...)`` for a row whose segments end at the host tensor
+    ``cu_seqlens`` ([m + 1] int32, from 0 to the row's length): attention stays within each segment and RoPE
+    restarts at each (megatron applies it per ``cu_seqlens`` segment; TE's fused attention takes them as they
+    are). ``max_seqlen`` is computed here, on the host, so that nothing waits for the device."""
+    seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    cu = cu_seqlens.to(torch.int32)
+    if device.type == "cuda":
+        cu = cu.pin_memory()  # queued behind the work already launched instead of waiting for it
+    cu = cu.to(device, non_blocking=True)
+    return PackedRow(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(seqlens),
+                     max_seqlen_kv=max(seqlens), seqlens=tuple(seqlens))
 
 
 @torch.no_grad()

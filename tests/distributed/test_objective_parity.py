@@ -13,6 +13,11 @@ the final assistant turn, the response what the template adds for that turn, the
 
 Besides the Llama models, at TP=2: Gemma-2 (the head's final logit soft-capping, the sandwich norms' partial
 gradients) and a Qwen2.5-shaped model (q / k / v biases split over TP ranks).
+
+Each layout runs the step padded (micro-batches of k pairs) and packed (rows of whole pairs laid end to end,
+split over the data-parallel ranks as training splits them), including the interleaved pipeline (PP 2 x VPP 2);
+the packed step must match the reference too, and the padded step to within fp32 rounding: per-sequence sums
+and averages to 1e-6 relative, gradients to 1e-5.
 """
 
 from __future__ import annotations
@@ -149,13 +154,17 @@ def reference(hf, pairs):
     return c.detach(), r.detach(), metrics, grads
 
 
-# (tp, pp, dp, sp); one launch per world size covers its layouts (the groups are rebuilt per layout).
-LAYOUTS = [(1, 1, 1, False), (2, 1, 1, False), (1, 2, 1, False), (2, 2, 1, False), (1, 1, 2, False),
-           (2, 1, 1, True)]
+# (tp, pp, dp, sp, vpp); one launch per world size covers its layouts (the groups are rebuilt per layout).
+LAYOUTS = [(1, 1, 1, False, None), (2, 1, 1, False, None), (1, 2, 1, False, None), (2, 2, 1, False, None),
+           (1, 1, 2, False, None), (2, 1, 1, True, None), (1, 2, 1, False, 2)]
 # The tied model where it differs: the shared weight split over two pipeline stages.
-TIED_LAYOUTS = [(2, 2, 1, False), (1, 2, 2, False)]
-FAMILY_LAYOUTS = [(2, 1, 1, False)]
+TIED_LAYOUTS = [(2, 2, 1, False, None), (1, 2, 2, False, None)]
+FAMILY_LAYOUTS = [(2, 1, 1, False, None)]
 MODEL_LAYOUTS = {"untied": LAYOUTS, "tied": TIED_LAYOUTS, "gemma2": FAMILY_LAYOUTS, "qwen25": FAMILY_LAYOUTS}
+
+
+def layout_name(tp, pp, dp, sp, vpp) -> str:
+    return f"{tp}-{pp}-{dp}-{int(sp)}" + (f"-vpp{vpp}" if vpp else "")
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +174,9 @@ def results(setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("objective_results")
     by_world: dict[int, dict[str, list[str]]] = {}
     for model, layouts in MODEL_LAYOUTS.items():
-        for tp, pp, dp, sp in layouts:
-            by_world.setdefault(tp * pp * dp, {}).setdefault(model, []).append(f"{tp},{pp},{int(sp)}")
+        for tp, pp, dp, sp, vpp in layouts:
+            spec = f"{tp},{pp},{int(sp)}" + (f",{vpp}" if vpp else "")
+            by_world.setdefault(tp * pp * dp, {}).setdefault(model, []).append(spec)
     for world, models in sorted(by_world.items()):
         specs = [f"{m}={root / m / 'hf'}={root / m / 'mcore'}={'/'.join(layouts)}" for m, layouts in models.items()]
         run_ranks("objective_parity.py", world, root / "pairs.json", out, *specs)
@@ -179,51 +189,86 @@ def expected(setup):
     return {name: reference(hf, pairs) for name, hf in hfs.items()}
 
 
-def check_layout(run_dir, expected, dp):
+def inputs(setup) -> list[dict]:
+    """The tokenised pairs the launches read."""
+    return json.loads((setup[0] / "pairs.json").read_text())
+
+
+LOGPS_RTOL = 1e-6  # packed vs padded, per sequence: |diff| <= 1e-6 x |value| (sums ~-80, averages ~-5.6)
+GRAD_RTOL = 1e-5
+
+
+def relative_grad_error(got: dict, ref: dict) -> dict[str, float]:
+    assert set(got) == set(ref)
+    return {name: ((got[name] - r).norm() / r.norm()).item() for name, r in ref.items()}
+
+
+def check_layout(run_dir, expected, inputs, dp, vpp=None):
+    """Every batching of the step (padded micro-batches of k pairs, packed rows of two capacities) against the
+    HF reference; the packed ones also against the padded step (per-sequence log-probs and gradients)."""
     result = json.loads((run_dir / "result.json").read_text())
     ref_c, ref_r, ref_metrics, ref_grads = expected
     per_rank = NUM_PAIRS // dp
-    sizes = [per_rank, 2 if dp == 1 else 1]  # one micro-batch per rank, and several
-    for k in sizes:
-        got = result[str(k)]
-        assert got["num_microbatches"] == per_rank // k
-        avg = torch.tensor([got["avg_logps"][str(i)] for i in range(NUM_PAIRS)])  # [pairs, 2]
-        assert torch.allclose(avg[:, 0], ref_c, atol=1e-5, rtol=0), (avg[:, 0] - ref_c).abs().max()
-        assert torch.allclose(avg[:, 1], ref_r, atol=1e-5, rtol=0), (avg[:, 1] - ref_r).abs().max()
-        for name, value in ref_metrics.items():
-            assert got["metrics"][name] == pytest.approx(value, abs=1e-5), name
+    padded = [f"padded_k{k}" for k in ([2] if vpp else [per_rank, 2 if dp == 1 else 1])]
+    packed = [name for name in result if name.startswith("packed_")]
+    assert sorted(result) == sorted(padded + packed) and len(packed) == 2
+    real = sum(len(p[f"{key}_input_ids"]) for p in inputs for key in ("chosen", "rejected"))
+    for name in padded + packed:
+        got = result[name]
+        counts = got["num_microbatches"]
+        if name.startswith("padded"):
+            assert counts == [per_rank // int(name.removeprefix("padded_k"))] * len(counts)
+        else:  # packed: every rank the same number of rows (a multiple of PP under VPP)
+            assert len(set(counts)) == 1 and counts[0] % (2 if vpp else 1) == 0, counts
+        avg = torch.tensor([got["logps"][str(i)]["avg"] for i in range(NUM_PAIRS)])  # [pairs, 2]
+        assert torch.allclose(avg[:, 0], ref_c, atol=1e-5, rtol=0), (name, (avg[:, 0] - ref_c).abs().max())
+        assert torch.allclose(avg[:, 1], ref_r, atol=1e-5, rtol=0), (name, (avg[:, 1] - ref_r).abs().max())
+        for metric, value in ref_metrics.items():
+            assert got["metrics"][metric] == pytest.approx(value, abs=1e-5), (name, metric)
         assert got["metrics"]["num_pairs"] == NUM_PAIRS
-        grads = load_file(str(run_dir / f"grads_k{k}.safetensors"))
-        assert set(grads) == set(ref_grads)
-        worst_grad = 0.0
-        for name, ref in ref_grads.items():
-            rel = ((grads[name] - ref).norm() / ref.norm()).item()
-            assert rel <= 1e-5, f"{name}: relative gradient error {rel:.2e}"
-            worst_grad = max(worst_grad, rel)
+        # Every position of every sequence counted once as real, prompt included; padding only in computed.
+        assert got["metrics"]["tokens_real"] == real
+        assert got["metrics"]["tokens_computed"] >= real
+        grads = load_file(str(run_dir / f"grads_{name}.safetensors"))
+        errors = relative_grad_error(grads, ref_grads)
+        bad = {n: e for n, e in errors.items() if not e <= GRAD_RTOL}
+        assert not bad, f"{name}: relative gradient error above {GRAD_RTOL}: {bad}"
         worst_avg = max((avg[:, 0] - ref_c).abs().max().item(), (avg[:, 1] - ref_r).abs().max().item())
-        print(f"[objective] {run_dir.parent.name} {run_dir.name} micro-batch {k}: avg_logps max |err| "
-              f"{worst_avg:.2g}, gradients max relative error {worst_grad:.2g}")
+        print(f"[objective] {run_dir.parent.name} {run_dir.name} {name}: avg_logps max |err| {worst_avg:.2g}, "
+              f"gradients max relative error {max(errors.values()):.2g}")
+    base = result[padded[-1]]
+    base_grads = load_file(str(run_dir / f"grads_{padded[-1]}.safetensors"))
+    for name in packed:
+        for i in range(NUM_PAIRS):
+            for kind in ("sum", "avg"):
+                for a, b in zip(result[name]["logps"][str(i)][kind], base["logps"][str(i)][kind]):
+                    assert abs(a - b) <= LOGPS_RTOL * abs(b), (name, i, kind, a, b)
+        grads = load_file(str(run_dir / f"grads_{name}.safetensors"))
+        bad = {n: e for n, e in relative_grad_error(grads, base_grads).items() if not e <= GRAD_RTOL}
+        assert not bad, f"{name} vs {padded[-1]}: relative gradient error above {GRAD_RTOL}: {bad}"
+    assert result[packed[-1]]["metrics"]["tokens_computed"] < base["metrics"]["tokens_computed"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,pp,dp,sp", LAYOUTS, ids=lambda v: str(v))
-def test_objective_matches_reference(results, expected, tp, pp, dp, sp):
-    check_layout(results / "untied" / f"{tp}-{pp}-{dp}-{int(sp)}", expected["untied"], dp)
+@pytest.mark.parametrize("tp,pp,dp,sp,vpp", LAYOUTS, ids=lambda v: str(v))
+def test_objective_matches_reference(setup, results, expected, tp, pp, dp, sp, vpp):
+    check_layout(results / "untied" / layout_name(tp, pp, dp, sp, vpp), expected["untied"], inputs(setup), dp, vpp)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,pp,dp,sp", TIED_LAYOUTS, ids=lambda v: str(v))
-def test_tied_embeddings_split_over_pipeline_stages(results, expected, tp, pp, dp, sp):
+@pytest.mark.parametrize("tp,pp,dp,sp,vpp", TIED_LAYOUTS, ids=lambda v: str(v))
+def test_tied_embeddings_split_over_pipeline_stages(setup, results, expected, tp, pp, dp, sp, vpp):
     """The embedding's gradient is the sum of its use as input embedding and as output layer, on two
     different pipeline stages; HF's tied model has one ``embed_tokens.weight`` gradient holding both."""
-    check_layout(results / "tied" / f"{tp}-{pp}-{dp}-{int(sp)}", expected["tied"], dp)
+    check_layout(results / "tied" / layout_name(tp, pp, dp, sp, vpp), expected["tied"], inputs(setup), dp, vpp)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["gemma2", "qwen25"])
-@pytest.mark.parametrize("tp,pp,dp,sp", FAMILY_LAYOUTS, ids=lambda v: str(v))
-def test_model_families_match_reference(results, expected, model, tp, pp, dp, sp):
+@pytest.mark.parametrize("tp,pp,dp,sp,vpp", FAMILY_LAYOUTS, ids=lambda v: str(v))
+def test_model_families_match_reference(setup, results, expected, model, tp, pp, dp, sp, vpp):
     """Gemma-2's average log-probs come from soft-capped logits (HF caps them; the fused head caps inside its
     chunks), its gradients through the cap and the post-attention / post-MLP norms; Qwen2.5's through biases
-    sharded over the two TP ranks."""
-    check_layout(results / model / f"{tp}-{pp}-{dp}-{int(sp)}", expected[model], dp)
+    sharded over the two TP ranks. Packed, Gemma-2's sliding windows and attention soft-capping apply within
+    each sequence of a row."""
+    check_layout(results / model / layout_name(tp, pp, dp, sp, vpp), expected[model], inputs(setup), dp, vpp)

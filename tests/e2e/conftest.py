@@ -11,11 +11,12 @@ import pytest
 from helpers import run_ranks
 from train_utils import make_tiny, read_metrics, write_config
 
-STRAIGHT = {  # name: (ranks, parallel section)
-    "tp1": (1, {}),
-    "dp2": (2, {}),
-    "tp2pp2": (4, {"tp": 2, "pp": 2}),
-    "pp2vpp2": (2, {"pp": 2, "vpp": 2}),
+STRAIGHT = {  # name: (ranks, parallel section, other sections); packed rows unless the data section says not
+    "tp1": (1, {}, {}),
+    "dp2": (2, {}, {}),
+    "tp2pp2": (4, {"tp": 2, "pp": 2}, {}),
+    "pp2vpp2": (2, {"pp": 2, "vpp": 2}, {}),
+    "tp1_padded": (1, {}, {"data": {"packing": False}}),
 }
 
 
@@ -34,10 +35,10 @@ def straight(tiny, tmp_path_factory):
 
     def get(name: str) -> dict[int, dict]:
         if name not in done:
-            nproc, parallel = STRAIGHT[name]
+            nproc, parallel, sections = STRAIGHT[name]
             out = root / name
             cfg = write_config(root / f"{name}.yaml", *tiny, output_dir=str(out),
-                               parallel={"device": "cpu", **parallel})
+                               parallel={"device": "cpu", **parallel}, **sections)
             run_ranks("train_entry.py", nproc, cfg)
             done[name] = read_metrics(out)
         return done[name]

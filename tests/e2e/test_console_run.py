@@ -64,8 +64,10 @@ def test_step_lines_progress_and_rank0_only(run):
             assert line.startswith(f"step {step}/{STEPS} ({100 * step // STEPS}%) | loss {r['loss']:.4f} | "
                                    f"acc {r['rewards/accuracies']:.3f} | margin {r['rewards/margins']:.3f} | "
                                    f"lr {r['lr']:.2e} | grad {r['grad_norm']:.3g} | "), line
-            assert re.search(r"\| [\d.]+k? tok/s \| mem [\d.]+ GiB RSS \| \d+:\d\d elapsed \| ETA \d+:\d\d$",
-                             line), line
+            # Packed rows (the default): real tokens/s and the real share of the positions computed.
+            real = round(100 * r["tokens_real"] / r["tokens_computed"])
+            assert re.search(rf"\| [\d.]+k? tok/s \(real {real}%\) \| mem [\d.]+ GiB RSS \| \d+:\d\d elapsed "
+                             r"\| ETA \d+:\d\d$", line), line
         assert proc.stdout.count("model: 4 layers") + proc.stderr.count("model: 4 layers") == 1
     # Tokenisation and evaluation report progress (logging.progress_interval_s=0: a line per piece).
     assert f"tokenising train data: {ROWS}/{ROWS} rows (100%)" in first.stdout
@@ -89,11 +91,15 @@ def test_run_summary(run):
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval/loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4] and [r["step"] for r in evals] == [0, 4]
+    def tokens(steps):  # packed rows: the real tokens, then the positions computed
+        return (f"{format_count(sum(r['tokens_real'] for r in steps))} real tokens "
+                f"({format_count(sum(r['tokens_computed'] for r in steps))} tokens computed)")
+
     assert (f"run summary (stopped by train.exit_interval=2): step 2 of {STEPS} (2 in this process), 32 pairs, "
-            f"{format_count(sum(r['tokens'] for r in train[:2]))} tokens computed") in first.stdout
+            f"{tokens(train[:2])}") in first.stdout
     summary = second.stdout[second.stdout.index("run summary (done)"):]
     assert summary.startswith(f"run summary (done): step 4 of {STEPS} (2 in this process), 64 pairs, "
-                              f"{format_count(sum(r['tokens'] for r in train))} tokens computed, wall ")
+                              f"{tokens(train)}, wall ")
     final = evals[-1]
     assert (f"final eval (step 4): loss {final['eval/loss']:.4f}, reward accuracy "
             f"{final['eval/rewards/accuracies']:.4f}, margin {final['eval/rewards/margins']:.4f}") in summary

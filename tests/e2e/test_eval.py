@@ -141,21 +141,31 @@ def test_local_rows_tokenise_as_the_pipeline_says(prefs, tmp_path):
 def test_simpo_eval_same_at_tp1_tp2_vpp_and_equals_hf(tmp_path, model):
     beta, gbr, sft_w = 2.5, 0.5, 0.2
     loss = {"type": "simpo", "beta": beta, "gamma_beta_ratio": gbr, "sft_weight": sft_w}
-    tp1, out1 = run_eval(tmp_path, model, "tp1", 1, {"tp": 1}, loss=loss)
-    tp2, out2 = run_eval(tmp_path, model, "tp2", 2, {"tp": 2}, loss=loss)
+    tp1, out1 = run_eval(tmp_path, model, "tp1", 1, {"tp": 1}, loss=loss)  # packed rows (the default)
+    # Padded micro-batches of 3 pairs, each to its own longest sequence.
+    tp2, out2 = run_eval(tmp_path, model, "tp2", 2, {"tp": 2}, loss=loss, data={"packing": False})
     # Interleaved pipeline: megatron needs a multiple of PP micro-batches per schedule call, so the
-    # group holding the last (2-pair) micro-batch is padded with a copy whose report is dropped.
+    # group holding the last (here: the only) packed row is padded with a copy whose report is dropped.
     vpp, _ = run_eval(tmp_path, model, "pp2vpp2", 2, {"pp": 2, "vpp": 2}, loss=loss)
 
     assert tp1["num_pairs"] == tp2["num_pairs"] == vpp["num_pairs"] == KEPT
     assert set(METRICS) | {"sft_loss"} <= set(tp1)
     assert set(tp1) == set(tp2) == set(vpp)
-    for key in tp1:
+    for key in set(tp1) - {"tokens_computed"}:
         assert tp2[key] == pytest.approx(tp1[key], rel=1e-5, abs=1e-7), key
         assert vpp[key] == pytest.approx(tp1[key], rel=1e-5, abs=1e-7), key
 
     pairs = tokenised_pairs(out1)
     assert pairs["chosen_input_ids"] == tokenised_pairs(out2)["chosen_input_ids"]
+    lengths = [len(ids) for side in ("chosen", "rejected") for ids in pairs[f"{side}_input_ids"]]
+    assert tp1["tokens_real"] == sum(lengths)
+    assert tp1["tokens_computed"] == -(-sum(lengths) // 16) * 16  # one row, rounded up to 16
+    padded = 0  # micro-batches of 3, 3, 2 pairs, each [2k, S], S its longest sequence rounded up to 16
+    for m in range(0, KEPT, 3):
+        micro = [len(pairs[i][f"{side}_input_ids"]) for i in range(m, min(m + 3, KEPT))
+                 for side in ("chosen", "rejected")]
+        padded += len(micro) * -(-max(micro) // 16) * 16
+    assert tp2["tokens_real"] == sum(lengths) and tp2["tokens_computed"] == padded
     hf = hf_sequence_logps(model[1], pairs)
     rc, rr = beta * hf["avg_c"], beta * hf["avg_r"]
     pref = -F.logsigmoid(beta * (hf["avg_c"] - hf["avg_r"] - gbr))

@@ -77,9 +77,10 @@ def test_fp8_without_gpu_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow  # launches simpo-train on ranks
 def test_batch_mismatch_is_explained(tmp_path, tiny):
-    """DP=2 cannot split 6 pairs into micro-batches of 2: the error says what would work."""
+    """DP=2 cannot split 7 pairs (packed rows: any multiple of DP would do): the error says what would work.
+    The padded layout's rule (micro x accumulation x DP) is tests/unit/test_train_checks.py's."""
     cfg = write_config(tmp_path / "c.yaml", *tiny, output_dir=str(tmp_path / "o"),
-                       train={"global_batch_pairs": 6, "micro_batch_pairs": 2, "max_steps": 2})
-    with pytest.raises(AssertionError, match=r"must equal train.micro_batch_pairs \(2\) x accumulation steps x "
-                                             r"data-parallel size \(2\).*Try global_batch_pairs = 4"):
+                       train={"global_batch_pairs": 7, "micro_batch_pairs": 1, "max_steps": 2})
+    with pytest.raises(AssertionError, match=r"train.global_batch_pairs \(7\) must be a multiple of the "
+                                             r"data-parallel size \(2\)\. Try global_batch_pairs = 6"):
         run_ranks("train_entry.py", 2, cfg)

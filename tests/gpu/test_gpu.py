@@ -1,5 +1,6 @@
 """GPU-only checks: the Transformer Engine spec, bf16 and FP8 logits against HF (Llama, and each other family),
-the Triton head kernels (plain and soft-capped), and a training step without host syncs of its own.
+packed rows through TE's THD attention, the Triton head kernels (plain and soft-capped), and a training step
+without host syncs of its own.
 
 CI has no GPU, so these skip there; they run on an H100 / H200 with megatron-core and Transformer Engine
 installed (``benchmarks/gpu_session.sh`` runs them). With ``SIMPO_MCORE_GPU_REPORT=path.json`` the measured
@@ -230,7 +231,7 @@ def test_training_step_makes_no_host_sync_of_its_own(layout, converted):
     tokens = torch.randint(0, arch.vocab_size, (4, 128), generator=g)  # host tensors, as the sampler gives
     labels = tokens.clone()
     labels[:, :40] = -100
-    batch = {"tokens": tokens, "labels": labels}
+    batch = {"tokens": tokens, "labels": labels, "tokens_real": tokens.numel()}
     step = make_forward_step(LossConfig(), TokenLogpsContext(arch.vocab_size, chunk_tokens=256),
                              torch.device("cuda"), LossScale(1, 1, 2, 2 * 88))
 
@@ -263,3 +264,87 @@ def test_training_step_makes_no_host_sync_of_its_own(layout, converted):
     _report("host_syncs_in_a_step", {"spec": spec, "all": syncs, "simpo_mcore": ours})
     assert torch.isfinite(report["report"]).all()
     assert ours == [], ours
+
+
+def test_packed_rows_through_te_thd_attention(layout, converted):
+    """Pairs packed into one row through the TE spec (THD fused attention, TE's fused THD RoPE) and the SDPA
+    spec (per-sequence attention), bf16: each sequence's average log-prob against HF fp32 on that sequence
+    alone, no worse than HF's own bf16 run; the same pairs padded as the other reference; and changing one
+    sequence's tokens leaves every other sequence of the row unchanged."""
+    import random
+
+    from transformers import LlamaForCausalLM
+
+    from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
+    from simpo_mcore.convert.mcore_io import load_model_weights
+    from simpo_mcore.data.batching import collate_pairs
+    from simpo_mcore.data.packing import collate_packed_row
+    from simpo_mcore.logprobs import TokenLogpsContext, sequence_logps
+    from simpo_mcore.model.builder import ModelOptions, build_model
+    from simpo_mcore.model.specs import te_available
+    from simpo_mcore.step import token_logps_forward
+
+    hf_dir, ckpt = converted
+    arch = CheckpointMeta.read(ckpt).arch
+    rng = random.Random(5)
+    pairs = []
+    for prompt, chosen, rejected in ((20, 61, 17), (5, 33, 90), (48, 12, 40)):
+        pair = {}
+        for side, n in (("chosen", chosen), ("rejected", rejected)):
+            ids = [rng.randrange(3, arch.vocab_size) for _ in range(prompt + n)]
+            pair[f"{side}_input_ids"], pair[f"{side}_labels"] = ids, [-100] * prompt + ids[prompt:]
+        pairs.append(pair)
+
+    def columns(rows):
+        return {name: [p[name] for p in rows] for name in rows[0]}
+
+    def hf_avg(dtype):
+        model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=dtype, attn_implementation="sdpa").cuda().eval()
+        out = []
+        with torch.no_grad():
+            for side in ("chosen", "rejected"):
+                for p in pairs:
+                    ids = torch.tensor([p[f"{side}_input_ids"]], device="cuda")
+                    targets = torch.tensor(p[f"{side}_labels"][1:], device="cuda")
+                    logps = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+                    mask = targets != -100
+                    out.append(logps[mask].gather(-1, targets[mask, None]).mean().item())
+        return torch.tensor(out)
+
+    ref, hf_bf16 = hf_avg(torch.float32), hf_avg(torch.bfloat16)
+    bound = 2 * (hf_bf16 - ref).abs().max().item() + 1e-3
+    head = TokenLogpsContext(arch.vocab_size, chunk_tokens=256)
+    device = torch.device("cuda")
+    packed = collate_packed_row(columns(pairs), [0, 1, 2], 512, pad_id=0)
+    changed = [dict(p) for p in pairs]
+    changed[1]["chosen_input_ids"] = [rng.randrange(3, arch.vocab_size) for _ in pairs[1]["chosen_input_ids"]]
+    changed[1]["chosen_labels"] = [-100] * 5 + changed[1]["chosen_input_ids"][5:]  # its prompt is 5 tokens
+    after = collate_packed_row(columns(changed), [0, 1, 2], 512, pad_id=0)
+    padded = collate_pairs(columns(pairs), [0, 1, 2], seq_len=144, pad_id=0)
+    report = {"hf_bf16_max_abs_avg_logp_err": (hf_bf16 - ref).abs().max().item()}
+    specs = ["sdpa"] + (["te"] if te_available() else [])
+    for spec in specs:
+        (model,) = build_model(arch, ModelOptions(spec=spec, precision="bf16", cuda=True))
+        load_model_weights([model], ckpt)
+        model.eval()
+        got = {}
+        with torch.no_grad():
+            for name, batch in (("packed", packed), ("changed", after), ("padded", padded)):
+                output, targets = token_logps_forward(model, batch, head, device)
+                token_logps = targets.token_logps(output)
+                got[name] = (token_logps.float().cpu(), sequence_logps(token_logps, targets.labels)[2].cpu())
+        report[spec] = {
+            "packed_max_abs_avg_logp_err": (got["packed"][1] - ref).abs().max().item(),
+            "padded_max_abs_avg_logp_err": (got["padded"][1] - ref).abs().max().item(),
+            "others_max_abs_change": max((got["changed"][0][i] - got["packed"][0][i]).abs().max().item()
+                                         for i in range(6) if i != 1),
+            "changed_max_abs_change": (got["changed"][0][1] - got["packed"][0][1]).abs().max().item(),
+        }
+        del model
+    _report("packed_rows_bf16", report)
+    assert te_available(), "Transformer Engine does not import on this GPU"
+    for spec in specs:
+        r = report[spec]
+        assert r["packed_max_abs_avg_logp_err"] <= bound, (spec, r, bound)
+        assert r["padded_max_abs_avg_logp_err"] <= bound, (spec, r, bound)
+        assert r["others_max_abs_change"] <= 1e-6 < r["changed_max_abs_change"], (spec, r)

@@ -116,3 +116,38 @@ def test_profile_summary_by_hand():
     assert got["top_kernels_ms"] == [["gemm", pytest.approx(25e-6)]]
     cpu_only = bench_common.summarize_profile([("aten::mm", "CPU", 0, 2)], wall_ns=5)
     assert cpu_only["device_busy_ms"] is None and cpu_only["device_idle_fraction"] is None
+
+
+def test_packing_benchmark_lengths_and_fractions():
+    """``bench_packing``'s synthetic lengths have exactly the UltraFeedback sample's prompt + chosen median / p90 /
+    max, and its real-token fractions are what the training step's own micro-batches hold and allocate over
+    the epoch on every rank (here 257 pairs: two steps of 128, DP 4); the busiest-rank fraction is never above
+    the fraction."""
+    from simpo_mcore.config import TrainConfig
+    from simpo_mcore.data.pipeline import TokenizedSplit, TrainBatches
+    from simpo_mcore.data.preview import length_stats
+
+    bench_packing = importlib.import_module("bench_packing")
+    pairs = bench_packing.synthetic_pairs()
+    stats = length_stats([c for c, _ in bench_packing.pair_lengths(pairs)])
+    assert (stats.median, stats.p90, stats.max) == bench_packing.TARGET_STATS
+    assert pairs == bench_packing.synthetic_pairs()
+    assert all(p >= 1 and c >= 1 and r >= 1 and p + r <= 2048 for p, c, r in pairs)
+
+    small = bench_packing.synthetic_pairs(n=257, seed=1)
+    lengths = bench_packing.pair_lengths(small)
+    fractions = bench_packing.fractions(lengths, dp=4)
+    busiest = bench_packing.busiest_rank_fractions(lengths, dp=4)
+    dataset = bench_packing.pairs_dataset(small, vocab=64)
+    train = TrainConfig(global_batch_pairs=128, micro_batch_pairs=2, seed=bench_packing.SEED)
+    for name in bench_packing.LAYOUTS:
+        real = allocated = 0
+        for rank in range(4):
+            batches = TrainBatches(train, TokenizedSplit(dataset, None), bench_packing.layout_of(name), rank, 4)
+            for step in range(2):
+                micro, _ = batches.step(step * 128)
+                real += sum(b["tokens_real"] for b in micro)
+                allocated += sum(b["tokens"].numel() for b in micro)
+        assert fractions[name] == pytest.approx(real / allocated, abs=1e-12), name
+        assert busiest[name] <= fractions[name] + 1e-12, name
+    assert fractions["step_wide"] < fractions["micro"] < 0.7 < 0.99 < fractions["packed_8192"]

@@ -64,7 +64,27 @@ def test_wrong_type_named(tmp_path):
 def test_batch_sizes_must_divide():
     msg = r"train\.global_batch_pairs \(10\) must be a multiple of train\.micro_batch_pairs \(4\)"
     with pytest.raises(ConfigError, match=msg):
-        load_config(None, ["train.global_batch_pairs=10", "train.micro_batch_pairs=4"])
+        load_config(None, ["train.global_batch_pairs=10", "train.micro_batch_pairs=4", "data.packing=false"])
+    # Packed, a micro-batch is a row of pack_tokens: micro_batch_pairs is unused and need not divide.
+    assert load_config(None, ["train.global_batch_pairs=10", "train.micro_batch_pairs=4"]).data.packing
+
+
+def test_packing_rules():
+    cfg = load_config(None)
+    assert cfg.data.packing and cfg.data.pack_tokens == 8192
+    with pytest.raises(ConfigError, match=r"data\.pack_tokens \(4100\) must be a multiple of 16"):
+        load_config(None, ["data.pack_tokens=4100"])
+    with pytest.raises(ConfigError, match=r"data\.pack_tokens \(2048\) must be at least 2 x data\.max_length \(4096\)"):
+        load_config(None, ["data.pack_tokens=2048"])
+    with pytest.raises(ConfigError, match=r"data\.pack_tokens \(4112\) must be a multiple of parallel\.tp \(3\)"):
+        load_config(None, ["data.pack_tokens=4112", "parallel.tp=3", "parallel.sequence_parallel=true"])
+    with pytest.raises(ConfigError, match=r"data\.packing needs model\.spec te or sdpa.*set data\.packing: false"):
+        load_config(None, ["model.spec=local"])
+    assert not load_config(None, ["model.spec=local", "data.packing=false"]).data.packing
+    # Unpacked, pack_tokens is not looked at.
+    assert load_config(None, ["data.packing=false", "data.pack_tokens=100"]).data.pack_tokens == 100
+    with pytest.raises(ConfigError, match=r"data\.pack_tokens must be >= 1, got 0"):
+        load_config(None, ["data.pack_tokens=0"])
 
 
 def test_prompt_length_below_max_length():

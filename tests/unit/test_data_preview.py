@@ -14,14 +14,16 @@ import yaml
 from test_data_formats import build_tokenizer, expected_chat, llama_factory_rows, write_rows
 
 from simpo_mcore.cli import data_main
-from simpo_mcore.config import DataConfig
+from simpo_mcore.config import DataConfig, TrainConfig
 from simpo_mcore.data.batching import step_micro_batches
+from simpo_mcore.data.pipeline import BatchLayout, TokenizedSplit, TrainBatches
 from simpo_mcore.data.preference import build_preference_dataset
 from simpo_mcore.data.preview import BOLD, DIM, BatchShape, format_preview, marked_text, preview_split
 from simpo_mcore.data.sampler import PairSampler
 
 MAX_LENGTH, MAX_PROMPT = 160, 100
-BATCH = BatchShape(micro_batch_pairs=2, global_batch_pairs=8, dp=2, pad_to_multiple_of=16, seed=3)
+BATCH = BatchShape(micro_batch_pairs=2, global_batch_pairs=8, dp=2, pad_to_multiple_of=16, seed=3, same_shape=True)
+"""Padded micro-batches as a pipeline-parallel run lays them out: each rank's step to its longest sequence."""
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +88,30 @@ def test_preview_numbers(data):
 
     text = format_preview(preview, ds, tok, samples=2, max_length=MAX_LENGTH)
     assert f"{100 * real / slots:.1f}% of the batch's tokens are real" in text
+    assert "step-wide padding: each rank's micro-batches padded to its step's longest sequence" in text
+    step_wide = real / slots
+
+    # Packed rows (the default) and padding per micro-batch (without pipeline parallelism): what the
+    # training step's own micro-batches hold and allocate over the epoch, on both ranks.
+    split = TokenizedSplit(ds, report)
+    train = TrainConfig(micro_batch_pairs=2, global_batch_pairs=8, seed=3)
+    efficiency = {}
+    for pack_tokens in (2 * MAX_LENGTH, None):
+        shape = BatchShape(2, 8, 2, 16, seed=3, pack_tokens=pack_tokens)
+        got = preview_split(ds, report, shape)
+        real = allocated = 0
+        for rank in range(BATCH.dp):
+            batches = TrainBatches(train, split, BatchLayout(0, 16, pack_tokens), rank, BATCH.dp)
+            for step in range(len(ds) // G):
+                micro, _ = batches.step(step * G)
+                real += sum(b["tokens_real"] for b in micro)
+                allocated += sum(b["tokens"].numel() for b in micro)
+        assert got.efficiency == pytest.approx(real / allocated, abs=1e-12)
+        efficiency[pack_tokens] = got
+    assert step_wide < efficiency[None].efficiency < efficiency[2 * MAX_LENGTH].efficiency
+    assert "packed rows of at most 320 positions: each step's 8 pairs in the fewest rows per rank that fit" in \
+        format_preview(efficiency[2 * MAX_LENGTH], ds, tok, samples=0)
+    assert "padding per micro-batch" in format_preview(efficiency[None], ds, tok, samples=0)
     assert f"truncated to data.max_length {MAX_LENGTH}: {truncated} of 294 pairs" in text
     assert "format: sharegpt (ShareGPT / LLaMA-Factory ranking)" in text
     assert "rows: 300 read, 294 kept; dropped 6 of 300 train rows" in text and "unsupported_role: 6" in text

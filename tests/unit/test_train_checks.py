@@ -13,23 +13,34 @@ def cfg(*overrides):
 
 
 def test_accumulation_steps():
-    c = cfg("train.global_batch_pairs=128", "train.micro_batch_pairs=2")
+    c = cfg("train.global_batch_pairs=128", "train.micro_batch_pairs=2", "data.packing=false")
     assert check_batch_sizes(c, dp=4) == 16
     assert check_batch_sizes(c, dp=16) == 4
+    # Packed, the number of rows follows the step's lengths.
+    assert check_batch_sizes(cfg("train.global_batch_pairs=128", "train.micro_batch_pairs=3"), dp=4) is None
 
 
 def test_global_batch_not_divisible_by_dp_is_explained():
-    c = cfg("train.global_batch_pairs=128", "train.micro_batch_pairs=2")
+    c = cfg("train.global_batch_pairs=128", "train.micro_batch_pairs=2", "data.packing=false")
     with pytest.raises(ConfigError, match=r"not a multiple of 6\. Try global_batch_pairs = 126"):
         check_batch_sizes(c, dp=3)
+    with pytest.raises(ConfigError, match=r"\(128\) must be a multiple of the data-parallel size \(3\)\. "
+                                          r"Try global_batch_pairs = 126"):
+        check_batch_sizes(cfg("train.global_batch_pairs=128"), dp=3)
 
 
 def test_interleaved_pipeline_needs_pp_microbatches():
-    c = cfg("train.global_batch_pairs=8", "train.micro_batch_pairs=4", "parallel.pp=4", "parallel.vpp=2")
+    c = cfg("train.global_batch_pairs=8", "train.micro_batch_pairs=4", "parallel.pp=4", "parallel.vpp=2",
+            "data.packing=false")
     with pytest.raises(ConfigError, match=r"needs at least parallel.pp=4 micro-batches per step.* = 2"):
         check_batch_sizes(c, dp=1)
     assert check_batch_sizes(cfg("train.global_batch_pairs=16", "train.micro_batch_pairs=4", "parallel.pp=4",
-                                 "parallel.vpp=2"), dp=1) == 4
+                                 "parallel.vpp=2", "data.packing=false"), dp=1) == 4
+    # Packed: at least PP rows per rank, each holding a pair.
+    with pytest.raises(ConfigError, match=r"needs at least parallel.pp=4 micro-batches per step, each with a pair, "
+                                          r"but train.global_batch_pairs \(8\) / DP 4 = 2 pairs per rank"):
+        check_batch_sizes(cfg("train.global_batch_pairs=8", "parallel.pp=4", "parallel.vpp=2"), dp=4)
+    assert check_batch_sizes(cfg("train.global_batch_pairs=8", "parallel.pp=4", "parallel.vpp=2"), dp=2) is None
 
 
 def test_total_steps_from_epochs_or_max_steps():

@@ -1,10 +1,14 @@
-"""One training step's SimPO objective at given (TP, PP, DP, SP) layouts; rank 0 writes what it saw.
+"""One training step's SimPO objective at given (TP, PP, VPP, DP, SP) layouts, padded and packed; rank 0 writes
+what it saw.
 
 argv: pairs.json out_root MODEL [MODEL ...], MODEL = "name=hf_dir=ckpt_dir=LAYOUT[/LAYOUT...]" and
-LAYOUT = "tp,pp,sp" (DP is what the world leaves; the process groups are rebuilt for each layout, so one
-launch covers several models and layouts). For each model, layout and micro-batch size: per-pair average
-log-probs, the reduced metrics, and the gradients of every parameter (gathered and mapped to HF names)
-after megatron's schedule + DDP finalisation, written to ``out_root/<name>/<tp>-<pp>-<dp>-<sp>/``.
+LAYOUT = "tp,pp,sp[,vpp]" (DP is what the world leaves; the process groups are rebuilt for each layout, so one
+launch covers several models and layouts). For each model, layout and way of batching the step
+(``padded_k<k>``: micro-batches of k pairs padded to the step's longest sequence; ``packed_<capacity>``: the
+global batch packed into rows of at most ``capacity`` tokens and split over the data-parallel ranks, as training
+does): per-pair average and summed log-probs, the reduced metrics, the micro-batch counts, and the gradients of
+every parameter (gathered and mapped to HF names) after megatron's schedule + DDP finalisation, written to
+``out_root/<name>/<tp>-<pp>-<dp>-<sp>[-vpp<v>]/``.
 """
 
 from __future__ import annotations
@@ -20,40 +24,60 @@ from safetensors.torch import save_file
 from simpo_mcore.config import LossConfig, ParallelConfig
 from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
 from simpo_mcore.convert.mcore_io import load_model_weights
-from simpo_mcore.data.batching import shift_labels
-from simpo_mcore.logprobs import TokenLogpsContext, sequence_logps
+from simpo_mcore.data.batching import collate_pairs, shift_labels
+from simpo_mcore.data.packing import collate_packed_row, sequence_targets, shift_packed_labels, step_rows
+from simpo_mcore.logprobs import TokenLogpsContext, sequence_logps, unpack_token_logps
 from simpo_mcore.model.builder import ModelOptions, build_model
 from simpo_mcore.optim import wrap_ddp
 from simpo_mcore.parallel import init_distributed, shutdown
 from simpo_mcore.step import LossScale, make_forward_step, reduce_reports, run_schedule
 
 LOSS = LossConfig(type="simpo", beta=2.0, gamma_beta_ratio=0.5, label_smoothing=0.1, sft_weight=0.5)
-
-
-def micro_batches(pairs: list[dict], start: int, k: int, seq_len: int) -> list[dict]:
-    """[c_0..c_{k-1}, r_0..r_{k-1}] rows per micro-batch, right-padded to seq_len, labels -100 on
-    prompt and padding (pairs hold ``{chosen,rejected}_{input_ids,labels}``, the pipeline's columns)."""
-    out = []
-    for m in range(0, len(pairs), k):
-        group = pairs[m:m + k]
-        tokens = torch.zeros(2 * len(group), seq_len, dtype=torch.long)
-        labels = torch.full_like(tokens, -100)
-        for side, key in enumerate(("chosen", "rejected")):
-            for i, pair in enumerate(group):
-                row = side * len(group) + i
-                seq = pair[f"{key}_input_ids"]
-                tokens[row, :len(seq)] = torch.tensor(seq)
-                labels[row, :len(seq)] = torch.tensor(pair[f"{key}_labels"])
-        out.append({"tokens": tokens, "labels": labels, "index": torch.arange(start + m, start + m + len(group))})
-    return out
-
-
-def micro_sizes(dp: int) -> list[int]:
-    """One micro-batch per rank, and several (of 2 pairs at DP=1, of 1 pair at DP=2)."""
-    return [NUM_PAIRS // dp, 2 if dp == 1 else 1]
-
-
 NUM_PAIRS = 8
+MULTIPLE = 4  # lengths a multiple of 4: sequence parallelism at TP=2 needs an even number of positions
+
+
+def columns(pairs: list[dict]) -> dict[str, list]:
+    """The pipeline's column layout (column -> one value per pair) of ``{chosen,rejected}_{input_ids,labels}``."""
+    return {name: [p[name] for p in pairs] for name in pairs[0]}
+
+
+def padded_micro_batches(pairs: list[dict], start: int, k: int, seq_len: int) -> list[dict]:
+    """[c_0..c_{k-1}, r_0..r_{k-1}] rows per micro-batch, right-padded to seq_len (``collate_pairs``)."""
+    return [collate_pairs(columns(pairs[m:m + k]), list(range(start + m, start + m + len(pairs[m:m + k]))),
+                          seq_len, pad_id=0) for m in range(0, len(pairs), k)]
+
+
+def packed_micro_batches(pairs: list[dict], capacity: int, dp: int, dp_rank: int, rows_multiple: int,
+                         same_shape: bool) -> list[dict]:
+    """This rank's rows of the whole global batch packed as training packs it (``step_rows``), collated
+    (``collate_packed_row``) to their own lengths, or all to the longest under pipeline parallelism."""
+    sizes = [len(p["chosen_input_ids"]) + len(p["rejected_input_ids"]) for p in pairs]
+    rows = step_rows(sizes, capacity, dp, rows_multiple)[dp_rank]
+    fills = [sum(sizes[i] for i in row) for row in rows]
+    longest = -(-max(fills) // MULTIPLE) * MULTIPLE
+    return [collate_packed_row(columns([pairs[i] for i in row]), row,
+                               longest if same_shape else -(-fill // MULTIPLE) * MULTIPLE, pad_id=0)
+            for row, fill in zip(rows, fills)]
+
+
+def per_sequence(batch: dict, token_logps: torch.Tensor):
+    """(sum_logps, num_tokens, avg_logps) [2k] of a micro-batch's token log-probs, chosen first."""
+    if "cu_seqlens" in batch:  # a packed row [1, T]: laid out per sequence [2k, L]
+        labels = sequence_targets(shift_packed_labels(batch["labels"], batch["cu_seqlens"]), batch["sequence_index"])
+        return sequence_logps(unpack_token_logps(token_logps, batch["sequence_index"]), labels)
+    return sequence_logps(token_logps, shift_labels(batch["labels"]))
+
+
+def batchings(pairs: list[dict], dp: int, pp: int, vpp: int | None) -> list[tuple[str, object]]:
+    """(name, k or capacity): one padded micro-batch per rank and several (of 2 pairs at DP=1, of 1 at
+    DP=2); packed rows holding one or two pairs, and rows holding a whole rank's share. The interleaved
+    schedule needs a multiple of PP micro-batches: there only the padded micro-batches of 2 pairs."""
+    per_rank = NUM_PAIRS // dp
+    padded = [2] if vpp else [per_rank, 2 if dp == 1 else 1]
+    longest_pair = max(len(p["chosen_input_ids"]) + len(p["rejected_input_ids"]) for p in pairs)
+    everything = sum(len(p["chosen_input_ids"]) + len(p["rejected_input_ids"]) for p in pairs)
+    return [(f"padded_k{k}", k) for k in padded] + [(f"packed_{c}", c) for c in (longest_pair, everything)]
 
 
 def main():
@@ -61,18 +85,18 @@ def main():
     for model in sys.argv[3:]:
         name, _, ckpt_dir, layouts = model.split("=")
         for spec in layouts.split("/"):
-            tp, pp, sp = (int(x) for x in spec.split(","))
-            run_layout(ckpt_dir, pairs_path, Path(out_root) / name, tp, pp, bool(sp))
+            tp, pp, sp, *vpp = (int(x) for x in spec.split(","))
+            run_layout(ckpt_dir, pairs_path, Path(out_root) / name, tp, pp, bool(sp), vpp[0] if vpp else None)
     shutdown()
 
 
-def run_layout(ckpt_dir, pairs_path, out_root, tp, pp, sp):
-    layout = init_distributed(ParallelConfig(tp=tp, pp=pp, sequence_parallel=sp, device="cpu"), seed=0)
-    out_dir = Path(out_root) / f"{tp}-{pp}-{layout.dp}-{int(sp)}"
+def run_layout(ckpt_dir, pairs_path, out_root, tp, pp, sp, vpp):
+    layout = init_distributed(ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp, device="cpu"), seed=0)
+    out_dir = Path(out_root) / (f"{tp}-{pp}-{layout.dp}-{int(sp)}" + (f"-vpp{vpp}" if vpp else ""))
     if layout.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
     arch = CheckpointMeta.read(ckpt_dir).arch
-    chunks = build_model(arch, ModelOptions(tp=tp, pp=pp, sequence_parallel=sp))
+    chunks = build_model(arch, ModelOptions(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp))
     load_model_weights(chunks, ckpt_dir)
     ddp = wrap_ddp(chunks, distributed_optimizer=False, cpu=True)
     from megatron.core.distributed import finalize_model_grads
@@ -84,28 +108,31 @@ def run_layout(ckpt_dir, pairs_path, out_root, tp, pp, sp):
     per_rank = G // layout.dp
     mine = pairs[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]
     longest = max(len(p[f"{key}_input_ids"]) for p in pairs for key in ("chosen", "rejected"))
-    seq_len = -(-longest // 4) * 4
+    seq_len = -(-longest // MULTIPLE) * MULTIPLE
     head = TokenLogpsContext(vocab_size=arch.vocab_size, chunk_tokens=16)
     results = {}
-    for k in micro_sizes(layout.dp):
-        batches = micro_batches(mine, layout.dp_rank * per_rank, k, seq_len)
-        chosen_tokens = sum(int((b["labels"][: b["labels"].shape[0] // 2] != -100).sum()) for b in batches)
-        totals = torch.tensor([float(chosen_tokens)])
+    for name, size in batchings(pairs, layout.dp, pp, vpp):
+        if name.startswith("padded"):
+            batches = padded_micro_batches(mine, layout.dp_rank * per_rank, size, seq_len)
+        else:
+            batches = packed_micro_batches(pairs, size, layout.dp, layout.dp_rank, pp if vpp else 1, pp > 1)
+        chosen_tokens = sum(b["chosen_tokens"] for b in batches)
+        totals = torch.tensor([float(chosen_tokens), float(sum(len(b["row_index"]) for b in batches))])
         torch.distributed.all_reduce(totals)
         # every TP/PP rank of a DP replica counted the same tokens: divide the world sum back
-        chosen_global = int(totals.item()) // (tp * pp)
+        chosen_global, pairs_global = (int(x) // (tp * pp) for x in totals.tolist())
+        assert pairs_global == G
         scale = LossScale(len(batches), layout.dp, G, chosen_global)
         inner = make_forward_step(LOSS, head, layout.device, scale)
-        seen: list[tuple[list[int], list[float]]] = []
+        seen: list[tuple[list[int], list[float], list[float]]] = []
 
         def forward_step(it, model, inner=inner, seen=seen):
             batch = next(it)
             output, loss_func = inner(iter([batch]), model)
 
             def record(token_logps, batch=batch, loss_func=loss_func):
-                _, _, avg = sequence_logps(token_logps, shift_labels(batch["labels"]))
-                kk = avg.shape[0] // 2
-                seen.append((batch["index"].tolist(), avg[:kk].tolist(), avg[kk:].tolist()))
+                sum_logps, _, avg = per_sequence(batch, token_logps)
+                seen.append((batch["row_index"].tolist(), sum_logps.tolist(), avg.tolist()))
                 return loss_func(token_logps)
 
             return output, record
@@ -117,15 +144,18 @@ def run_layout(ckpt_dir, pairs_path, out_root, tp, pp, sp):
         grads = gather_hf_tensors(ddp, arch, "grad")
         all_seen = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(all_seen, seen if layout.tp_rank == 0 else [])
+        counts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(counts, len(batches))
         if layout.rank == 0:
-            avg = {}
+            logps = {}
             for part in all_seen:
-                for idx, c, r in part:
-                    for i, ci, ri in zip(idx, c, r):
-                        avg[i] = (ci, ri)
-            results[k] = {"metrics": metrics, "avg_logps": {str(i): v for i, v in sorted(avg.items())},
-                          "num_microbatches": len(batches)}
-            save_file({n: t.contiguous() for n, t in grads.items()}, str(Path(out_dir) / f"grads_k{k}.safetensors"))
+                for idx, sums, avgs in part:
+                    k = len(idx)
+                    for j, i in enumerate(idx):
+                        logps[i] = {"sum": (sums[j], sums[k + j]), "avg": (avgs[j], avgs[k + j])}
+            results[name] = {"metrics": metrics, "logps": {str(i): v for i, v in sorted(logps.items())},
+                             "num_microbatches": counts}
+            save_file({n: t.contiguous() for n, t in grads.items()}, str(Path(out_dir) / f"grads_{name}.safetensors"))
     if layout.rank == 0:
         (out_dir / "result.json").write_text(json.dumps(results))
 
