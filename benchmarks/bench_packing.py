@@ -277,9 +277,9 @@ def build_hf(arch, device: torch.device):
 
 
 def small_arch():
-    from simpo_mcore.model.hf_config import LlamaArch
+    from simpo_mcore.model.hf_config import ModelArch
 
-    return LlamaArch(head_dim=SMALL["hidden_size"] // SMALL["num_attention_heads"], rms_norm_eps=1e-5,
+    return ModelArch(head_dim=SMALL["hidden_size"] // SMALL["num_attention_heads"], rms_norm_eps=1e-5,
                      rope_theta=500000.0, max_position_embeddings=16384, tie_word_embeddings=False, **SMALL)
 
 

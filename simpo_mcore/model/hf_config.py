@@ -268,9 +268,6 @@ class ModelArch:
         return torch.where(is_medium, smoothed, scaled)
 
 
-LlamaArch = ModelArch
-"""The old name (Llama-only days), kept while other branches still import it."""
-
 ARCH_FIELDS = frozenset(f.name for f in fields(ModelArch))
 
 

@@ -20,12 +20,12 @@ from simpo_mcore.data.packing import collate_packed_row, shift_packed_labels
 from simpo_mcore.logprobs import TokenLogpsContext, sequence_logps, token_logps_output_processor, unpack_token_logps
 from simpo_mcore.model.builder import ModelOptions, build_model
 from simpo_mcore.model.forward import position_ids_like
-from simpo_mcore.model.hf_config import LlamaArch
+from simpo_mcore.model.hf_config import ModelArch
 from simpo_mcore.parallel import distributed
 from simpo_mcore.step import token_logps_forward
 
 VOCAB = 250
-ARCH = LlamaArch(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_layers=2, num_attention_heads=4,
+ARCH = ModelArch(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
                  max_position_embeddings=256, tie_word_embeddings=False)
 HEAD = TokenLogpsContext(vocab_size=VOCAB, chunk_tokens=16)
