@@ -6,6 +6,7 @@ in favour of ``HybridModel``, which lacks Llama-3.1 RoPE scaling) is a change to
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -142,14 +143,21 @@ class FamilyGPTModel(GPTModel):
             self.embedding.register_forward_hook(self._scale_embeddings)
 
     def _scale_embeddings(self, module, inputs, embeddings: torch.Tensor) -> torch.Tensor:
-        # HF: torch.tensor(multiplier) is fp32, then cast to the embedding dtype before the multiply.
-        multiplier = torch.tensor(self.config.embedding_multiplier, dtype=torch.float32, device=embeddings.device)
-        return embeddings * multiplier.to(embeddings.dtype)
+        # HF rounds the multiplier to the embedding dtype, then multiplies. The same number as a Python float
+        # gives the same product (the multiply runs in fp32 either way, rounded once) and, unlike a tensor
+        # made on the device each call, never waits for the GPU.
+        return embeddings * _rounded(self.config.embedding_multiplier, embeddings.dtype)
 
     def _scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
         logits = super()._scale_logits(logits)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+@functools.lru_cache(maxsize=8)
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` (as HF's ``torch.tensor(value, dtype=dtype)``), as a Python float."""
+    return float(torch.tensor(value, dtype=torch.float32).to(dtype))
 
 
 def build_model(arch: ModelArch, opts: ModelOptions) -> list[GPTModel]:
