@@ -35,6 +35,7 @@ from simpo_mcore.convert.mcore_io import (
     save_sharded,
     verify_checkpoint,
 )
+from simpo_mcore.optim import zero_grad
 from simpo_mcore.parallel import agreed
 
 LATEST = "latest"
@@ -170,7 +171,7 @@ def save_train_checkpoint(root: str | Path, step: int, ddp_chunks: list, optimiz
 
     def write_meta():
         info = {**meta.info, "step": step, **progress, "progress": dict(progress),
-                "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}, **(run_info or {})}
+                "layout": _layout_info(layout), **(run_info or {})}
         if run_config is not None:
             write_run_config(tmp, run_config)
         tok = tokenizer
@@ -192,6 +193,10 @@ def save_train_checkpoint(root: str | Path, step: int, ddp_chunks: list, optimiz
 
     agreed(publish, run=rank0)
     return final
+
+
+def _layout_info(layout) -> dict:
+    return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "device": layout.device.type}
 
 
 def _step_of(path: Path) -> int:
@@ -224,7 +229,11 @@ def load_train_checkpoint(path: str | Path, ddp_chunks: list, optimizer, layout,
     if meta.kind != "train":
         raise ValueError(f"{path} is a {meta.kind} checkpoint, not a training checkpoint")
     present = {k.split("/shard_")[0] for k in verify_checkpoint(path).state_dict_metadata}
-    same_layout = meta.info.get("layout", {}) == {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}
+    # RNG states are per rank and per device kind (a CPU generator's state is not a CUDA one): restored only
+    # at the same layout on the same kind of device (checkpoints from before the device was recorded: same kind).
+    now = _layout_info(layout)
+    saved_layout = {"device": now["device"], **meta.info.get("layout", {})}
+    same_layout = saved_layout == now
     if with_optimizer and not any(k.startswith("optimizer") for k in present):
         raise ValueError(f"{path} holds no optimizer state (saved with checkpoint.save_optimizer: false)")
     if with_optimizer:
@@ -310,9 +319,7 @@ def _materialize_optimizer_state(ddp_chunks: list, optimizer) -> None:
     megatron's optimizers can only load state into tensors that exist (an empty state fails
     ``DistributedOptimizer.state_dict``'s step assertion). The step counters it sets are
     overwritten by the load."""
-    for chunk in ddp_chunks:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
+    zero_grad(ddp_chunks, optimizer)
     saved = [group["lr"] for group in optimizer.param_groups]
     for group in optimizer.param_groups:
         group["lr"] = 0.0

@@ -185,6 +185,8 @@ def _main(prog: str, job, argv: list[str] | None) -> int:
     _die_with_launcher()
     args = _parse(prog, argv)
     try:
+        if args.nproc is not None and args.nproc < 1:
+            raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
         error_line(f"{prog}: config error: {exc}")

@@ -44,8 +44,9 @@ QUIET_WARNINGS = (
     # torch deprecations of the collectives megatron calls (attributed to torch's c10d logging wrapper).
     ("`torch.distributed.reduce_scatter_tensor` is deprecated", "megatron|torch.distributed"),
     ("`torch.distributed.all_gather_into_tensor` is deprecated", "megatron|torch.distributed"),
-    # megatron's DDP reads .grad of its parameter views; through cpu_mode's redirection on a CPU.
-    ("The .grad attribute of a Tensor that is not a leaf Tensor is being accessed", "megatron|simpo_mcore.cpu_mode"),
+    # megatron's optimizer reads .grad of its parameter views (on a CPU the warning is attributed to
+    # cpu_mode's redirection, which forwards every call: simpo_mcore.optim.zero_grad silences it there).
+    ("The .grad attribute of a Tensor that is not a leaf Tensor is being accessed", "megatron"),
     # On a GPU this matters, and runtime says it once (rank 0) when the variable is not set; on a CPU
     # it does not apply. megatron repeats it on every rank.
     ("When using async grad allreduce it is recommended to set the environment variable "

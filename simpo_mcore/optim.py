@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,21 @@ def wrap_ddp(chunks: list, distributed_optimizer: bool, cpu: bool) -> list[Distr
     for w in wrapped:
         w.broadcast_params()  # identical starting weights on every DP replica
     return wrapped
+
+
+NON_LEAF_GRAD = "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed"
+
+
+def zero_grad(ddp_chunks: list, optimizer) -> None:
+    """Zero the DDP gradient buffers and the optimizer's gradients. megatron's optimizer reads ``.grad`` of
+    parameter views there, which torch warns about on every rank (the console filters that warning by
+    megatron's module, but on a CPU it is attributed to cpu_mode's redirection): silenced for this call only,
+    so the same warning from anywhere else still shows."""
+    for chunk in ddp_chunks:
+        chunk.zero_grad_buffer()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=NON_LEAF_GRAD)
+        optimizer.zero_grad()
 
 
 def build_optimizer(ddp_chunks: list, cfg: OptimConfig, precision: str, distributed_optimizer: bool, cpu: bool):

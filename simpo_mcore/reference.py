@@ -21,6 +21,7 @@ from megatron.core import parallel_state as ps
 
 from simpo_mcore.data.pipeline import TokenizedSplit
 from simpo_mcore.logprobs import sequence_logps
+from simpo_mcore.parallel import agreed
 from simpo_mcore.runtime import Runtime
 from simpo_mcore.step import run_schedule, token_logps_forward
 
@@ -99,12 +100,14 @@ def attach_reference_logps(rt: Runtime, split: TokenizedSplit, name: str) -> Tok
     else:
         log.info("reference log-probs for %s: forward pass over %d pairs", name, len(split))
         values = compute_reference_logps(rt, split, name)
-        if rt.layout.rank == 0:
+
+        def store():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp.npz")
             np.savez(tmp, logps=values, fingerprint=json.dumps(want))
             tmp.replace(path)
-        dist.barrier()
+
+        agreed(store, run=rt.layout.rank == 0)  # a full disk on rank 0 is every rank's error, not a hang
     if values.shape != (len(split), 2) or not np.isfinite(values).all():
         raise ValueError(f"reference log-probs {path} have shape {values.shape} or non-finite values; "
                          f"expected ({len(split)}, 2) finite")

@@ -77,6 +77,24 @@ def check_resume_data(cfg: RunConfig, ckpt_dir: Path, changes: list[Change], tra
         "the tokenizer or its chat template changed. To train on them anyway, add checkpoint.allow_changes=[data]")
 
 
+def rebase_progress(progress: dict[str, Any], changes: list[Change]) -> dict[str, Any]:
+    """The checkpoint's progress in the units of this run: steps count global batches, so a changed
+    ``train.global_batch_pairs`` (allowed, and dividing the pairs consumed: :func:`check_resume_config`) makes the
+    resumed step ``consumed_pairs / new batch``, which the sampler, the schedule's total, the intervals and the
+    checkpoint names all count in. Skipped updates are rescaled the same way (rounded down)."""
+    change = next((c for c in changes if c[0] == "train.global_batch_pairs"), None)
+    if change is None:
+        return progress
+    old, new = change[1], change[2]
+    out = dict(progress)
+    out["step"] = progress["consumed_pairs"] // new
+    out["skipped_steps"] = progress.get("skipped_steps", 0) * old // new
+    out["nonfinite_in_a_row"] = 0
+    log.warning("train.global_batch_pairs %d -> %d: resuming at step %d of the new batch (step %d of the old, "
+                "%d pairs consumed)", old, new, out["step"], progress["step"], progress["consumed_pairs"])
+    return out
+
+
 def log_resume_changes(changes: list[Change], ckpt_dir: Path, schedule: LRSchedule, updates: int) -> None:
     """Say what the resumed run does differently from the checkpoint's: the schedule it now follows (from update
     ``updates + 1``), the changes ``checkpoint.allow_changes`` let through, and the rest."""

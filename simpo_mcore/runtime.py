@@ -155,6 +155,8 @@ def build_runtime(cfg: RunConfig, layout: Layout, *, load_weights: bool = True) 
     meta = CheckpointMeta.read(ckpt_dir)
     # What the model needs decides too: TE only where it soft-caps attention scores as the model does.
     spec = resolve_spec(cfg.model.spec, cuda, attn_softcap=meta.arch.attn_logit_softcapping is not None)
+    if cfg.train.precision == "fp8":  # again with the spec this model gets (Gemma-2 may fall back to sdpa)
+        _check_fp8(spec, cuda)
     tokenizer_source = _tokenizer_source(cfg, ckpt_dir, meta)
     tokenizer = load_tokenizer(tokenizer_source)
     if layout.rank == 0 and (warning := max_length_warning(cfg.data.max_length, meta.arch.max_position_embeddings)):

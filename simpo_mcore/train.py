@@ -44,11 +44,11 @@ from simpo_mcore.metrics_log import (
     peak_tflops,
     run_summary,
 )
-from simpo_mcore.optim import LRSchedule, apply_optim_config, build_optimizer, wrap_ddp
+from simpo_mcore.optim import LRSchedule, apply_optim_config, build_optimizer, wrap_ddp, zero_grad
 from simpo_mcore.output_dir import claim_output_dir
 from simpo_mcore.parallel import Layout, agreed, distributed
 from simpo_mcore.reference import attach_reference_logps
-from simpo_mcore.resume import check_resume_config, check_resume_data, log_resume_changes
+from simpo_mcore.resume import check_resume_config, check_resume_data, log_resume_changes, rebase_progress
 from simpo_mcore.runtime import Runtime, build_runtime
 from simpo_mcore.step import LossScale, make_forward_step, reduce_reports, run_schedule
 
@@ -148,7 +148,8 @@ def run_training(cfg: RunConfig) -> dict[str, float] | None:
     with distributed(cfg.parallel, cfg.train.seed) as layout:
         check_batch_sizes(cfg, layout.dp)  # before anything slow
         with claim_output_dir(cfg.output_dir, cfg.checkpoint, layout.rank):
-            wandb = open_wandb(cfg, layout.rank)  # also before anything slow: a W&B that cannot start fails now
+            # Also before anything slow: a W&B that cannot start fails now, on every rank (agreed).
+            wandb = agreed(lambda: open_wandb(cfg, layout.rank), run=layout.rank == 0)
             trainer, finished = None, False
             try:
                 trainer = Trainer.build(cfg, layout, started, wandb)
@@ -243,16 +244,17 @@ class Trainer:
         if layout.rank == 0 and (removed := ckpt.remove_incomplete(ckpt_root)):
             log.warning("removed interrupted checkpoint save(s): %s", ", ".join(removed))
         if resume_from is not None:
-            progress = Progress(**ckpt.load_train_checkpoint(
-                resume_from, ddp_chunks, optimizer, layout, cfg.checkpoint.save_optimizer))
+            progress = Progress(**rebase_progress(ckpt.load_train_checkpoint(
+                resume_from, ddp_chunks, optimizer, layout, cfg.checkpoint.save_optimizer), changes))
             log.info("resumed from %s at step %d (%d pairs consumed)", resume_from, progress.step,
                      progress.consumed_pairs)
             log_resume_changes(changes, resume_from, schedule, progress.step - progress.skipped_steps)
         run_info = {"world_size": layout.world_size, "dp": layout.dp, "total_steps": steps,
                     "train_pairs": len(train_split), "eval_pairs": len(eval_split) if eval_split is not None else 0}
-        logger = MetricsLogger(cfg.output_dir, layout.rank, steps, progress.step, cfg.train.tensorboard,
-                               cfg.train.progress_bar, cfg.train.log_interval, wandb, run_info,
-                               resumed=resume_from is not None, job_started=started)
+        # Rank 0 opens files (metrics.jsonl, TensorBoard): its failure is every rank's error.
+        logger = agreed(lambda: MetricsLogger(
+            cfg.output_dir, layout.rank, steps, progress.step, cfg.train.tensorboard, cfg.train.progress_bar,
+            cfg.train.log_interval, wandb, run_info, resumed=resume_from is not None, job_started=started))
         return cls(cfg, rt, train_split, eval_split, batches, ddp_chunks, optimizer, schedule, steps,
                    progress, resume_from, logger, stop, train_data, started)
 
@@ -294,9 +296,7 @@ class Trainer:
 
     def forward_backward(self, micro_batches: list[dict], scale: LossScale) -> dict[str, float]:
         """Gradients of the global-batch loss into the DDP buffers; the step's metrics (every rank)."""
-        for c in self.ddp_chunks:
-            c.zero_grad_buffer()
-        self.optimizer.zero_grad()
+        zero_grad(self.ddp_chunks, self.optimizer)
         forward_step = make_forward_step(self.cfg.loss, self.rt.head, self.device, scale)
         reports = run_schedule(self.ddp_chunks, forward_step, micro_batches, forward_only=False)
         return reduce_reports(reports, self.cfg.loss.sft_weight, self.device)

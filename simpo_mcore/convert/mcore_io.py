@@ -58,6 +58,8 @@ def load_checked(sharded: dict, ckpt_dir: str | Path, **kwargs) -> dict:
     manifest that is damaged, one that does not fit the model) is a :class:`CheckpointError` naming it."""
     try:
         return dist_checkpointing.load(sharded, str(ckpt_dir), **kwargs)
+    except (torch.OutOfMemoryError, dist.DistError):
+        raise  # the machine's trouble, not the checkpoint's
     except (CheckpointingException, RuntimeError, OSError, EOFError, KeyError, ValueError, AssertionError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CheckpointError(f"checkpoint {ckpt_dir} cannot be loaded into this model "

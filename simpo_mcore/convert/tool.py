@@ -24,10 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from simpo_mcore import console
+from simpo_mcore.config import USER_ERRORS
 
 DTYPES = ("bfloat16", "float16", "float32")  # hf_to_mcore.DTYPES keys, without importing torch for --help
 # What bad input raises; the library's messages name the field / tensor / file.
-INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+INPUT_ERRORS = USER_ERRORS  # the same set as the training commands: a permission error is one line too
 
 HF_TO_MCORE_HELP = """Convert a Hugging Face Llama directory (safetensors) into a simpo_mcore checkpoint.
 

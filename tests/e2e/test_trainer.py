@@ -17,7 +17,8 @@ from simpo_mcore.train import Trainer
 @pytest.mark.slow
 def test_train_step_by_step_equals_the_loop(tmp_path, tiny, straight):
     """Two ``train_step`` calls reproduce steps 1-2 of the straight single-rank run bit for bit (loss, lr,
-    grad norm); ``maybe_save`` saves nothing off the interval and ``save`` writes a checkpoint at step 2."""
+    grad norm); ``maybe_save`` saves nothing off the interval and ``save`` writes a checkpoint at step 2; a
+    resume with another global batch counts its steps in the new batch."""
     base = straight("tp1")
     path = write_config(tmp_path / "t.yaml", *tiny, output_dir=str(tmp_path / "run"))
     cfg = load_config(path)
@@ -40,6 +41,17 @@ def test_train_step_by_step_equals_the_loop(tmp_path, tiny, straight):
             assert trainer.should_stop() is None
             trainer.save()
             assert (tmp_path / "run" / "checkpoints" / "step_0000002" / "simpo_mcore.json").is_file()
+            trainer.close()
+
+            # Resumed with half the global batch (allowed): the step counts batches of the new size from the
+            # pairs consumed (16 / 4 = step 4 of 64 in the epoch), and so does the schedule's update index.
+            half = load_config(path, ["train.global_batch_pairs=4", "train.max_steps=null",
+                                      "checkpoint.allow_changes=[train.global_batch_pairs]"])
+            trainer = Trainer.build(half, layout)
+            assert (trainer.progress.step, trainer.progress.consumed_pairs, trainer.total_steps) == (4, 16, 64)
+            record = trainer.train_step()
+            assert (trainer.progress.step, trainer.progress.consumed_pairs) == (5, 20)
+            assert record["lr"] == trainer.schedule.lr_at(4)
         finally:
             trainer.close()
             torch.set_num_threads(threads)
