@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-PIPELINE_VERSION = 3
+PIPELINE_VERSION = 4
 """Bump when rendering or tokenisation changes, so that stale cache entries are not reused."""
 
 

@@ -16,8 +16,8 @@ h4                         prompt (text), chosen, rejected (message lists     Hu
                            or one message)                                    _binarized
 conversational             prompt (messages), chosen, rejected (messages)     TRL conversational
 implicit_conversational    chosen, rejected (messages), no prompt             TRL implicit prompt
+implicit_standard          chosen, rejected (text), no prompt (or "" only)    Anthropic/hh-rlhf
 standard                   prompt, chosen, rejected (text)                    TRL standard
-implicit_standard          chosen, rejected (text), no prompt                 Anthropic/hh-rlhf
 =========================  =================================================  ============================
 
 Message rows (every format but the two plain-text ones) become a prompt conversation and two
@@ -48,6 +48,7 @@ SHAREGPT_MESSAGES = "sharegpt messages"  # [{from, value}, ...]
 SHAREGPT_MESSAGE = "sharegpt message"    # {from, value}
 OPENAI_INPUT = "openai input"    # {messages: [...], ...}
 NULL = "null"                    # present, but no non-empty value in the sample
+BLANK = "blank text"             # "" (or white space) only: text where text is needed, no column where none may be
 OTHER = "other"
 
 ROLES = ("system", "user", "assistant")
@@ -78,10 +79,11 @@ class Format:
             kind = kinds.get(column)
             if kind is None:
                 return f"it has no {column!r} column"
-            if kind not in accepted:
+            if kind not in accepted and not (kind == BLANK and TEXT in accepted):
                 return f"its {column!r} column holds {kind}, not {' or '.join(sorted(accepted))}"
         for column in self.absent:
-            if kinds.get(column, NULL) != NULL:
+            # hh-rlhf exports often carry prompt: "" on every row: still rows without a prompt.
+            if kinds.get(column, NULL) not in (NULL, BLANK):
                 return f"it has a {column!r} column"
         return None
 
@@ -104,12 +106,12 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
     Format("implicit_conversational", "TRL conversational, implicit prompt",
            {"chosen": frozenset({MESSAGES}), "rejected": frozenset({MESSAGES})}, absent=("prompt",),
            shape="chosen and rejected messages, no prompt"),
+    Format("implicit_standard", "plain strings, implicit prompt: hh-rlhf",
+           {"chosen": frozenset({TEXT}), "rejected": frozenset({TEXT})}, absent=("prompt",),
+           messages=False, shape="chosen and rejected text, no prompt (or an empty one)"),
     Format("standard", "TRL standard, plain strings",
            {"prompt": frozenset({TEXT}), "chosen": frozenset({TEXT}), "rejected": frozenset({TEXT})},
            messages=False, shape="prompt, chosen and rejected text"),
-    Format("implicit_standard", "plain strings, implicit prompt: hh-rlhf",
-           {"chosen": frozenset({TEXT}), "rejected": frozenset({TEXT})}, absent=("prompt",),
-           messages=False, shape="chosen and rejected text, no prompt"),
 ]}
 
 
@@ -153,7 +155,7 @@ def value_kind(value: Any) -> str:
     if value is None or (isinstance(value, list) and not value):
         return NULL
     if isinstance(value, str):
-        return TEXT
+        return TEXT if value.strip() else BLANK
     if isinstance(value, dict):
         if isinstance(value.get("messages"), list):
             return OPENAI_INPUT
@@ -168,12 +170,14 @@ def value_kind(value: Any) -> str:
 
 
 def column_kinds(rows, sample: int = 100) -> dict[str, str]:
-    """Each column's shape: that of its first non-empty value among the first ``sample`` rows."""
+    """Each column's shape: that of its first non-empty value among the first ``sample`` rows (``BLANK`` when
+    every value there is an empty string, ``NULL`` when none is there)."""
     head = rows[:min(sample, len(rows))]  # column -> values
     kinds = {}
     for column, values in head.items():
-        found = [k for k in map(value_kind, values) if k != NULL]
-        kinds[column] = found[0] if found else NULL
+        shapes = list(map(value_kind, values))
+        found = [k for k in shapes if k not in (NULL, BLANK)]
+        kinds[column] = found[0] if found else BLANK if BLANK in shapes else NULL
     return kinds
 
 

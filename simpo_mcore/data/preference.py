@@ -185,8 +185,8 @@ def _first_rows(parts: list[tuple[str, datasets.Dataset]], limit: int | None) ->
 
 def _check_drops(report: DataReport, on_bad_row: str, announce: bool = True) -> None:
     if report.rows_kept == 0:
-        raise ValueError(f"no valid preference pairs in {report.source} ({report.split}): "
-                         f"{report.drop_summary()}")
+        why = report.identical_summary() if report.identical_dropped and report.identical else report.drop_summary()
+        raise ValueError(f"no valid preference pairs in {report.source} ({report.split}): {why}")
     if report.bad_rows == 0:
         return
     if on_bad_row == "error":

@@ -259,6 +259,16 @@ def test_hh_rlhf_layout(tok, plain_strings, tmp_path, caplog):
         assert "data.plain_strings: chat" in notes[0]
 
 
+def test_hh_rlhf_rows_with_an_empty_prompt_column(tok, tmp_path):
+    """Exports of hh-rlhf often carry ``prompt: ""``: still implicit-prompt rows (the prompt split off as TRL
+    does), not standard rows that would train on the whole transcript, human turns included."""
+    rows, meant = hh_rows(12)
+    ds, report = build(tok, write_rows([{"prompt": "", **r} for r in rows], tmp_path / "hh.jsonl"), tmp_path)
+    assert list(report.formats.values()) == ["implicit_standard"] and report.rows_kept == 12
+    for out, (prompt, good, bad) in zip(ds, meant):
+        check_pair(out, expected_text(tok, prompt, good), expected_text(tok, prompt, bad))
+
+
 def test_standard_rows_and_column_mapping(tmp_path):
     tok = build_tokenizer("llama3")
     rows = [{"question": f"Q: {i}+{i}?", "good": f" {2 * i}", "bad": f" {2 * i + 1}"} for i in range(3)]
