@@ -28,12 +28,13 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 """Pre-emption signals the CPU re-launch passes to its ranks itself (each rank saves and exits 0)."""
 
 OVERRIDES_HELP = """overrides:
-  Any config field as dotted.key=value after the config file, the value read as YAML; they win over
-  the file (and its _base_ files):
+  Any config field as dotted.key=value after the config file; they win over the file (and its _base_
+  files). Numbers, true/false, lists and null are read as YAML; a string field (paths, output_dir,
+  data.chat_template, choices) takes the text as it is, and null (or nothing) unsets an optional one:
     train.max_steps=200  optim.lr=5e-7  output_dir=runs/try2  data.max_pairs=null
-    logging.wandb.project=simpo  logging.wandb.mode=offline
-  Every field, with its meaning, is in simpo_mcore/config.py; unknown keys and wrong types are errors
-  naming the key."""
+    logging.wandb.project=simpo  logging.wandb.mode=offline  model.tokenizer=null
+  Every field, with its meaning, is in simpo_mcore/config/schema.py; unknown keys (each with a
+  suggestion) and wrong types are errors naming the key."""
 
 TRAIN_HELP = ("""Train a model with SimPO (or a DPO baseline) from a YAML run config.
 
@@ -189,7 +190,7 @@ def _main(prog: str, job, argv: list[str] | None) -> int:
             raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
-        error_line(f"{prog}: config error: {exc}")
+        error_line(f"{prog}: error: {exc}")
         return USER_ERROR_EXIT
     code = _relaunch_if_needed(prog, cfg, args)
     if code is not None:

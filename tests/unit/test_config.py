@@ -61,14 +61,6 @@ def test_wrong_type_named(tmp_path):
         load_config(None, ["parallel.sequence_parallel=3"])
 
 
-def test_batch_sizes_must_divide():
-    msg = r"train\.global_batch_pairs \(10\) must be a multiple of train\.micro_batch_pairs \(4\)"
-    with pytest.raises(ConfigError, match=msg):
-        load_config(None, ["train.global_batch_pairs=10", "train.micro_batch_pairs=4", "data.packing=false"])
-    # Packed, a micro-batch is a row of pack_tokens: micro_batch_pairs is unused and need not divide.
-    assert load_config(None, ["train.global_batch_pairs=10", "train.micro_batch_pairs=4"]).data.packing
-
-
 def test_packing_rules():
     cfg = load_config(None)
     assert cfg.data.packing and cfg.data.pack_tokens == 8192
