@@ -136,6 +136,11 @@ IGNORED: dict[str, str] = {
     "ddp_find_unused_parameters": "megatron's DDP",
     "precompute_ref_log_probs": "DPO's reference log-probs are always computed once, before training",
     "bf16_full_eval": "evaluation runs in train.precision",
+    "lora_r": "LoRA's settings (use_peft: true is refused)",
+    "lora_alpha": "LoRA's settings (use_peft: true is refused)",
+    "lora_dropout": "LoRA's settings (use_peft: true is refused)",
+    "lora_target_modules": "LoRA's settings (use_peft: true is refused)",
+    "lora_modules_to_save": "LoRA's settings (use_peft: true is refused)",
     "save_safetensors": "checkpoints are megatron distributed checkpoints; checkpoint.export_hf writes "
                         "safetensors",
 }

@@ -52,7 +52,7 @@ def read_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, 
     path = Path(path).resolve()
     if path in _seen:
         raise ConfigError(f"config file {path} includes itself through {BASE_KEY}")
-    tree = safe_yaml(_read_text(path), f"config file {path}") or {}
+    tree = safe_yaml(read_text(path), f"config file {path}") or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     bases = tree.pop(BASE_KEY, None) or []
@@ -66,7 +66,9 @@ def read_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, 
     return _merge(merged, tree)
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """The text of a config file; a directory, a missing or unreadable file, or bytes that are not UTF-8 are a
+    :class:`ConfigError` naming it."""
     if path.is_dir():
         raise ConfigError(f"config file {path} is a directory, not a YAML file")
     if not path.exists():
