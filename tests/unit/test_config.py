@@ -118,7 +118,7 @@ def test_layout_rules():
     ("optim.clip_grad=-1", r"optim\.clip_grad must be >= 0, got -1\.0"),
 ])
 def test_optim_values_are_checked_when_the_config_loads(override, message):
-    """A negative learning rate used to train (in reverse) until something else broke."""
+    """A negative learning rate would train (in reverse) until something else broke."""
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
 
@@ -168,7 +168,7 @@ def test_string_fields_take_the_text_as_given():
     assert cfg.output_dir == "runs/a: b #c" and cfg.data.train_path == "[not, a, list]"
     assert cfg.model.tokenizer is None and cfg.loss.type == "dpo"
     assert cfg.data.columns == {"prompt": "a: b"}
-    # One pair of YAML quotes is removed: the text null, and the form that worked as a YAML string before.
+    # One pair of YAML quotes is removed: the text null, and a template written as a quoted YAML string.
     assert load_config(None, ["model.tokenizer='null'"]).model.tokenizer == "null"
     assert load_config(None, ["data.chat_template='{{ x }}'"]).data.chat_template == "{{ x }}"
     assert load_config(None, ["model.tokenizer="]).model.tokenizer is None
