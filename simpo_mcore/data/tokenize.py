@@ -69,11 +69,9 @@ def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, *, max_len
     Labels equal the ids on response positions (EOS included) and ``LABEL_PAD`` on the prompt; they
     are not shifted (logits at t predict labels[t + 1]). Raises :class:`BadRow` for an empty
     response, chosen/rejected prompts that tokenise differently beyond the merged last token, or a
-    sequence left with no predicted label token.
+    sequence left with no predicted label token. ``max_prompt_length < max_length``, as the config's validation
+    requires.
     """
-    if max_prompt_length >= max_length:
-        raise ValueError(f"data.max_prompt_length ({max_prompt_length}) must be below "
-                         f"data.max_length ({max_length})")
     if truncation_mode not in ("keep_end", "keep_start"):
         raise ValueError(f"data.truncation_mode: unknown {truncation_mode!r}")
     prompt_ids = encode(tokenizer, prompt)

@@ -154,4 +154,4 @@ def test_simpo_train_reports_them_in_one_line(tmp_path, capsys):
         f"simpo-train: error: output_dir {afile} is a file, not a directory"]
     assert train_main([config, "optim.lr=-1e-6", f"output_dir={tmp_path}"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
-        "simpo-train: config error: optim.lr must be a positive number, got -1e-06"
+        "simpo-train: error: optim.lr must be a positive number, got -1e-06"
