@@ -18,8 +18,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-LABEL_PAD = -100
-"""Label of positions that count in neither the sum nor the count of response log-probs."""
+from simpo_mcore.microbatch import LABEL_PAD
 
 # Reasons a row cannot form a valid pair (the keys of the drop report).
 MISSING_FIELD = "missing_field"
