@@ -18,8 +18,13 @@ from helpers import make_pair, pair_columns
 
 from simpo_mcore.config import DataConfig, TrainConfig
 from simpo_mcore.data.collate import shift_labels
-from simpo_mcore.data.packing import collate_packed_row, pack_rows, packed_micro_batches, packed_padding, \
-    shift_packed_labels
+from simpo_mcore.data.packing import (
+    collate_packed_row,
+    pack_rows,
+    packed_micro_batches,
+    packed_padding,
+    shift_packed_labels,
+)
 from simpo_mcore.data.padded import collate_pairs
 from simpo_mcore.data.pipeline import BatchLayout, TokenizedSplit, TrainBatches
 
@@ -152,7 +157,7 @@ def test_every_rank_knows_the_step_totals_the_collective_would_give(split, packe
         layout = BatchLayout(PAD, 16, pack_tokens=64 if packed else None, vocab_size=VOCAB)
         steps = [TrainBatches(cfg, split, layout, r, dp).step_batches(16) for r in range(dp)]
         everything = [b for step in steps for b in step.micro_batches]
-        for rank, step in enumerate(steps):
+        for step in steps:
             assert step.scale.dp == dp and step.scale.num_microbatches == len(step.micro_batches)
             assert step.scale.global_pairs == sum(b.num_pairs for b in everything) == 16
             assert step.scale.global_chosen_tokens == sum(b.chosen_tokens for b in everything)
