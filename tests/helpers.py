@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from simpo_mcore import parallel
+from simpo_mcore.convert.checkpoint_meta import META_FILE
+from simpo_mcore.convert.integrity import write_manifest
 from simpo_mcore.logprobs import fused_token_logps
 from simpo_mcore.microbatch import labelled_positions
 
@@ -216,6 +218,27 @@ def wandb_records(path: Path) -> list:
 
 def item_key(item) -> str:
     return item.key or "/".join(item.nested_key)
+
+
+
+def resave_checkpoint(ckpt: Path, out: Path, drop=(), put: dict | None = None) -> Path:
+    """A copy of a megatron checkpoint with tensors dropped (``drop``: keys) / replaced or added (``put``), its
+    ``simpo_mcore.json``, and an ``integrity.json`` as every checkpoint simpo_mcore writes has: the loaders then
+    read it, and what is checked is the tensors."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from simpo_mcore.convert.mcore_io import save_sharded
+
+    tensors = dist_checkpointing.load_plain_tensors(str(ckpt))
+    for key in drop:
+        del tensors[key]
+    tensors.update(put or {})
+    out.mkdir()
+    save_sharded({k: ShardedTensor.from_rank_offsets(k, t, replica_id=0) for k, t in tensors.items()}, out)
+    (out / META_FILE).write_text((ckpt / META_FILE).read_text())
+    write_manifest(out)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ tokenised pairs
