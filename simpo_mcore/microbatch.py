@@ -24,7 +24,7 @@ LABEL_PAD = -100
 (megatron's and PyTorch's ``ignore_index``)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors do not compare to one bool
 class MicroBatch:
     """One micro-batch of ``k`` whole pairs, laid out as padded pairs (``b = 2k`` rows of ``s = S`` positions,
     chosen rows first) or as one packed row (``b = 1``, ``s = T``: the sequences end to end, then a tail of

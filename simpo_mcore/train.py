@@ -158,7 +158,6 @@ def grads_are_finite(ddp_chunks: list, device) -> bool:
     return bad.item() == 0
 
 
-
 def run_training(cfg: RunConfig) -> dict[str, float] | None:
     """Train; returns the final held-out metrics, or None when the run has no held-out data or stopped
     before its last step (a signal, ``train.exit_interval``)."""
@@ -189,7 +188,7 @@ def open_wandb(cfg: RunConfig, rank: int) -> WandbRun | None:
     if rank != 0 or w.project is None or w.mode == "disabled":
         return None
     out = Path(cfg.output_dir)
-    resume = cfg.checkpoint.resume and ckpt.latest_checkpoint(out / "checkpoints") is not None
+    resume = cfg.checkpoint.resume and ckpt.latest_checkpoint(checkpoint_root(cfg)) is not None
     out.mkdir(parents=True, exist_ok=True)
     return WandbRun(w, out, asdict(cfg), resume)
 
