@@ -40,8 +40,8 @@ def test_nonfinite_gradient_is_skipped_then_aborts(tmp_path, tiny, straight):
     assert b[4]["lr"] == a[3]["lr"]  # the skipped step did not advance the schedule
     assert all(math.isfinite(b[s]["loss"]) for s in range(4, 21))
 
-    # The abort is documented behaviour, not a crash: one error line and exit code 2 on every rank (it
-    # was a FloatingPointError traceback per rank).
+    # The abort is documented behaviour, not a crash: one error line and exit code 2 on every rank (not a
+    # FloatingPointError traceback per rank).
     ranks = launch_ranks("train_entry.py", 2, write_config(
         tmp_path / "abort.yaml", *tiny, output_dir=str(tmp_path / "abort"), parallel=par,
         train={"max_steps": 8, "max_nonfinite_steps": 3}, logging={"wandb": {"project": "t", "mode": "offline"}}),
