@@ -13,6 +13,7 @@ import contextlib
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,7 +213,7 @@ class CheckpointManager:
             tok = TOKENIZER_DIR
         CheckpointMeta(arch=self.meta.arch, tokenizer=tok, kind="train", info=info).write(staging)
 
-    def restore(self, path: Path, adapt=None) -> None:
+    def restore(self, path: Path, adapt: Callable[[dict], dict] | None = None) -> None:
         """Load the checkpoint ``path`` into the model, optimizer and training state (``adapt``: a function of the
         saved progress dict to the one this run counts in, e.g. a changed global batch's)."""
         progress = load_train_checkpoint(path, self.model, self.optimizer, self.layout, self.cfg.save_optimizer)
