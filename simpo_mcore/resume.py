@@ -75,12 +75,7 @@ def check_resume_config(cfg: RunConfig, ckpt_dir: Path) -> list[Change]:
     message naming each field with its old and new value) those that change what is optimised unless
     ``checkpoint.allow_changes`` names them, and a global batch that does not divide the pairs consumed. Reads two
     small files: it runs before anything loads."""
-    saved = ckpt.read_run_config(ckpt_dir)
-    if saved is None:
-        log.warning("%s holds no run config (written by an older simpo_mcore): changes to the config since "
-                    "cannot be checked", ckpt_dir)
-        return []
-    changes = config_changes(saved, cfg)
+    changes = config_changes(ckpt.read_run_config(ckpt_dir), cfg)
     allow = cfg.checkpoint.allow_changes
     refused = [c for c in changes if is_guarded(c[0]) and not is_allowed(c[0], allow)]
     if refused:
@@ -102,8 +97,8 @@ def check_resume_data(cfg: RunConfig, ckpt_dir: Path, changes: list[Change], tra
     """Refuses training pairs that differ from those ``ckpt_dir`` was trained on (a file changed in place, another
     tokenizer or chat template) unless ``checkpoint.allow_changes`` names ``data``, or names every data setting
     that changed. ``train_data``: this run's ``TokenizedSplit.content_fingerprint()``."""
-    saved = CheckpointMeta.read(ckpt_dir).info.get("train_data")
-    if saved is None or saved == train_data:
+    saved = CheckpointMeta.read(ckpt_dir).info["train_data"]
+    if saved == train_data:
         return
     allow = cfg.checkpoint.allow_changes
     changed = [name for name, _, _ in changes if name.startswith("data.") and is_guarded(name)]
@@ -139,10 +134,10 @@ def log_resume_changes(changes: list[Change], ckpt_dir: Path, schedule: LRSchedu
     """Say what the resumed run does differently from the checkpoint's: the schedule it now follows (from update
     ``updates + 1``), the changes ``checkpoint.allow_changes`` let through, and the rest."""
     optim = [c for c in changes if c[0].startswith("optim.")]
-    old_total = CheckpointMeta.read(ckpt_dir).info.get("total_steps")
-    if optim or (old_total is not None and old_total != schedule.total):
+    old_total = CheckpointMeta.read(ckpt_dir).info["total_steps"]
+    if optim or old_total != schedule.total:
         what = [_show(optim)] if optim else []
-        what.append(f"{old_total} -> {schedule.total} total steps" if old_total not in (None, schedule.total)
+        what.append(f"{old_total} -> {schedule.total} total steps" if old_total != schedule.total
                     else f"{schedule.total} total steps")
         was = ""
         try:  # the lr the checkpoint's own schedule would have used, when its config says
