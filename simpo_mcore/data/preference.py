@@ -30,6 +30,7 @@ from typing import Literal
 import datasets
 
 from simpo_mcore.config import DataConfig
+from simpo_mcore.config.paths import SYNTHETIC, check_local_path
 from simpo_mcore.console import Progress
 from simpo_mcore.data import cache, sources
 from simpo_mcore.data.formats import FORMATS, column_kinds, map_columns, resolve_format
@@ -129,14 +130,14 @@ def build_preference_dataset(cfg: DataConfig, tokenizer, split: Literal["train",
                      plain_strings=cfg.plain_strings, response_rendering=cfg.response_rendering)
 
     parts, files = None, None
-    if path == sources.SYNTHETIC:
+    if path == SYNTHETIC:
         num = cfg.synthetic_pairs if split == "train" else sources.SYNTHETIC_EVAL_PAIRS
         rows, fingerprint = sources.load_synthetic(split, num)
-        parts = [(sources.SYNTHETIC, rows)]
+        parts = [(SYNTHETIC, rows)]
     elif (files := sources.local_files(path)) is not None:
         fingerprint = sources.local_fingerprint(files)
     else:
-        sources.check_local_path(path, f"data.{split}_path")
+        check_local_path(path, f"data.{split}_path")
         rows, fingerprint = sources.load_hub(path, hub_split, f"data.{split}_path")
         parts = [(f"{path} ({hub_split})", rows)]
     key = cache.cache_key(source=fingerprint, tokenizer=cache.tokenizer_fingerprint(tokenizer),
@@ -149,6 +150,8 @@ def build_preference_dataset(cfg: DataConfig, tokenizer, split: Literal["train",
         parts = _first_rows(parts, limit)
         if not parts:
             raise ValueError(f"data.{split}_path {path}: no rows")
+        if announce:  # the slow part of a first run: say so before it starts
+            logger.info("%s data from %s: tokenising %d rows", split, path, sum(len(rows) for _, rows in parts))
         with _datasets_bars_off():
             _build_entry(parts, tokenizer, settings, rendering, cfg.num_proc, cache_dir, key, entry,
                          source=path, split=split, drop_identical=cfg.identical_pairs == "drop")
