@@ -26,7 +26,7 @@ from simpo_mcore.resume import find_resume_point, known_total_steps
 
 CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
 PREFLIGHT_LIMIT_S = 3.0
-"""A refusal's time from the command's start (asked: under 3 s; measured 0.4-0.9 s on the shared 2-core machine at
+"""A refusal's time from the command's start (asked: under 3 s; measured 0.3-1.1 s on the shared 2-core machine at
 a load average of 9)."""
 NEW_RUN = ("to start a new run instead, use another output_dir=... or add checkpoint.resume=false "
            "checkpoint.overwrite=true (which deletes this run's checkpoints and metrics)")
