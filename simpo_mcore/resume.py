@@ -135,7 +135,11 @@ def known_total_steps(cfg: RunConfig, ckpt_dir: Path, changes: list[Change]) -> 
 def check_steps_left(cfg: RunConfig, ckpt_dir: Path, total: int, changes: list[Change]) -> int:
     """The step the run resumes at from ``ckpt_dir``; refuses a run with no step left, ``total`` (this run's steps)
     at or below it: it would train nothing and only evaluate again (a second record of the last evaluation)."""
-    step = resumed_step(checkpoint_info(ckpt_dir)["progress"], changes)
+    progress = checkpoint_info(ckpt_dir).get("progress")
+    if not isinstance(progress, dict):
+        raise ValueError(f"{ckpt_dir} records no training progress: it is not a training checkpoint of simpo_mcore "
+                         "(checkpoints/latest must name a step_N directory a run wrote)")
+    step = resumed_step(progress, changes)
     if total > step:
         return step
     t = cfg.train

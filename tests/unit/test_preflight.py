@@ -176,3 +176,12 @@ def test_the_first_line_comes_before_torch(tmp_path):
                      timeout=120, until="[simpo_mcore] launching")
     assert run.lines[0][1] == (f"[simpo_mcore] simpo-train {CONFIG}: 4 CPU ranks (TP 2, DP 2), output {out}, "
                                "resuming step_0000100 at step 100 of 300; importing torch"), run.text
+
+
+def test_a_latest_that_names_no_training_checkpoint_is_one_error(tmp_path):
+    out = tmp_path / "run"
+    ckpt = previous_run(out)
+    meta = json.loads((ckpt / META_FILE).read_text())
+    (ckpt / META_FILE).write_text(json.dumps({**meta, "kind": "converted", "info": {"source": "hf"}}))
+    with pytest.raises(ValueError, match=rf"^{ckpt} records no training progress: it is not a training checkpoint"):
+        preflight.check_train(load_config(CONFIG, [f"output_dir={out}", "train.max_steps=200"]))
