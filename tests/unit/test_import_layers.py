@@ -4,7 +4,8 @@ module graph has no cycle, and imports sit at the top of each module except in t
 The layers, lowest first (docs/architecture.md draws them):
 
     config, cpu_mode, console -> parallel -> data -> model -> convert -> logprobs_kernels -> logprobs, losses
-    -> step -> checkpoint, optim, metrics_log, resume, output_dir -> runtime -> reference -> evaluate -> train -> cli
+    -> step -> checkpoint, optim, metrics_log, resume, output_dir -> plan -> runtime -> reference -> evaluate
+    -> train -> cli
 
 ``convert`` (HF <-> megatron files, model weights I/O) and ``checkpoint`` (training state) sit beside the
 compute path: they know the model's architecture and nothing of the step.
@@ -29,6 +30,7 @@ LAYERS = [
     ("logprobs", "losses"),
     ("step",),
     ("checkpoint", "optim", "metrics_log", "resume", "output_dir"),
+    ("plan",),
     ("runtime",),
     ("reference",),
     ("evaluate",),
