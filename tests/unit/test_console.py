@@ -25,6 +25,8 @@ HELP_COMMANDS = {  # command line: (its usage line, a phrase of its own descript
                    "Evaluate a checkpoint on a preference split"),
     "simpo-data": ([sys.executable, "-m", "simpo_mcore.cli", "simpo-data"], "usage: simpo-data",
                    "Show a run's preference data"),
+    "simpo-plan": ([sys.executable, "-m", "simpo_mcore.cli", "simpo-plan"], "usage: simpo-plan",
+                   "Plan a run before launching it"),
     "hf-to-mcore": ([sys.executable, "tools/convert_hf_to_mcore.py"], "usage: convert_hf_to_mcore.py",
                     "Convert a Hugging Face Llama directory"),
     "mcore-to-hf": ([sys.executable, "-m", "simpo_mcore.convert", "mcore-to-hf"],
