@@ -128,23 +128,23 @@ def communication(setup: Setup, layout: Layout, batch: Batch, grad_bytes: float,
         dp = (d - 1) / d * (grad_bytes + param_bytes)
     else:
         dp = 2 * (d - 1) / d * grad_bytes
-    mb, m = batch.micro, batch.microbatches
-    layers = shape.num_layers / layout.pp
-    activation = mb.tokens / layout.cp * shape.hidden_size * a  # one [T, h] tensor
+    tokens = batch.tokens / d  # positions one rank runs per step (its replica's, over the context group)
+    activation = tokens * shape.hidden_size * a  # the step's [T, h] tensors of one replica, end to end
     t = layout.tp
+    layers = shape.num_layers / layout.pp
     per_layer = (10 if layout.sequence_parallel else 8) + (4 if layout.recompute == "full" else 0)
-    tp = m * (layers * per_layer + 4) * activation * (t - 1) / t
+    tp = (layers * per_layer + 4) * activation * (t - 1) / t
     pp = 0.0
     if layout.pp > 1:
-        pp = 2 * (layout.vpp or 1) * m * activation / (t if layout.sequence_parallel else 1)
+        pp = 2 * (layout.vpp or 1) * activation / (t if layout.sequence_parallel else 1)
         if shape.tied_embeddings:  # the embedding's gradient, all-reduced between the first and last stage
             pp += setup.vocab_rows(t) * shape.hidden_size * 4
     c = layout.cp
-    kv = mb.tokens / c * 2 * shape.kv_size / t * a
-    cp = m * layers * (3 + (1 if layout.recompute == "full" else 0)) * (c - 1) * kv
+    kv = tokens * 2 * shape.kv_size / t * a
+    cp = layers * (3 + (1 if layout.recompute == "full" else 0)) * (c - 1) * kv  # ring: its KV block, c - 1 times
     moe_layers = sum(shape.is_moe_layer(i) for i in range(shape.num_layers)) / layout.pp
     e = layout.ep
-    ep = m * moe_layers * 4 * (e - 1) / e * mb.tokens / c * shape.moe_top_k * shape.hidden_size * a
+    ep = moe_layers * 4 * (e - 1) / e * tokens * shape.moe_top_k * shape.hidden_size * a
     return Comm(dp=dp, tp=tp, pp=pp, cp=cp, ep=ep)
 
 
