@@ -53,7 +53,7 @@ def find_architecture(model: ModelConfig, config_path: str | Path | None, hf_con
     for folder in dirs:
         for candidate in sorted(folder.glob("*__*/config.json")) if folder.is_dir() else []:
             if candidate.parent.name.lower() in names or candidate.parent.name.split("__", 1)[1].lower() in names:
-                return Architecture(_read_hf(candidate), f"{candidate} (matched to model.checkpoint {ckpt})")
+                return Architecture(_read_hf(candidate), f"{_shown(candidate)} (matched to model.checkpoint {ckpt})")
     if not ckpt:
         raise PlanError("no architecture found: model.checkpoint is not set (is this a layout fragment?); "
                         "pass --hf-config FILE (a Hugging Face config.json)")
@@ -61,6 +61,14 @@ def find_architecture(model: ModelConfig, config_path: str | Path | None, hf_con
         f"no architecture found for model.checkpoint {ckpt!r}: it is not a converted checkpoint "
         f"({META_FILE} missing) and no configs/hf/<org>__<name>/config.json matches "
         f"{sorted(names) or 'it'}; pass --hf-config FILE (a Hugging Face config.json)")
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it is below it (the repository's ``configs/hf/...``)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _wanted_names(model: ModelConfig) -> set[str]:

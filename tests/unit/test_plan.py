@@ -6,6 +6,7 @@ cache simpo-data writes; and ``simpo-plan`` on every shipped run config. (The by
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -252,3 +253,21 @@ def test_hf_config_flag_and_70b(tmp_path):
     layouts = json.loads(proc.stdout)
     assert layouts[0]["fits"] and layouts[0]["tp"] * layouts[0]["pp"] > 1
     assert not any(x["fits"] for x in layouts if x["tp"] == 1 and x["pp"] == 1)
+
+
+@pytest.mark.slow  # builds and trains two tiny models in a process of its own
+def test_gpu_check_script_runs_on_a_cpu(tmp_path):
+    """``benchmarks/plan_gpu_check.py`` (prepared for a GPU) at the tiny shape on a CPU: its cases run and its
+    predictions match there (the GPU numbers wait for a GPU)."""
+    out = tmp_path / "plan_check.json"
+    proc = subprocess.run([sys.executable, "benchmarks/plan_gpu_check.py", "--device", "cpu", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'benchmarks'}",
+                               "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu" and len(report["cases"]) == 2
+    for case in report["cases"]:
+        ratios = case["predicted_over_measured"]
+        assert ratios["weights"] == ratios["grads"] == ratios["optimizer"] == 1.0, case
+        assert ratios["activations"] == pytest.approx(1.0, abs=0.02), case
