@@ -160,11 +160,13 @@ def layer_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb: Micr
 
 def _score_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb: MicroBatch) -> float:
     """The SDPA spec's soft-capped attention (Gemma-2 without TE's ``softcap``) materialises ``[heads, s, s]``
-    scores per sequence: the scaled scores, their cap, the fp32 softmax and its model-dtype copy."""
+    scores per sequence: the capped scores (model dtype), the fp32 softmax and its model-dtype copy; and the keys
+    and values repeated to every query head (by analysis, each sequence taken at the longest)."""
     if impl.spec == "te" or not shape.attention_softcap or mb.longest is None:
         return 0.0
     heads = shape.num_attention_heads / par.tp
-    return mb.sequences * heads * mb.longest ** 2 * (3 * impl.act_bytes + FP32) / 2
+    repeated = 2 * impl.act_bytes * shape.q_size / par.tp if shape.num_query_groups < shape.num_attention_heads else 0
+    return mb.sequences * heads * mb.longest ** 2 * (2 * impl.act_bytes + FP32) + mb.tokens / par.cp * repeated
 
 
 def embedding_bytes(mb: MicroBatch, par: Parallel) -> float:

@@ -18,7 +18,19 @@ from helpers import ROOT, error_lines
 
 from simpo_mcore.config import DataConfig, load_config
 from simpo_mcore.model.hf_config import ModelArch
-from simpo_mcore.plan import Layout, ModelShape, Setup, Workload, cached_lengths, plan_json, plan_run
+from simpo_mcore.plan import (
+    Implementation,
+    Layout,
+    MicroBatch,
+    ModelShape,
+    Numerics,
+    Setup,
+    Workload,
+    cached_lengths,
+    plan_json,
+    plan_run,
+    rank_memory,
+)
 from simpo_mcore.plan.layouts import step_batch
 from simpo_mcore.plan.memory import ddp_buffer, in_flight_microbatches, shard_elements
 from simpo_mcore.plan.shape import Chunk, batch_flops, chunk_parameters
@@ -47,6 +59,30 @@ PUBLIC_PARAMETERS = {  # the total the models' Hugging Face pages give
 @pytest.mark.parametrize("folder", sorted(PUBLIC_PARAMETERS))
 def test_shipped_architectures_have_the_public_parameter_count(folder):
     assert shape_of(folder).parameters() == PUBLIC_PARAMETERS[folder]
+
+
+MIXTRAL = ModelShape(vocab_size=32000, hidden_size=4096, ffn_hidden_size=14336, num_layers=32, num_attention_heads=32,
+                     num_query_groups=8, head_dim=128, num_experts=8, moe_top_k=2, moe_ffn_hidden_size=14336)
+
+
+def test_moe_shapes_have_the_public_parameter_count():
+    """Mixtral-8x7B and Qwen3-30B-A3B (the MoE fields a MoE ModelArch will fill in)."""
+    assert MIXTRAL.parameters() == 46_702_792_704
+    qwen3 = ModelShape(vocab_size=151936, hidden_size=2048, ffn_hidden_size=6144, num_layers=48, num_attention_heads=32,
+                       num_query_groups=4, head_dim=128, qk_norm=True, num_experts=128, moe_top_k=8,
+                       moe_ffn_hidden_size=768)
+    assert qwen3.parameters() == 30_532_122_624
+    assert MIXTRAL.intermediate_size == 2 * 14336  # a token passes through top_k = 2 experts
+
+
+def test_expert_parallelism_shards_the_experts():
+    setup = Setup(MIXTRAL, Implementation(), Numerics.for_precision("bf16"))
+    micro = MicroBatch(tokens=4096)
+    one, two = (rank_memory(setup, Layout(dp=2, ep=ep, distributed_optimizer=False), micro) for ep in (1, 2))
+    experts_per_rank = 32 * 8 * 3 * 4096 * 14336 // 2  # half the experts leave each rank
+    assert one.weights - two.weights == 2 * experts_per_rank
+    assert one.grads - two.grads == 4 * experts_per_rank
+    assert one.optimizer - two.optimizer == 12 * experts_per_rank
 
 
 @pytest.mark.slow  # transformers' import
