@@ -30,15 +30,16 @@ import torch
 from bench_common import GIB, make_arch
 
 from simpo_mcore.config import LossConfig, OptimConfig, ParallelConfig
-from simpo_mcore.data.batching import collate_pairs
 from simpo_mcore.data.packing import collate_packed_row
+from simpo_mcore.data.padded import collate_pairs
 from simpo_mcore.logprobs import TokenLogpsContext
+from simpo_mcore.microbatch import LossScale, MicroBatch
 from simpo_mcore.model.builder import ModelOptions, build_model
+from simpo_mcore.objective import make_forward_step, run_schedule
 from simpo_mcore.optim import build_optimizer, wrap_ddp, zero_grad
 from simpo_mcore.parallel import init_distributed, shutdown
-from simpo_mcore.plan import Implementation, Layout, MicroBatch, ModelShape, Numerics, Setup, rank_memory
+from simpo_mcore.plan import Implementation, Layout, MicroBatchShape, ModelShape, Numerics, Setup, rank_memory
 from simpo_mcore.plan.measure import SavedBytes, held_bytes, model_storages
-from simpo_mcore.step import LossScale, make_forward_step, run_schedule
 
 GPU_CASES = [("1b", "te", True, "none"), ("1b", "te", False, "none"), ("1b", "te", True, "full"),
              ("8b4", "te", True, "none"), ("8b4", "te", True, "selective"), ("1b", "sdpa", True, "none"),
@@ -49,7 +50,8 @@ BATCH = {"1b": (2048, 2, 512), "8b4": (2048, 2, 512), "tiny": (64, 1, 16)}
 """Per shape (tokens per sequence, pairs per micro-batch, prompt tokens): the benchmark's batch."""
 
 
-def micro_batches(vocab: int, packed: bool, seq: int, pairs: int, prompt: int) -> tuple[list[dict], MicroBatch]:
+def micro_batches(vocab: int, packed: bool, seq: int, pairs: int,
+                  prompt: int) -> tuple[list[MicroBatch], MicroBatchShape]:
     batches = []
     for m in range(2):
         g = torch.Generator().manual_seed(m)
@@ -59,13 +61,11 @@ def micro_batches(vocab: int, packed: bool, seq: int, pairs: int, prompt: int) -
                 ids = torch.randint(3, vocab, (seq,), generator=g).tolist()
                 rows[f"{side}_input_ids"].append(ids)
                 rows[f"{side}_labels"].append([-100] * prompt + ids[prompt:])
-        batch = collate_packed_row(rows, list(range(pairs)), 2 * pairs * seq, 0) if packed else \
-            collate_pairs(rows, list(range(pairs)), seq, 0)
-        batches.append({**batch, "micro_batch": m})
-    tokens = batches[0]["tokens"]
-    labelled = 2 * pairs * (seq - prompt - 1)
-    return batches, MicroBatch(tokens=tokens.numel(), rows=tokens.shape[0], labelled=labelled,
-                               sequences=2 * pairs, longest=seq)
+        collate = collate_packed_row if packed else collate_pairs
+        batches.append(collate(rows, list(range(pairs)), 2 * pairs * seq if packed else seq, 0, vocab))
+    first = batches[0]
+    return batches, MicroBatchShape(tokens=first.tokens.numel(), rows=first.tokens.shape[0],
+                                    labelled=first.token_index.numel(), sequences=2 * pairs, longest=seq)
 
 
 def run_case(shape: str, spec: str, packed: bool, recompute: str, cuda: bool) -> dict:
@@ -85,7 +85,7 @@ def run_case(shape: str, spec: str, packed: bool, recompute: str, cuda: bool) ->
     static = _allocated(cuda, reset=True)
     saved = SavedBytes(model_storages(ddp))
     with saved.hooks():
-        run_schedule(ddp, saved.forward_step(forward_step), batches, forward_only=False)
+        run_schedule(ddp, saved.forward_step(forward_step, batches), batches, forward_only=False)
     optimizer.step()
     measured = {**held_bytes(ddp, optimizer, True), "activations": saved.of(0), "static_allocated": static,
                 "peak_allocated": _allocated(cuda, peak=True)}

@@ -30,8 +30,9 @@ FP32 = 4
 
 
 @dataclass(frozen=True)
-class MicroBatch:
-    """One micro-batch as the model sees it on one data-parallel rank."""
+class MicroBatchShape:
+    """The shape of one micro-batch as the model sees it on one data-parallel rank (its sizes, no tensors: what
+    :class:`simpo_mcore.microbatch.MicroBatch` holds, counted)."""
 
     tokens: int
     """Positions computed: a packed row's length, or ``2k x S`` padded pairs."""
@@ -95,7 +96,7 @@ def norm_bytes(shape: ModelShape, impl: Implementation, output_saved: bool) -> f
     return FP32 * h + FP32 + (FP32 * h if shape.zero_centered_norms else a * h) + out
 
 
-def attention_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb: MicroBatch,
+def attention_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb: MicroBatchShape,
                     recompute: str) -> float:
     """Bytes per token of the attention block (norm excluded) on one TP rank."""
     a, tp = impl.act_bytes, par.tp
@@ -147,7 +148,7 @@ def _glu_bytes(f: float, a: int, fused: bool, fp8: bool) -> float:
     return (a * 2 * f + fc2_input) if fused else (a * 4 * f + fc2_input)
 
 
-def layer_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb: MicroBatch, layer: int,
+def layer_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb: MicroBatchShape, layer: int,
                 recompute: str) -> float:
     """Bytes one decoder layer saves for a micro-batch (its whole forward, no recomputation of the layer)."""
     tokens = mb.tokens / par.cp
@@ -158,7 +159,7 @@ def layer_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb: Micr
     return tokens * (norms / par.shard + body) + _score_bytes(shape, impl, par, mb)
 
 
-def _score_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb: MicroBatch) -> float:
+def _score_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb: MicroBatchShape) -> float:
     """The SDPA spec's soft-capped attention (Gemma-2 without TE's ``softcap``) materialises ``[heads, s, s]``
     scores per sequence: the capped scores (model dtype), the fp32 softmax and its model-dtype copy; and the keys
     and values repeated to every query head (by analysis, each sequence taken at the longest)."""
@@ -169,14 +170,14 @@ def _score_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb: Mic
     return mb.sequences * heads * mb.longest ** 2 * (2 * impl.act_bytes + FP32) + mb.tokens / par.cp * repeated
 
 
-def embedding_bytes(mb: MicroBatch, par: Parallel) -> float:
+def embedding_bytes(mb: MicroBatchShape, par: Parallel) -> float:
     """The embedding lookup saves its indices; vocab-parallel (TP > 1) also the rows outside this rank's shard
     (a bool mask) and the ids shifted into it (a second index tensor)."""
     tokens = mb.tokens / par.cp
     return tokens * (IDS if par.tp == 1 else 2 * IDS + 1)
 
 
-def head_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb: MicroBatch, keep_logits: bool,
+def head_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb: MicroBatchShape, keep_logits: bool,
                vocab_rows: int) -> float:
     """The final norm and the fused log-prob head: the labelled tokens' hidden states (gathered whole under
     sequence parallelism), their index and targets (int64), log-sum-exp (fp32), two bool masks; with
@@ -188,13 +189,13 @@ def head_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb: Micro
     return tokens * norm_bytes(shape, impl, output_saved=False) / par.shard + n * per + kept
 
 
-def loss_bytes(mb: MicroBatch, par: Parallel) -> float:
+def loss_bytes(mb: MicroBatchShape, par: Parallel) -> float:
     """The loss on the last stage: the per-sequence token log-probs gathered out of the row (fp32) and the index
     that gathers them (int64), the labels mask the sums are taken with."""
     return mb.tokens / par.cp * (IDS + 2 * FP32 + 1)
 
 
-def chunk_saved_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb: MicroBatch, chunk: Chunk,
+def chunk_saved_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb: MicroBatchShape, chunk: Chunk,
                       recompute: str, recompute_layers: int, keep_logits: bool, vocab_rows: int) -> float:
     """Bytes a model chunk saves for one micro-batch: its layers (under full recomputation only the input of each
     block of ``recompute_layers`` layers, and the RoPE frequencies once), plus the embedding on the first chunk and
@@ -216,7 +217,7 @@ def chunk_saved_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb
     return out
 
 
-def recompute_working_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb: MicroBatch,
+def recompute_working_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb: MicroBatchShape,
                             chunk: Chunk, recompute: str, recompute_layers: int) -> float:
     """Under full recomputation, the activations one block of layers rebuilds for its backward (alive on top of
     the saved inputs while that block's backward runs)."""
@@ -226,7 +227,7 @@ def recompute_working_bytes(shape: ModelShape, impl: Implementation, par: Parall
     return sum(layer_bytes(shape, impl, par, mb, layer, "none") for layer in block)
 
 
-def head_working_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb: MicroBatch,
+def head_working_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb: MicroBatchShape,
                        chunk_tokens: int, keep_logits: bool, vocab_rows: int) -> float:
     """The fused head's memory at its backward (docs/logprobs.md): its weight gradient ``[V/tp, h]`` in the model
     dtype, the fp32 ``[n, h]`` accumulator of the hidden gradient and its model-dtype partial, one vocabulary

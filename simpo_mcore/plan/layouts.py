@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from simpo_mcore.plan.activations import MicroBatch
+from simpo_mcore.plan.activations import MicroBatchShape
 from simpo_mcore.plan.inputs import Workload
 from simpo_mcore.plan.memory import Layout, RankMemory, Setup, rank_memory
 from simpo_mcore.plan.timing import Batch, Comm, StepTime, communication, forward_seconds, step_time
@@ -86,14 +86,14 @@ def step_batch(work: Workload, layout: Layout, multiple: int) -> Batch | None:
             rows = math.ceil(per_rank * tokens / work.pack_tokens)
         if layout.vpp:
             rows = -(-rows // layout.pp) * layout.pp
-        micro = MicroBatch(tokens=work.pack_tokens, rows=1, labelled=_labelled(work, work.pack_tokens),
+        micro = MicroBatchShape(tokens=work.pack_tokens, rows=1, labelled=_labelled(work, work.pack_tokens),
                            sequences=2 * max(1, round(per_rank / rows)), longest=longest)
         return Batch(work.global_pairs * tokens, work.global_pairs * squared, rows, micro)
     k = work.micro_batch_pairs
     if work.global_pairs % (k * dp):
         return None
     padded = _padded_length(work, k, multiple)
-    micro = MicroBatch(tokens=2 * k * work.max_length, rows=2 * k,
+    micro = MicroBatchShape(tokens=2 * k * work.max_length, rows=2 * k,
                        labelled=_labelled(work, 2 * k * work.max_length), sequences=2 * k, longest=work.max_length)
     return Batch(work.global_pairs * 2 * padded, work.global_pairs * 2 * padded ** 2, work.global_pairs // (k * dp),
                  micro)

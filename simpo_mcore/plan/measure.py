@@ -74,17 +74,20 @@ class SavedBytes:
         """Bytes saved during micro-batch ``micro_batch``'s forward."""
         return sum(n for m, n in self.seen.values() if m == micro_batch)
 
-    def forward_step(self, forward_step):
-        """``forward_step`` (megatron's contract) recording what the forward and the loss of each micro-batch save;
-        each micro-batch dict carries its number as ``micro_batch``."""
+    def forward_step(self, forward_step, micro_batches: list):
+        """``forward_step`` (megatron's contract) recording what the forward and the loss of each micro-batch save,
+        each attributed to its place in ``micro_batches`` (the list the schedule runs: a micro-batch is known by
+        its identity, so every pipeline chunk's iterator finds the same number for it)."""
+        number = {id(batch): i for i, batch in enumerate(micro_batches)}
+
         def hooked(data_iterator, model):
             batch = next(data_iterator)
-            self.active = batch["micro_batch"]
+            self.active = number[id(batch)]
             output, loss_func = forward_step(iter([batch]), model)
             self.active = None
 
             def loss(out):
-                self.active = batch["micro_batch"]
+                self.active = number[id(batch)]
                 try:
                     return loss_func(out)
                 finally:

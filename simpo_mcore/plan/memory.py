@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from simpo_mcore.plan.activations import (
     Implementation,
-    MicroBatch,
+    MicroBatchShape,
     Parallel,
     chunk_saved_bytes,
     head_working_bytes,
@@ -249,7 +249,7 @@ def in_flight_microbatches(pp: int, vpp: int | None, pp_rank: int, microbatches:
     return units / vpp
 
 
-def rank_memory(setup: Setup, layout: Layout, mb: MicroBatch, pp_rank: int = 0, dp_rank: int = 0,
+def rank_memory(setup: Setup, layout: Layout, mb: MicroBatchShape, pp_rank: int = 0, dp_rank: int = 0,
                 microbatches: int = 1) -> RankMemory:
     """The peak bytes of the rank at pipeline stage ``pp_rank`` and data-parallel rank ``dp_rank`` when each step
     runs ``microbatches`` micro-batches like ``mb`` on it."""
@@ -270,7 +270,7 @@ def rank_memory(setup: Setup, layout: Layout, mb: MicroBatch, pp_rank: int = 0, 
                       * stage_input, head, _buffers(setup, layout, mb, chunks, params), math.ceil(flight))
 
 
-def _buffers(setup: Setup, layout: Layout, mb: MicroBatch, chunks: list[Chunk],
+def _buffers(setup: Setup, layout: Layout, mb: MicroBatchShape, chunks: list[Chunk],
              params: tuple[tuple[ParamTensor, ...], ...]) -> float:
     shape, impl, par = setup.shape, setup.impl, layout.parallel
     layers = [layer for c in chunks for layer in c.layers]

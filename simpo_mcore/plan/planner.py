@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from simpo_mcore.config import ConfigError, RunConfig
+from simpo_mcore.config import ConfigError, RunConfig, validate
 from simpo_mcore.plan.activations import Implementation
 from simpo_mcore.plan.inputs import PlanError, Workload, cached_lengths, find_architecture
 from simpo_mcore.plan.layouts import LayoutPlan, Options, candidate_layouts, evaluate, ranked
@@ -70,8 +70,8 @@ def accepted(cfg: RunConfig, layout: Layout) -> bool:
     names = {f.name for f in dataclasses.fields(cfg.parallel)}
     parallel.update({k: getattr(layout, k) for k in ("cp", "ep") if k in names})
     try:
-        dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **parallel),
-                            model=dataclasses.replace(cfg.model, recompute=layout.recompute)).validate()
+        validate(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **parallel),
+                                     model=dataclasses.replace(cfg.model, recompute=layout.recompute)))
     except ConfigError:
         return False
     return True

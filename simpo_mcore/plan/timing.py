@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from simpo_mcore.metrics_log import PEAK_BF16_TFLOPS
-from simpo_mcore.plan.activations import MicroBatch
+from simpo_mcore.plan.activations import MicroBatchShape
 from simpo_mcore.plan.memory import Layout, Setup
 from simpo_mcore.plan.shape import ModelShape, attention_flops, batch_flops, head_flops_per_token
 
@@ -78,7 +78,7 @@ class Batch:
     """Sum over the step's sequences of their (computed) length squared: the attention's work."""
     microbatches: int
     """Micro-batches per data-parallel rank per step."""
-    micro: MicroBatch
+    micro: MicroBatchShape
     """The largest micro-batch (the memory bound)."""
 
 

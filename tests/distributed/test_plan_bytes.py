@@ -9,8 +9,8 @@ micro-batches (3 pairs each: packed rows, or padded ``[6, S]``) and an optimizer
   tensors, the tied embedding's own bucket at PP 2);
 * the activations autograd saves for one micro-batch (``saved_tensors_hooks``, each storage once): within
   ``ACTIVATION_RTOL``. The issue asks for 10%; measured (2 CPU cores, torch 2.14.1, megatron-core 0.19.2) the
-  largest difference is 0.93% (full recomputation on padded pairs at TP 2: the predicted RoPE frequencies are a
-  rounded length), every other layout within 0.2%.
+  largest difference is 1.18% (full recomputation on padded pairs at TP 2: the predicted RoPE frequencies are a
+  rounded length), every other layout within 0.3%.
 """
 
 from __future__ import annotations

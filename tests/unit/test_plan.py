@@ -21,7 +21,7 @@ from simpo_mcore.model.hf_config import ModelArch
 from simpo_mcore.plan import (
     Implementation,
     Layout,
-    MicroBatch,
+    MicroBatchShape,
     ModelShape,
     Numerics,
     Setup,
@@ -77,7 +77,7 @@ def test_moe_shapes_have_the_public_parameter_count():
 
 def test_expert_parallelism_shards_the_experts():
     setup = Setup(MIXTRAL, Implementation(), Numerics.for_precision("bf16"))
-    micro = MicroBatch(tokens=4096)
+    micro = MicroBatchShape(tokens=4096)
     one, two = (rank_memory(setup, Layout(dp=2, ep=ep, distributed_optimizer=False), micro) for ep in (1, 2))
     experts_per_rank = 32 * 8 * 3 * 4096 * 14336 // 2  # half the experts leave each rank
     assert one.weights - two.weights == 2 * experts_per_rank
@@ -180,7 +180,7 @@ def test_step_flops_and_times_are_the_benchmarks():
 def test_data_cache_lengths_are_read(tmp_path):
     """The lengths of the cache entry simpo-data / simpo-train write for this source, and their use: a step's
     tokens are the global batch times the mean pair."""
-    from simpo_mcore.data.batching import sequence_lengths
+    from simpo_mcore.data.collate import sequence_lengths
     from simpo_mcore.data.preference import build_preference_dataset
     from simpo_mcore.data.synthetic import build_tokenizer
 

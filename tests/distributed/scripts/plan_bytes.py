@@ -21,16 +21,17 @@ import torch
 import torch.distributed as dist
 
 from simpo_mcore.config import LossConfig, OptimConfig, ParallelConfig
-from simpo_mcore.data.batching import collate_pairs
 from simpo_mcore.data.packing import collate_packed_row
+from simpo_mcore.data.padded import collate_pairs
 from simpo_mcore.logprobs import TokenLogpsContext
+from simpo_mcore.microbatch import LossScale, MicroBatch
 from simpo_mcore.model.builder import ModelOptions, build_model
 from simpo_mcore.model.hf_config import ModelArch
+from simpo_mcore.objective import make_forward_step, run_schedule
 from simpo_mcore.optim import build_optimizer, wrap_ddp
 from simpo_mcore.parallel import init_distributed, shutdown
-from simpo_mcore.plan import Implementation, Layout, MicroBatch, ModelShape, Numerics, Setup, rank_memory
+from simpo_mcore.plan import Implementation, Layout, MicroBatchShape, ModelShape, Numerics, Setup, rank_memory
 from simpo_mcore.plan.measure import SavedBytes, held_bytes, model_storages
-from simpo_mcore.step import LossScale, make_forward_step, run_schedule
 
 VOCAB = 250
 ARCH = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_layers=4, num_attention_heads=4,
@@ -73,7 +74,7 @@ def pairs(seed: int) -> dict[str, list]:
     return rows
 
 
-def micro_batches(packed: bool, multiple: int) -> tuple[list[dict], MicroBatch]:
+def micro_batches(packed: bool, multiple: int) -> tuple[list[MicroBatch], MicroBatchShape]:
     """Two micro-batches of the same shape (pipelines exchange fixed shapes) and the planner's description."""
     batches = []
     for m in range(MICRO_BATCHES):
@@ -81,16 +82,15 @@ def micro_batches(packed: bool, multiple: int) -> tuple[list[dict], MicroBatch]:
         lengths = [len(x) for x in rows["chosen_input_ids"] + rows["rejected_input_ids"]]
         if packed:
             length = -(-sum(lengths) // multiple) * multiple
-            batches.append(collate_packed_row(rows, list(range(PAIRS)), length, 0))
+            batches.append(collate_packed_row(rows, list(range(PAIRS)), length, 0, VOCAB))
         else:
             length = -(-max(lengths) // multiple) * multiple
-            batches.append(collate_pairs(rows, list(range(PAIRS)), length, 0))
+            batches.append(collate_pairs(rows, list(range(PAIRS)), length, 0, VOCAB))
     first = batches[0]
-    labelled = int((first["labels"] != -100).sum()) - 2 * PAIRS  # shifted: each sequence's first label drops
-    tokens = first["tokens"]
-    longest = int(first["max_seqlen"]) if packed else tokens.shape[1]
-    return batches, MicroBatch(tokens=tokens.numel(), rows=tokens.shape[0], labelled=labelled,
-                               sequences=2 * PAIRS, longest=longest)
+    tokens = first.tokens  # [b, s]
+    longest = max(first.seqlens) if first.packed else tokens.shape[1]
+    return batches, MicroBatchShape(tokens=tokens.numel(), rows=tokens.shape[0], labelled=first.token_index.numel(),
+                                    sequences=2 * PAIRS, longest=longest)
 
 
 def measure(opts: dict) -> dict:
@@ -108,11 +108,9 @@ def measure(opts: dict) -> dict:
     scale = LossScale(num_microbatches=len(batches), dp=layout.dp, global_pairs=PAIRS * len(batches) * layout.dp,
                       global_chosen_tokens=1)
     saved = SavedBytes(model_storages(ddp))
-    for i, b in enumerate(batches):
-        b["micro_batch"] = i
+    forward_step = saved.forward_step(make_forward_step(LossConfig(), head, layout.device, scale), batches)
     with saved.hooks():
-        run_schedule(ddp, saved.forward_step(make_forward_step(LossConfig(), head, layout.device, scale)), batches,
-                     forward_only=False)
+        run_schedule(ddp, forward_step, batches, forward_only=False)
     optimizer.step()
     measured = {**held_bytes(ddp, optimizer, opts["do"]), "activations": saved.of(0)}
     predicted = predict(opts, layout, mb, arch)
@@ -123,7 +121,7 @@ def measure(opts: dict) -> dict:
     return records
 
 
-def predict(opts: dict, layout, mb: MicroBatch, arch: ModelArch) -> dict:
+def predict(opts: dict, layout, mb: MicroBatchShape, arch: ModelArch) -> dict:
     setup = Setup(shape=ModelShape.from_arch(arch),
                   impl=Implementation(spec="sdpa", cuda=False, act_bytes=2 if opts["precision"] == "bf16" else 4),
                   numerics=Numerics.for_precision(opts["precision"], torch_adam=True), chunk_tokens=CHUNK_TOKENS)
