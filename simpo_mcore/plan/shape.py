@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from simpo_mcore.metrics_log import model_flops_per_token
+from simpo_mcore.model.flops import model_flops_per_token
 from simpo_mcore.model.hf_config import ModelArch
 
 MOE_ARCH_FIELDS = {"num_experts": "num_experts", "moe_top_k": "num_experts_per_tok",
@@ -77,7 +77,7 @@ class ModelShape:
             return False
         return True if self.moe_layers is None else self.moe_layers[layer]
 
-    # The names metrics_log.model_flops_per_token reads, so that the planner's FLOPs are the count the measured
+    # The names model.flops.model_flops_per_token reads, so that the planner's FLOPs are the count the measured
     # MFU figures were computed with.
     @property
     def num_key_value_heads(self) -> int:
@@ -206,7 +206,7 @@ def chunk_parameters(shape: ModelShape, chunk: Chunk, spec: str, tp: int, pp: in
 
 def batch_flops(shape: ModelShape, tokens: float, squared_lengths: float) -> float:
     """Model FLOPs (forward + backward) of ``tokens`` positions in sequences whose lengths squared sum to
-    ``squared_lengths``: :func:`~simpo_mcore.metrics_log.model_flops_per_token` (the count of the measured MFU
+    ``squared_lengths``: :func:`~simpo_mcore.model.flops.model_flops_per_token` (the count of the measured MFU
     figures) is ``6 x parameters + 6 x layers x q_size x sequence length`` per token, so a batch of sequences of
     lengths ``s_i`` costs ``sum_i s_i x (6 P + 6 n q s_i)``."""
     per_token = model_flops_per_token(shape, 0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from simpo_mcore.metrics_log import PEAK_BF16_TFLOPS
+from simpo_mcore.model.flops import PEAK_BF16_TFLOPS
 from simpo_mcore.plan.activations import MicroBatchShape
 from simpo_mcore.plan.memory import Layout, Setup
 from simpo_mcore.plan.shape import ModelShape, attention_flops, batch_flops, head_flops_per_token
