@@ -14,11 +14,12 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
-PIPELINE_VERSION = 4
+PIPELINE_VERSION = 5
 """Bump when rendering or tokenisation changes, so that stale cache entries are not reused."""
 
 
@@ -53,6 +54,29 @@ def is_complete(entry: Path) -> bool:
 
 def read_report(entry: Path) -> dict[str, Any]:
     return json.loads((entry / "report.json").read_text())
+
+
+def check_writable(cache_dir: Path, what: str) -> None:
+    """Refuse, naming ``what``, a cache directory this process cannot create or write into (a read-only file
+    system raises OSError EROFS, which is no PermissionError)."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=cache_dir, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"{what} cannot be written ({exc.strerror or exc}): point data.cache_dir at a "
+                         f"writable directory") from None
+
+
+def discard(entry: Path) -> None:
+    """Remove a damaged entry: renamed out of the way first, so a reader never sees it half deleted."""
+    gone = entry.with_name(f".damaged-{entry.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(entry, gone)
+    except OSError:
+        return  # another process moved it first, or the file system is read-only: building again says so
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def new_tmp_dir(cache_dir: str | Path, key: str) -> Path:
