@@ -56,17 +56,24 @@ def read_report(entry: Path) -> dict[str, Any]:
     return json.loads((entry / "report.json").read_text())
 
 
-def check_writable(cache_dir: Path, what: str) -> None:
-    """Refuse, naming ``what``, a cache directory this process cannot create or write into (a read-only file
-    system raises OSError EROFS, which is no PermissionError)."""
+def unwritable_reason(path: Path) -> str | None:
+    """Why this process cannot create ``path`` as a directory and files in it (the OS's words), or ``None``:
+    tried, not guessed from permissions (root writes through them; a read-only file system raises EROFS,
+    which is no PermissionError)."""
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=cache_dir, prefix=".write-probe-")
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise ValueError(f"{what} cannot be written ({exc.strerror or exc}): point data.cache_dir at a "
-                         f"writable directory") from None
+        return str(exc.strerror or exc)
+    return None
+
+
+def check_writable(cache_dir: Path, what: str) -> None:
+    """Refuse, naming ``what``, a cache directory this process cannot write into."""
+    if (reason := unwritable_reason(cache_dir)) is not None:
+        raise ValueError(f"{what} cannot be written ({reason}): point data.cache_dir at a writable directory")
 
 
 def discard(entry: Path) -> None:
