@@ -71,14 +71,15 @@ MISTRAL = (
 
 # Google's Gemma instruct template: google/gemma-7b-it, tokenizer_config.json "chat_template" (the text
 # princeton-nlp/SimPO evaluates gemma-2-9b-it with, eval/arenahard/templates/gemma.jinja). It refuses a
-# system turn, so none is inserted before a prompt (render.takes_system_turn).
+# system turn, so none is inserted before a prompt (render.takes_system_turn). As there, the Jinja literals
+# hold backslash-n.
 GEMMA = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
     "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
     "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
     "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
-    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+    "{% endif %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}")
 
 # Zephyr's template: HuggingFaceH4/zephyr-7b-beta, tokenizer_config.json "chat_template" (the
 # alignment-handbook's DEFAULT_CHAT_TEMPLATE; princeton-nlp/SimPO chat_templates.json "mistral-base").
