@@ -60,8 +60,8 @@ CHATML = (
     "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 # Mistral's instruct template: mistralai/Mixtral-8x7B-Instruct-v0.1, tokenizer_config.json "chat_template"
-# at commit 1e637f2d7cb0a9d6fb1922f305cb784995190a83, the text Mistral-7B-Instruct-v0.2 carried
-# (princeton-nlp/SimPO chat_templates.json "mistral-instruct" is the same). It has no system role.
+# at commit 1e637f2d7cb0a9d6fb1922f305cb784995190a83 (princeton-nlp/SimPO chat_templates.json
+# "mistral-instruct", the template of its Mistral-7B-Instruct-v0.2 runs, is the same). It has no system role.
 MISTRAL = (
     "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
     "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
@@ -81,8 +81,9 @@ GEMMA = (
     "{% endif %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}")
 
-# Zephyr's template: HuggingFaceH4/zephyr-7b-beta, tokenizer_config.json "chat_template" (the
-# alignment-handbook's DEFAULT_CHAT_TEMPLATE; princeton-nlp/SimPO chat_templates.json "mistral-base").
+# Zephyr's template: the alignment-handbook's DEFAULT_CHAT_TEMPLATE (src/alignment/data.py), the one
+# HuggingFaceH4/zephyr-7b-beta and its SFT model were trained with; princeton-nlp/SimPO chat_templates.json
+# "mistral-base" (its Mistral-7B-Base-SFT) is the same text.
 ZEPHYR = (
     "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
     "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}"
