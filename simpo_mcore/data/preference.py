@@ -195,16 +195,14 @@ def build_preference_dataset(cfg: DataConfig, tokenizer, split: Literal["train",
 
 
 def _split_source(cfg: DataConfig, split: str) -> tuple[str, str, int | None]:
-    """(path, hub split, row limit) of ``split``, checked."""
+    """(path, hub split, row limit) of ``split`` (the lengths are checked where the config loads, and again by
+    ``tokenize_pair``)."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     path, hub_split, limit = ((cfg.train_path, cfg.train_split, cfg.max_pairs) if split == "train"
                               else (cfg.eval_path, cfg.eval_split, cfg.max_eval_pairs))
     if path is None:
         raise ValueError(f"data.{split}_path is not set")
-    if cfg.max_prompt_length >= cfg.max_length:
-        raise ValueError(f"data.max_prompt_length ({cfg.max_prompt_length}) must be below "
-                         f"data.max_length ({cfg.max_length})")
     return path, hub_split, limit
 
 

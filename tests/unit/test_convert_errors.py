@@ -334,9 +334,10 @@ def test_checkpoint_export_hf_owns_the_directory_it_writes(ckpt, tmp_path, monke
     root.mkdir(parents=True)
     ckpt.rename(root / step_dir_name(3))
     printed = []
-    trainer = SimpleNamespace(
+    trainer = SimpleNamespace(  # what export_hf reads of a Trainer (the newest checkpoint named both ways)
         cfg=SimpleNamespace(output_dir=str(tmp_path / "run")), ckpt_root=root, progress=SimpleNamespace(step=3),
-        layout=SimpleNamespace(rank=0), logger=SimpleNamespace(print=printed.append))
+        checkpointer=SimpleNamespace(last_path=root / step_dir_name(3)), layout=SimpleNamespace(rank=0),
+        logger=SimpleNamespace(print=printed.append))
     hf = tmp_path / "run" / "hf"
     hf.mkdir()
     (hf / "notes.txt").write_text("the user's")
