@@ -100,7 +100,8 @@ def _parse_quietly(parser: argparse.ArgumentParser, argv: list[str] | None) -> a
 def _parse(prog: str, argv: list[str] | None):
     parser = _parser(prog, TRAIN_HELP if prog == "simpo-train" else EVAL_HELP)
     parser.add_argument("--nproc", type=int, default=None,
-                        help="CPU only, outside torchrun: ranks to launch (default: tp x pp)")
+                        help="CPU only, outside torchrun: ranks to launch (default: tp x pp); more adds "
+                             "data-parallel ranks, DP = nproc / (tp x pp), which must divide evenly")
     return _parse_quietly(parser, argv)
 
 
@@ -240,7 +241,8 @@ def data_main(argv: list[str] | None = None) -> int:
     """``simpo-data CONFIG.yaml [overrides]``: the run's data as it will be trained on (one process,
     no process group); builds the tokenised cache the run then reads."""
     parser = _parser("simpo-data", DATA_HELP)
-    parser.add_argument("--split", choices=["train", "eval"], default="train")
+    parser.add_argument("--split", choices=["train", "eval"], default="train",
+                        help="which split to show: train (data.train_path, the default) or eval (data.eval_path)")
     parser.add_argument("--samples", type=int, default=3, help="rendered pairs to show (default 3)")
     parser.add_argument("--dp", type=int, default=1,
                         help="data-parallel size of the launch, for the padding efficiency (default 1)")
