@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ from simpo_mcore import console
 from simpo_mcore.checkpoint import CheckpointManager
 from simpo_mcore.checkpoint_info import checkpoint_root, latest_checkpoint
 from simpo_mcore.config import CheckpointConfig, ConfigError, RunConfig, UserError
+from simpo_mcore.convert.hf_io import owned_export
 from simpo_mcore.convert.tool import run_in_fresh_process
 from simpo_mcore.data.pipeline import TokenizedSplit, TrainBatches, check_data_paths, load_split
 from simpo_mcore.evaluate import evaluate
@@ -476,14 +476,15 @@ class Trainer:
                            Path(self.cfg.output_dir), wandb)
 
     def export_hf(self) -> None:
-        """The newest checkpoint as a Hugging Face model in ``<output_dir>/hf``."""
+        """The newest checkpoint as a Hugging Face model in ``<output_dir>/hf``, a directory the export owns:
+        it replaces an earlier export there, and refuses to touch anything else found in it."""
         out = Path(self.cfg.output_dir) / "hf"
+        checkpoint = self.checkpointer.last_path
 
         def export():
-            if out.exists():
-                shutil.rmtree(out)
-            # A process of its own: the converter runs in a world of one while this job's ranks wait.
-            run_in_fresh_process("mcore-to-hf", "--ckpt", str(self.checkpointer.last_path), "--out", str(out))
+            with owned_export(out, f"checkpoint.export_hf (the trained checkpoint is {checkpoint})") as staged:
+                # A process of its own: the converter runs in a world of one while this job's ranks wait.
+                run_in_fresh_process("mcore-to-hf", "--ckpt", str(checkpoint), "--out", str(staged))
             self.logger.print(f"exported Hugging Face model: {out}")
 
         agreed(export, run=self.layout.rank == 0)

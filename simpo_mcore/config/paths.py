@@ -1,9 +1,12 @@
-"""What a config's data paths name, decided without reading them: the synthetic rows, a local file or directory,
-or a hub dataset; and whether a local one exists. Imports neither torch nor datasets: the launcher checks the
-paths before any rank starts, and the ranks check them again with the same functions."""
+"""What a config's paths name, decided without reading them: the synthetic rows, a local data file or directory,
+or a hub dataset; whether a local one exists; whether a directory (output_dir, the data cache) can be written.
+Imports neither torch nor datasets: the launcher checks the paths before any rank starts, and the ranks check
+them again with the same functions."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 from simpo_mcore.config.schema import DataConfig
@@ -33,3 +36,17 @@ def check_local_data_paths(cfg: DataConfig, splits: tuple[str, ...]) -> None:
         path = getattr(cfg, f"{split}_path")
         if path is not None:
             check_local_path(path, f"data.{split}_path")
+
+
+def unwritable_reason(path: Path) -> str | None:
+    """Why this process cannot create ``path`` as a directory and files in it (the OS's words), or ``None``:
+    tried, not guessed from permissions (root writes through them; a read-only file system raises EROFS,
+    which is no PermissionError)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return str(exc.strerror or exc)
+    return None

@@ -5,7 +5,7 @@ The layers, lowest first (docs/architecture.md draws them):
 
     config, cpu_mode, console -> checkpoint_info, schedule, output_dir, resume, preflight -> parallel -> microbatch
     -> data -> model -> convert -> logprobs_kernels -> logprobs, losses -> objective -> checkpoint, optim,
-    metrics_log -> runtime -> reference -> evaluate -> train -> cli
+    metrics_log -> plan -> runtime -> reference -> evaluate -> train -> cli
 
 ``microbatch`` (the typed micro-batch) is the contract between ``data`` (which makes it ready) and ``objective``
 (which runs it): below both, so that the objective needs nothing from ``data``.
@@ -40,6 +40,7 @@ LAYERS = [
     ("logprobs", "losses"),
     ("objective",),
     ("checkpoint", "optim", "metrics_log"),
+    ("plan",),
     ("runtime",),
     ("reference",),
     ("evaluate",),
