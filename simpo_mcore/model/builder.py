@@ -17,6 +17,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 
 from simpo_mcore.model.hf_config import ModelArch
+from simpo_mcore.model.moe import freeze_routers
 from simpo_mcore.model.specs import ExtendedTransformerConfig, block_spec
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
@@ -41,6 +42,18 @@ class ModelOptions:
     fp8_format: str = "hybrid"
     cuda: bool = False
     """Whether the model runs on a GPU (enables the fused kernels that exist only there)."""
+    ep: int = 1
+    """Expert-parallel size: an MoE layer's experts split over this many ranks of the data-parallel group."""
+    etp: int | None = None
+    """Expert tensor-parallel size (each expert's FFN split over this many ranks); ``None``: ``tp``."""
+    moe_dispatcher: str = "alltoall"
+    """megatron's token dispatcher: ``alltoall`` or ``allgather``."""
+    moe_aux_loss_coeff: float = 0.0
+    """Coefficient of megatron's load-balancing loss (0: none, as HF / TRL without ``output_router_logits``)."""
+    moe_load_balancing: str = "aux_loss"
+    """megatron's ``moe_router_load_balancing_type``: ``aux_loss``, ``seq_aux_loss``, ``global_aux_loss``, ``none``."""
+    moe_freeze_router: bool = False
+    """The routers' weights take no gradient and no update."""
 
 
 def padded_vocab_size(vocab_size: int, divisor: int, tp: int) -> int:
@@ -65,6 +78,48 @@ def window_settings(arch: ModelArch) -> dict:
         return dict(window_size=None, window_attn_skip_freq=None)
     pattern = None if all(sliding) else [int(x) for x in sliding]
     return dict(window_size=(arch.sliding_window - 1, 0), window_attn_skip_freq=pattern)
+
+
+def moe_settings(arch: ModelArch, opts: ModelOptions) -> dict:
+    """megatron's MoE fields for ``arch`` (none for a dense model): dropless (no capacity factor), routing by
+    :class:`simpo_mcore.model.moe.HFTopKRouter` from the softmax over all experts, the logits in the model's
+    dtype as HF computes them."""
+    if not arch.is_moe:
+        return {}
+    shared = arch.shared_expert_intermediate_size
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_ffn_hidden_size=arch.moe_intermediate_size,
+        moe_router_topk=arch.num_experts_per_tok,
+        moe_layer_freq=1 if all(arch.moe_layers) else [int(x) for x in arch.moe_layers],
+        moe_shared_expert_intermediate_size=shared,
+        moe_shared_expert_gate=shared is not None,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=True,
+        moe_router_dtype=None,
+        moe_norm_topk_prob=arch.norm_topk_prob,
+        moe_route_weights_fp32=arch.route_weights_fp32,
+        moe_expert_capacity_factor=None,
+        moe_token_dispatcher_type=opts.moe_dispatcher,
+        moe_router_load_balancing_type=opts.moe_load_balancing,
+        moe_aux_loss_coeff=opts.moe_aux_loss_coeff,
+        moe_grouped_gemm=opts.spec == "te",
+        expert_model_parallel_size=opts.ep,
+        expert_tensor_parallel_size=opts.etp or opts.tp,
+    )
+
+
+def check_moe_layout(arch: ModelArch, opts: ModelOptions) -> None:
+    """Refuse what megatron would refuse later with an assertion or a traceback, naming the settings."""
+    if not arch.is_moe:
+        if opts.ep > 1:
+            raise ValueError(f"parallel.ep={opts.ep} needs a mixture-of-experts model; this one is dense")
+        return
+    if arch.num_experts % opts.ep:
+        raise ValueError(f"parallel.ep={opts.ep} must divide the model's {arch.num_experts} experts")
+    if opts.tp > 1 and not opts.sequence_parallel:
+        raise ValueError(f"parallel.tp={opts.tp} with a mixture-of-experts model needs "
+                         "parallel.sequence_parallel: true (megatron's MoE layers refuse TP without it in training)")
 
 
 def transformer_config(arch: ModelArch, opts: ModelOptions) -> ExtendedTransformerConfig:
@@ -128,6 +183,7 @@ def transformer_config(arch: ModelArch, opts: ModelOptions) -> ExtendedTransform
         init_method_std=0.02,
         **recompute,
         **fp8,
+        **moe_settings(arch, opts),
     )
 
 
@@ -166,6 +222,7 @@ def build_model(arch: ModelArch, opts: ModelOptions) -> list[GPTModel]:
     Parameters are randomly initialised; load a checkpoint into them with
     :func:`simpo_mcore.checkpoint.load_model`.
     """
+    check_moe_layout(arch, opts)
     config = transformer_config(arch, opts)
     vocab = padded_vocab_size(arch.vocab_size, opts.make_vocab_size_divisible_by, opts.tp)
     pp_rank = ps.get_pipeline_model_parallel_rank()
@@ -199,4 +256,6 @@ def build_model(arch: ModelArch, opts: ModelOptions) -> list[GPTModel]:
             chunks.append(model)
     finally:
         gpt_logger.setLevel(level)
+    if opts.moe_freeze_router:
+        freeze_routers(chunks)
     return chunks
