@@ -73,6 +73,23 @@ class ModelConfig:
     recompute_num_layers: int = 1
     """With ``recompute: full``: layers per recomputed block (uniform method)."""
 
+    moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    """Mixture-of-experts models: how tokens reach the ranks holding their experts (megatron's dispatchers;
+    the same results, ``alltoall`` moves only the tokens each rank needs)."""
+
+    moe_aux_loss_coeff: float = 0.0
+    """Mixture-of-experts models: weight of megatron's load-balancing loss per MoE layer (docs/moe.md defines
+    it). 0 (the default) trains on the preference loss alone, as TRL does for the hub's Mixtral / Qwen MoE
+    configs (``output_router_logits: false``)."""
+
+    moe_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = "aux_loss"
+    """With ``moe_aux_loss_coeff > 0``: megatron's load-balancing loss over each micro-batch's tokens
+    (``aux_loss``), per sequence (``seq_aux_loss``) or with expert loads over the global batch
+    (``global_aux_loss``); ``none``: no such loss."""
+
+    moe_freeze_router: bool = False
+    """Mixture-of-experts models: the routers' weights are not trained (NeMo-RL's ``freeze_moe_router``)."""
+
 
 @dataclass
 class DataConfig:
@@ -195,6 +212,14 @@ class ParallelConfig:
 
     sequence_parallel: bool = False
     """Shard activations along the sequence between tensor-parallel regions (needs tp > 1)."""
+
+    ep: int = 1
+    """Expert-parallel size (mixture-of-experts models): each MoE layer's experts are split over this many
+    ranks inside the data-parallel group, as megatron does. Must divide the experts, and ``ep x etp`` the ranks
+    of a pipeline stage (``world / pp``)."""
+
+    etp: int | None = None
+    """Expert tensor-parallel size: each expert's FFN split over this many ranks; ``null``: ``tp``."""
 
     distributed_optimizer: bool = True
     """Shard optimizer state across data-parallel ranks (megatron's distributed optimizer)."""
@@ -365,7 +390,7 @@ class RunConfig:
         _positive(self, ["data.max_length", "data.max_prompt_length", "train.micro_batch_pairs",
                          "train.global_batch_pairs", "parallel.tp", "parallel.pp", "data.pack_tokens",
                          "model.make_vocab_size_divisible_by", "train.log_interval",
-                         "model.recompute_num_layers", "parallel.timeout_minutes"])
+                         "model.recompute_num_layers", "parallel.timeout_minutes", "parallel.ep"])
         if d.max_prompt_length >= d.max_length:
             raise ConfigError(
                 f"data.max_prompt_length ({d.max_prompt_length}) must be below data.max_length "
@@ -416,6 +441,7 @@ class RunConfig:
         if t.epochs <= 0:
             raise ConfigError(f"train.epochs must be positive, got {t.epochs}")
         _validate_optim(self.optim)
+        _validate_moe(self.model, p)
         for name in self.checkpoint.allow_changes:
             if name not in config_fields(self):
                 raise ConfigError(f"checkpoint.allow_changes: {name!r} is not a config section or field "
@@ -445,7 +471,8 @@ SECTIONS = tuple(name for name, tp in typing.get_type_hints(RunConfig).items() i
 """The config's sections (``model``, ``data``, ...), in order."""
 
 RESUME_GUARDED = ("loss", "data", "train.global_batch_pairs", "train.seed", "model.checkpoint",
-                  "model.make_vocab_size_divisible_by")
+                  "model.make_vocab_size_divisible_by", "model.moe_aux_loss_coeff", "model.moe_load_balancing_type",
+                  "model.moe_freeze_router")
 """What a resumed run may change only with ``checkpoint.allow_changes``: what is optimised (the objective,
 the training pairs and their order, the batch a step averages over, the starting model). Data settings that
 do not decide the training pairs (:data:`DATA_NOT_GUARDED`) are free."""
@@ -517,6 +544,16 @@ def _validate_optim(o: OptimConfig) -> None:
             raise ConfigError(f"optim.{name} must be >= 0, got {getattr(o, name)}")
     if o.scheduler == "constant" and o.min_lr:
         raise ConfigError(f"optim.min_lr ({o.min_lr}) has no effect with optim.scheduler: constant; set it to 0")
+
+
+def _validate_moe(m: ModelConfig, p: ParallelConfig) -> None:
+    if p.etp is not None and p.etp < 1:
+        raise ConfigError(f"parallel.etp must be >= 1 or null, got {p.etp}")
+    if not (m.moe_aux_loss_coeff >= 0 and math.isfinite(m.moe_aux_loss_coeff)):
+        raise ConfigError(f"model.moe_aux_loss_coeff must be a number >= 0, got {m.moe_aux_loss_coeff}")
+    if m.moe_aux_loss_coeff and m.moe_load_balancing_type == "none":
+        raise ConfigError(f"model.moe_aux_loss_coeff ({m.moe_aux_loss_coeff}) has no effect with "
+                          "model.moe_load_balancing_type: none; set it to 0 or pick a loss")
 
 
 def _positive(cfg: RunConfig, names: list[str]) -> None:
