@@ -170,6 +170,9 @@ def build_runtime(cfg: RunConfig, layout: Layout, *, load_weights: bool = True) 
         make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
         recompute=cfg.model.recompute, recompute_num_layers=cfg.model.recompute_num_layers,
         fp8_recipe=cfg.train.fp8_recipe, fp8_format=cfg.train.fp8_format, cuda=cuda,
+        ep=layout.ep, etp=cfg.parallel.etp, moe_dispatcher=cfg.model.moe_token_dispatcher,
+        moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff, moe_load_balancing=cfg.model.moe_load_balancing_type,
+        moe_freeze_router=cfg.model.moe_freeze_router,
     )
     _check_layout(meta.arch, opts)
     chunks = build_model(meta.arch, opts)
