@@ -91,6 +91,22 @@ def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
 
 
+def read_tensors(hf_dir: str | Path) -> dict:
+    """Every tensor of an HF directory, through the index when there is one."""
+    from safetensors import safe_open
+
+    from simpo_mcore.convert.hf_io import INDEX_FILE, SINGLE_FILE
+
+    hf_dir = Path(hf_dir)
+    files = ([SINGLE_FILE] if (hf_dir / SINGLE_FILE).is_file()
+             else sorted(set(json.loads((hf_dir / INDEX_FILE).read_text())["weight_map"].values())))
+    out = {}
+    for name in files:
+        with safe_open(hf_dir / name, framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
 WINDOW = 16
 """The tiny models' sliding window: the parity sequences (64-100 tokens) reach well past it."""
 
