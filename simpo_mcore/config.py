@@ -73,9 +73,10 @@ class ModelConfig:
     recompute_num_layers: int = 1
     """With ``recompute: full``: layers per recomputed block (uniform method)."""
 
-    moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
-    """Mixture-of-experts models: how tokens reach the ranks holding their experts (megatron's dispatchers;
-    the same results, ``alltoall`` moves only the tokens each rank needs)."""
+    moe_token_dispatcher: Literal["auto", "alltoall", "allgather"] = "auto"
+    """Mixture-of-experts models: how tokens reach the ranks holding their experts (megatron's dispatchers, the
+    same results). ``auto``: ``alltoall`` on a GPU (moves only the tokens each rank needs), ``allgather`` on a
+    CPU (gloo has no uneven all-gather, which ``alltoall`` needs with ``parallel.etp > 1``)."""
 
     moe_aux_loss_coeff: float = 0.0
     """Mixture-of-experts models: weight of megatron's load-balancing loss per MoE layer (docs/moe.md defines

@@ -46,8 +46,8 @@ class ModelOptions:
     """Expert-parallel size: an MoE layer's experts split over this many ranks of the data-parallel group."""
     etp: int | None = None
     """Expert tensor-parallel size (each expert's FFN split over this many ranks); ``None``: ``tp``."""
-    moe_dispatcher: str = "alltoall"
-    """megatron's token dispatcher: ``alltoall`` or ``allgather``."""
+    moe_dispatcher: str = "auto"
+    """megatron's token dispatcher: ``alltoall``, ``allgather`` or ``auto`` (alltoall on a GPU, else allgather)."""
     moe_aux_loss_coeff: float = 0.0
     """Coefficient of megatron's load-balancing loss (0: none, as HF / TRL without ``output_router_logits``)."""
     moe_load_balancing: str = "aux_loss"
@@ -100,13 +100,19 @@ def moe_settings(arch: ModelArch, opts: ModelOptions) -> dict:
         moe_norm_topk_prob=arch.norm_topk_prob,
         moe_route_weights_fp32=arch.route_weights_fp32,
         moe_expert_capacity_factor=None,
-        moe_token_dispatcher_type=opts.moe_dispatcher,
+        moe_token_dispatcher_type=token_dispatcher(opts),
         moe_router_load_balancing_type=opts.moe_load_balancing,
         moe_aux_loss_coeff=opts.moe_aux_loss_coeff,
         moe_grouped_gemm=opts.spec == "te",
         expert_model_parallel_size=opts.ep,
         expert_tensor_parallel_size=opts.etp or opts.tp,
     )
+
+
+def token_dispatcher(opts: ModelOptions) -> str:
+    if opts.moe_dispatcher != "auto":
+        return opts.moe_dispatcher
+    return "alltoall" if opts.cuda else "allgather"
 
 
 def check_moe_layout(arch: ModelArch, opts: ModelOptions) -> None:
@@ -120,6 +126,10 @@ def check_moe_layout(arch: ModelArch, opts: ModelOptions) -> None:
     if opts.tp > 1 and not opts.sequence_parallel:
         raise ValueError(f"parallel.tp={opts.tp} with a mixture-of-experts model needs "
                          "parallel.sequence_parallel: true (megatron's MoE layers refuse TP without it in training)")
+    etp = opts.etp or opts.tp
+    if token_dispatcher(opts) == "alltoall" and etp > 1 and not opts.cuda:
+        raise ValueError(f"model.moe_token_dispatcher: alltoall with expert tensor parallelism ({etp}) needs uneven "
+                         "all-gathers, which gloo (CPU) lacks; use allgather (auto picks it on a CPU)")
 
 
 def transformer_config(arch: ModelArch, opts: ModelOptions) -> ExtendedTransformerConfig:
