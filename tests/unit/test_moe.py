@@ -155,3 +155,27 @@ def test_cpu_mode_hands_the_all_to_all_split_sizes_over_as_numpy():
             assert isinstance(got, np.ndarray) and got.tolist() == [3, 5]
             assert module.maybe_move_tensor_to_cpu(splits) is splits
     assert moe_utils.maybe_move_tensor_to_cpu is original is token_dispatcher.maybe_move_tensor_to_cpu
+
+
+@pytest.mark.parametrize("name, hub", [("qwen3_30b_a3b", "Qwen__Qwen3-30B-A3B"),
+                                       ("mixtral_8x7b_instruct", "mistralai__Mixtral-8x7B-Instruct-v0.1")])
+def test_shipped_moe_configs_fit_their_models(name, hub):
+    """The shipped SimPO / DPO configs of each MoE model (one node, several nodes) load, and their layout is one
+    the model builder takes for the hub's config.json shipped beside them (configs/hf/): EP divides the experts;
+    8 GPUs (the one-node world) divide by EP."""
+    from pathlib import Path
+
+    from simpo_mcore.config import load_config
+    from simpo_mcore.model.builder import check_moe_layout
+
+    root = Path(__file__).resolve().parents[2]
+    arch = ModelArch.from_hf_dir(root / "configs" / "hf" / hub)
+    assert arch.is_moe and all(arch.moe_layers)
+    paths = [root / "configs" / kind / f"{name}{suffix}.yaml" for kind, suffix in
+             [("simpo", "_8gpu"), ("simpo", "_multinode"), ("dpo", "_beta0.01_8gpu"), ("dpo", "_beta0.01_multinode")]]
+    for path in paths:
+        cfg = load_config(path)
+        p = cfg.parallel
+        assert p.ep == 8 and 8 % (p.ep * p.tp * p.pp) == 0 and cfg.model.recompute == "full", path
+        check_moe_layout(arch, ModelOptions(tp=p.tp, pp=p.pp, ep=p.ep, sequence_parallel=p.sequence_parallel))
+        assert cfg.model.moe_aux_loss_coeff == 0.0  # TRL's default for these configs (output_router_logits false)
