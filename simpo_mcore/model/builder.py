@@ -54,6 +54,9 @@ class ModelOptions:
     """megatron's ``moe_router_load_balancing_type``: ``aux_loss``, ``seq_aux_loss``, ``global_aux_loss``, ``none``."""
     moe_freeze_router: bool = False
     """The routers' weights take no gradient and no update."""
+    moe_grouped_gemm: bool | None = None
+    """Experts as TE's grouped GEMM (``TEGroupedMLP``, spec ``te`` only) or one GEMM pair per expert
+    (``SequentialMLP``); ``None``: grouped with spec ``te``."""
 
 
 def padded_vocab_size(vocab_size: int, divisor: int, tp: int) -> int:
@@ -103,7 +106,7 @@ def moe_settings(arch: ModelArch, opts: ModelOptions) -> dict:
         moe_token_dispatcher_type=token_dispatcher(opts),
         moe_router_load_balancing_type=opts.moe_load_balancing,
         moe_aux_loss_coeff=opts.moe_aux_loss_coeff,
-        moe_grouped_gemm=opts.spec == "te",
+        moe_grouped_gemm=opts.spec == "te" if opts.moe_grouped_gemm is None else opts.moe_grouped_gemm,
         expert_model_parallel_size=opts.ep,
         expert_tensor_parallel_size=opts.etp or opts.tp,
     )
@@ -126,6 +129,8 @@ def check_moe_layout(arch: ModelArch, opts: ModelOptions) -> None:
     if opts.tp > 1 and not opts.sequence_parallel:
         raise ValueError(f"parallel.tp={opts.tp} with a mixture-of-experts model needs "
                          "parallel.sequence_parallel: true (megatron's MoE layers refuse TP without it in training)")
+    if opts.moe_grouped_gemm and opts.spec != "te":
+        raise ValueError(f"grouped-GEMM experts need the Transformer Engine spec; model.spec is {opts.spec!r}")
     etp = opts.etp or opts.tp
     if token_dispatcher(opts) == "alltoall" and etp > 1 and not opts.cuda:
         raise ValueError(f"model.moe_token_dispatcher: alltoall with expert tensor parallelism ({etp}) needs uneven "

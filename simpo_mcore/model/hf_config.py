@@ -241,6 +241,15 @@ class ModelArch:
         """Whether 0-based ``layer`` holds routed experts."""
         return bool(self.moe_layers and self.moe_layers[layer])
 
+    def mlp_params_per_token(self, layer: int) -> int:
+        """The MLP weights one token is multiplied by in 0-based ``layer`` (what its FLOPs count): the dense
+        MLP's, or the router's, its top-k experts' and the shared expert's (and its gate)."""
+        h = self.hidden_size
+        if not self.is_moe_layer(layer):
+            return 3 * h * self.intermediate_size
+        shared = 3 * h * self.shared_expert_intermediate_size + h if self.shared_expert_intermediate_size else 0
+        return self.num_experts * h + self.num_experts_per_tok * 3 * h * self.moe_intermediate_size + shared
+
     def sliding_layers(self) -> list[bool]:
         """Per layer (0-based): whether it attends through the sliding window."""
         if self.sliding_window is None:

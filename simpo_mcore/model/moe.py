@@ -140,12 +140,13 @@ class HFMoELayer(MoELayer):
         return probs, routing_map
 
 
-def moe_mlp(spec: str, num_experts: int):
+def moe_mlp(spec: str, num_experts: int, grouped: bool):
     """The ``mlp`` submodule builder of an MoE layer for layer spec ``spec``: megatron's ``MoELayer`` with
-    :class:`HFTopKRouter`, the shared expert (with its gate when the config has one) and the experts:
-    :class:`HFOrderSequentialMLP` on the local / SDPA specs, TE's grouped GEMM (``TEGroupedMLP``) on ``te``
-    (wired as megatron's TE spec does; not yet measured on a GPU)."""
-    if spec == "te":
+    :class:`HFTopKRouter`, the shared expert (with its gate when the config has one) and the experts: with
+    ``grouped`` (spec ``te``) TE's grouped GEMM ``TEGroupedMLP``, wired as megatron's TE spec does (not yet
+    measured on a GPU); else :class:`HFOrderSequentialMLP` (megatron's local linears, one GEMM pair per
+    expert)."""
+    if grouped:
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 
         builder = get_moe_module_spec_for_backend(TESpecProvider(), num_experts=num_experts, moe_grouped_gemm=True)

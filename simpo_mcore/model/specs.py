@@ -351,7 +351,8 @@ def layer_spec(spec: str, config: TransformerConfig, moe: bool = False) -> Modul
         from megatron.core.extensions.transformer_engine import TENorm, TERowParallelLinear
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        layer = get_gpt_layer_with_transformer_engine_spec(num_experts=experts, moe_grouped_gemm=moe,
+        layer = get_gpt_layer_with_transformer_engine_spec(num_experts=experts,
+                                                           moe_grouped_gemm=moe and config.moe_grouped_gemm,
                                                            qk_layernorm=config.qk_layernorm)
         layer.submodules.self_attention.submodules.core_attention = te_core_attention(config)
         norm, row_linear = TENorm, TERowParallelLinear
@@ -374,7 +375,7 @@ def layer_spec(spec: str, config: TransformerConfig, moe: bool = False) -> Modul
             layer.submodules.sharded_state_dict_keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
         norm, row_linear = RMSNorm, RowParallelLinear
     if moe:
-        layer.submodules.mlp = moe_mlp(spec, config.num_moe_experts)
+        layer.submodules.mlp = moe_mlp(spec, config.num_moe_experts, grouped=config.moe_grouped_gemm)
     if getattr(config, "sandwich_norms", False):
         post_normed = with_post_norm(row_linear, norm)
         layer.submodules.self_attention.submodules.linear_proj = post_normed
