@@ -4,16 +4,14 @@ writes back.
 
 Each parser takes ``(cfg, get, num_layers, source)`` (``get`` applies the family's transformers defaults) and
 returns ``ModelArch`` keyword arguments, ``extra`` holding fields carried along for export only; each exporter
-takes the ``ModelArch`` and returns the family's fields of a ``config.json`` transformers loads into the same model.
+takes the ``ModelArch`` (not imported here: it is built from these) and returns the family's fields of a
+``config.json`` transformers loads into the same model.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from simpo_mcore.model.hf_config import ModelArch
+from typing import Any
 
 
 class UnsupportedConfigError(ValueError):
@@ -249,15 +247,15 @@ PARSERS = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen
 # ------------------------------------------------------------------------------ the families' export
 
 
-def _export_llama(arch: ModelArch) -> dict:
+def _export_llama(arch) -> dict:
     return dict(hidden_act="silu", attention_bias=False, mlp_bias=False)
 
 
-def _export_mistral(arch: ModelArch) -> dict:
+def _export_mistral(arch) -> dict:
     return dict(hidden_act="silu", sliding_window=arch.sliding_window)
 
 
-def _export_qwen(arch: ModelArch) -> dict:
+def _export_qwen(arch) -> dict:
     out = dict(hidden_act="silu", use_sliding_window=arch.sliding_window is not None)
     if arch.sliding_window is not None:
         out.update(sliding_window=arch.sliding_window, layer_types=list(arch.layer_types))
@@ -268,7 +266,7 @@ def _export_qwen(arch: ModelArch) -> dict:
     return out
 
 
-def _export_gemma2(arch: ModelArch) -> dict:
+def _export_gemma2(arch) -> dict:
     return dict(hidden_activation=arch.hidden_act, attention_bias=False,
                 query_pre_attn_scalar=arch.query_pre_attn_scalar, sliding_window=arch.sliding_window,
                 layer_types=list(arch.layer_types), attn_logit_softcapping=arch.attn_logit_softcapping,
@@ -284,7 +282,7 @@ def _sparse_step(moe_layers: tuple[bool, ...]) -> tuple[int, list[int]]:
     return 1, [i for i, moe in enumerate(moe_layers) if not moe]
 
 
-def _export_moe(arch: ModelArch) -> dict:
+def _export_moe(arch) -> dict:
     if arch.model_type == "mixtral":
         return dict(_export_mistral(arch), num_local_experts=arch.num_experts,
                     num_experts_per_tok=arch.num_experts_per_tok, router_jitter_noise=0.0)
