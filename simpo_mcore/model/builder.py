@@ -97,9 +97,8 @@ def moe_settings(arch: ModelArch, opts: ModelOptions) -> dict:
         moe_layer_freq=1 if all(arch.moe_layers) else [int(x) for x in arch.moe_layers],
         moe_shared_expert_intermediate_size=shared,
         moe_shared_expert_gate=shared is not None,
-        moe_router_score_function="softmax",
-        moe_router_pre_softmax=True,
-        moe_router_dtype=None,
+        moe_router_score_function="softmax",  # the load-balancing losses' scores; the routing is HFTopKRouter's
+        moe_router_dtype=None,  # router logits in the model's dtype, as HF computes them
         moe_norm_topk_prob=arch.norm_topk_prob,
         moe_route_weights_fp32=arch.route_weights_fp32,
         moe_expert_capacity_factor=None,

@@ -77,7 +77,8 @@ class HFTopKRouter(TopKRouter):
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
-        self.register_buffer("tokens_per_expert", torch.zeros(config.num_moe_experts, dtype=torch.float32),
+        # Integer counts: a cast of the model to bf16 leaves them exact.
+        self.register_buffer("tokens_per_expert", torch.zeros(config.num_moe_experts, dtype=torch.long),
                              persistent=False)
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):

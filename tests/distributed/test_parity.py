@@ -17,7 +17,8 @@ Tiny random HF models (4 layers, so PP=2 splits them 2 + 2), each converted with
 
 Logits (fp32): one torchrun launch (4 ranks) checks every model at (TP, PP) = (1, 1), (2, 1),
 (2, 1) + sequence parallel, (1, 2), (2, 2), on a full batch and a right-padded batch; the mixtures of experts
-also at EP 2 with (TP, PP) = (1, 1) (both token dispatchers), (2, 1) + SP and (1, 2), and their padded
+also through the all-to-all dispatcher at (1, 1), at EP 2 with (TP, PP) = (1, 1) (both token dispatchers),
+(2, 1) + SP and (1, 2), and their padded
 batch's sequences as one packed row, at every layout (not at TP 2 without SP: megatron's MoE layers refuse it).
 
 Why right padding needs no mask on the megatron side: attention is causal, so position t only
@@ -50,7 +51,7 @@ MODELS = {
     **{name: dict(kw, vocab_size=250, seed=10 + i) for i, (name, kw) in enumerate(FAMILY_MODELS.items())},
     **{name: dict(kw, vocab_size=250, seed=20 + i) for i, (name, kw) in enumerate(MOE_MODELS.items())},
 }
-LAYOUTS = ["1x1", "2x1", "2x1sp", "1x2", "2x2", "1x1ep2", "1x1ep2a2a", "2x1spep2", "1x2ep2"]
+LAYOUTS = ["1x1", "2x1", "2x1sp", "1x2", "2x2", "1x1a2a", "1x1ep2", "1x1ep2a2a", "2x1spep2", "1x2ep2"]
 LOGITS_ATOL = 1e-5
 MOE_LOGITS_RTOL = 1e-6
 """Mixtures of experts: max |logits - HF| over the largest |HF logit| (the issue's bound)."""
@@ -59,9 +60,12 @@ NPROC_LOGITS = 4
 
 
 def runs(layout: str, name: str) -> bool:
-    """Whether the launch runs ``name`` at ``layout`` (EP only for experts; experts at TP > 1 only with SP)."""
+    """Whether the launch runs ``name`` at ``layout`` (EP and the dispatcher only for experts; experts at TP > 1
+    only with SP)."""
     moe = name in MOE_MODELS
-    return moe if "ep" in layout else not (moe and layout.startswith("2x") and "sp" not in layout)
+    if "ep" in layout or "a2a" in layout:
+        return moe
+    return not (moe and layout.startswith("2x") and "sp" not in layout)
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +134,11 @@ def test_logits_parity(logits_errors, layout, record_property):
 
 def test_tp1_logits_are_bit_identical(logits_errors):
     """Same fp32 ops in the same order as HF at TP=1 (PP splits nothing numerically); a mixture of experts at
-    EP 1 too (HF's routing arithmetic and its experts' row order)."""
-    for layout in ("1x1", "1x2"):
-        assert sorted(logits_errors[layout]) == sorted(MODELS)
-        assert all(logits_errors[layout][m][b] == 0.0 for m in MODELS for b in ("full", "padded")), layout
+    EP 1 too, through either token dispatcher (HF's routing arithmetic and its experts' row order)."""
+    for layout in ("1x1", "1x2", "1x1a2a"):
+        ran = sorted(logits_errors[layout])
+        assert ran == sorted(name for name in MODELS if runs(layout, name))
+        assert all(logits_errors[layout][m][b] == 0.0 for m in ran for b in ("full", "padded")), layout
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -6,9 +6,9 @@ LAYOUTS is a comma list of ``TPxPP``, ``TPxPPsp``, optionally followed by ``epN`
 all-to-all token dispatcher instead of the CPU's default all-gather; e.g.
 ``1x1,2x1,2x1sp,1x2,2x2,1x1ep2,1x1ep2a2a,2x1spep2``); every layout runs in this one launch (the
 model-parallel groups are rebuilt per layout; spare ranks are data parallel and compute the same thing).
-Layouts a model cannot take are skipped for it: EP > 1 for a dense model, TP > 1 without SP for a mixture of
-experts (megatron's MoE layers need SP with TP). A mixture of experts also runs its padded batch's sequences
-as one packed row (``packed``). Rank 0 writes ``{layout: {model: {batch: max_abs_err,
+Layouts a model cannot take are skipped for it: EP > 1 or a dispatcher for a dense model, TP > 1 without SP
+for a mixture of experts (megatron's MoE layers need SP with TP). A mixture of experts also runs its padded
+batch's sequences as one packed row (``packed``). Rank 0 writes ``{layout: {model: {batch: max_abs_err,
 batch_rel: max_abs_err / max |logit|, ...}}}``.
 """
 
@@ -76,7 +76,7 @@ def main(out_path: str, layouts: str, models: list[str]) -> None:
         results[layout] = {}
         for name, hf_dir, ckpt_dir in specs:
             arch = CheckpointMeta.read(ckpt_dir).arch
-            if (ep > 1 and not arch.is_moe) or (arch.is_moe and tp > 1 and not sp):
+            if ((ep > 1 or dispatcher != "auto") and not arch.is_moe) or (arch.is_moe and tp > 1 and not sp):
                 continue
             if name not in refs:
                 hf = load_hf(hf_dir)
