@@ -15,6 +15,8 @@ megatron sums the per-layer losses (docs/moe.md).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -179,3 +181,53 @@ def test_shipped_moe_configs_fit_their_models(name, hub):
         assert p.ep == 8 and 8 % (p.ep * p.tp * p.pp) == 0 and cfg.model.recompute == "full", path
         check_moe_layout(arch, ModelOptions(tp=p.tp, pp=p.pp, ep=p.ep, sequence_parallel=p.sequence_parallel))
         assert cfg.model.moe_aux_loss_coeff == 0.0  # TRL's default for these configs (output_router_logits false)
+
+
+@pytest.mark.parametrize("opts, arch, message", [
+    (ModelOptions(ep=4), ARCH, "parallel.ep=4 must divide the model's 6 experts"),
+    (ModelOptions(ep=2), replace(ARCH, model_type="qwen3", num_experts=None, num_experts_per_tok=None,
+                                 moe_intermediate_size=None, moe_layers=None),
+     "parallel.ep=2 needs a mixture-of-experts model"),
+    (ModelOptions(tp=2), ARCH, "needs parallel.sequence_parallel: true"),
+    (ModelOptions(tp=2, sequence_parallel=True, moe_dispatcher="alltoall"), ARCH,
+     "model.moe_token_dispatcher: alltoall with expert tensor parallelism (2)"),
+    (ModelOptions(spec="sdpa", moe_grouped_gemm=True), ARCH, "grouped-GEMM experts need the Transformer Engine spec"),
+], ids=["ep_not_dividing_experts", "ep_on_dense", "tp_without_sp", "cpu_alltoall_with_etp", "grouped_without_te"])
+def test_moe_layouts_are_refused_naming_the_keys(opts, arch, message):
+    from simpo_mcore.model.builder import check_moe_layout
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_moe_layout(arch, opts)
+
+
+def test_expert_groups_must_fit_the_world():
+    """A world of one cannot split experts over 2 ranks: refused before any group exists, naming the keys."""
+    from simpo_mcore.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"parallel.ep x parallel.etp = 2 x 1 must divide the 1 ranks"):
+        with distributed(ParallelConfig(device="cpu", ep=2), seed=0):
+            pass
+
+
+@pytest.mark.parametrize("override, message", [
+    ("parallel.ep=0", "parallel.ep must be >= 1"),
+    ("parallel.etp=0", "parallel.etp must be >= 1 or null"),
+    ("model.moe_aux_loss_coeff=-0.1", "model.moe_aux_loss_coeff must be a number >= 0"),
+    ("model.moe_aux_loss_coeff=.inf", "model.moe_aux_loss_coeff must be a number >= 0"),
+    ("model.moe_load_balancing_type=sinkhorn", "model.moe_load_balancing_type: 'sinkhorn' is not one of"),
+    ("model.moe_token_dispatcher=flex", "model.moe_token_dispatcher: 'flex' is not one of"),
+], ids=["ep", "etp", "negative_coeff", "infinite_coeff", "sinkhorn", "flex_dispatcher"])
+def test_moe_config_values_are_refused_naming_the_key(override, message):
+    from simpo_mcore.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_aux_coefficient_without_a_loss_is_refused():
+    from simpo_mcore.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="has no effect with model.moe_load_balancing_type: none"):
+        load_config(None, ["model.moe_aux_loss_coeff=0.01", "model.moe_load_balancing_type=none"])
+    cfg = load_config(None, ["model.moe_aux_loss_coeff=0.01", "model.moe_load_balancing_type=seq_aux_loss"])
+    assert (cfg.model.moe_aux_loss_coeff, cfg.model.moe_load_balancing_type) == (0.01, "seq_aux_loss")
