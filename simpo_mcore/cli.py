@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from simpo_mcore import console
-from simpo_mcore.config import USER_ERRORS, ConfigError, load_config
+from simpo_mcore.config import USER_ERRORS, ConfigError, importer, load_config
 
 USER_ERROR_EXIT = 2
 """The exit code of a user error, from every rank and from the launcher."""
@@ -28,12 +28,13 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 """Pre-emption signals the CPU re-launch passes to its ranks itself (each rank saves and exits 0)."""
 
 OVERRIDES_HELP = """overrides:
-  Any config field as dotted.key=value after the config file, the value read as YAML; they win over
-  the file (and its _base_ files):
+  Any config field as dotted.key=value after the config file; they win over the file (and its _base_
+  files). Numbers, true/false, lists and null are read as YAML; a string field (paths, output_dir,
+  data.chat_template, choices) takes the text as it is, and null (or nothing) unsets an optional one:
     train.max_steps=200  optim.lr=5e-7  output_dir=runs/try2  data.max_pairs=null
-    logging.wandb.project=simpo  logging.wandb.mode=offline
-  Every field, with its meaning, is in simpo_mcore/config.py; unknown keys and wrong types are errors
-  naming the key."""
+    logging.wandb.project=simpo  logging.wandb.mode=offline  model.tokenizer=null
+  Every field, with its meaning, is in simpo_mcore/config/schema.py; unknown keys (each with a
+  suggestion) and wrong types are errors naming the key."""
 
 TRAIN_HELP = ("""Train a model with SimPO (or a DPO baseline) from a YAML run config.
 
@@ -189,7 +190,7 @@ def _main(prog: str, job, argv: list[str] | None) -> int:
             raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
-        error_line(f"{prog}: config error: {exc}")
+        error_line(f"{prog}: error: {exc}")
         return USER_ERROR_EXIT
     code = _relaunch_if_needed(prog, cfg, args)
     if code is not None:
@@ -261,7 +262,48 @@ def data_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-COMMANDS = {"simpo-train": train_main, "simpo-eval": eval_main, "simpo-data": data_main}
+IMPORT_HELP = ("""Convert a SimPO-repo or TRL (CPOTrainer / DPOTrainer) training YAML into a simpo_mcore run config:
+every key mapped with its conversion (docs/migrating.md), a key the file leaves out taking the source
+trainer's default, and every key with no equivalent named in one error. The result is checked by the
+project's config loader before it is written.""", """examples:
+  simpo-import-config llama-3-8b-base-simpo.yaml --world-size 4 -o configs/mine.yaml
+  simpo-import-config cpo_simpo.yaml --world-size 8 --trainer cpo""")
+
+
+def import_config_main(argv: list[str] | None = None) -> int:
+    """``simpo-import-config FILE --world-size N [-o OUT]``: a SimPO-repo / TRL YAML -> a project YAML."""
+    description, examples = IMPORT_HELP
+    parser = argparse.ArgumentParser(prog="simpo-import-config", description=description, epilog=examples,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("file", help="the SimPO-repo / TRL YAML (training_configs/*.yaml, a CPOConfig / DPOConfig)")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="GPUs the source ran on: its global batch is per_device_train_batch_size x "
+                             "gradient_accumulation_steps x this (required)")
+    parser.add_argument("-o", "--out", default=None, help="YAML to write (must not exist; default: stdout)")
+    parser.add_argument("--trainer", choices=importer.TRAINERS, default=None,
+                        help="the source trainer when its keys do not say: simpo (the SimPO repo), cpo, dpo (TRL)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="model.checkpoint: the converted model (default checkpoints/<model name>-mcore)")
+    args = parser.parse_args(argv)
+    try:
+        if args.world_size is not None and args.world_size < 1:
+            raise ConfigError(f"--world-size must be >= 1, got {args.world_size}")
+        text = importer.import_file(args.file, args.world_size, args.trainer, args.checkpoint)
+        if args.out is None:
+            sys.stdout.write(text)
+            return 0
+        if Path(args.out).exists():
+            raise ConfigError(f"{args.out} exists: remove it or pick another name (nothing is replaced)")
+        Path(args.out).write_text(text, encoding="utf-8")
+    except USER_ERRORS as exc:
+        error_line(f"simpo-import-config: error: {exc}")
+        return USER_ERROR_EXIT
+    print(f"[simpo_mcore] wrote {args.out}")
+    return 0
+
+
+COMMANDS = {"simpo-train": train_main, "simpo-eval": eval_main, "simpo-data": data_main,
+            "simpo-import-config": import_config_main}
 
 
 def module_main(argv: list[str]) -> int:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from simpo_mcore.microbatch import LABEL_PAD
+
 
 def _sigmoid_loss(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
     return (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
@@ -98,5 +100,5 @@ def sft_nll_sum(token_logps_chosen: torch.Tensor, labels_chosen: torch.Tensor) -
     ``nn.CrossEntropyLoss()`` over the concatenated chosen logits), so it is returned unreduced
     and normalised once the global token count is known.
     """
-    mask = labels_chosen != -100
+    mask = labels_chosen != LABEL_PAD
     return -(token_logps_chosen * mask).sum(), mask.sum()

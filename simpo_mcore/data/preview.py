@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import datasets
 
 from simpo_mcore.config import DataConfig, RunConfig
-from simpo_mcore.data.batching import sequence_lengths, step_padding
+from simpo_mcore.data.collate import sequence_lengths
 from simpo_mcore.data.formats import FORMATS
 from simpo_mcore.data.packing import packed_padding
+from simpo_mcore.data.padded import step_padding
 from simpo_mcore.data.pipeline import BatchLayout
 from simpo_mcore.data.preference import DataReport, build_preference_dataset
 from simpo_mcore.data.sampler import PairSampler
@@ -102,12 +103,12 @@ def epoch_steps(num_pairs: int, batch: BatchShape) -> Iterator[list[list[int]]]:
 
 def batch_layout(batch: BatchShape) -> Layout:
     """The layout a run of ``batch`` gives its steps: packed rows (:func:`packing.packed_padding`), or padded
-    micro-batches (:func:`batching.step_padding`), as the training step collates them."""
+    micro-batches (:func:`padded.step_padding`), as the training step collates them."""
     multiple = batch.pad_to_multiple_of
     if batch.pack_tokens is not None:
         return lambda step: packed_padding(step[0], batch.pack_tokens, batch.dp, multiple, batch.same_shape,
                                            batch.rows_multiple)
-    return lambda step: step_padding(step, multiple, shared_length=batch.same_shape)
+    return lambda step: step_padding(step, multiple, same_shape=batch.same_shape)
 
 
 def describe_layout(batch: BatchShape, steps: int) -> str:

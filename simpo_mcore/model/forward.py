@@ -1,6 +1,6 @@
 """Plain forward passes through the (possibly pipelined) model: logits for parity checks and demos.
 
-Training and evaluation go through :mod:`simpo_mcore.step`; this module returns full-vocabulary
+Training and evaluation go through :mod:`simpo_mcore.objective`; this module returns full-vocabulary
 logits, which the log-prob head deliberately never materialises. It also builds the attention parameters
 of a packed row (:func:`packed_row_params`).
 """
@@ -30,17 +30,13 @@ class PackedRow(PackedSeqParams):
     seqlens: tuple[int, ...] = ()
 
 
-def packed_row_params(cu_seqlens: torch.Tensor, device: torch.device) -> PackedRow:
-    """``GPTModel.forward(packed_seq_params=...)`` for a row whose segments end at the host tensor
-    ``cu_seqlens`` ([m + 1] int32, from 0 to the row's length): attention stays within each segment and RoPE
-    restarts at each (megatron applies it per ``cu_seqlens`` segment; TE's fused attention takes them as they
-    are). ``max_seqlen`` is computed here, on the host, so that nothing waits for the device."""
-    seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    cu = cu_seqlens.to(torch.int32)
-    if device.type == "cuda":
-        cu = cu.pin_memory()  # queued behind the work already launched instead of waiting for it
-    cu = cu.to(device, non_blocking=True)
-    return PackedRow(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(seqlens),
+def packed_row_params(cu_seqlens: torch.Tensor, seqlens: tuple[int, ...]) -> PackedRow:
+    """``GPTModel.forward(packed_seq_params=...)`` for a row whose segments end at ``cu_seqlens`` ([m + 1] int32,
+    from 0 to the row's length, on the model's device) and have the host lengths ``seqlens``: attention stays
+    within each segment and RoPE restarts at each (megatron applies it per ``cu_seqlens`` segment; TE's fused
+    attention takes them as they are). ``max_seqlen`` comes from the host lengths, so nothing waits for the
+    device."""
+    return PackedRow(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_seqlen_q=max(seqlens),
                      max_seqlen_kv=max(seqlens), seqlens=tuple(seqlens))
 
 

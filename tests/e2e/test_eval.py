@@ -214,9 +214,9 @@ class Payload:
 
 @pytest.mark.slow  # builds a model in this process
 def test_simpo_eval_of_a_crafted_checkpoint_runs_nothing(tmp_path, tiny, capsys):
-    """A ``.metadata`` crafted to run code (with a matching integrity.json, as its author would write)
-    executed it during an ordinary ``simpo-eval``: torch's reader unpickles the file. Now the run stops
-    with one line naming the file and what it asked for, before megatron reads anything."""
+    """A ``.metadata`` crafted to run code (with a matching integrity.json, as its author would write), which
+    torch's reader would unpickle during an ordinary ``simpo-eval``: the run stops with one line naming the
+    file and what it asked for, before megatron reads anything."""
     from simpo_mcore.cli import eval_main
     from simpo_mcore.convert.integrity import write_manifest
 

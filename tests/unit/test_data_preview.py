@@ -15,7 +15,7 @@ from test_data_formats import build_tokenizer, expected_chat, llama_factory_rows
 
 from simpo_mcore.cli import data_main
 from simpo_mcore.config import DataConfig, TrainConfig
-from simpo_mcore.data.batching import step_micro_batches
+from simpo_mcore.data.padded import padded_micro_batches
 from simpo_mcore.data.pipeline import BatchLayout, TokenizedSplit, TrainBatches
 from simpo_mcore.data.preference import build_preference_dataset
 from simpo_mcore.data.preview import BOLD, DIM, BatchShape, format_preview, marked_text, preview_split
@@ -83,7 +83,8 @@ def test_preview_numbers(data):
     for rank in range(BATCH.dp):
         sampler = PairSampler(len(ds), G, BATCH.micro_batch_pairs, rank, BATCH.dp, BATCH.seed)
         for step in range(sampler.steps_per_epoch):
-            allocated += sum(b["tokens"].numel() for b in step_micro_batches(ds, sampler.micro_batches(step), 0))
+            allocated += sum(b.tokens_computed for b in padded_micro_batches(ds, sampler.micro_batches(step), 0,
+                                                                             len(tok)))
     assert allocated == slots and 0.5 < real / slots < 0.95
 
     text = format_preview(preview, ds, tok, samples=2, max_length=MAX_LENGTH)
@@ -101,11 +102,11 @@ def test_preview_numbers(data):
         got = preview_split(ds, report, shape)
         real = allocated = 0
         for rank in range(BATCH.dp):
-            batches = TrainBatches(train, split, BatchLayout(0, 16, pack_tokens), rank, BATCH.dp)
+            batches = TrainBatches(train, split, BatchLayout(0, 16, pack_tokens, vocab_size=len(tok)), rank, BATCH.dp)
             for step in range(len(ds) // G):
-                micro, _ = batches.step(step * G)
-                real += sum(b["tokens_real"] for b in micro)
-                allocated += sum(b["tokens"].numel() for b in micro)
+                micro = batches.step_batches(step * G).micro_batches
+                real += sum(b.tokens_real for b in micro)
+                allocated += sum(b.tokens_computed for b in micro)
         assert got.efficiency == pytest.approx(real / allocated, abs=1e-12)
         efficiency[pack_tokens] = got
     assert step_wide < efficiency[None].efficiency < efficiency[2 * MAX_LENGTH].efficiency

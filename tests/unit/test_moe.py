@@ -213,7 +213,7 @@ def test_expert_groups_must_fit_the_world():
     ("parallel.ep=0", "parallel.ep must be >= 1"),
     ("parallel.etp=0", "parallel.etp must be >= 1 or null"),
     ("model.moe_aux_loss_coeff=-0.1", "model.moe_aux_loss_coeff must be a number >= 0"),
-    ("model.moe_aux_loss_coeff=.inf", "model.moe_aux_loss_coeff must be a number >= 0"),
+    ("model.moe_aux_loss_coeff=.inf", "model.moe_aux_loss_coeff must be a finite number"),
     ("model.moe_load_balancing_type=sinkhorn", "model.moe_load_balancing_type: 'sinkhorn' is not one of"),
     ("model.moe_token_dispatcher=flex", "model.moe_token_dispatcher: 'flex' is not one of"),
 ], ids=["ep", "etp", "negative_coeff", "infinite_coeff", "sinkhorn", "flex_dispatcher"])

@@ -19,54 +19,49 @@ from pathlib import Path
 
 import torch
 from gather_hf import gather_hf_tensors
+from helpers import pair_columns
 from safetensors.torch import save_file
 
 from simpo_mcore.config import LossConfig, ParallelConfig
 from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
 from simpo_mcore.convert.mcore_io import load_model_weights
-from simpo_mcore.data.batching import collate_pairs, shift_labels
-from simpo_mcore.data.packing import collate_packed_row, sequence_targets, shift_packed_labels, step_rows
-from simpo_mcore.logprobs import TokenLogpsContext, sequence_logps, unpack_token_logps
+from simpo_mcore.data.packing import collate_packed_row, step_rows
+from simpo_mcore.data.padded import collate_pairs
+from simpo_mcore.logprobs import TokenLogpsContext, sequence_logps
+from simpo_mcore.microbatch import LossScale, MicroBatch
 from simpo_mcore.model.builder import ModelOptions, build_model
+from simpo_mcore.objective import make_forward_step, reduce_reports, run_schedule, sequence_token_logps
 from simpo_mcore.optim import wrap_ddp
 from simpo_mcore.parallel import init_distributed, shutdown
-from simpo_mcore.step import LossScale, make_forward_step, reduce_reports, run_schedule
 
 LOSS = LossConfig(type="simpo", beta=2.0, gamma_beta_ratio=0.5, label_smoothing=0.1, sft_weight=0.5)
 NUM_PAIRS = 8
 MULTIPLE = 4  # lengths a multiple of 4: sequence parallelism at TP=2 needs an even number of positions
 
 
-def columns(pairs: list[dict]) -> dict[str, list]:
-    """The pipeline's column layout (column -> one value per pair) of ``{chosen,rejected}_{input_ids,labels}``."""
-    return {name: [p[name] for p in pairs] for name in pairs[0]}
-
-
-def padded_micro_batches(pairs: list[dict], start: int, k: int, seq_len: int) -> list[dict]:
+def padded_micro_batches(pairs: list[dict], start: int, k: int, seq_len: int, vocab: int) -> list[MicroBatch]:
     """[c_0..c_{k-1}, r_0..r_{k-1}] rows per micro-batch, right-padded to seq_len (``collate_pairs``)."""
-    return [collate_pairs(columns(pairs[m:m + k]), list(range(start + m, start + m + len(pairs[m:m + k]))),
-                          seq_len, pad_id=0) for m in range(0, len(pairs), k)]
+    return [collate_pairs(pair_columns(pairs[m:m + k]), list(range(start + m, start + m + len(pairs[m:m + k]))),
+                          seq_len, pad_id=0, vocab_size=vocab) for m in range(0, len(pairs), k)]
 
 
 def packed_micro_batches(pairs: list[dict], capacity: int, dp: int, dp_rank: int, rows_multiple: int,
-                         same_shape: bool) -> list[dict]:
+                         same_shape: bool, vocab: int) -> list[MicroBatch]:
     """This rank's rows of the whole global batch packed as training packs it (``step_rows``), collated
     (``collate_packed_row``) to their own lengths, or all to the longest under pipeline parallelism."""
     sizes = [len(p["chosen_input_ids"]) + len(p["rejected_input_ids"]) for p in pairs]
     rows = step_rows(sizes, capacity, dp, rows_multiple)[dp_rank]
     fills = [sum(sizes[i] for i in row) for row in rows]
     longest = -(-max(fills) // MULTIPLE) * MULTIPLE
-    return [collate_packed_row(columns([pairs[i] for i in row]), row,
-                               longest if same_shape else -(-fill // MULTIPLE) * MULTIPLE, pad_id=0)
+    return [collate_packed_row(pair_columns([pairs[i] for i in row]), row,
+                               longest if same_shape else -(-fill // MULTIPLE) * MULTIPLE, pad_id=0, vocab_size=vocab)
             for row, fill in zip(rows, fills)]
 
 
-def per_sequence(batch: dict, token_logps: torch.Tensor):
-    """(sum_logps, num_tokens, avg_logps) [2k] of a micro-batch's token log-probs, chosen first."""
-    if "cu_seqlens" in batch:  # a packed row [1, T]: laid out per sequence [2k, L]
-        labels = sequence_targets(shift_packed_labels(batch["labels"], batch["cu_seqlens"]), batch["sequence_index"])
-        return sequence_logps(unpack_token_logps(token_logps, batch["sequence_index"]), labels)
-    return sequence_logps(token_logps, shift_labels(batch["labels"]))
+def per_sequence(batch: MicroBatch, token_logps: torch.Tensor):
+    """(sum_logps, num_tokens, avg_logps) [2k] of a micro-batch's token log-probs, chosen first (a packed row's
+    laid out per sequence first)."""
+    return sequence_logps(sequence_token_logps(batch, token_logps), batch.sequence_targets)
 
 
 def batchings(pairs: list[dict], dp: int, pp: int, vpp: int | None) -> list[tuple[str, object]]:
@@ -113,11 +108,12 @@ def run_layout(ckpt_dir, pairs_path, out_root, tp, pp, sp, vpp):
     results = {}
     for name, size in batchings(pairs, layout.dp, pp, vpp):
         if name.startswith("padded"):
-            batches = padded_micro_batches(mine, layout.dp_rank * per_rank, size, seq_len)
+            batches = padded_micro_batches(mine, layout.dp_rank * per_rank, size, seq_len, arch.vocab_size)
         else:
-            batches = packed_micro_batches(pairs, size, layout.dp, layout.dp_rank, pp if vpp else 1, pp > 1)
-        chosen_tokens = sum(b["chosen_tokens"] for b in batches)
-        totals = torch.tensor([float(chosen_tokens), float(sum(len(b["row_index"]) for b in batches))])
+            batches = packed_micro_batches(pairs, size, layout.dp, layout.dp_rank, pp if vpp else 1, pp > 1,
+                                           arch.vocab_size)
+        chosen_tokens = sum(b.chosen_tokens for b in batches)
+        totals = torch.tensor([float(chosen_tokens), float(sum(b.num_pairs for b in batches))])
         torch.distributed.all_reduce(totals)
         # every TP/PP rank of a DP replica counted the same tokens: divide the world sum back
         chosen_global, pairs_global = (int(x) // (tp * pp) for x in totals.tolist())
@@ -132,7 +128,7 @@ def run_layout(ckpt_dir, pairs_path, out_root, tp, pp, sp, vpp):
 
             def record(token_logps, batch=batch, loss_func=loss_func):
                 sum_logps, _, avg = per_sequence(batch, token_logps)
-                seen.append((batch["row_index"].tolist(), sum_logps.tolist(), avg.tolist()))
+                seen.append((batch.row_index.tolist(), sum_logps.tolist(), avg.tolist()))
                 return loss_func(token_logps)
 
             return output, record

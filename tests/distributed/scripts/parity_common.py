@@ -71,11 +71,12 @@ def packed_logits(chunks: list, sequences: list[torch.Tensor], vocab_size: int) 
     tail = -sum(lengths) % 4
     tokens = torch.cat([*sequences, torch.zeros(tail, dtype=torch.long)])[None]  # [1, T]
     positions = torch.cat([torch.arange(n) for n in lengths + ([tail] if tail else [])])[None]  # [1, T]
-    cu_seqlens = torch.tensor([0, *torch.tensor(lengths + ([tail] if tail else [])).cumsum(0).tolist()])
+    segments = lengths + ([tail] if tail else [])
+    cu_seqlens = torch.tensor([0, *torch.tensor(segments).cumsum(0).tolist()], dtype=torch.int32)
     out = {}
 
     def forward_step(data_iterator, model):
-        output = model(tokens, positions, None, packed_seq_params=packed_row_params(cu_seqlens, tokens.device))
+        output = model(tokens, positions, None, packed_seq_params=packed_row_params(cu_seqlens, tuple(segments)))
 
         def loss_func(logits):
             full = gather_from_tensor_model_parallel_region(logits.float())  # [1, T, v_padded]
