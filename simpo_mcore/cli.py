@@ -2,9 +2,9 @@
 (a preview of the data as it will be trained on), all of that form.
 
 Under ``torchrun`` each rank runs the job. Run as one plain process with a config whose layout
-needs several ranks (``parallel.tp x parallel.pp`` > 1) and no GPU, the command re-launches
-itself under ``torch.distributed.run`` on the CPU with that many ranks, so the laptop demo is one
-command.
+needs several ranks (``parallel.tp x parallel.pp`` > 1, or expert parallelism) and no GPU, the command
+re-launches itself under ``torch.distributed.run`` on the CPU with that many ranks, so the laptop demo is
+one command.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ OVERRIDES_HELP = """overrides:
 TRAIN_HELP = ("""Train a model with SimPO (or a DPO baseline) from a YAML run config.
 
 Run one process per rank: under torchrun on GPUs; on a CPU a config that needs several ranks
-(parallel.tp x parallel.pp) re-launches itself on that many (or --nproc). Writes checkpoints,
+(parallel.tp x parallel.pp, or more for parallel.ep) re-launches itself on that many (or --nproc). Writes checkpoints,
 metrics.jsonl, TensorBoard and (with logging.wandb.project) a W&B run into output_dir, and resumes
 from output_dir/checkpoints/latest when it exists. Rank 0 prints one line every train.log_interval
 steps (a progress bar on a terminal) and a summary at the end.""", """examples:
@@ -98,22 +98,24 @@ def _parse_quietly(parser: argparse.ArgumentParser, argv: list[str] | None) -> a
 def _parse(prog: str, argv: list[str] | None):
     parser = _parser(prog, TRAIN_HELP if prog == "simpo-train" else EVAL_HELP)
     parser.add_argument("--nproc", type=int, default=None,
-                        help="CPU only, outside torchrun: ranks to launch (default: tp x pp)")
+                        help="CPU only, outside torchrun: ranks to launch (default: pp x lcm(tp, ep x etp), "
+                             "i.e. tp x pp for a dense model)")
     return _parse_quietly(parser, argv)
 
 
 def _relaunch_if_needed(prog: str, cfg, args) -> int | None:
-    """Outside torchrun on a CPU, start ``tp x pp`` (or --nproc) ranks of this same command."""
+    """Outside torchrun on a CPU, start the layout's fewest ranks (``pp x lcm(tp, ep x etp)``: ``tp x pp`` for a
+    dense model) or --nproc of this same command."""
     import torch
 
     if "RANK" in os.environ or (torch.cuda.is_available() and cfg.parallel.device != "cpu"):
         return None
-    nproc = args.nproc or cfg.parallel.tp * cfg.parallel.pp
+    from simpo_mcore.parallel import free_port, min_world_size
+
+    nproc = args.nproc or min_world_size(cfg.parallel)
     if nproc == 1:
         return None
     from torch.distributed.run import main as torchrun
-
-    from simpo_mcore.parallel import free_port
 
     # torchrun leaves SIGTERM / SIGUSR1 to us (see _forward_signals); it still handles SIGINT and friends.
     cmd = [f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",

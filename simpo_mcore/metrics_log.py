@@ -25,14 +25,17 @@ WANDB_ID_FILE = "wandb_run_id"
 
 
 def model_flops_per_token(arch, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6 x (non-embedding parameters + output
-    layer) + causal attention 6 x layers x hidden x seq (the score and value matmuls, half the
-    square masked). The count docs/performance.md states and its targets were set with."""
-    h, f, n = arch.hidden_size, arch.intermediate_size, arch.num_layers
+    """Training FLOPs per token (forward + backward): 6 x (the non-embedding parameters a token passes through
+    + output layer) + causal attention 6 x layers x hidden x seq (the score and value matmuls, half the square
+    masked). The count docs/performance.md states and its targets were set with. A token passes through every
+    weight of a dense MLP; of a mixture of experts' layer, through the router, its top-k experts and the shared
+    expert (``ModelArch.mlp_params_per_token``): the active parameters."""
+    h, n = arch.hidden_size, arch.num_layers
     q = arch.num_attention_heads * arch.head_dim
     kv = arch.num_key_value_heads * arch.head_dim
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h
-    params = n * per_layer + h + arch.vocab_size * h  # + final norm + output layer
+    attention_and_norms = h * (q + 2 * kv) + q * h + 2 * h
+    mlp = sum(arch.mlp_params_per_token(layer) for layer in range(n))
+    params = n * attention_and_norms + mlp + h + arch.vocab_size * h  # + final norm + output layer
     return 6 * params + 6 * n * q * seq_len
 
 
@@ -103,13 +106,18 @@ def tokens_per_s(record: dict) -> tuple[float, float | None]:
 
 def format_step_line(step: int, total: int, record: dict, elapsed_s: float, eta_s: float) -> str:
     """``step 12/150 (8%) | loss 0.6712 | acc 0.625 | margin 0.153 | lr 9.80e-04 | grad 1.02 | 2.1k tok/s |
-    MFU 41.2% | mem 1.23 GiB | 0:15 elapsed | ETA 2:58``: what a SLURM log shows every log_interval steps."""
+    MFU 41.2% | mem 1.23 GiB | 0:15 elapsed | ETA 2:58``: what a SLURM log shows every log_interval steps. A
+    mixture of experts adds ``moe imb 1.87`` (the worst layer's max / mean tokens per expert) and, with the
+    load-balancing loss on, `` aux 1.02e-02`` after ``grad``."""
     parts = [f"step {step}/{total} ({100 * step / max(total, 1):.0f}%)",
              f"loss {record.get('loss', float('nan')):.4f}",
              f"acc {record.get('rewards/accuracies', float('nan')):.3f}",
              f"margin {record.get('rewards/margins', float('nan')):.3f}",
              f"lr {record.get('lr', float('nan')):.2e}",
              f"grad {record.get('grad_norm', float('nan')):.3g}"]
+    if "moe/load_imbalance_max" in record:
+        aux = f" aux {record['moe/aux_loss']:.2e}" if "moe/aux_loss" in record else ""
+        parts.append(f"moe imb {record['moe/load_imbalance_max']:.2f}{aux}")
     rate, real = tokens_per_s(record)
     parts.append(f"{format_count(rate)} tok/s" + (f" (real {100 * real:.0f}%)" if real is not None else ""))
     if "mfu" in record:

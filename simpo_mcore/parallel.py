@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 import random
 import signal
@@ -74,6 +75,12 @@ def ensure_process_group() -> None:
     if dist.is_initialized():
         return
     dist.init_process_group(backend="gloo", **world_of_one())
+
+
+def min_world_size(cfg: ParallelConfig) -> int:
+    """The fewest ranks ``cfg`` lays out on: each pipeline stage holds whole tensor-parallel groups (``tp``) and
+    whole expert groups (``ep x etp``, inside the data-parallel group), so ``pp x lcm(tp, ep x etp)``."""
+    return cfg.pp * math.lcm(cfg.tp, cfg.ep * (cfg.etp or cfg.tp))
 
 
 def init_distributed(cfg: ParallelConfig, seed: int) -> Layout:

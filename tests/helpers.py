@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from simpo_mcore import parallel
+from simpo_mcore.convert import keymap
 from simpo_mcore.convert.checkpoint_meta import META_FILE
 from simpo_mcore.convert.integrity import write_manifest
 from simpo_mcore.logprobs import fused_token_logps
@@ -210,6 +211,23 @@ def hf_implementations(family: str) -> dict:
     out = {"attn_implementation": hf_attention(family)}
     if family in MOE_FAMILIES:
         out["experts_implementation"] = "eager"
+    return out
+
+
+def hub_names(tensors: dict[str, torch.Tensor], arch) -> dict[str, torch.Tensor]:
+    """HF tensors under transformers 5's in-memory names (each MoE layer's experts fused:
+    ``mlp.experts.gate_up_proj [E, 2F, H]``, ``down_proj``; Mixtral's router as ``mlp.gate``) -> the hub's
+    per-expert names, through the key map."""
+    out = dict(tensors)
+    for i in range(arch.num_layers):
+        for t in keymap.layer_tensors(arch, i):
+            fused = keymap.hf_layer_key(i, t.fused) if t.fused else None
+            if fused not in out:
+                continue
+            whole = out.pop(fused)
+            for names, tensor in zip(keymap.hf_names(t, arch), whole if t.experts else [whole]):
+                out.update({keymap.hf_layer_key(i, n): part
+                            for n, part in zip(names, keymap.unpack(tensor, t.packing, arch))})
     return out
 
 

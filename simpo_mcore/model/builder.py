@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 
 from simpo_mcore.model.hf_config import ModelArch
 from simpo_mcore.model.moe import freeze_routers
@@ -112,9 +113,35 @@ def moe_settings(arch: ModelArch, opts: ModelOptions) -> dict:
 
 
 def token_dispatcher(opts: ModelOptions) -> str:
+    """The dispatcher ``opts`` asks for; ``auto``: ``alltoall`` (it moves only the tokens each rank needs, and
+    each rank may hold its own number of tokens), except on a CPU with expert tensor parallelism, where it would
+    need uneven all-gathers, which gloo lacks."""
     if opts.moe_dispatcher != "auto":
         return opts.moe_dispatcher
-    return "alltoall" if opts.cuda else "allgather"
+    return "alltoall" if opts.cuda or (opts.etp or opts.tp) == 1 else "allgather"
+
+
+def experts_span_replicas(opts: ModelOptions) -> bool:
+    """Whether an expert group (``ep x etp`` ranks, laid over the tensor-parallel ranks first, as megatron does)
+    reaches into other data-parallel replicas, whose micro-batches hold other tokens."""
+    return opts.ep * (opts.etp or opts.tp) > opts.tp
+
+
+def check_dispatcher_for_data(opts: ModelOptions) -> None:
+    """Refuse a dispatcher that cannot take the training and evaluation micro-batches: each data-parallel
+    replica's have their own lengths, and megatron's ``allgather`` dispatcher needs every rank of an expert group
+    to hold as many tokens (``alltoall`` takes any)."""
+    if not experts_span_replicas(opts) or token_dispatcher(opts) != "allgather":
+        return
+    etp = opts.etp or opts.tp
+    if not opts.cuda and etp > 1:
+        raise ValueError(f"parallel.ep={opts.ep} with expert tensor parallelism (parallel.etp={etp}) on a CPU: the "
+                         "expert groups span data-parallel replicas, whose micro-batches differ in length, which "
+                         "only the alltoall dispatcher takes, and with etp > 1 it needs uneven all-gathers, which "
+                         "gloo lacks; set parallel.etp: 1")
+    raise ValueError(f"model.moe_token_dispatcher: allgather with parallel.ep={opts.ep}: the expert groups "
+                     f"({opts.ep} x {etp} ranks) span data-parallel replicas, whose micro-batches differ in length, "
+                     "and the all-gather dispatcher needs as many tokens on every rank; use alltoall (or auto)")
 
 
 def check_moe_layout(arch: ModelArch, opts: ModelOptions) -> None:
@@ -217,6 +244,16 @@ class FamilyGPTModel(GPTModel):
         # gives the same product (the multiply runs in fp32 either way, rounded once) and, unlike a tensor
         # made on the device each call, never waits for the GPU.
         return embeddings * _rounded(self.config.embedding_multiplier, embeddings.dtype)
+
+    def _preprocess(self, *args, **kwargs):
+        # GPTModel splits the padding mask along the sequence for sequence parallelism on the first pipeline
+        # stage only; the MoE layers of the later stages need their ranks' share too.
+        out = super()._preprocess(*args, **kwargs)
+        padding = out[5]
+        if padding is not None and not self.pre_process and self.config.sequence_parallel:
+            padding = scatter_to_sequence_parallel_region(padding.transpose(0, 1).contiguous())  # [s / tp, b]
+            out = (*out[:5], padding.transpose(0, 1).contiguous(), *out[6:])  # [b, s / tp]
+        return out
 
     def _scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
         logits = super()._scale_logits(logits)

@@ -8,7 +8,7 @@ What megatron's own pieces would change, and what replaces them here:
   (``moe_router_pre_softmax=True``) or takes the softmax over the top-k logits (the same numbers in exact
   arithmetic, not in floating point). :class:`HFTopKRouter` computes HF's numbers and keeps everything else of
   megatron's router: its gating linear, z-loss, the auxiliary load-balancing losses (attached to the weights by
-  ``MoEAuxLossAutoScaler`` and recorded per layer in megatron's MoE metrics tracker) and its checkpoint key.
+  ``MoEAuxLossAutoScaler``) and its checkpoint key.
 * **Expert weighting.** megatron's ``SequentialMLP`` multiplies each token's activation by its routing weight
   before the down projection; HF multiplies the down projection's output. :class:`HFOrderSequentialMLP` weighs
   the output. On a GPU with Transformer Engine the experts are megatron's ``TEGroupedMLP`` (grouped GEMM,
@@ -19,8 +19,10 @@ What megatron's own pieces would change, and what replaces them here:
   experts see exactly its own tokens (EP, TP and expert TP all 1) :class:`HFMoELayer` hands
   :class:`HFOrderSequentialMLP` HF's order, so that the logits of such a model equal HF's bit for bit.
 
-Per-expert token counts (the expert load a run reports) are accumulated by the router in training forwards
-and read with :func:`expert_token_counts`.
+Per-expert token counts (the expert load a run reports) and the load-balancing losses (coefficient included)
+are accumulated by each router over the training forwards of a step, padding left out (megatron's
+``padding_mask``), and read with :func:`router_step_sums` (:func:`simpo_mcore.objective.reduce_moe_stats`
+reduces them over the ranks).
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ def hf_row_order(routing_map: torch.Tensor, index: torch.Tensor, seq_len: int, b
 class HFTopKRouter(TopKRouter):
     """megatron's ``TopKRouter`` routing as HF does (:func:`hf_topk_routing`, from
     ``config.moe_norm_topk_prob`` and ``config.moe_route_weights_fp32``), with megatron's auxiliary losses.
-    ``topk_index`` holds the last routing's choices ``[tokens, k]``."""
+    ``topk_index`` holds the last routing's choices ``[tokens, k]``. Over the training forwards since the last
+    :func:`router_step_sums`, ``tokens_per_expert [E]`` counts the real tokens routed to each expert and
+    ``aux_loss_sum`` sums the load-balancing losses this rank injected (coefficient included)."""
 
     topk_index: torch.Tensor | None = None
 
@@ -80,6 +84,7 @@ class HFTopKRouter(TopKRouter):
         # Integer counts: a cast of the model to bf16 leaves them exact.
         self.register_buffer("tokens_per_expert", torch.zeros(config.num_moe_experts, dtype=torch.long),
                              persistent=False)
+        self.register_buffer("aux_loss_sum", torch.zeros((), dtype=torch.float64), persistent=False)
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         seq_length, bsz = logits.shape[:2]
@@ -92,7 +97,8 @@ class HFTopKRouter(TopKRouter):
         # Once per micro-batch: a recomputed layer's first forward runs without gradients.
         if self.training and torch.is_grad_enabled():
             with torch.no_grad():
-                self.tokens_per_expert += routing_map.sum(dim=0).to(self.tokens_per_expert.device)
+                real = routing_map if padding_mask is None else routing_map & ~padding_mask.unsqueeze(-1)  # [t, E]
+                self.tokens_per_expert += real.sum(dim=0).to(self.tokens_per_expert.device)
             if self.is_aux_loss_enabled():
                 aux_map, aux_scores = compute_routing_scores_for_aux_loss(
                     logits, self.topk, self.score_function, fused=False, padding_mask=padding_mask)
@@ -101,6 +107,16 @@ class HFTopKRouter(TopKRouter):
                 probs = self._apply_seq_aux_loss(probs, aux_scores, aux_map, seq_length, bsz, with_padding_mask=masked)
                 probs = self._apply_global_aux_loss(probs, aux_scores, aux_map, with_padding_mask=masked)
         return probs, routing_map
+
+    def attach_and_log_load_balancing_loss(self, activation, aux_loss_coeff, aux_loss, aux_loss_name,
+                                           reduce_group, needs_dp_avg=True, valid_token_count=None):
+        """megatron's attachment of a load-balancing loss to ``activation`` (its gradient enters the backward
+        through ``MoEAuxLossAutoScaler``, scaled as the schedule sets), the loss also summed into
+        ``aux_loss_sum``: megatron's metrics tracker is read and cleared by megatron's own training loop only."""
+        with torch.no_grad():
+            self.aux_loss_sum += aux_loss.detach().to(self.aux_loss_sum.dtype)
+        return super().attach_and_log_load_balancing_loss(activation, aux_loss_coeff, aux_loss, aux_loss_name,
+                                                          reduce_group, needs_dp_avg, valid_token_count)
 
 
 class HFOrderSequentialMLP(SequentialMLP):
@@ -179,20 +195,30 @@ def freeze_routers(chunks: list) -> int:
 
 
 @torch.no_grad()
-def expert_token_counts(chunks: list, reset: bool = True) -> dict[int, torch.Tensor]:
-    """``{layer_number (1-based): tokens routed to each expert [E]}`` of this rank's MoE layers since the last
-    reset, counted over the training forwards (each token once per chosen expert). Counts cover this rank's
-    tokens: the step's totals are their sum over the tensor-, context- and data-parallel ranks (a sequence-
-    parallel router sees its rank's share of the sequence), and pipeline stages hold different layers."""
-    counts = {}
+def router_step_sums(chunks: list, reset: bool = True) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``{layer_number (1-based): (real tokens routed to each expert [E], load-balancing losses injected [])}``
+    of this rank's MoE layers since the last reset, over the training forwards (each token once per chosen
+    expert; each micro-batch's loss once, coefficient included). They cover this rank's tokens: the step's
+    totals are their sums over the tensor-, context- and data-parallel ranks (a sequence-parallel router sees its
+    rank's share of the sequence, and its loss is that share's part), and pipeline stages hold different
+    layers."""
+    sums = {}
     for router in routers(chunks):
-        counts[router.layer_number] = router.tokens_per_expert.clone()
+        sums[router.layer_number] = (router.tokens_per_expert.clone(), router.aux_loss_sum.clone())
         if reset:
             router.tokens_per_expert.zero_()
-    return counts
+            router.aux_loss_sum.zero_()
+    return sums
 
 
-def load_imbalance(tokens_per_expert: torch.Tensor) -> float:
-    """Max over mean tokens per expert (1 = perfectly balanced, E = every token to one expert); 0 for none."""
-    mean = tokens_per_expert.float().mean()
-    return float(tokens_per_expert.max() / mean) if mean > 0 else 0.0
+def expert_token_counts(chunks: list, reset: bool = True) -> dict[int, torch.Tensor]:
+    """``{layer_number: real tokens routed to each expert [E]}`` of :func:`router_step_sums`."""
+    return {layer: counts for layer, (counts, _) in router_step_sums(chunks, reset).items()}
+
+
+def load_imbalance(tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """Max over mean tokens per expert along the last dim of ``[..., E]`` counts (1 = perfectly balanced, E =
+    every token to one expert; 0 where there is no token), in fp32."""
+    counts = tokens_per_expert.float()
+    mean = counts.mean(dim=-1)
+    return torch.where(mean > 0, counts.amax(dim=-1) / mean.clamp_min(1.0 / counts.shape[-1]), 0.0)

@@ -88,23 +88,6 @@ def to_hf(model, name: str, full: torch.Tensor, arch) -> dict[str, torch.Tensor]
     raise KeyError(f"unmapped parameter {name}")
 
 
-def hub_names(tensors: dict[str, torch.Tensor], arch) -> dict[str, torch.Tensor]:
-    """HF tensors under transformers 5's in-memory names (each MoE layer's experts fused:
-    ``mlp.experts.gate_up_proj [E, 2F, H]``, ``down_proj``; Mixtral's router as ``mlp.gate``) -> the hub's
-    per-expert names, through the key map."""
-    out = dict(tensors)
-    for i in range(arch.num_layers):
-        for t in keymap.layer_tensors(arch, i):
-            fused = keymap.hf_layer_key(i, t.fused) if t.fused else None
-            if fused not in out:
-                continue
-            whole = out.pop(fused)
-            for names, tensor in zip(keymap.hf_names(t, arch), whole if t.experts else [whole]):
-                out.update({keymap.hf_layer_key(i, n): part
-                            for n, part in zip(names, keymap.unpack(tensor, t.packing, arch))})
-    return out
-
-
 def _local_norm_name(mcore_name: str) -> str:
     """The local spec's separate norm modules, under their own names."""
     return {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",

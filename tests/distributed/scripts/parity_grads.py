@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from gather_hf import full_tensor, gather_hf_tensors, hub_names, to_hf
+from gather_hf import full_tensor, gather_hf_tensors, to_hf
+from helpers import hub_names
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -87,7 +88,7 @@ def mcore_grads(chunks, arch, tokens, mask, targets, weights) -> tuple[dict[str,
     return grads, padded_rows_grad
 
 
-MOE_LAYOUTS = {"sp": dict(tp=2, sequence_parallel=True), "ep2": dict(ep=2)}
+MOE_LAYOUTS = {"sp": dict(tp=2, sequence_parallel=True), "ep2": dict(ep=2, moe_dispatcher="allgather")}
 
 
 def moe_grads(arch, ckpt_dir: str, batch: tuple, saved_dir: str | None) -> dict:

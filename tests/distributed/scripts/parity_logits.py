@@ -3,7 +3,7 @@
     torchrun --nproc-per-node=4 parity_logits.py OUT.json LAYOUTS NAME=HF_DIR=CKPT_DIR ...
 
 LAYOUTS is a comma list of ``TPxPP``, ``TPxPPsp``, optionally followed by ``epN`` and ``a2a`` (megatron's
-all-to-all token dispatcher instead of the CPU's default all-gather; e.g.
+all-to-all token dispatcher instead of its all-gather one; e.g.
 ``1x1,2x1,2x1sp,1x2,2x2,1x1ep2,1x1ep2a2a,2x1spep2``); every layout runs in this one launch (the
 model-parallel groups are rebuilt per layout; spare ranks are data parallel and compute the same thing).
 Layouts a model cannot take are skipped for it: EP > 1 or a dispatcher for a dense model, TP > 1 without SP
@@ -32,7 +32,7 @@ from simpo_mcore.parallel import init_distributed, shutdown
 
 def parse_layout(text: str) -> tuple[int, int, bool, int, str]:
     tp, pp, sp, ep, a2a = re.fullmatch(r"(\d+)x(\d+)(sp)?(?:ep(\d+))?(a2a)?", text).groups()
-    return int(tp), int(pp), sp is not None, int(ep or 1), "alltoall" if a2a else "auto"
+    return int(tp), int(pp), sp is not None, int(ep or 1), "alltoall" if a2a else "allgather"
 
 
 def compare(logits: torch.Tensor | None, ref: torch.Tensor, mask: torch.Tensor) -> dict:
@@ -76,7 +76,7 @@ def main(out_path: str, layouts: str, models: list[str]) -> None:
         results[layout] = {}
         for name, hf_dir, ckpt_dir in specs:
             arch = CheckpointMeta.read(ckpt_dir).arch
-            if ((ep > 1 or dispatcher != "auto") and not arch.is_moe) or (arch.is_moe and tp > 1 and not sp):
+            if ((ep > 1 or dispatcher != "allgather") and not arch.is_moe) or (arch.is_moe and tp > 1 and not sp):
                 continue
             if name not in refs:
                 hf = load_hf(hf_dir)
