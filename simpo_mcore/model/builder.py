@@ -18,7 +18,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 
 from simpo_mcore.model.hf_config import ModelArch
-from simpo_mcore.model.moe import freeze_routers
+from simpo_mcore.model.moe import freeze_routers, reduce_experts_over_expert_groups
 from simpo_mcore.model.specs import ExtendedTransformerConfig, block_spec
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
@@ -307,6 +307,8 @@ def build_model(arch: ModelArch, opts: ModelOptions) -> list[GPTModel]:
             chunks.append(model)
     finally:
         gpt_logger.setLevel(level)
+    if arch.is_moe:
+        reduce_experts_over_expert_groups(chunks)
     if opts.moe_freeze_router:
         freeze_routers(chunks)
     return chunks

@@ -185,6 +185,19 @@ def routers(chunks: list) -> list[HFTopKRouter]:
     return found
 
 
+def reduce_experts_over_expert_groups(chunks: list) -> None:
+    """Mark every routed expert's parameter as megatron marks them at EP > 1 (``allreduce = False``): DDP keeps
+    them in its expert buffers, reduced over the expert data-parallel group, and the optimizer is a chain of a
+    dense and an expert optimizer. At EP 1 with expert TP = TP megatron leaves them with the dense parameters
+    (the groups are the same ones); marked at every layout, a checkpoint's optimizer state has one structure
+    whatever the EP it was written or is resumed at."""
+    for chunk in chunks:
+        for layer in getattr(chunk, "module", chunk).modules():
+            if isinstance(layer, MoELayer):
+                for param in layer.experts.parameters():
+                    param.allreduce = False
+
+
 def freeze_routers(chunks: list) -> int:
     """Take the router weights out of training (``requires_grad=False``: megatron's DDP and optimizer then
     leave them alone); returns how many were frozen."""
