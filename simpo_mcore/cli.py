@@ -1,5 +1,6 @@
-"""Entry points: ``simpo-train CONFIG.yaml [dotted.key=value ...]``, ``simpo-eval`` and ``simpo-data``
-(a preview of the data as it will be trained on), all of that form.
+"""Entry points: ``simpo-train CONFIG.yaml [dotted.key=value ...]``, ``simpo-eval``, ``simpo-data``
+(a preview of the data as it will be trained on) and ``simpo-plan`` (layouts, memory and time on paper),
+all of that form.
 
 Under ``torchrun`` each rank runs the job. Run as one plain process with a config whose layout
 needs several ranks (``parallel.tp x parallel.pp`` > 1, or expert parallelism) and no GPU, the command
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
 
-from simpo_mcore import console
+from simpo_mcore import console, preflight
 from simpo_mcore.config import USER_ERRORS, ConfigError, importer, load_config
 
 USER_ERROR_EXIT = 2
@@ -98,31 +100,36 @@ def _parse_quietly(parser: argparse.ArgumentParser, argv: list[str] | None) -> a
 def _parse(prog: str, argv: list[str] | None):
     parser = _parser(prog, TRAIN_HELP if prog == "simpo-train" else EVAL_HELP)
     parser.add_argument("--nproc", type=int, default=None,
-                        help="CPU only, outside torchrun: ranks to launch (default: pp x lcm(tp, ep x etp), "
-                             "i.e. tp x pp for a dense model)")
+                        help="CPU only, outside torchrun: ranks to launch (default: tp x pp, or pp x lcm(tp, "
+                             "ep x etp) with experts); more adds data-parallel ranks, DP = nproc / (tp x pp), "
+                             "which must divide evenly")
     return _parse_quietly(parser, argv)
 
 
+def launch_ranks(cfg, nproc: int | None) -> int:
+    """The ranks a command outside torchrun starts on a CPU: ``--nproc``, else the layout's fewest
+    (``ParallelConfig.min_world_size``: ``tp x pp`` for a dense model)."""
+    return nproc or cfg.parallel.min_world_size()
+
+
 def _relaunch_if_needed(prog: str, cfg, args) -> int | None:
-    """Outside torchrun on a CPU, start the layout's fewest ranks (``pp x lcm(tp, ep x etp)``: ``tp x pp`` for a
-    dense model) or --nproc of this same command."""
+    """Outside torchrun on a CPU, start :func:`launch_ranks` ranks of this same command."""
     import torch
 
     if "RANK" in os.environ or (torch.cuda.is_available() and cfg.parallel.device != "cpu"):
         return None
-    from simpo_mcore.parallel import free_port, min_world_size
-
-    nproc = args.nproc or min_world_size(cfg.parallel)
+    nproc = launch_ranks(cfg, args.nproc)
     if nproc == 1:
         return None
     from torch.distributed.run import main as torchrun
 
     # torchrun leaves SIGTERM / SIGUSR1 to us (see _forward_signals); it still handles SIGINT and friends.
-    cmd = [f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+    cmd = [f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={preflight.free_port()}",
            "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", "-m", "simpo_mcore.cli", prog, args.config, *args.overrides]
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     os.environ[LAUNCHER_PID] = str(os.getpid())
-    print(f"[simpo_mcore] launching {nproc} CPU ranks: torchrun {' '.join(cmd)}", flush=True)
+    os.environ[console.COMMAND_STARTED_ENV] = repr(console.command_started())  # the ranks' times count from it
+    console.announce(f"launching {nproc} CPU ranks: torchrun {' '.join(cmd)}")
     _forward_signals()
     # The launcher reports a failed rank itself (_launch_failure): torchrun's own log lines about it
     # ("closing signal SIGTERM", "failed (exitcode: 2)") would follow every user error.
@@ -184,20 +191,52 @@ def _die_with_launcher() -> None:
         os._exit(1)  # the launcher died before the line above took effect
 
 
-def _main(prog: str, job, argv: list[str] | None) -> int:
+def _main(prog: str, job, check, argv: list[str] | None) -> int:
+    """Parse, load the config, run ``check`` (:mod:`simpo_mcore.preflight`) once per command, then re-launch on
+    CPU ranks or run ``job`` here."""
     _die_with_launcher()
     args = _parse(prog, argv)
     try:
         if args.nproc is not None and args.nproc < 1:
             raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
+        _preflight(prog, args, cfg, check)
+    except USER_ERRORS as exc:
         error_line(f"{prog}: error: {exc}")
         return USER_ERROR_EXIT
     code = _relaunch_if_needed(prog, cfg, args)
     if code is not None:
         return code
     return _run_job(prog, job, cfg)
+
+
+def _preflight(prog: str, args, cfg, check) -> None:
+    """The checks that need no rank, once per command, before torch is imported: in the process the user started
+    (before the CPU re-launch, or a one-process run) or, under a plain torchrun, on rank 0 before the process
+    groups (its exit takes the other ranks down). Then the command's first line says what is starting. The ranks
+    of the CPU re-launch skip them (their launcher ran them) and rank 0 says they started."""
+    rank = os.environ.get("RANK")
+    if rank is not None and LAUNCHER_PID in os.environ:
+        console.announce(f"{os.environ.get('WORLD_SIZE', '?')} ranks started; importing torch and megatron-core")
+        return
+    if rank not in (None, "0"):
+        return
+    what = check(cfg)
+    console.announce(f"{prog} {args.config}: {_ranks_text(cfg, args.nproc)}, output {cfg.output_dir}, {what}; "
+                     "importing torch")
+
+
+def _ranks_text(cfg, nproc: int | None) -> str:
+    """``2 CPU ranks (TP 2)``, ``1 process``, under torchrun ``rank 0 of 8 (TP 2, DP 4)``."""
+    p = cfg.parallel
+    world = int(os.environ.get("WORLD_SIZE", "0")) or launch_ranks(cfg, nproc)
+    sizes = {"TP": p.tp, "PP": p.pp, "VPP": p.vpp or 1, "DP": world // (p.tp * p.pp), "EP": p.ep}
+    layout = ", ".join(f"{name} {size}" for name, size in sizes.items() if size > 1)
+    if "RANK" in os.environ:
+        return f"rank 0 of {world}" + (f" ({layout})" if layout else "")
+    if world == 1:
+        return "1 process"
+    return f"{world} {'CPU ' if p.device == 'cpu' else ''}ranks" + (f" ({layout})" if layout else "")
 
 
 def _run_job(prog: str, job, cfg) -> int:
@@ -224,7 +263,7 @@ def train_main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0 and held_out:
             print(f"[simpo_mcore] final held-out reward accuracy: {held_out['rewards/accuracies']:.3f}", flush=True)
 
-    return _main("simpo-train", job, argv)
+    return _main("simpo-train", job, preflight.check_train, argv)
 
 
 def eval_main(argv: list[str] | None = None) -> int:
@@ -233,14 +272,15 @@ def eval_main(argv: list[str] | None = None) -> int:
 
         run_eval(cfg)
 
-    return _main("simpo-eval", job, argv)
+    return _main("simpo-eval", job, preflight.check_eval, argv)
 
 
 def data_main(argv: list[str] | None = None) -> int:
     """``simpo-data CONFIG.yaml [overrides]``: the run's data as it will be trained on (one process,
     no process group); builds the tokenised cache the run then reads."""
     parser = _parser("simpo-data", DATA_HELP)
-    parser.add_argument("--split", choices=["train", "eval"], default="train")
+    parser.add_argument("--split", choices=["train", "eval"], default="train",
+                        help="which split to show: train (data.train_path, the default) or eval (data.eval_path)")
     parser.add_argument("--samples", type=int, default=3, help="rendered pairs to show (default 3)")
     parser.add_argument("--dp", type=int, default=1,
                         help="data-parallel size of the launch, for the padding efficiency (default 1)")
@@ -262,6 +302,71 @@ def data_main(argv: list[str] | None = None) -> int:
         error_line(f"simpo-data: error: {exc}")
         return USER_ERROR_EXIT
     return 0
+
+
+PLAN_HELP = ("""Plan a run before launching it: every layout of the config's model on N GPUs (TP, PP, VPP, DP,
+CP, EP; recomputation none / selective / full; distributed optimizer on / off) with its per-GPU memory
+(weights, DDP gradient buffers, optimizer state, activations, pipeline micro-batches in flight, the
+log-prob head, buffers), whether it fits, its predicted step time (model FLOPs at the MFU measured on
+an H200, the pipeline bubble, communication at datasheet bandwidths) and its communication volume,
+ranked best first with the overrides that select it. No GPU, no weights: the architecture comes from
+--hf-config, else the converted checkpoint, else configs/hf/ (docs/planning.md).""", """examples:
+  simpo-plan configs/simpo/llama3_8b_base_8gpu.yaml --gpus 8
+  simpo-plan configs/simpo/llama3_8b_base_multinode.yaml --gpus 32 --top 5
+  simpo-plan configs/simpo/llama3_8b_base_multinode.yaml --gpus 64 \\
+      --hf-config configs/hf/meta-llama__Meta-Llama-3-70B/config.json
+  simpo-plan configs/dpo/qwen25_7b_instruct_beta0.01_8gpu.yaml --gpus 8 --json > plan.json""")
+
+
+def plan_main(argv: list[str] | None = None) -> int:
+    """``simpo-plan CONFIG --gpus N [--gpu-memory-gib 80] [--hf-config FILE] [--json] [--top K]``."""
+    parser = _parser("simpo-plan", PLAN_HELP)
+    parser.add_argument("--gpus", type=int, required=True, help="GPUs of the launch")
+    parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
+    parser.add_argument("--reserve-gib", type=float, default=4.0,
+                        help="kept free for the CUDA context, NCCL and the allocator (default 4)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    parser.add_argument("--hf-config", default=None, help="a Hugging Face config.json (or its directory) "
+                        "for the architecture, instead of the checkpoint's or configs/hf/'s")
+    parser.add_argument("--cp", default=None, help="context-parallel sizes to consider, e.g. 1,2,4")
+    parser.add_argument("--ep", default=None, help="expert-parallel sizes to consider (MoE models)")
+    parser.add_argument("--json", action="store_true", help="print the layouts as a JSON list")
+    parser.add_argument("--top", type=int, default=None, help="layouts to show (default: 10 in the table, all "
+                        "in JSON)")
+    args = _parse_quietly(parser, argv)
+    try:
+        sizes = {name: _sizes(getattr(args, name), f"--{name}") for name in ("cp", "ep")}
+        if args.top is not None and args.top < 1:
+            raise ConfigError(f"--top must be >= 1, got {args.top}")
+        if args.gpus_per_node < 1:
+            raise ConfigError(f"--gpus-per-node must be >= 1, got {args.gpus_per_node}")
+        cfg = load_config(args.config, args.overrides)
+        from simpo_mcore.plan.planner import plan_run
+        from simpo_mcore.plan.report import plan_json, plan_table
+
+        plan = plan_run(cfg, args.gpus, config_path=args.config, hf_config=args.hf_config,
+                        gpu_memory_gib=args.gpu_memory_gib, reserve_gib=args.reserve_gib,
+                        gpus_per_node=args.gpus_per_node, cp_sizes=sizes["cp"], ep_sizes=sizes["ep"])
+    except USER_ERRORS as exc:
+        error_line(f"simpo-plan: error: {exc}")
+        return USER_ERROR_EXIT
+    if args.json:
+        print(json.dumps(plan_json(plan, args.top), indent=1))
+    else:
+        print(plan_table(plan, args.config, args.top or 10))
+    return 0
+
+
+def _sizes(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{flag} takes sizes separated by commas, e.g. 1,2,4; got {text!r}") from None
+    if any(x < 1 for x in sizes):
+        raise ConfigError(f"{flag} sizes must be >= 1, got {text!r}")
+    return sizes
 
 
 IMPORT_HELP = ("""Convert a SimPO-repo or TRL (CPOTrainer / DPOTrainer) training YAML into a simpo_mcore run config:
@@ -304,7 +409,7 @@ def import_config_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-COMMANDS = {"simpo-train": train_main, "simpo-eval": eval_main, "simpo-data": data_main,
+COMMANDS = {"simpo-train": train_main, "simpo-eval": eval_main, "simpo-data": data_main, "simpo-plan": plan_main,
             "simpo-import-config": import_config_main}
 
 

@@ -15,28 +15,11 @@ import psutil
 import torch
 
 from simpo_mcore.config import ConfigError, WandbConfig
-from simpo_mcore.console import Progress, format_count, format_duration
-
-# Dense bf16 peak of the cards we run on (TFLOP/s), for MFU. Matched against the device name.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+from simpo_mcore.console import Progress, command_started, format_count, format_duration
+from simpo_mcore.model.flops import PEAK_BF16_TFLOPS, model_flops_per_token
 
 WANDB_ID_FILE = "wandb_run_id"
 """In ``output_dir``: the W&B run id, so that a resumed run continues the same W&B run."""
-
-
-def model_flops_per_token(arch, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6 x (the non-embedding parameters a token passes through
-    + output layer) + causal attention 6 x layers x hidden x seq (the score and value matmuls, half the square
-    masked). The count docs/performance.md states and its targets were set with. A token passes through every
-    weight of a dense MLP; of a mixture of experts' layer, through the router, its top-k experts and the shared
-    expert (``ModelArch.mlp_params_per_token``): the active parameters."""
-    h, n = arch.hidden_size, arch.num_layers
-    q = arch.num_attention_heads * arch.head_dim
-    kv = arch.num_key_value_heads * arch.head_dim
-    attention_and_norms = h * (q + 2 * kv) + q * h + 2 * h
-    mlp = sum(arch.mlp_params_per_token(layer) for layer in range(n))
-    params = n * attention_and_norms + mlp + h + arch.vocab_size * h  # + final norm + output layer
-    return 6 * params + 6 * n * q * seq_len
 
 
 def peak_tflops(cuda: bool) -> float | None:
@@ -131,7 +114,8 @@ def format_step_line(step: int, total: int, record: dict, elapsed_s: float, eta_
 
 class StepConsole:
     """Rank 0's console during training: a bar on a terminal (``bar``), else a step line every
-    ``log_interval`` steps and at the last. Elapsed: since ``job_started`` (``time.monotonic()``; default now).
+    ``log_interval`` steps and at the last. Elapsed: since ``job_started`` (``time.time()``; default: when the
+    command started, :func:`simpo_mcore.console.command_started`).
     ETA: wall time per step since this process's first step began (later evaluations and saves included; the
     build and the step-0 evaluation not) x steps left."""
 
@@ -140,7 +124,7 @@ class StepConsole:
         self.total = total_steps
         self.start_step = start_step
         self.log_interval = log_interval
-        self.job_started = time.monotonic() if job_started is None else job_started
+        self.job_started = command_started() if job_started is None else job_started
         self._loop_started: float | None = None
         self._progress = Progress(total_steps, "train", "steps", bar=bar, interval_s=math.inf, leave=True)
         self._progress.set(start_step)
@@ -157,7 +141,8 @@ class StepConsole:
                 f"loss={record.get('loss', float('nan')):.4f}, acc={record.get('rewards/accuracies', float('nan')):.2f}"
                 f", margin={record.get('rewards/margins', float('nan')):.3f}, {format_count(rate)} tok/s"))
         elif step % self.log_interval == 0 or step == self.total:
-            self._progress.write(format_step_line(step, self.total, record, now - self.job_started, eta))
+            elapsed = time.time() - self.job_started
+            self._progress.write(format_step_line(step, self.total, record, elapsed, eta))
 
     def print(self, text: str) -> None:
         self._progress.write(text)

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import math
 import os
 import random
 import signal
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from simpo_mcore import cpu_mode
 from simpo_mcore.config import USER_ERRORS, ConfigError, ParallelConfig, UserError
+from simpo_mcore.preflight import free_port
 
 _cpu_scope_opened = False
 """Whether :func:`init_distributed` opened the CPU-mode scope that :func:`shutdown` must close."""
@@ -75,12 +74,6 @@ def ensure_process_group() -> None:
     if dist.is_initialized():
         return
     dist.init_process_group(backend="gloo", **world_of_one())
-
-
-def min_world_size(cfg: ParallelConfig) -> int:
-    """The fewest ranks ``cfg`` lays out on: each pipeline stage holds whole tensor-parallel groups (``tp``) and
-    whole expert groups (``ep x etp``, inside the data-parallel group), so ``pp x lcm(tp, ep x etp)``."""
-    return cfg.pp * math.lcm(cfg.tp, cfg.ep * (cfg.etp or cfg.tp))
 
 
 def init_distributed(cfg: ParallelConfig, seed: int) -> Layout:
@@ -228,9 +221,3 @@ def world_of_one() -> dict:
     or a port in use."""
     return {"init_method": f"tcp://127.0.0.1:{free_port()}", "rank": 0, "world_size": 1}
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (for a local rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

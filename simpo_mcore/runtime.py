@@ -14,13 +14,14 @@ from transformers import AutoTokenizer
 
 from simpo_mcore import console
 from simpo_mcore.config import RunConfig
+from simpo_mcore.config.paths import looks_local
 from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
 from simpo_mcore.convert.mcore_io import load_model_weights
 from simpo_mcore.convert.tiny import TINY_ARCH
 from simpo_mcore.convert.tool import run_in_fresh_process
 from simpo_mcore.data.collate import pad_token_id
 from simpo_mcore.data.pipeline import BatchLayout, TokenizedSplit, eval_batch_groups
-from simpo_mcore.data.sources import hub_reachable, hub_unreachable_error, looks_local
+from simpo_mcore.data.sources import hub_reachable, hub_unreachable_error
 from simpo_mcore.data.synthetic import build_tokenizer
 from simpo_mcore.logprobs import TokenLogpsContext
 from simpo_mcore.model.builder import ModelOptions, build_model, check_dispatcher_for_data, experts_span_replicas
@@ -83,6 +84,7 @@ def resolve_checkpoint(cfg: RunConfig, layout: Layout) -> Path:
 
     def build_tiny():
         if not (path / "mcore" / "metadata.json").is_file():
+            log.info("building the embedded tiny model into %s (once)", path)
             # In a fresh process: dist_checkpointing.save works on the default group, which here
             # spans every rank, while only rank 0 converts.
             run_in_fresh_process("tiny", "--out", str(path), "--seed", str(cfg.train.seed))
@@ -105,9 +107,16 @@ def load_tokenizer(source: str):
         if not hf_constants.HF_HUB_OFFLINE and not hub_reachable():  # fail now, not after the hub's retries
             raise ValueError(hub_unreachable_error(f"model.tokenizer {source!r}"))
     try:
-        return AutoTokenizer.from_pretrained(source)
+        # Never run code that comes with a tokenizer: without this, transformers asks on the terminal whether
+        # to run it ("Do you wish to run the custom code? [y/N]"), and a "y" on stdin would.
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - re-raised with the config key that named it
-        raise ValueError(f"model.tokenizer {source!r} could not be loaded: {exc}") from exc
+        if "trust_remote_code" in str(exc):
+            raise ValueError(f"model.tokenizer {source!r} needs the Python code that comes with it (an auto_map "
+                             f"in its config), and simpo_mcore never runs such code: use a tokenizer of a class "
+                             f"transformers has (its tokenizer.json with PreTrainedTokenizerFast)") from None
+        reason = " ".join(str(exc).split())  # one line: transformers' messages span several
+        raise ValueError(f"model.tokenizer {source!r} could not be loaded: {reason}") from exc
 
 
 def _tokenizer_source(cfg: RunConfig, ckpt_dir: Path, meta: CheckpointMeta) -> str:
@@ -125,11 +134,21 @@ def max_length_warning(max_length: int, max_positions: int) -> str | None:
             f"positions past {max_positions} are beyond what the model was trained on")
 
 
+def check_vocab(tokenizer, source: str, vocab_size: int) -> None:
+    """A tokenizer with ids past the model's vocabulary would index past its embedding."""
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"tokenizer {source} has {len(tokenizer)} tokens but the model's vocabulary is "
+                         f"{vocab_size}")
+
+
 def data_tokenizer(cfg: RunConfig) -> tuple[object, int | None]:
     """The tokenizer a run of ``cfg`` renders its data with and the model's max_position_embeddings
-    (``None`` when no checkpoint is named), read without process groups or weights (``simpo-data``)."""
+    (``None`` when no checkpoint is named), read without process groups or weights (``simpo-data``); its
+    vocabulary checked against the model's as the run checks it."""
     if cfg.model.checkpoint == TINY_CHECKPOINT:
-        tokenizer = load_tokenizer(cfg.model.tokenizer) if cfg.model.tokenizer else build_tokenizer()
+        tiny = build_tokenizer()
+        tokenizer = load_tokenizer(cfg.model.tokenizer) if cfg.model.tokenizer else tiny
+        check_vocab(tokenizer, cfg.model.tokenizer or "built in code", len(tiny))  # the tiny model's vocabulary
         return tokenizer, TINY_ARCH["max_position_embeddings"]
     if cfg.model.checkpoint is None:
         if cfg.model.tokenizer is None:
@@ -137,7 +156,10 @@ def data_tokenizer(cfg: RunConfig) -> tuple[object, int | None]:
         return load_tokenizer(cfg.model.tokenizer), None
     ckpt_dir = _existing_checkpoint(cfg.model.checkpoint)
     meta = CheckpointMeta.read(ckpt_dir)
-    return load_tokenizer(_tokenizer_source(cfg, ckpt_dir, meta)), meta.arch.max_position_embeddings
+    source = _tokenizer_source(cfg, ckpt_dir, meta)
+    tokenizer = load_tokenizer(source)
+    check_vocab(tokenizer, source, meta.arch.vocab_size)
+    return tokenizer, meta.arch.max_position_embeddings
 
 
 def build_runtime(cfg: RunConfig, layout: Layout, *, load_weights: bool = True) -> Runtime:
@@ -164,9 +186,7 @@ def build_runtime(cfg: RunConfig, layout: Layout, *, load_weights: bool = True) 
     tokenizer = load_tokenizer(tokenizer_source)
     if layout.rank == 0 and (warning := max_length_warning(cfg.data.max_length, meta.arch.max_position_embeddings)):
         log.warning(warning)
-    if len(tokenizer) > meta.arch.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_source} has {len(tokenizer)} tokens but the model's "
-                         f"vocabulary is {meta.arch.vocab_size}")
+    check_vocab(tokenizer, tokenizer_source, meta.arch.vocab_size)
     opts = ModelOptions(
         spec=spec, precision=cfg.train.precision, tp=layout.tp, pp=layout.pp, vpp=layout.vpp,
         sequence_parallel=cfg.parallel.sequence_parallel,
@@ -180,16 +200,18 @@ def build_runtime(cfg: RunConfig, layout: Layout, *, load_weights: bool = True) 
     _check_layout(meta.arch, opts)
     if meta.arch.is_moe:
         check_dispatcher_for_data(opts)
-    chunks = build_model(meta.arch, opts)
-    if load_weights:
-        load_model_weights(chunks, ckpt_dir)
     logps_context = TokenLogpsContext(vocab_size=meta.arch.vocab_size, chunk_tokens=cfg.model.logprob_chunk_tokens,
                                       kernel=cfg.model.logprob_kernel, recompute=cfg.model.logprob_recompute)
-    log.info("model: %d layers, hidden %d, vocab %d%s | spec %s, %s | TP %d PP %d%s DP %d%s%s | %s | head: %s",
+    # Said before the build: loading a large model's weights is one of a start-up's slow phases.
+    log.info("model: %d layers, hidden %d, vocab %d%s | spec %s, %s | TP %d PP %d%s DP %d%s%s | %s | head: %s; %s",
              meta.arch.num_layers, meta.arch.hidden_size, meta.arch.vocab_size, _describe_experts(meta.arch), spec,
              cfg.train.precision, layout.tp, layout.pp, f" (VPP {layout.vpp})" if layout.vpp else "",
              layout.dp, " +SP" if opts.sequence_parallel else "", _describe_expert_layout(meta.arch, layout),
-             "GPU" if cuda else "CPU (gloo)", _describe_head(logps_context))
+             "GPU" if cuda else "CPU (gloo)", _describe_head(logps_context),
+             f"building, weights from {ckpt_dir}" if load_weights else "building (weights from the resumed checkpoint)")
+    chunks = build_model(meta.arch, opts)
+    if load_weights:
+        load_model_weights(chunks, ckpt_dir)
     return Runtime(cfg, layout, meta, ckpt_dir, tokenizer, str(tokenizer_source), chunks, opts, logps_context)
 
 

@@ -9,6 +9,7 @@ into these classes is :mod:`simpo_mcore.config.loader`'s job; the rules between 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -143,8 +144,9 @@ class DataConfig:
     ``prompt_id``, ``input``, ``preferred_output``, ``non_preferred_output``."""
 
     chat_template: str | None = None
-    """A Jinja chat template (a file path, or the template itself) used instead of the tokenizer's
-    own to render message rows. ``None``: the tokenizer's (``model.tokenizer``)."""
+    """A chat template used instead of the tokenizer's own to render message rows: a built-in name
+    (``llama2``, ``llama3``, ``chatml`` / ``qwen``, ``mistral``, ``gemma``, ``zephyr``: docs/data.md), a file
+    holding a Jinja template, or the Jinja text itself. ``None``: the tokenizer's (``model.tokenizer``)."""
 
     plain_strings: Literal["raw", "chat"] = "raw"
     """Plain-string rows (``standard``, ``implicit_standard``): ``raw`` uses the text as it is (as
@@ -208,6 +210,11 @@ class ParallelConfig:
 
     timeout_minutes: int = 30
     """Collective timeout in minutes, from 1 to 10080 (a week)."""
+
+    def min_world_size(self) -> int:
+        """The fewest ranks this layout runs on: each pipeline stage holds whole tensor-parallel groups (``tp``)
+        and whole expert groups (``ep x etp``, inside the data-parallel group), so ``pp x lcm(tp, ep x etp)``."""
+        return self.pp * math.lcm(self.tp, self.ep * (self.etp or self.tp))
 
 
 @dataclass

@@ -24,7 +24,7 @@ from simpo_mcore.model.forward import position_ids_like
 from simpo_mcore.model.hf_config import ModelArch
 from simpo_mcore.model.moe import router_step_sums, routers
 from simpo_mcore.objective import reduce_moe_stats
-from simpo_mcore.parallel import Layout, min_world_size
+from simpo_mcore.parallel import Layout
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -116,7 +116,7 @@ def test_flops_count_the_parameters_a_token_passes_through():
 def test_cpu_relaunch_counts_the_ranks_expert_parallelism_needs(parallel, ranks):
     """Experts are split inside the data-parallel group: a stage needs whole TP groups and whole ``ep x etp``
     expert groups."""
-    assert min_world_size(parallel) == ranks
+    assert parallel.min_world_size() == ranks
 
 
 def test_dispatcher_for_the_data():
