@@ -55,9 +55,11 @@ log = logging.getLogger("simpo_mcore")
 
 PRUNED = ".pruned"
 """A checkpoint ``keep_last`` let go is renamed ``step_N.pruned``, then deleted."""
-OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 """The distributed optimizer's default format cannot be saved on 0.19 ("flattened_range is not
-supported"); ``fully_reshardable`` saves per-parameter state that reloads at any TP / PP / DP."""
+supported"); ``fully_reshardable`` saves per-parameter state that reloads at any TP / PP / DP. A mixture of
+experts' optimizer is a chain (dense and expert parameters, over their own data-parallel groups) or not,
+depending on the layout: its state keyed by parameter alone (no ``chained_<i>.`` prefix) reloads at any EP."""
 
 
 def step_dir_name(step: int) -> str:

@@ -61,6 +61,10 @@ class MicroBatch:
     seqlens: tuple[int, ...] | None = None
     """Packed row only: the ``m`` segment lengths on the host (``cu_seqlens``' differences), so that no length
     is read back from the device."""
+    padding_mask: torch.Tensor | None = None
+    """``[b, s]`` bool: True at the positions holding no token of a sequence (the right padding of padded pairs,
+    the tail of a packed row). Given to the model as megatron's ``padding_mask``: the routers of a
+    mixture-of-experts model leave those positions out of the load-balancing loss and the expert counts."""
     ref_sum_logps: torch.Tensor | None = None
     """DPO only: ``[2k]`` float64 summed log-probs of each sequence under the reference model (chosen first)."""
     filler: bool = False

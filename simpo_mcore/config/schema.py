@@ -9,6 +9,7 @@ into these classes is :mod:`simpo_mcore.config.loader`'s job; the rules between 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -50,6 +51,24 @@ class ModelConfig:
 
     recompute_num_layers: int = 1
     """With ``recompute: full``: layers per recomputed block (uniform method)."""
+
+    moe_token_dispatcher: Literal["auto", "alltoall", "allgather"] = "auto"
+    """Mixture-of-experts models: how tokens reach the ranks holding their experts (megatron's dispatchers, the
+    same results). ``auto``: ``alltoall`` on a GPU (moves only the tokens each rank needs), ``allgather`` on a
+    CPU (gloo has no uneven all-gather, which ``alltoall`` needs with ``parallel.etp > 1``)."""
+
+    moe_aux_loss_coeff: float = 0.0
+    """Mixture-of-experts models: weight of megatron's load-balancing loss per MoE layer (docs/moe.md defines
+    it). 0 (the default) trains on the preference loss alone, as TRL does for the hub's Mixtral / Qwen MoE
+    configs (``output_router_logits: false``)."""
+
+    moe_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = "aux_loss"
+    """With ``moe_aux_loss_coeff > 0``: megatron's load-balancing loss over each micro-batch's tokens
+    (``aux_loss``), per sequence (``seq_aux_loss``) or with expert loads over the global batch
+    (``global_aux_loss``); ``none``: no such loss."""
+
+    moe_freeze_router: bool = False
+    """Mixture-of-experts models: the routers' weights are not trained (NeMo-RL's ``freeze_moe_router``)."""
 
 
 @dataclass
@@ -175,6 +194,14 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Shard activations along the sequence between tensor-parallel regions (needs tp > 1)."""
 
+    ep: int = 1
+    """Expert-parallel size (mixture-of-experts models): each MoE layer's experts are split over this many
+    ranks inside the data-parallel group, as megatron does. Must divide the experts, and ``ep x etp`` the ranks
+    of a pipeline stage (``world / pp``)."""
+
+    etp: int | None = None
+    """Expert tensor-parallel size: each expert's FFN split over this many ranks; ``null``: ``tp``."""
+
     distributed_optimizer: bool = True
     """Shard optimizer state across data-parallel ranks (megatron's distributed optimizer)."""
 
@@ -183,6 +210,11 @@ class ParallelConfig:
 
     timeout_minutes: int = 30
     """Collective timeout in minutes, from 1 to 10080 (a week)."""
+
+    def min_world_size(self) -> int:
+        """The fewest ranks this layout runs on: each pipeline stage holds whole tensor-parallel groups (``tp``)
+        and whole expert groups (``ep x etp``, inside the data-parallel group), so ``pp x lcm(tp, ep x etp)``."""
+        return self.pp * math.lcm(self.tp, self.ep * (self.etp or self.tp))
 
 
 @dataclass
