@@ -342,7 +342,8 @@ class CheckpointConfig:
     fully_parallel_load: bool = False
     """Read each replicated tensor on one data-parallel rank and send it to the others
     (``FullyParallelLoadStrategyWrapper``) instead of every rank reading all it needs. Measured slower on CPU at
-    DP 2, where every rank reads from the same page cache (docs/operations.md); not yet measured on a GPU node."""
+    DP 2 in 2 of 3 rounds, where every rank reads from the same page cache (docs/operations.md); not yet measured
+    on a GPU node."""
 
     allow_changes: list[str] = field(default_factory=list)
     """On resume, what may differ from the run config saved in the checkpoint among the settings that change
