@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, AsyncRequest
 
 from simpo_mcore import checkpoint
@@ -134,10 +135,7 @@ def save_rounds(trainer: Trainer, rounds: int, steps: int) -> dict[str, list]:
 def strategy_rounds(trainer: Trainer, rounds: int) -> dict[str, dict[str, list[float]]]:
     """Synchronous saves and loads, megatron's default strategy against the fully-parallel one, alternating."""
     ckpt = trainer.checkpointer
-    dp_group = ckpt.strategy.parallelization_group if hasattr(ckpt.strategy, "parallelization_group") else None
-    from megatron.core import parallel_state
-
-    dp_group = dp_group or parallel_state.get_data_parallel_group(with_context_parallel=True)
+    dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)  # what the run's saves spread over
     strategies = {"default": save_strategy(None), "fully parallel": save_strategy(dp_group)}
     out = {name: {"save_s": [], "load_s": []} for name in strategies}
     for _ in range(rounds):
@@ -156,8 +154,6 @@ def strategy_rounds(trainer: Trainer, rounds: int) -> dict[str, dict[str, list[f
 
 
 def rank_main(config: Path, rounds: int, steps: int, result: Path) -> None:
-    if os.environ.get("BENCH_OPTIM_FORMAT"):
-        checkpoint.OPTIM_SHARDING["distrib_optim_sharding_type"] = os.environ["BENCH_OPTIM_FORMAT"]
     cfg = load_config(config)
     with distributed(cfg.parallel, cfg.train.seed) as layout:
         trainer = Trainer.build(cfg, layout)
