@@ -196,6 +196,20 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Shard activations along the sequence between tensor-parallel regions (needs tp > 1)."""
 
+    cp: int = 1
+    """Context-parallel size: every sequence is split over this many ranks (megatron's load-balanced split: 2 x cp
+    chunks, rank r keeping chunks r and 2cp - 1 - r), so that a sequence's activations and attention are shared
+    by cp ranks (docs/context_parallel.md). The world size is a multiple of tp x pp x cp."""
+
+    cp_comm_type: Literal["p2p", "all_gather", "a2a", "a2a+p2p"] = "p2p"
+    """How Transformer Engine's attention exchanges keys and values under ``cp`` > 1 (``model.spec: te``): ``p2p``
+    (a ring, overlapped with compute), ``all_gather``, ``a2a`` (all-to-all of heads, Ulysses style) or ``a2a+p2p``
+    (all-to-all within groups of ``cp_a2a_size`` ranks, p2p between them). The SDPA spec always all-gathers them."""
+
+    cp_a2a_size: int | None = None
+    """With ``cp_comm_type: a2a+p2p``: the ranks of each all-to-all group (a divisor of ``cp`` between 2 and
+    ``cp / 2``, e.g. the CP ranks within one node). Unset otherwise."""
+
     distributed_optimizer: bool = True
     """Shard optimizer state across data-parallel ranks (megatron's distributed optimizer)."""
 
@@ -363,7 +377,7 @@ class RunConfig:
         """Cross-field checks that need no process group. Raises ConfigError naming the field."""
         d, t, p, loss = self.data, self.train, self.parallel, self.loss
         _positive(self, ["data.max_length", "data.max_prompt_length", "train.micro_batch_pairs",
-                         "train.global_batch_pairs", "parallel.tp", "parallel.pp", "data.pack_tokens",
+                         "train.global_batch_pairs", "parallel.tp", "parallel.pp", "parallel.cp", "data.pack_tokens",
                          "model.make_vocab_size_divisible_by", "train.log_interval",
                          "model.recompute_num_layers", "parallel.timeout_minutes"])
         if d.max_prompt_length >= d.max_length:
@@ -403,6 +417,7 @@ class RunConfig:
                 raise ConfigError("parallel.vpp needs parallel.pp >= 2")
         if p.sequence_parallel and p.tp == 1:
             raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
+        _validate_cp(p, self.model.spec, d.packing)
         if loss.beta <= 0:
             raise ConfigError(f"loss.beta must be positive, got {loss.beta}")
         if not 0.0 <= loss.label_smoothing < 0.5:
@@ -517,6 +532,30 @@ def _validate_optim(o: OptimConfig) -> None:
             raise ConfigError(f"optim.{name} must be >= 0, got {getattr(o, name)}")
     if o.scheduler == "constant" and o.min_lr:
         raise ConfigError(f"optim.min_lr ({o.min_lr}) has no effect with optim.scheduler: constant; set it to 0")
+
+
+def _validate_cp(p: ParallelConfig, spec: str, packing: bool) -> None:
+    """Context-parallel settings that cannot run (``parallel.cp`` >= 1 is checked with the other sizes)."""
+    if p.cp_comm_type == "a2a+p2p":
+        a2a = p.cp_a2a_size
+        if a2a is None or not (2 <= a2a <= p.cp // 2 and p.cp % a2a == 0):
+            raise ConfigError(f"parallel.cp_a2a_size must be a divisor of parallel.cp ({p.cp}) between 2 and "
+                              f"{p.cp // 2} with parallel.cp_comm_type: a2a+p2p, got {a2a}")
+    elif p.cp_a2a_size is not None:
+        raise ConfigError(f"parallel.cp_a2a_size is only used with parallel.cp_comm_type: a2a+p2p "
+                          f"(it is {p.cp_comm_type}); leave it unset")
+    if p.cp == 1:
+        return
+    if spec == "local":
+        raise ConfigError("parallel.cp > 1 needs model.spec te or sdpa: megatron's local attention has no context "
+                          "parallelism")
+    if spec == "te" and packing and p.cp_comm_type in ("all_gather", "a2a+p2p"):
+        raise ConfigError(f"parallel.cp_comm_type: {p.cp_comm_type} takes no packed rows in Transformer Engine's "
+                          "attention (model.spec: te); use p2p or a2a, or data.packing: false")
+    # The model, its attention and the head split sequences over CP ranks; the training step, evaluation and
+    # DPO's reference pass do not give them split micro-batches yet.
+    raise ConfigError(f"parallel.cp: {p.cp} is not supported by simpo-train / simpo-eval / simpo-data yet (context "
+                      "parallelism is built at the model level only); use parallel.cp: 1")
 
 
 def _positive(cfg: RunConfig, names: list[str]) -> None:
