@@ -9,6 +9,7 @@
 - :mod:`sampler`    deterministic, resumable, DP-invariant order of pairs per step and rank
 - :mod:`batching`   pairs -> ``tokens`` / ``labels`` [2k, S] micro-batches
 - :mod:`packing`    pairs -> packed rows ``[1, T]`` of whole pairs (``data.packing``)
+- :mod:`context_parallel` a micro-batch's positions kept by each context-parallel rank (megatron's split)
 - :mod:`pipeline`   tokenised splits and each rank's micro-batches of a step (packed or padded)
 - :mod:`synthetic`  the embedded character tokenizer and learnable preference rows
 - :mod:`preview`    what ``simpo-data`` shows: rendered samples, lengths, padding efficiency
