@@ -18,6 +18,7 @@ from megatron.core.models.gpt import GPTModel
 
 from simpo_mcore.model.hf_config import ModelArch
 from simpo_mcore.model.specs import ExtendedTransformerConfig, block_spec
+from simpo_mcore.parallel import cp_hierarchy
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
@@ -33,6 +34,12 @@ class ModelOptions:
     tp: int = 1
     pp: int = 1
     vpp: int | None = None
+    cp: int = 1
+    """Context-parallel size (the process groups must have been made with it)."""
+    cp_comm_type: str = "p2p"
+    """Transformer Engine's key / value exchange under CP: ``p2p``, ``all_gather``, ``a2a`` or ``a2a+p2p``."""
+    cp_a2a_size: int | None = None
+    """With ``a2a+p2p``: the ranks of each all-to-all group."""
     sequence_parallel: bool = False
     make_vocab_size_divisible_by: int = 128
     recompute: str = "none"
@@ -65,6 +72,15 @@ def window_settings(arch: ModelArch) -> dict:
         return dict(window_size=None, window_attn_skip_freq=None)
     pattern = None if all(sliding) else [int(x) for x in sliding]
     return dict(window_size=(arch.sliding_window - 1, 0), window_attn_skip_freq=pattern)
+
+
+def context_parallel_settings(opts: ModelOptions) -> dict:
+    """megatron's ``context_parallel_size``, the ``cp_comm_type`` each layer hands TE's attention (none at CP 1,
+    where megatron checks nothing of it) and the hierarchy of ``a2a+p2p``."""
+    if opts.cp == 1:
+        return dict(context_parallel_size=1)
+    return dict(context_parallel_size=opts.cp, cp_comm_type=opts.cp_comm_type,
+                hierarchical_context_parallel_sizes=cp_hierarchy(opts.cp, opts.cp_comm_type, opts.cp_a2a_size))
 
 
 def transformer_config(arch: ModelArch, opts: ModelOptions) -> ExtendedTransformerConfig:
@@ -107,6 +123,7 @@ def transformer_config(arch: ModelArch, opts: ModelOptions) -> ExtendedTransform
         tensor_model_parallel_size=opts.tp,
         pipeline_model_parallel_size=opts.pp,
         virtual_pipeline_model_parallel_size=opts.vpp,
+        **context_parallel_settings(opts),
         sequence_parallel=opts.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
