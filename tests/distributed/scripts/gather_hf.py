@@ -38,7 +38,7 @@ def gather_hf_tensors(chunks: list, arch, kind: str = "grad") -> dict[str, torch
             else:
                 value = getattr(param, "main_grad", None)
                 value = param.grad if value is None else value
-            local.update(to_hf(model, name, full_tensor(param, value.float(), name), arch))
+            local.update(to_hf(model, name, full_tensor(param, value.float(), name).cpu(), arch))
     # Only one TP rank per stage contributes; stages then meet on rank 0.
     mine = local if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0 else {}
     gathered = [None] * dist.get_world_size()

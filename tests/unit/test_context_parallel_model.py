@@ -1,0 +1,127 @@
+"""The context-parallel code path at CP 1 leaves a model's results unchanged (one CPU process, SDPA spec, fp32).
+
+At CP 1 the split still pads every segment of a packed row to an even length (``cp_multiple(1) == 2``), hands
+the model the padded boundaries (``cu_seqlens_q_padded``: RoPE and attention split the row by them) and maps the
+tokens back through the local ``sequence_index``; padded micro-batches go through ``split_rows`` and the CP
+reduction of ``sequence_logps``. Against simpo_mcore's plain packed path (which the parity tests prove against
+HF), with a sliding window of 4 shorter than every sequence: token log-probs within 1e-6, sums and averages
+within 1e-6 relative, parameter gradients within 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from megatron.core import parallel_state as ps
+
+from simpo_mcore.config import ParallelConfig
+from simpo_mcore.data.batching import collate_pairs, shift_labels
+from simpo_mcore.data.context_parallel import cp_multiple, split_packed_row, split_rows
+from simpo_mcore.data.packing import collate_packed_row, sequence_targets, shift_packed_labels
+from simpo_mcore.logprobs import TokenLogpsContext, sequence_logps, token_logps_output_processor, unpack_token_logps
+from simpo_mcore.model.builder import ModelOptions, build_model
+from simpo_mcore.model.forward import packed_row_params, position_ids_like
+from simpo_mcore.model.hf_config import ModelArch
+from simpo_mcore.parallel import distributed
+
+VOCAB = 250
+ARCH = ModelArch(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+                 max_position_embeddings=256, tie_word_embeddings=False, model_type="mistral", sliding_window=4)
+HEAD = TokenLogpsContext(vocab_size=VOCAB, chunk_tokens=16)
+CPU = torch.device("cpu")
+
+
+def pairs() -> list[dict]:
+    rng = random.Random(4)
+    out = []
+    for prompt, chosen, rejected in ((5, 9, 4), (0, 12, 7), (8, 3, 15)):  # odd lengths: padded at CP 1 too
+        pair = {}
+        for side, n in (("chosen", chosen), ("rejected", rejected)):
+            ids = [rng.randrange(3, VOCAB) for _ in range(prompt + n)]
+            pair[f"{side}_input_ids"], pair[f"{side}_labels"] = ids, [-100] * prompt + ids[prompt:]
+        out.append(pair)
+    return out
+
+
+def columns(rows: list[dict]) -> dict[str, list]:
+    return {name: [p[name] for p in rows] for name in rows[0]}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    with distributed(ParallelConfig(device="cpu"), seed=0) as layout:
+        assert (layout.cp, layout.cp_rank) == (1, 0)
+        (chunk,) = build_model(ARCH, ModelOptions(spec="sdpa"))
+        yield chunk
+
+
+def run(model, tokens, positions, targets, params=None):
+    return model(tokens, positions, None, labels=targets, packed_seq_params=params,
+                 output_processor=token_logps_output_processor, output_processor_context=HEAD)
+
+
+def plain_packed(model, batch):
+    """(token_logps [2k, L], sum, avg): the packed path without the split."""
+    row_targets = shift_packed_labels(batch["labels"], batch["cu_seqlens"])  # [1, T]
+    out = run(model, batch["tokens"], batch["position_ids"], row_targets, packed_row_params(batch["cu_seqlens"], CPU))
+    token_logps = unpack_token_logps(out, batch["sequence_index"])  # [2k, L]
+    sum_logps, _, avg_logps = sequence_logps(token_logps, sequence_targets(row_targets, batch["sequence_index"]))
+    return token_logps, sum_logps, avg_logps
+
+
+def split_packed(model, batch):
+    """The same through the CP path at CP 1: segments padded, the padded boundaries, the local index."""
+    row_targets = shift_packed_labels(batch["labels"], batch["cu_seqlens"])  # [1, T]
+    split = split_packed_row(batch["cu_seqlens"], 1, 0, cp_multiple(1))
+    assert split.length > batch["tokens"].shape[1]  # the odd segments were padded
+    params = packed_row_params(split.cu_seqlens(padded=False), CPU, split.cu_seqlens(padded=True))
+    out = run(model, split.take(batch["tokens"], 0), split.positions.unsqueeze(0), split.take(row_targets, -100),
+              params)
+    index = split.sequence_index(batch["sequence_index"])  # [2k, L_local]
+    token_logps = unpack_token_logps(out, index)  # [2k, L]
+    targets = sequence_targets(split.take(row_targets, -100), index)
+    sum_logps, _, avg_logps = sequence_logps(token_logps, targets, cp_group=ps.get_context_parallel_group())
+    return token_logps, sum_logps, avg_logps
+
+
+def objective_and_grads(model, result):
+    _, sum_logps, avg_logps = result
+    (torch.linspace(-1.0, 1.5, avg_logps.numel()) * avg_logps + 0.01 * sum_logps).sum().backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def assert_same(ref, got, ref_grads, got_grads):
+    assert got[0].shape == ref[0].shape
+    assert (got[0] - ref[0]).abs().max().item() <= 1e-6
+    for r, g in zip(ref[1:], got[1:]):
+        assert ((g - r).abs() <= 1e-6 * r.abs()).all(), (g - r)
+    assert got_grads.keys() == ref_grads.keys() and len(ref_grads) == 2 * 6 + 3  # 2 layers x 6, embed, norm, out
+    for name, r in ref_grads.items():
+        assert ((got_grads[name] - r).norm() / r.norm()).item() <= 1e-5, name
+
+
+def test_packed_rows_through_the_cp_path_at_cp1(model):
+    batch = collate_packed_row(columns(pairs()), [0, 1, 2], 80, pad_id=0)  # 68 real positions, a tail of 12
+    ref = plain_packed(model, batch)
+    ref_grads = objective_and_grads(model, ref)
+    got = split_packed(model, batch)
+    assert_same(ref, got, ref_grads, objective_and_grads(model, got))
+
+
+def test_padded_rows_through_the_cp_path_at_cp1(model):
+    batch = collate_pairs(columns(pairs()), [0, 1, 2], seq_len=24, pad_id=0)
+    targets = shift_labels(batch["labels"])  # [2k, S]
+    positions = position_ids_like(batch["tokens"])
+    ref_logps = run(model, batch["tokens"], positions, targets)
+    ref = (ref_logps, *sequence_logps(ref_logps, targets)[0::2])
+    ref_grads = objective_and_grads(model, ref)
+    local = [split_rows(x, 1, 0) for x in (batch["tokens"], positions, targets)]
+    got_logps = run(model, *local)
+    got = (got_logps, *sequence_logps(got_logps, local[2], cp_group=ps.get_context_parallel_group())[0::2])
+    assert_same(ref, got, ref_grads, objective_and_grads(model, got))
