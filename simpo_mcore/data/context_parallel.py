@@ -54,7 +54,7 @@ def split_rows(x: torch.Tensor, cp: int, rank: int) -> torch.Tensor:
     (tokens, shifted targets, positions alike; ``s`` a multiple of :func:`cp_multiple`)."""
     if cp == 1:
         return x
-    return x.index_select(1, chunk_positions(x.shape[1], cp, rank))  # [b, s / cp, ...]
+    return x.index_select(1, chunk_positions(x.shape[1], cp, rank).to(x.device))  # [b, s / cp, ...]
 
 
 @dataclass(frozen=True)

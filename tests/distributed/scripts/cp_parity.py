@@ -1,12 +1,12 @@
 """Context parallelism at the model level: CP 2 against CP 1, same weights and rows; rank 0 writes what it saw.
 
     torchrun --nproc-per-node=N cp_parity.py OUT.json LAYOUTS NAME=CKPT_DIR [NAME=CKPT_DIR ...]
-        [--device cuda --spec te --precision bf16 --cp-comm-type p2p]
+        [--device cuda --spec te --precision bf16 --cp-comm-type p2p --ref-spec sdpa --ref-precision fp32]
 
 LAYOUTS: ``cp,tp,pp,sp[/cp,tp,pp,sp...]`` (DP is what the world leaves; the groups are rebuilt per layout).
 
-For each model: the CP 1 reference first, on every rank alike (TP 1, PP 1, SDPA spec, fp32, the model called
-directly: the plain padded and packed paths of simpo_mcore that the parity tests prove against HF), then each
+For each model: the CP 1 reference first, on every rank alike (TP 1, PP 1, by default the SDPA spec in fp32, the
+model called directly: the plain padded and packed paths that the parity tests prove against HF), then each
 layout through megatron's schedule and DDP as training runs it, with the options' spec and precision, the
 micro-batches split by ``data.context_parallel``: padded ``[2k, S]`` rows and packed rows (a tail segment of
 padding; under PP one row length for the step). The objective, over all pairs of the step, uses both reductions
@@ -91,10 +91,11 @@ def record(seen: dict, row_index: list[int], sum_logps, avg_logps) -> None:
 # ----------------------------------------------------------------------------------------- the CP 1 reference
 
 
-def reference(ckpt: str, arch, pairs: list[dict], head: TokenLogpsContext, device: str) -> dict:
+def reference(ckpt: str, arch, pairs: list[dict], head: TokenLogpsContext, options) -> dict:
     """Per sequence (sum, avg) and HF-named gradients of J over all pairs at CP 1, per batching."""
-    layout = init_distributed(ParallelConfig(device=device), seed=0)  # CP 1, TP 1, PP 1 (DP = world: unused)
-    (model,) = build_model(arch, ModelOptions(cuda=device == "cuda"))
+    layout = init_distributed(ParallelConfig(device=options.device), seed=0)  # CP 1, TP 1, PP 1 (DP unused)
+    (model,) = build_model(arch, ModelOptions(spec=options.ref_spec, precision=options.ref_precision,
+                                              cuda=options.device == "cuda"))
     load_model_weights([model], ckpt)
     everything = list(range(len(pairs)))
     out = {}
@@ -261,10 +262,11 @@ def split_and_reduce_checks(layout) -> dict:
                                                cp_group=ps.get_context_parallel_group())
     same = torch.equal(megatron_split["tokens"], split_rows(tokens, layout.cp, layout.cp_rank)) and \
         torch.equal(megatron_split["labels"], split_rows(labels, layout.cp, layout.cp_rank))
-    token_logps = -torch.rand(3, 24, generator=g, dtype=torch.float64) * 5  # [b, s]
+    token_logps = (-torch.rand(3, 24, generator=g, dtype=torch.float64) * 5).to(layout.device)  # [b, s]
     targets = torch.where(torch.rand(3, 24, generator=g) < 0.3, -100, labels)  # [b, s]
     targets[0, :] = -100
     targets[0, 5] = 7  # a sequence with one labelled token: on one rank only
+    targets = targets.to(layout.device)
 
     def loss(sums, avgs):
         return (torch.sigmoid(avgs) * sums).sum() + (avgs ** 2).sum()
@@ -276,7 +278,7 @@ def split_and_reduce_checks(layout) -> dict:
                                    cp_group=ps.get_context_parallel_group())
     loss(sums, avgs).backward()
     expected = split_rows(whole.grad, layout.cp, layout.cp_rank)
-    err = torch.tensor([(local.grad - expected).abs().max().item()], dtype=torch.float64)
+    err = torch.tensor([(local.grad - expected).abs().max().item()], dtype=torch.float64, device=layout.device)
     dist.all_reduce(err, op=dist.ReduceOp.MAX)
     return {"megatron_split_equal": same, "reduction_grad_max_abs_err": err.item(),
             "reduction_grad_max_abs": whole.grad.abs().max().item()}
@@ -300,6 +302,8 @@ def main() -> None:
     parser.add_argument("--spec", default="sdpa")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--cp-comm-type", default="p2p")
+    parser.add_argument("--ref-spec", default="sdpa")
+    parser.add_argument("--ref-precision", default="fp32")
     options = parser.parse_args()
     results: dict = {"checks": {}}
     for spec in options.models:
@@ -307,7 +311,7 @@ def main() -> None:
         arch = CheckpointMeta.read(ckpt).arch
         head = TokenLogpsContext(vocab_size=arch.vocab_size, chunk_tokens=16)
         pairs = make_pairs(arch.vocab_size)
-        ref = reference(ckpt, arch, pairs, head, options.device)
+        ref = reference(ckpt, arch, pairs, head, options)
         for layout_spec in options.layouts.split("/"):
             checks = results["checks"] if not results["checks"] else None
             got = run_layout(ckpt, arch, pairs, head, layout_spec, options, checks)
