@@ -82,6 +82,27 @@ def launch_ranks(script: str | Path, nproc: int, *args: str, timeout: float = 60
     return results
 
 
+def token_pairs(shapes, vocab: int, seed: int) -> list[dict]:
+    """Tokenised preference pairs of random ids (3 .. vocab - 1) as the data pipeline gives them, one per
+    ``(prompt, chosen, rejected)`` length: ``{chosen,rejected}_{input_ids,labels}``, the prompt's labels -100."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for prompt, chosen, rejected in shapes:
+        pair = {}
+        for side, n in (("chosen", chosen), ("rejected", rejected)):
+            ids = [rng.randrange(3, vocab) for _ in range(prompt + n)]
+            pair[f"{side}_input_ids"], pair[f"{side}_labels"] = ids, [-100] * prompt + ids[prompt:]
+        out.append(pair)
+    return out
+
+
+def pair_columns(pairs: list[dict]) -> dict[str, list]:
+    """The pipeline's column layout of ``pairs`` (column -> one value per pair), as the collation takes it."""
+    return {name: [p[name] for p in pairs] for name in pairs[0]}
+
+
 def error_lines(text: str) -> list[str]:
     """The ``error:`` lines of a command's output."""
     return [line for line in text.splitlines() if "error:" in line]

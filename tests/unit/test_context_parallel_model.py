@@ -10,10 +10,9 @@ within 1e-6 relative, parameter gradients within 1e-5 relative.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
+from helpers import pair_columns, token_pairs
 from megatron.core import parallel_state as ps
 
 from simpo_mcore.config import ParallelConfig
@@ -35,19 +34,10 @@ CPU = torch.device("cpu")
 
 
 def pairs() -> list[dict]:
-    rng = random.Random(4)
-    out = []
-    for prompt, chosen, rejected in ((5, 9, 4), (0, 12, 7), (8, 3, 15)):  # odd lengths: padded at CP 1 too
-        pair = {}
-        for side, n in (("chosen", chosen), ("rejected", rejected)):
-            ids = [rng.randrange(3, VOCAB) for _ in range(prompt + n)]
-            pair[f"{side}_input_ids"], pair[f"{side}_labels"] = ids, [-100] * prompt + ids[prompt:]
-        out.append(pair)
-    return out
+    return token_pairs(((5, 9, 4), (0, 12, 7), (8, 3, 15)), VOCAB, seed=4)  # odd lengths: padded at CP 1 too
 
 
-def columns(rows: list[dict]) -> dict[str, list]:
-    return {name: [p[name] for p in rows] for name in rows[0]}
+columns = pair_columns
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import random
 
 import pytest
 import torch
+from helpers import pair_columns, token_pairs
 
 from simpo_mcore.config import ParallelConfig
 from simpo_mcore.data.batching import collate_pairs
@@ -33,19 +34,10 @@ CPU = torch.device("cpu")
 
 
 def pairs(seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    out = []
-    for prompt, chosen, rejected in ((5, 9, 3), (0, 12, 7), (8, 2, 15), (3, 6, 6)):  # one without a prompt
-        pair = {}
-        for side, n in (("chosen", chosen), ("rejected", rejected)):
-            ids = [rng.randrange(3, VOCAB) for _ in range(prompt + n)]
-            pair[f"{side}_input_ids"], pair[f"{side}_labels"] = ids, [-100] * prompt + ids[prompt:]
-        out.append(pair)
-    return out
+    return token_pairs(((5, 9, 3), (0, 12, 7), (8, 2, 15), (3, 6, 6)), VOCAB, seed)  # one without a prompt
 
 
-def columns(rows: list[dict]) -> dict[str, list]:
-    return {name: [p[name] for p in rows] for name in rows[0]}
+columns = pair_columns
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from gather_hf import gather_hf_tensors, to_hf
+from helpers import pair_columns, token_pairs
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -58,19 +58,10 @@ COLLATE_MULTIPLE = 16  # the collation's own rounding: a tail segment of padding
 
 
 def make_pairs(vocab: int) -> list[dict]:
-    rng = random.Random(3)
-    pairs = []
-    for prompt, chosen, rejected in SHAPES:
-        pair = {}
-        for side, n in (("chosen", chosen), ("rejected", rejected)):
-            ids = [rng.randrange(3, vocab) for _ in range(prompt + n)]
-            pair[f"{side}_input_ids"], pair[f"{side}_labels"] = ids, [-100] * prompt + ids[prompt:]
-        pairs.append(pair)
-    return pairs
+    return token_pairs(SHAPES, vocab, seed=3)
 
 
-def columns(pairs: list[dict]) -> dict[str, list]:
-    return {name: [p[name] for p in pairs] for name in pairs[0]}
+columns = pair_columns
 
 
 def objective(sum_logps: torch.Tensor, avg_logps: torch.Tensor, row_index: list[int]) -> torch.Tensor:
