@@ -97,6 +97,8 @@ class PackedSplit:
     def take(self, row: torch.Tensor, fill: int) -> torch.Tensor:
         """``[1, T]`` (or ``[T]``) collated values -> ``[1, T_local]``: this rank's, ``fill`` at split padding
         (the pad id for tokens, -100 for targets)."""
+        if row.numel() != self.row_length:
+            raise ValueError(f"a row of {row.numel()} positions given to the split of a row of {self.row_length}")
         flat = torch.cat([row.reshape(-1), row.new_full((1,), fill)])  # [T + 1]: position T reads fill
         return flat[torch.where(self.source < 0, self.row_length, self.source)].unsqueeze(0)  # [1, T_local]
 

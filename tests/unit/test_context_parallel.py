@@ -121,6 +121,8 @@ def test_packed_rows_split_as_transformer_engine_splits_them(cp, multiple):
         local = split.take(tokens, fill=-7)  # [1, T_local]
         assert local.shape == (1, split.local_length)
         assert local[0].tolist() == [100 + s if s >= 0 else -7 for s in expected_source]
+    with pytest.raises(ValueError, match="a row of 40 positions given to the split of a row of 44"):
+        split.take(tokens[:, :40], fill=0)
 
 
 def test_every_real_position_is_on_exactly_one_rank_and_sequences_map_back():
