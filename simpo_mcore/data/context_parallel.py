@@ -17,8 +17,8 @@ attention assume exactly this layout.
 
 The order of work for a micro-batch: shift the labels on the whole row (a token's target is the next token, which
 may sit on another rank), check them (every sequence needs a labelled token somewhere, not on every rank), then
-split tokens, targets and positions with the same index. Everything here is a function of host integers (lengths,
-``cp``, ``rank``): no process group and no device.
+split tokens, targets and positions with the same index. Everything here is a function of lengths, ``cp`` and
+``rank``: no process group. :func:`split_rows` takes tensors on any device; a packed row's split is made on the host.
 """
 
 from __future__ import annotations
