@@ -21,7 +21,7 @@ epoch of steps on every rank; in brackets, real tokens / (DP x the busiest rank'
 the step's time, when every rank waits for the one with the most positions.
 
 Then one rank's step (rank 0 of DP 4, the first ``--steps`` steps) is run, forward and backward through
-simpo_mcore's training step (``step.make_forward_step`` under megatron's schedule), at every layout in one
+simpo_mcore's training step (``objective.make_forward_step`` under megatron's schedule), at every layout in one
 process: real tokens/s side by side. On a CPU: a small model shape (``--shape small``, SDPA spec, fp32). On a
 GPU: ``--shape 1b``, the TE spec in bf16, and HF ``LlamaForCausalLM`` (SDPA, bf16) on padded micro-batches of 2
 pairs with the reference's loss (``hf_micro``), as the SimPO reference trains.
@@ -30,6 +30,7 @@ pairs with the reference's loss (``hf_micro``), as the SimPO reference trains.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -45,14 +46,15 @@ from bench_common import SHAPES, make_arch, time_steps
 from bench_variants import pair_loss, reference_avg_logps
 
 from simpo_mcore.config import DataConfig, LossConfig, ParallelConfig, TrainConfig
-from simpo_mcore.data.batching import step_padding
 from simpo_mcore.data.packing import row_length, step_rows
+from simpo_mcore.data.padded import step_padding
 from simpo_mcore.data.pipeline import BatchLayout, TokenizedSplit, TrainBatches
 from simpo_mcore.data.preview import BatchShape, batch_efficiency, batch_layout, epoch_steps, length_stats
 from simpo_mcore.logprobs import TokenLogpsContext
+from simpo_mcore.microbatch import LABEL_PAD, LossScale, MicroBatch
 from simpo_mcore.model.builder import ModelOptions, build_model
+from simpo_mcore.objective import make_forward_step, run_schedule
 from simpo_mcore.parallel import distributed, seed_everything
-from simpo_mcore.step import LossScale, make_forward_step, run_schedule
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MAX_LENGTH, MAX_PROMPT = 2048, 1800
@@ -177,20 +179,22 @@ def pairs_dataset(pairs: list[tuple[int, int, int]], vocab: int, seed: int = 0) 
     return datasets.Dataset.from_dict(rows)
 
 
-def rank_steps(dataset: datasets.Dataset, name: str, steps: int, dp: int = 4) -> list[list[dict]]:
+def rank_steps(dataset: datasets.Dataset, name: str, steps: int, vocab_size: int, dp: int = 4
+               ) -> list[list[MicroBatch]]:
     """Rank 0's micro-batches of the first ``steps`` steps at layout ``name``, as training collates them."""
+    layout = dataclasses.replace(layout_of(name), vocab_size=vocab_size)
     batches = TrainBatches(TrainConfig(global_batch_pairs=GLOBAL_PAIRS, micro_batch_pairs=MICRO_PAIRS, seed=SEED),
-                           TokenizedSplit(dataset, report=None), layout_of(name), 0, dp)
-    return [batches.step(step * GLOBAL_PAIRS)[0] for step in range(steps)]
+                           TokenizedSplit(dataset, report=None), layout, 0, dp)
+    return [batches.step_batches(step * GLOBAL_PAIRS).micro_batches for step in range(steps)]
 
 
 # ------------------------------------------------------------------------------------------- timing
 
 
-def mcore_step(model, micro_batches: list[dict], vocab_size: int, device: torch.device):
+def mcore_step(model, micro_batches: list[MicroBatch], vocab_size: int, device: torch.device):
     """One rank's step through simpo_mcore's training step under megatron's schedule (no optimizer)."""
-    scale = LossScale(len(micro_batches), 1, sum(len(b["row_index"]) for b in micro_batches),
-                      sum(b["chosen_tokens"] for b in micro_batches))
+    scale = LossScale(len(micro_batches), 1, sum(b.num_pairs for b in micro_batches),
+                      sum(b.chosen_tokens for b in micro_batches))
     head = TokenLogpsContext(vocab_size=vocab_size, chunk_tokens=4096)
     forward_step = make_forward_step(LOSS, head, device, scale)
 
@@ -201,17 +205,19 @@ def mcore_step(model, micro_batches: list[dict], vocab_size: int, device: torch.
     return step
 
 
-def hf_step(model, micro_batches: list[dict], device: torch.device):
+def hf_step(model, micro_batches: list[MicroBatch], device: torch.device):
     """One rank's step as the SimPO reference's HF trainer runs it: micro-batches padded to their own longest,
     the reference's loss, gradients accumulated (each micro-batch's mean weighted by its share of the pairs)."""
-    pairs = sum(len(b["row_index"]) for b in micro_batches)
+    pairs = sum(b.num_pairs for b in micro_batches)
 
     def step():
         model.zero_grad(set_to_none=True)
         for b in micro_batches:
-            tokens, labels = b["tokens"].to(device), b["labels"].to(device)
+            # The reference shifts the labels itself: the targets shifted back (position 0 predicts nothing).
+            labels = torch.nn.functional.pad(b.targets[:, :-1], (1, 0), value=LABEL_PAD)  # [2k, s]
+            tokens, labels = b.tokens.to(device), labels.to(device)
             logits = model(input_ids=tokens, use_cache=False).logits  # [2k, s, v]
-            loss = pair_loss(reference_avg_logps(logits, labels), LOSS) * (len(b["row_index"]) / pairs)
+            loss = pair_loss(reference_avg_logps(logits, labels), LOSS) * (b.num_pairs / pairs)
             loss.backward()
 
     return step
@@ -231,12 +237,12 @@ def time_layouts(pairs, shape: str, device: torch.device, steps: int, repeats: i
             kind, _, name = variant.partition("_")
             if kind not in models:
                 models[kind] = build_hf(arch, device) if kind == "hf" else build_mcore(arch, kind, device)
-            micro = [b for step in rank_steps(dataset, name, steps) for b in step]
+            micro = [b for step in rank_steps(dataset, name, steps, arch.vocab_size) for b in step]
             make = (lambda batches, model=models[kind]: hf_step(model, batches, device)) if kind == "hf" else \
                 (lambda batches, model=models[kind]: mcore_step(model, batches, arch.vocab_size, device))
             steps_of[variant], warmups[variant] = make(micro), make(micro[:1])
-            real = sum(b["tokens_real"] for b in micro)
-            computed = sum(b["tokens"].numel() for b in micro)
+            real = sum(b.tokens_real for b in micro)
+            computed = sum(b.tokens_computed for b in micro)
             results[variant] = {"variant": variant, "micro_batches": len(micro), "tokens_real": real,
                                 "tokens_computed": computed, "real_fraction": real / computed, "times_s": []}
         for variant in variants:

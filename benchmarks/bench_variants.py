@@ -4,7 +4,7 @@
   Gemma-2, whose soft-capped scores HF computes only there) and the SimPO reference's loss
   (full logits -> ``.float()`` -> ``log_softmax`` -> gather -> masked mean per sequence);
 * ``mcore``: simpo_mcore's model (:func:`build_model`) under its training step's ``forward_step`` /
-  ``loss_func`` (:mod:`simpo_mcore.step`);
+  ``loss_func`` (:mod:`simpo_mcore.objective`);
 * ``head``: the log-prob head alone on given hidden states, naive or fused.
 
 Every weight is random (generated here, never downloaded) and every batch holds random token ids:
@@ -20,13 +20,15 @@ from bench_common import Workload
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from simpo_mcore.config import LossConfig
-from simpo_mcore.data.batching import shift_labels
-from simpo_mcore.logprobs import IGNORE_INDEX, TokenLogpsContext, fused_token_logps, sequence_logps
+from simpo_mcore.data.collate import shift_labels
+from simpo_mcore.data.padded import collate_pairs
+from simpo_mcore.logprobs import TokenLogpsContext, fused_token_logps, sequence_logps
 from simpo_mcore.losses import simpo_loss
+from simpo_mcore.microbatch import LABEL_PAD, LossScale
 from simpo_mcore.model.builder import ModelOptions, build_model
 from simpo_mcore.model.hf_config import ModelArch
+from simpo_mcore.objective import make_forward_step
 from simpo_mcore.parallel import seed_everything
-from simpo_mcore.step import LossScale, make_forward_step
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ def make_batch(vocab_size: int, pairs: int, seq: int, prompt: int, device: torch
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab_size, (2 * pairs, seq), generator=g)  # [2k, s]
     labels = tokens.clone()
-    labels[:, :prompt] = IGNORE_INDEX
+    labels[:, :prompt] = LABEL_PAD
     return Batch(tokens.to(device), labels.to(device))
 
 
@@ -71,7 +73,7 @@ def reference_avg_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     """princeton-nlp/SimPO ``get_batch_logps(average_log_prob=True)`` on ``logits [b, s, v]``."""
     logits = logits[:, :-1, :]  # [b, s-1, v]: the logits at t predict token t+1
     labels = labels[:, 1:].clone()  # [b, s-1]
-    mask = labels != IGNORE_INDEX
+    mask = labels != LABEL_PAD
     labels[~mask] = 0
     token_logps = torch.gather(logits.float().log_softmax(-1), 2, labels.unsqueeze(2)).squeeze(2)  # [b, s-1]
     return (token_logps * mask).sum(-1) / mask.sum(-1)
@@ -116,9 +118,9 @@ def hf_workload(arch: ModelArch, batch: Batch, loss_cfg: LossConfig, dtype: torc
 
 def mcore_workload(arch: ModelArch, batch: Batch, loss_cfg: LossConfig, opts: ModelOptions,
                    chunk_tokens: int, seed: int, head_kernel: str = "auto", keep_logits: bool = False) -> Workload:
-    """One micro-batch through simpo_mcore's training step as :mod:`simpo_mcore.step` runs it under the
-    schedule (:func:`make_forward_step`: host-side label check, copies to the device, the model with the
-    fused head, ``loss_func``), then backward. The batch comes from the host, as the sampler gives it.
+    """One micro-batch through simpo_mcore's training step as :mod:`simpo_mcore.objective` runs it under the
+    schedule (:func:`make_forward_step`: copies to the device, the model with the fused head, ``loss_func``),
+    then backward. The batch comes from the host, collated as training collates it (targets checked there).
 
     FP8 needs no context here: megatron-core 0.19's ``TransformerBlock.forward`` enters
     ``fp8_utils.get_fp8_context(config)`` itself (around the whole block for delayed scaling, per layer
@@ -129,8 +131,10 @@ def mcore_workload(arch: ModelArch, batch: Batch, loss_cfg: LossConfig, opts: Mo
     (model,) = build_model(arch, opts)
     model.train()
     # [2k, s] each; random ids with no padding: every position is a real token.
-    host = {"tokens": batch.tokens.cpu(), "labels": batch.labels.cpu(), "tokens_real": batch.tokens.numel()}
-    chosen_tokens = int((shift_labels(host["labels"][:batch.pairs]) != IGNORE_INDEX).sum())
+    ids, labels, k = batch.tokens.tolist(), batch.labels.tolist(), batch.pairs
+    host = collate_pairs({"chosen_input_ids": ids[:k], "chosen_labels": labels[:k], "rejected_input_ids": ids[k:],
+                          "rejected_labels": labels[k:]}, list(range(k)), len(ids[0]), 0, arch.vocab_size)
+    chosen_tokens = host.chosen_tokens
     head = TokenLogpsContext(vocab_size=arch.vocab_size, chunk_tokens=chunk_tokens, kernel=head_kernel,
                              recompute=not keep_logits)
     # One micro-batch is the whole (global) batch: the loss is the mean over its pairs.
@@ -186,7 +190,7 @@ def naive_token_logps(inputs: HeadInputs) -> torch.Tensor:
     logits = inputs.hidden @ inputs.weight.t()  # [s, b, v]
     logps = logits.float().log_softmax(-1)  # [s, b, v] fp32
     targets = inputs.targets.t()  # [s, b]
-    valid = targets != IGNORE_INDEX
+    valid = targets != LABEL_PAD
     token = logps.gather(-1, torch.where(valid, targets, 0)[..., None]).squeeze(-1)  # [s, b]
     return torch.where(valid, token, 0.0).t()  # [b, s]
 
@@ -238,7 +242,7 @@ def head_agreement(inputs: HeadInputs, loss_cfg: LossConfig, chunk_tokens: int, 
         grads[kind] = (inputs.hidden.grad.float(), inputs.weight.grad.float())
     inputs.hidden.grad = inputs.weight.grad = None
     ref = _fp64_token_logps(inputs, ref_chunk)
-    valid = inputs.targets != IGNORE_INDEX
+    valid = inputs.targets != LABEL_PAD
 
     def max_abs(a, b) -> float:
         return float((a.double() - b.double()).abs()[valid].max())

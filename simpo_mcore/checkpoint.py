@@ -13,6 +13,8 @@ import contextlib
 import os
 import random
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +22,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
-from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from simpo_mcore.config import CheckpointConfig
 from simpo_mcore.convert.checkpoint_meta import TOKENIZER_DIR, CheckpointMeta
 from simpo_mcore.convert.hf_io import copy_tokenizer_files
 from simpo_mcore.convert.integrity import write_manifest
@@ -100,9 +102,10 @@ def _restore_rng_tensors(state: dict[str, torch.Tensor]) -> None:
 
 
 def _rng_sharded(layout, present: set[str] | None = None) -> dict:
-    """One ``[pp, tp, dp, n]`` tensor per RNG state, this rank's row at its (pp, tp, dp) position. When
-    loading, ``present`` limits them to the states the checkpoint holds (a CUDA state saved on a GPU is
-    skipped on a CPU and vice versa)."""
+    """One ``[pp, tp, dp x cp, n]`` tensor per RNG state, this rank's row at its (pp, tp, dp, cp) position (the
+    context-parallel ranks of a replica side by side: each has streams of its own). When loading, ``present``
+    limits them to the states the checkpoint holds (a CUDA state saved on a GPU is skipped on a CPU and vice
+    versa)."""
     out = {}
     for name, tensor in _rng_tensors().items():
         key = f"{RNG_KEY}.{name}"
@@ -110,25 +113,9 @@ def _rng_sharded(layout, present: set[str] | None = None) -> dict:
             continue
         out[name] = ShardedTensor.from_rank_offsets(
             key, tensor.reshape(1, 1, 1, -1).clone(), (0, layout.pp_rank, layout.pp),  # [1, 1, 1, n]
-            (1, layout.tp_rank, layout.tp), (2, layout.dp_rank, layout.dp), replica_id=0)
+            (1, layout.tp_rank, layout.tp), (2, layout.dp_rank * layout.cp + layout.cp_rank, layout.dp * layout.cp),
+            replica_id=0)
     return out
-
-
-def _legacy_rng_object(layout) -> ShardedObject:
-    """How checkpoints written before the RNG states became tensors held them: a pickled dict per rank
-    (read only after :func:`~simpo_mcore.convert.safe_pickle.check_checkpoint_pickles` found nothing but
-    arrays and numbers in it)."""
-    return ShardedObject(RNG_KEY, None, (layout.pp, layout.tp, layout.dp),
-                         (layout.pp_rank, layout.tp_rank, layout.dp_rank), replica_id=0)
-
-
-def _restore_legacy_rng(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
 
 
 def train_state_dict(ddp_chunks: list, optimizer, with_optimizer: bool, is_loading: bool) -> dict:
@@ -139,64 +126,123 @@ def train_state_dict(ddp_chunks: list, optimizer, with_optimizer: bool, is_loadi
     return state
 
 
-def save_train_checkpoint(root: str | Path, step: int, ddp_chunks: list, optimizer,
-                          progress: dict, meta: CheckpointMeta, layout, keep_last: int,
-                          with_optimizer: bool = True, tokenizer: str | None = None,
-                          run_config: dict | None = None, run_info: dict | None = None) -> Path:
-    """Write ``root/step_N`` atomically and point ``root/latest`` at it; keep the newest K up to it.
+@dataclass(frozen=True)
+class PendingSave:
+    """A save whose tensors are written (:meth:`CheckpointManager.write_shards`) and not yet published."""
 
-    The tensors (model, optimizer, RNG) go to ``step_N.incomplete``; when every rank has finished,
-    rank 0 adds ``simpo_mcore.json`` (architecture, progress: JSON a person can read) and
-    ``run_config.yaml``, every rank hashes its share of the files into ``integrity.json``, and rank 0
-    renames the directory and replaces ``latest`` (an atomic rename), so a crash at any point leaves the
-    previous checkpoint and ``latest`` untouched. ``tokenizer``: a local tokenizer directory (its files are
-    copied in, so exports carry them) or a hub name. ``run_config``: the run's resolved config;
-    ``run_info``: what else the resume checks need (the training data's fingerprint, the total steps),
-    added to ``simpo_mcore.json``.
-    """
-    root = Path(root)
-    final = root / step_dir_name(step)
-    tmp = root / (step_dir_name(step) + ".incomplete")
-    rank0 = dist.get_rank() == 0
+    step: int
+    staging: Path
+    """``step_N.incomplete``: where the shards are."""
+    progress: dict
+    """The training state at ``step``, taken when the shards were written."""
 
-    def fresh_dir():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
 
-    agreed(fresh_dir, run=rank0)
-    state = train_state_dict(ddp_chunks, optimizer, with_optimizer, is_loading=False)
-    state[RNG_KEY] = _rng_sharded(layout)
-    save_sharded(state, tmp)
-    dist.barrier()
+class CheckpointManager:
+    """The training checkpoints of one run, in ``root`` (``<output_dir>/checkpoints``). Built once with what a
+    checkpoint holds (model chunks, optimizer, the training state, the run's meta, config, tokenizer and data
+    fingerprint), it decides when to save (:meth:`save`: every ``checkpoint.save_interval`` steps, and at the end
+    of a run or of a stopped one) and keeps the newest ``checkpoint.keep_last``.
 
-    def write_meta():
-        info = {**meta.info, "step": step, **progress, "progress": dict(progress),
-                "layout": _layout_info(layout), **(run_info or {})}
-        if run_config is not None:
-            write_run_config(tmp, run_config)
-        tok = tokenizer
-        if tokenizer and Path(tokenizer).is_dir() and copy_tokenizer_files(tokenizer, tmp / TOKENIZER_DIR):
+    A save is two phases: :meth:`write_shards` (every rank writes its tensors into ``step_N.incomplete``) and
+    :meth:`finalize` (once every rank has written: ``simpo_mcore.json`` (architecture, progress: JSON a person can
+    read), ``run_config.yaml``, the tokenizer files, ``integrity.json``, then rank 0 renames the directory and
+    replaces ``latest``, both atomic renames, and prunes). A crash at any point leaves the previous checkpoint and
+    ``latest`` untouched. An asynchronous writer fits behind the same :meth:`save`: schedule the shards, finalize
+    later."""
+
+    def __init__(self, root: str | Path, cfg: CheckpointConfig, *, model: list, optimizer, train_state, layout,
+                 meta: CheckpointMeta, tokenizer: str, run_config: dict, data_fingerprint: dict, total_steps: int):
+        """``model``: the DDP-wrapped chunks; ``train_state``: an object with ``state_dict()`` /
+        ``load_state_dict()`` and a ``step`` (the trainer's counters); ``tokenizer``: a local directory (its files
+        are copied in, so exports carry them) or a hub name; ``run_config``: the run's resolved config;
+        ``data_fingerprint``: the training pairs' (``TokenizedSplit.content_fingerprint``), for the resume
+        checks."""
+        self.root = Path(root)
+        self.cfg = cfg
+        self.model, self.optimizer, self.train_state, self.layout = model, optimizer, train_state, layout
+        self.meta, self.tokenizer, self.run_config = meta, tokenizer, run_config
+        self.run_info = {"train_data": data_fingerprint, "total_steps": total_steps}
+        self.last_step = -1
+        """The step of this run's newest checkpoint (written or resumed from; -1: none)."""
+        self.last_path: Path | None = None
+        """That checkpoint's directory."""
+
+    def save(self, step: int, last_step: bool = False) -> Path | None:
+        """Save at ``step`` if due: every ``save_interval`` steps, and (``last_step``: the run ends or stops
+        here) whenever ``step`` is not saved yet. Returns the checkpoint written, else ``None``."""
+        if not self.due(step, last_step):
+            return None
+        return self.finalize(self.write_shards(step))
+
+    def due(self, step: int, last_step: bool = False) -> bool:
+        if step == self.last_step:
+            return False
+        interval = self.cfg.save_interval
+        return last_step or bool(interval and step % interval == 0)
+
+    def write_shards(self, step: int) -> PendingSave:
+        """Every rank's tensors (model, optimizer, RNG) into a fresh ``step_N.incomplete``."""
+        staging = self.root / (step_dir_name(step) + ".incomplete")
+
+        def fresh_dir():
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+
+        agreed(fresh_dir, run=dist.get_rank() == 0)
+        state = train_state_dict(self.model, self.optimizer, self.cfg.save_optimizer, is_loading=False)
+        state[RNG_KEY] = _rng_sharded(self.layout)
+        save_sharded(state, staging)
+        return PendingSave(step, staging, dict(self.train_state.state_dict()))
+
+    def finalize(self, pending: PendingSave) -> Path:
+        """Publish a written save once every rank's shards are in: meta, manifest, rename, ``latest``, pruning."""
+        dist.barrier()
+        rank0 = dist.get_rank() == 0
+        agreed(lambda: self._write_meta(pending), run=rank0)
+        write_manifest(pending.staging)
+        final = self.root / step_dir_name(pending.step)
+        agreed(lambda: publish(self.root, pending.staging, final, self.cfg.keep_last, pending.step), run=rank0)
+        self.last_step, self.last_path = pending.step, final
+        return final
+
+    def _write_meta(self, pending: PendingSave) -> None:
+        staging, progress = pending.staging, pending.progress
+        info = {**self.meta.info, "step": pending.step, **progress, "progress": progress,
+                "layout": _layout_info(self.layout), **self.run_info}
+        write_run_config(staging, self.run_config)
+        tok = self.tokenizer
+        if tok and Path(tok).is_dir() and copy_tokenizer_files(tok, staging / TOKENIZER_DIR):
             tok = TOKENIZER_DIR
-        CheckpointMeta(arch=meta.arch, tokenizer=tok, kind="train", info=info).write(tmp)
+        CheckpointMeta(arch=self.meta.arch, tokenizer=tok, kind="train", info=info).write(staging)
 
-    agreed(write_meta, run=rank0)
-    write_manifest(tmp)
+    def restore(self, path: Path, adapt: Callable[[dict], dict] | None = None) -> None:
+        """Load the checkpoint ``path`` into the model, optimizer and training state (``adapt``: a function of the
+        saved progress dict to the one this run counts in, e.g. a changed global batch's)."""
+        progress = load_train_checkpoint(path, self.model, self.optimizer, self.layout, self.cfg.save_optimizer)
+        self.train_state.load_state_dict(adapt(progress) if adapt is not None else progress)
+        self.last_step, self.last_path = self.train_state.step, Path(path)
 
-    def publish():
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        marker_tmp = root / (LATEST + ".tmp")
-        marker_tmp.write_text(final.name + "\n")
-        os.replace(marker_tmp, root / LATEST)
-        prune_checkpoints(root, keep_last, step)
+    def remove_interrupted(self) -> list[str]:
+        """Rank 0 deletes what interrupted saves left (``step_N.incomplete``); returns their names."""
+        return remove_incomplete(self.root) if dist.get_rank() == 0 else []
 
-    agreed(publish, run=rank0)
-    return final
+
+def publish(root: Path, staging: Path, final: Path, keep_last: int, step: int) -> None:
+    """``staging`` becomes ``final`` and ``root/latest`` names it (atomic renames); the newest ``keep_last``
+    are kept."""
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    marker_tmp = root / (LATEST + ".tmp")
+    marker_tmp.write_text(final.name + "\n")
+    os.replace(marker_tmp, root / LATEST)
+    prune_checkpoints(root, keep_last, step)
 
 
 def _layout_info(layout) -> dict:
-    return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "device": layout.device.type}
+    """The layout a checkpoint was saved at (its RNG streams are restored at the same one only)."""
+    cp = {"cp": layout.cp} if layout.cp > 1 else {}  # absent at CP 1, as in checkpoints saved without CP
+    return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, **cp, "device": layout.device.type}
 
 
 def _step_of(path: Path) -> int:
@@ -206,8 +252,8 @@ def _step_of(path: Path) -> int:
 def prune_checkpoints(root: Path, keep_last: int, step: int) -> list[str]:
     """Delete all but the newest ``keep_last`` complete checkpoints at or below ``step`` (the one just
     written); returns the names deleted. Never the one just written, never one of a higher step (another
-    run's, or one ``latest`` was pointed back from): keeping K newest by step number alone once deleted
-    the checkpoint a run had just written when an older run's higher steps sat beside it."""
+    run's, or one ``latest`` was pointed back from): the newest K by step number alone would delete the
+    checkpoint a run has just written when an older run's higher steps sit beside it."""
     older = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".incomplete")
                     and _step_of(p) < step), key=_step_of)
     doomed = older[:max(0, len(older) - (keep_last - 1))]
@@ -229,20 +275,15 @@ def load_train_checkpoint(path: str | Path, ddp_chunks: list, optimizer, layout,
     if meta.kind != "train":
         raise ValueError(f"{path} is a {meta.kind} checkpoint, not a training checkpoint")
     present = {k.split("/shard_")[0] for k in verify_checkpoint(path).state_dict_metadata}
-    # RNG states are per rank and per device kind (a CPU generator's state is not a CUDA one): restored only
-    # at the same layout on the same kind of device (checkpoints from before the device was recorded: same kind).
-    now = _layout_info(layout)
-    saved_layout = {"device": now["device"], **meta.info.get("layout", {})}
-    same_layout = saved_layout == now
     if with_optimizer and not any(k.startswith("optimizer") for k in present):
         raise ValueError(f"{path} holds no optimizer state (saved with checkpoint.save_optimizer: false)")
     if with_optimizer:
         _materialize_optimizer_state(ddp_chunks, optimizer)
     state = train_state_dict(ddp_chunks, optimizer, with_optimizer, is_loading=True)
-    # RNG streams are per rank: restored at the same layout only (a new layout reseeds; no dropout in use).
-    if same_layout and RNG_KEY in present:
-        state[RNG_KEY] = _legacy_rng_object(layout)
-    elif same_layout:
+    # RNG streams are per rank and per kind of device (a CPU generator's state is not a CUDA one): restored at
+    # the same layout on the same kind of device only (a new layout reseeds; no dropout in use).
+    same_layout = meta.info["layout"] == _layout_info(layout)
+    if same_layout:
         state[RNG_KEY] = _rng_sharded(layout, present)
     loaded = load_checked(state, path)
     chunks = [c.module for c in ddp_chunks]
@@ -255,19 +296,9 @@ def load_train_checkpoint(path: str | Path, ddp_chunks: list, optimizer, layout,
         _match_group_learning_rates(loaded["optimizer"], optimizer)
         with _megatron_019_adam_step_fix(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
-    if RNG_KEY in loaded and isinstance(loaded[RNG_KEY], dict) and "python" in loaded[RNG_KEY]:
-        _restore_legacy_rng(loaded[RNG_KEY])
-    elif RNG_KEY in loaded:
+    if same_layout:
         _restore_rng_tensors({name: t.reshape(-1) for name, t in loaded[RNG_KEY].items()})
-    return dict(_saved_progress(path, meta))
-
-
-def _saved_progress(path: Path, meta: CheckpointMeta) -> dict:
-    """The progress dict from ``simpo_mcore.json``; a checkpoint from before it moved there holds it in
-    megatron's common state (read after its pickles were checked)."""
-    if "progress" in meta.info:
-        return meta.info["progress"]
-    return load_common_state_dict(str(path))["progress"]
+    return dict(meta.info["progress"])
 
 
 def write_run_config(ckpt_dir: str | Path, run_config: dict) -> None:
@@ -277,11 +308,12 @@ def write_run_config(ckpt_dir: str | Path, run_config: dict) -> None:
         "# A resume compares what is optimised (loss, training data, global batch, seed, model) with it.\n" + text)
 
 
-def read_run_config(ckpt_dir: str | Path) -> dict[str, Any] | None:
-    """The saved run config of a training checkpoint; ``None`` for checkpoints written without one."""
+def read_run_config(ckpt_dir: str | Path) -> dict[str, Any]:
+    """The saved run config of a training checkpoint (every one has it: a missing file is damage)."""
     path = Path(ckpt_dir) / RUN_CONFIG_FILE
     if not path.is_file():
-        return None
+        raise ValueError(f"{ckpt_dir} has no {RUN_CONFIG_FILE}: the checkpoint is damaged or is not a training "
+                         "checkpoint of simpo_mcore")
     try:
         tree = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

@@ -2,7 +2,7 @@
 (a preview of the data as it will be trained on), all of that form.
 
 Under ``torchrun`` each rank runs the job. Run as one plain process with a config whose layout
-needs several ranks (``parallel.tp x parallel.pp`` > 1) and no GPU, the command re-launches
+needs several ranks (``parallel.tp x parallel.pp x parallel.cp`` > 1) and no GPU, the command re-launches
 itself under ``torch.distributed.run`` on the CPU with that many ranks, so the laptop demo is one
 command.
 """
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from simpo_mcore import console
-from simpo_mcore.config import USER_ERRORS, ConfigError, load_config
+from simpo_mcore.config import USER_ERRORS, ConfigError, importer, load_config
 
 USER_ERROR_EXIT = 2
 """The exit code of a user error, from every rank and from the launcher."""
@@ -28,17 +28,18 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 """Pre-emption signals the CPU re-launch passes to its ranks itself (each rank saves and exits 0)."""
 
 OVERRIDES_HELP = """overrides:
-  Any config field as dotted.key=value after the config file, the value read as YAML; they win over
-  the file (and its _base_ files):
+  Any config field as dotted.key=value after the config file; they win over the file (and its _base_
+  files). Numbers, true/false, lists and null are read as YAML; a string field (paths, output_dir,
+  data.chat_template, choices) takes the text as it is, and null (or nothing) unsets an optional one:
     train.max_steps=200  optim.lr=5e-7  output_dir=runs/try2  data.max_pairs=null
-    logging.wandb.project=simpo  logging.wandb.mode=offline
-  Every field, with its meaning, is in simpo_mcore/config.py; unknown keys and wrong types are errors
-  naming the key."""
+    logging.wandb.project=simpo  logging.wandb.mode=offline  model.tokenizer=null
+  Every field, with its meaning, is in simpo_mcore/config/schema.py; unknown keys (each with a
+  suggestion) and wrong types are errors naming the key."""
 
 TRAIN_HELP = ("""Train a model with SimPO (or a DPO baseline) from a YAML run config.
 
 Run one process per rank: under torchrun on GPUs; on a CPU a config that needs several ranks
-(parallel.tp x parallel.pp) re-launches itself on that many (or --nproc). Writes checkpoints,
+(parallel.tp x parallel.pp x parallel.cp) re-launches itself on that many (or --nproc). Writes checkpoints,
 metrics.jsonl, TensorBoard and (with logging.wandb.project) a W&B run into output_dir, and resumes
 from output_dir/checkpoints/latest when it exists. Rank 0 prints one line every train.log_interval
 steps (a progress bar on a terminal) and a summary at the end.""", """examples:
@@ -97,17 +98,17 @@ def _parse_quietly(parser: argparse.ArgumentParser, argv: list[str] | None) -> a
 def _parse(prog: str, argv: list[str] | None):
     parser = _parser(prog, TRAIN_HELP if prog == "simpo-train" else EVAL_HELP)
     parser.add_argument("--nproc", type=int, default=None,
-                        help="CPU only, outside torchrun: ranks to launch (default: tp x pp)")
+                        help="CPU only, outside torchrun: ranks to launch (default: tp x pp x cp)")
     return _parse_quietly(parser, argv)
 
 
 def _relaunch_if_needed(prog: str, cfg, args) -> int | None:
-    """Outside torchrun on a CPU, start ``tp x pp`` (or --nproc) ranks of this same command."""
+    """Outside torchrun on a CPU, start ``tp x pp x cp`` (or --nproc) ranks of this same command."""
     import torch
 
     if "RANK" in os.environ or (torch.cuda.is_available() and cfg.parallel.device != "cpu"):
         return None
-    nproc = args.nproc or cfg.parallel.tp * cfg.parallel.pp
+    nproc = args.nproc or cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp
     if nproc == 1:
         return None
     from torch.distributed.run import main as torchrun
@@ -189,7 +190,7 @@ def _main(prog: str, job, argv: list[str] | None) -> int:
             raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
-        error_line(f"{prog}: config error: {exc}")
+        error_line(f"{prog}: error: {exc}")
         return USER_ERROR_EXIT
     code = _relaunch_if_needed(prog, cfg, args)
     if code is not None:
@@ -261,7 +262,48 @@ def data_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-COMMANDS = {"simpo-train": train_main, "simpo-eval": eval_main, "simpo-data": data_main}
+IMPORT_HELP = ("""Convert a SimPO-repo or TRL (CPOTrainer / DPOTrainer) training YAML into a simpo_mcore run config:
+every key mapped with its conversion (docs/migrating.md), a key the file leaves out taking the source
+trainer's default, and every key with no equivalent named in one error. The result is checked by the
+project's config loader before it is written.""", """examples:
+  simpo-import-config llama-3-8b-base-simpo.yaml --world-size 4 -o configs/mine.yaml
+  simpo-import-config cpo_simpo.yaml --world-size 8 --trainer cpo""")
+
+
+def import_config_main(argv: list[str] | None = None) -> int:
+    """``simpo-import-config FILE --world-size N [-o OUT]``: a SimPO-repo / TRL YAML -> a project YAML."""
+    description, examples = IMPORT_HELP
+    parser = argparse.ArgumentParser(prog="simpo-import-config", description=description, epilog=examples,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("file", help="the SimPO-repo / TRL YAML (training_configs/*.yaml, a CPOConfig / DPOConfig)")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="GPUs the source ran on: its global batch is per_device_train_batch_size x "
+                             "gradient_accumulation_steps x this (required)")
+    parser.add_argument("-o", "--out", default=None, help="YAML to write (must not exist; default: stdout)")
+    parser.add_argument("--trainer", choices=importer.TRAINERS, default=None,
+                        help="the source trainer when its keys do not say: simpo (the SimPO repo), cpo, dpo (TRL)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="model.checkpoint: the converted model (default checkpoints/<model name>-mcore)")
+    args = parser.parse_args(argv)
+    try:
+        if args.world_size is not None and args.world_size < 1:
+            raise ConfigError(f"--world-size must be >= 1, got {args.world_size}")
+        text = importer.import_file(args.file, args.world_size, args.trainer, args.checkpoint)
+        if args.out is None:
+            sys.stdout.write(text)
+            return 0
+        if Path(args.out).exists():
+            raise ConfigError(f"{args.out} exists: remove it or pick another name (nothing is replaced)")
+        Path(args.out).write_text(text, encoding="utf-8")
+    except USER_ERRORS as exc:
+        error_line(f"simpo-import-config: error: {exc}")
+        return USER_ERROR_EXIT
+    print(f"[simpo_mcore] wrote {args.out}")
+    return 0
+
+
+COMMANDS = {"simpo-train": train_main, "simpo-eval": eval_main, "simpo-data": data_main,
+            "simpo-import-config": import_config_main}
 
 
 def module_main(argv: list[str]) -> int:

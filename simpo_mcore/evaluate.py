@@ -12,27 +12,27 @@ from simpo_mcore import console
 from simpo_mcore.config import LossConfig, RunConfig
 from simpo_mcore.data.pipeline import check_data_paths, load_split
 from simpo_mcore.logprobs import TokenLogpsContext
+from simpo_mcore.objective import make_forward_step, reduce_reports, run_schedule
 from simpo_mcore.output_dir import check_writable
 from simpo_mcore.parallel import agreed, distributed
 from simpo_mcore.reference import attach_reference_logps
 from simpo_mcore.runtime import build_runtime
-from simpo_mcore.step import make_forward_step, reduce_reports, run_schedule
 
 log = logging.getLogger("simpo_mcore")
 
 
 @torch.no_grad()
-def evaluate(chunks: list, batch_groups, loss_cfg: LossConfig, head: TokenLogpsContext,
+def evaluate(chunks: list, batch_groups, loss_cfg: LossConfig, logps_context: TokenLogpsContext,
              device: torch.device) -> dict[str, float]:
     """Metrics over every pair of ``batch_groups`` (an iterable of lists of micro-batches for this
     data-parallel rank, one schedule call each: packed rows or padded pairs, of one shape under pipeline
     parallelism), reduced over ranks weighted by pairs."""
     for c in chunks:
         c.eval()
-    forward_step = make_forward_step(loss_cfg, head, device, scale=None)
+    forward_step = make_forward_step(loss_cfg, logps_context, device, scale=None)
     reports: list[dict] = []
     for group in batch_groups:
-        real = sum(not b.get("padding", False) for b in group)  # padding (VPP) comes last
+        real = sum(not b.filler for b in group)  # fillers (VPP) come last
         reports.extend(run_schedule(chunks, forward_step, group, forward_only=True)[:real])
     for c in chunks:
         c.train()
@@ -53,7 +53,8 @@ def run_eval(cfg: RunConfig) -> dict[str, float]:
         if cfg.loss.type == "dpo":
             # A checkpoint is its own reference at evaluation unless one was trained from it.
             split = attach_reference_logps(rt, split, "eval")
-        metrics = evaluate(rt.chunks, rt.eval_groups(split, progress="eval"), cfg.loss, rt.head, layout.device)
+        metrics = evaluate(rt.chunks, rt.eval_groups(split, progress="eval"), cfg.loss, rt.logps_context,
+                           layout.device)
         metrics = {"num_pairs": int(metrics.pop("num_pairs")), **metrics}
 
         def write():

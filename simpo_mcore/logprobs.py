@@ -58,8 +58,7 @@ from megatron.core.tensor_parallel import (
 )
 
 from simpo_mcore import logprobs_kernels as kernels
-
-IGNORE_INDEX = -100
+from simpo_mcore.microbatch import LABEL_PAD, check_label_values, check_sequence_counts
 
 # Vocabulary slices in the fused backward are a multiple of this many rows: GEMMs on 16-byte aligned
 # leading dimensions pick the fast kernels, and 8 rows cost nothing in memory.
@@ -73,53 +72,6 @@ def _tp_group_or_default(tp_group):
     if tp_group is not None:
         return tp_group
     return parallel_state.get_tensor_model_parallel_group()
-
-
-def _check_labels(labels: torch.Tensor, vocab_size: int) -> None:
-    """Labels must be ``-100`` or a real token id. A label on a padded row would silently get a log-prob
-    of -inf (unfused) or of a token that has no logit (fused); on a GPU one device sync buys the error,
-    which callers avoid by checking on the host first (:func:`check_labels`, ``TokenLogpsContext``)."""
-    if labels.dtype != torch.int64:
-        raise TypeError(f"labels must be int64, got {labels.dtype}")
-    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
-    if bool(bad.any()):
-        raise ValueError(
-            f"labels must be {IGNORE_INDEX} or in [0, {vocab_size}); found {labels[bad][:8].tolist()}")
-
-
-def _check_not_empty(labels: torch.Tensor) -> None:
-    """Every sequence needs a labelled token: its average log-prob would otherwise be 0/0."""
-    _check_counts((labels != IGNORE_INDEX).sum(dim=-1))
-
-
-def _check_counts(num_tokens: torch.Tensor) -> None:
-    empty = num_tokens == 0  # [b]
-    if bool(empty.any()):
-        raise ValueError(f"sequences {torch.nonzero(empty).flatten().tolist()} have no token with a label "
-                         f"(all -100): the average is undefined")
-
-
-def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
-    """What the head and :func:`sequence_logps` check on shifted labels ``[b, s]``: int64, every label
-    ``-100`` or a real token id, and at least one labelled token per sequence.
-
-    Run on the host copy before it goes to the device, and tell the head and ``sequence_logps`` that
-    it ran (``TokenLogpsContext.labels_checked``, ``check=False``): on a GPU their own checks would each
-    stop the host until the device has caught up (a sync in the middle of the step).
-    """
-    _check_labels(labels, vocab_size)
-    _check_not_empty(labels)
-
-
-def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
-    """``[n]`` int64: the positions of the labelled tokens (label != -100) of ``[b, s]`` labels in the fused
-    head's flat token order (``s`` major: position ``t * b + i`` is token ``t`` of sequence ``i``).
-
-    Computed on the host copy of the labels it costs nothing; on a device, ``nonzero`` would wait for it.
-    Passed to the head (``TokenLogpsContext.token_index``, ``fused_token_logps(token_index=)``), it lets the
-    head skip the prompt and padding tokens, whose log-probs are 0 by definition.
-    """
-    return torch.nonzero(labels.t().reshape(-1) != IGNORE_INDEX).squeeze(1)
 
 
 def _valid_rows(vocab_size: int, rows_per_rank: int, tp_rank: int) -> tuple[int, int]:
@@ -219,7 +171,8 @@ def vocab_parallel_token_logps(logits: torch.Tensor, labels: torch.Tensor, vocab
         tp_group: the tensor-parallel group the vocabulary is sharded over (``None``: megatron's).
         chunk_tokens: tokens per chunk; each chunk becomes ``chunk_tokens x v/tp`` fp32 temporaries
             (rounded to whole sequence positions, at least one).
-        check: check the label values (a device sync on a GPU); ``False`` where :func:`check_labels` ran.
+        check: check the label values (a device sync on a GPU); ``False`` where the targets were checked on the host
+            (a collated ``MicroBatch``'s were: :func:`simpo_mcore.microbatch.check_targets`).
         softcap: final logit soft-capping ``z -> softcap * tanh(z / softcap)`` before the softmax; ``None``: none.
     """
     tp_group = _tp_group_or_default(tp_group)
@@ -230,9 +183,9 @@ def vocab_parallel_token_logps(logits: torch.Tensor, labels: torch.Tensor, vocab
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     if check:
-        _check_labels(labels, vocab_size)
+        check_label_values(labels, vocab_size)
     labels_sb = labels.t().contiguous()  # [s, b]; megatron views its target flat
-    valid = labels_sb != IGNORE_INDEX  # [s, b]
+    valid = labels_sb != LABEL_PAD  # [s, b]
     # megatron has no ignore_index: any real id keeps its arithmetic finite; the result is zeroed.
     target = torch.where(valid, labels_sb, 0)  # [s, b]
     seq_chunk = max(1, chunk_tokens // b)
@@ -404,10 +357,11 @@ def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         recompute: recompute the logits in the backward (memory flat in tokens x vocab; four
             ``T x V x h`` GEMMs). ``False`` keeps the forward's ``[tokens, v/tp]`` logits in the input dtype
             instead (2 GiB at 8192 x 128256 bf16) and skips the fourth GEMM; backward can then run once.
-        check: check the label values (a device sync on a GPU); ``False`` where :func:`check_labels` ran.
-        token_index: :func:`labelled_positions` of ``labels`` (on ``hidden``'s device, the same on every TP
-            rank): the head then runs its GEMMs on those tokens only, not on the prompt and padding, whose
-            log-probs are 0 anyway. It must hold every labelled position (extra positions are harmless).
+        check: check the label values (a device sync on a GPU); ``False`` where the targets were checked on the host
+            (a collated ``MicroBatch``'s were: :func:`simpo_mcore.microbatch.check_targets`).
+        token_index: :func:`simpo_mcore.microbatch.labelled_positions` of ``labels`` (on ``hidden``'s device,
+            the same on every TP rank): the head then runs its GEMMs on those tokens only, not on the prompt and
+            padding, whose log-probs are 0 anyway. It must hold every labelled position (extra positions are harmless).
         softcap: final logit soft-capping ``z -> softcap * tanh(z / softcap)`` before the softmax (Gemma-2);
             ``None``: none.
     """
@@ -430,14 +384,14 @@ def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         raise ValueError(f"labels {tuple(labels.shape)} do not match hidden [s, b, h] = {(s, b, h)}"
                          f"{' after the sequence-parallel gather' if sequence_parallel else ''}")
     if check:
-        _check_labels(labels, vocab_size)
+        check_label_values(labels, vocab_size)
 
     vocab_start, n_valid = _valid_rows(vocab_size, weight.shape[0], dist.get_rank(tp_group))
     hidden = hidden.reshape(s * b, h)  # [s*b, h]
     labels_tokens = labels.t().reshape(-1)  # [s*b], the order of hidden's rows
     if token_index is not None:  # the labelled tokens only: [n] rows of each
         hidden, labels_tokens = hidden.index_select(0, token_index), labels_tokens[token_index]
-    valid = labels_tokens != IGNORE_INDEX  # [T]
+    valid = labels_tokens != LABEL_PAD  # [T]
     local_id = labels_tokens - vocab_start  # [T]
     owned = valid & (local_id >= 0) & (local_id < n_valid)  # [T]: this rank holds the target's row
     local_id = torch.where(owned, local_id, 0)  # [T], a harmless index where not owned
@@ -474,11 +428,11 @@ class TokenLogpsContext:
     the forward's ``[tokens, v/tp]`` logits instead: one ``T x V x h`` GEMM fewer, that much more memory."""
 
     labels_checked: bool = False
-    """Set (per call, with ``dataclasses.replace``) by a caller that ran :func:`check_labels` on the host
-    copy of these labels: the head then skips its own check, which would sync the device."""
+    """Set (per call, with ``dataclasses.replace``) by a caller whose labels were checked on the host (a
+    ``MicroBatch``'s targets are, at collation): the head then skips its own check, which would sync the device."""
 
     token_index: torch.Tensor | None = None
-    """Per call, like ``labels_checked``: :func:`labelled_positions` of this call's labels, on the device.
+    """Per call, like ``labels_checked``: ``MicroBatch.token_index`` of this call's labels, on the device.
     The fused head then computes the labelled tokens only (the unfused one ignores it)."""
 
 
@@ -537,22 +491,23 @@ def sequence_logps(token_logps: torch.Tensor, labels: torch.Tensor, check: bool 
 
     Raises if a sequence has no such token: the data pipeline guarantees at least one, and 0/0 would
     otherwise be a NaN in the loss (the SimPO reference's failure on empty responses). ``check=False``
-    skips that test (a device sync on a GPU) where :func:`check_labels` already ran on the host (under
-    context parallelism: on the labels before the split, since a rank may hold none of a sequence's).
+    skips that test (a device sync on a GPU) where the labels were checked on the host (a ``MicroBatch``'s
+    targets are, at collation: under context parallelism on the whole sequences, before the split, since a rank
+    may hold none of a sequence's targets).
 
     ``cp_group``: under context parallelism each rank passes its chunks of every sequence
     (``data.context_parallel``); the sums and counts are then those of the whole sequences, the same on every
-    rank of the group (:func:`reduce_over_context_parallel`).
+    rank of the group (:func:`reduce_over_context_parallel`), and ``check`` looks at the whole sequences' counts.
     """
     if token_logps.shape != labels.shape:
         raise ValueError(f"token_logps {tuple(token_logps.shape)} and labels {tuple(labels.shape)} differ")
-    mask = labels != IGNORE_INDEX  # [b, s]
+    mask = labels != LABEL_PAD  # [b, s]
     num_tokens = mask.sum(dim=-1)  # [b]
     sum_logps = torch.where(mask, token_logps.float(), 0.0).sum(dim=-1)  # [b]
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
         sum_logps, num_tokens = reduce_over_context_parallel(sum_logps, num_tokens, cp_group)
     if check:
-        _check_counts(num_tokens)
+        check_sequence_counts(num_tokens)
     avg_logps = sum_logps / num_tokens
     return sum_logps, num_tokens, avg_logps
 
@@ -578,11 +533,8 @@ def reduce_over_context_parallel(sum_logps: torch.Tensor, num_tokens: torch.Tens
 
 
 __all__ = [
-    "IGNORE_INDEX",
     "TokenLogpsContext",
-    "check_labels",
     "fused_token_logps",
-    "labelled_positions",
     "reduce_over_context_parallel",
     "sequence_logps",
     "token_logps_output_processor",

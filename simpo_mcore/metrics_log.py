@@ -51,6 +51,37 @@ def memory_gib(cuda: bool) -> dict[str, float]:
     return {"rss_gib": psutil.Process().memory_info().rss / 2**30}
 
 
+@dataclass(frozen=True)
+class Throughput:
+    """What a step's speed and memory numbers need besides its metrics and its wall time."""
+
+    flops_per_token: float
+    """Training FLOPs per computed token (:func:`model_flops_per_token`)."""
+    peak_tflops: float | None
+    """The card's dense bf16 peak (None: no MFU, as on the CPU)."""
+    world_size: int
+    cuda: bool
+
+    @classmethod
+    def for_run(cls, arch, seq_len: int, cuda: bool, world_size: int) -> Throughput:
+        return cls(model_flops_per_token(arch, seq_len), peak_tflops(cuda), world_size, cuda)
+
+
+def step_record(metrics: dict[str, float], *, lr: float, grad_norm: float, step_time_s: float, consumed_pairs: int,
+                skipped_steps: int, throughput: Throughput) -> dict[str, float]:
+    """One optimizer step's record (metrics.jsonl, TensorBoard, W&B, the console): the objective's reduced
+    ``metrics``, the update's lr and gradient norm, then tokens/s, real tokens/s, the counters, memory and MFU."""
+    record = dict(metrics)
+    record.update(lr=lr, grad_norm=grad_norm, step_time_s=step_time_s,
+                  tokens_per_s=metrics["tokens_computed"] / step_time_s,
+                  real_tokens_per_s=metrics["tokens_real"] / step_time_s,
+                  consumed_pairs=consumed_pairs, skipped_steps=skipped_steps, **memory_gib(throughput.cuda))
+    if throughput.peak_tflops:
+        record["mfu"] = (metrics["tokens_computed"] * throughput.flops_per_token / step_time_s
+                         / (throughput.peak_tflops * 1e12 * throughput.world_size))
+    return record
+
+
 def check_wandb(cfg: WandbConfig) -> None:
     """Before anything slow: W&B asked for but not installed is a config error."""
     if cfg.project is not None and cfg.mode != "disabled" and importlib.util.find_spec("wandb") is None:
@@ -190,6 +221,7 @@ class MetricsLogger:
                  run_info: dict | None = None, resumed: bool = False, job_started: float | None = None):
         self.active = rank == 0
         self.total = total_steps
+        self.log_interval = log_interval
         self.output_dir = Path(output_dir)
         self.evals: list[EvalRecord] = []
         self._tb = None
@@ -231,8 +263,11 @@ class MetricsLogger:
         if evals:
             self.evals.append(EvalRecord(step, evals))
 
-    def progress(self, step: int, record: dict) -> None:
-        """The console after step ``step``: the bar, or a step line every ``log_interval`` steps."""
+    def log_step(self, step: int, record: dict) -> None:
+        """Step ``step``'s record: to the sinks every ``log_interval`` steps and at the last; the console (the bar,
+        or a step line every ``log_interval`` steps) after every step."""
+        if step % self.log_interval == 0 or step == self.total:
+            self.log(step, record)
         if self.active:
             self._console.step(step, record)
 

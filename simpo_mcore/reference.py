@@ -19,11 +19,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from simpo_mcore.data.collate import REF_COLUMNS
 from simpo_mcore.data.pipeline import TokenizedSplit
-from simpo_mcore.logprobs import sequence_logps
+from simpo_mcore.objective import batch_sequence_logps, run_schedule, token_logps_forward
 from simpo_mcore.parallel import agreed
 from simpo_mcore.runtime import Runtime
-from simpo_mcore.step import run_schedule, token_logps_forward
 
 log = logging.getLogger("simpo_mcore")
 
@@ -54,16 +54,14 @@ def compute_reference_logps(rt: Runtime, split: TokenizedSplit, name: str = "") 
     out = torch.zeros(len(split), 2, dtype=torch.float64, device=rt.layout.device)
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        output, targets = token_logps_forward(model, batch, rt.head, rt.layout.device)
+        batch = next(data_iterator).to(rt.layout.device)
+        output = token_logps_forward(model, batch, rt.logps_context)
 
         def loss_func(token_logps):
-            # token_logps_forward checked the targets: no check (a device sync) here.
-            sum_logps, _, _ = sequence_logps(targets.token_logps(token_logps), targets.labels, check=False)
-            k = sum_logps.shape[0] // 2
-            rows = batch["row_index"].to(rt.layout.device)
-            out[rows, 0] = sum_logps[:k].double()
-            out[rows, 1] = sum_logps[k:].double()
+            sum_logps, _, _ = batch_sequence_logps(batch, token_logps)
+            k = batch.num_pairs
+            out[batch.row_index, 0] = sum_logps[:k].double()
+            out[batch.row_index, 1] = sum_logps[k:].double()
             return token_logps.new_zeros(()), {}
 
         return output, loss_func
@@ -74,15 +72,16 @@ def compute_reference_logps(rt: Runtime, split: TokenizedSplit, name: str = "") 
         run_schedule(rt.chunks, forward_step, group, forward_only=True)
     for c in rt.chunks:
         c.train()
-    # Rows were filled on the last pipeline stage of their data-parallel replica, once per TP rank.
-    if not ps.is_pipeline_last_stage() or ps.get_tensor_model_parallel_rank() != 0:
+    # Rows were filled on the last pipeline stage of their data-parallel replica, once per TP and CP rank.
+    if not ps.is_pipeline_last_stage() or ps.get_tensor_model_parallel_rank() != 0 \
+            or ps.get_context_parallel_rank() != 0:
         out.zero_()
     dist.all_reduce(out)
     return out.cpu().numpy()
 
 
 def attach_reference_logps(rt: Runtime, split: TokenizedSplit, name: str) -> TokenizedSplit:
-    """The split with ``ref_chosen_sum_logps`` / ``ref_rejected_sum_logps`` columns, from the
+    """The split with the reference columns (``REF_COLUMNS``: chosen, rejected summed log-probs), from the
     stored file when its fingerprint matches, else computed now (under the current weights, which
     must be the starting checkpoint's) and stored."""
     path = reference_path(rt.cfg.output_dir, name)
@@ -111,8 +110,7 @@ def attach_reference_logps(rt: Runtime, split: TokenizedSplit, name: str) -> Tok
     if values.shape != (len(split), 2) or not np.isfinite(values).all():
         raise ValueError(f"reference log-probs {path} have shape {values.shape} or non-finite values; "
                          f"expected ({len(split)}, 2) finite")
-    return split.with_columns({"ref_chosen_sum_logps": values[:, 0].tolist(),
-                               "ref_rejected_sum_logps": values[:, 1].tolist()})
+    return split.with_columns({REF_COLUMNS[0]: values[:, 0].tolist(), REF_COLUMNS[1]: values[:, 1].tolist()})
 
 
 def _read_stored(path: Path, want: dict) -> tuple[str, object]:

@@ -2,7 +2,7 @@
 
 The learning-rate schedule follows the config (it is a function of the config and the updates done,
 :class:`simpo_mcore.optim.LRSchedule`): a longer run continues on the longer schedule, a new lr or schedule applies
-from the resumed step, and the log says so. What is optimised (:data:`simpo_mcore.config.RESUME_GUARDED`: the
+from the resumed step, and the log says so. What is optimised (:data:`RESUME_GUARDED`: the
 objective, the training pairs and their order, the batch a step averages over, the starting model) may change
 only where ``checkpoint.allow_changes`` names it; any other difference is refused before anything loads, naming
 each field with its old and new value. The training pairs themselves are compared by content, so a data file
@@ -11,12 +11,13 @@ changed in place (or another tokenizer or chat template) is refused too.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
 from simpo_mcore import checkpoint as ckpt
-from simpo_mcore.config import ConfigError, OptimConfig, RunConfig, config_changes, is_allowed, is_guarded
+from simpo_mcore.config import SECTIONS, ConfigError, OptimConfig, RunConfig
 from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
 from simpo_mcore.optim import LRSchedule
 
@@ -24,6 +25,45 @@ log = logging.getLogger("simpo_mcore")
 
 Change = tuple[str, Any, Any]
 """``(dotted field, value in the checkpoint's run config, value now)``."""
+
+RESUME_GUARDED = ("loss", "data", "train.global_batch_pairs", "train.seed", "model.checkpoint",
+                  "model.make_vocab_size_divisible_by")
+"""What a resumed run may change only with ``checkpoint.allow_changes``: what is optimised (the objective,
+the training pairs and their order, the batch a step averages over, the starting model). Data settings that
+do not decide the training pairs (:data:`DATA_NOT_GUARDED`) are free."""
+
+DATA_NOT_GUARDED = ("data.eval_path", "data.eval_split", "data.max_eval_pairs", "data.num_proc", "data.cache_dir",
+                    "data.packing", "data.pack_tokens")
+"""``data.packing`` / ``data.pack_tokens`` lay a step's pairs out (packed rows or padded micro-batches, as
+``train.micro_batch_pairs`` does): the same pairs and the same mean, equal to fp32 rounding."""
+
+
+def flat_config(tree: dict[str, Any]) -> dict[str, Any]:
+    """``{"loss.beta": 2.0, ..., "output_dir": ...}`` from a config tree (``dataclasses.asdict`` or YAML)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key in SECTIONS:
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def config_changes(saved: dict[str, Any], cfg: RunConfig) -> list[Change]:
+    """``(field, saved value, value now)`` for every field of ``cfg`` that differs from the saved config tree
+    (fields the saved config does not have, from another version, are skipped)."""
+    old, now = flat_config(saved), flat_config(dataclasses.asdict(cfg))
+    return [(name, old[name], value) for name, value in now.items() if name in old and old[name] != value]
+
+
+def is_guarded(name: str) -> bool:
+    """Whether changing the field ``name`` on resume changes what is optimised (:data:`RESUME_GUARDED`)."""
+    return name not in DATA_NOT_GUARDED and (name in RESUME_GUARDED or name.split(".")[0] in RESUME_GUARDED)
+
+
+def is_allowed(name: str, allow: list[str]) -> bool:
+    """Whether ``checkpoint.allow_changes`` names the field ``name`` or its section."""
+    return name in allow or name.split(".")[0] in allow
 
 
 def _show(changes: list[Change]) -> str:
@@ -35,12 +75,7 @@ def check_resume_config(cfg: RunConfig, ckpt_dir: Path) -> list[Change]:
     message naming each field with its old and new value) those that change what is optimised unless
     ``checkpoint.allow_changes`` names them, and a global batch that does not divide the pairs consumed. Reads two
     small files: it runs before anything loads."""
-    saved = ckpt.read_run_config(ckpt_dir)
-    if saved is None:
-        log.warning("%s holds no run config (written by an older simpo_mcore): changes to the config since "
-                    "cannot be checked", ckpt_dir)
-        return []
-    changes = config_changes(saved, cfg)
+    changes = config_changes(ckpt.read_run_config(ckpt_dir), cfg)
     allow = cfg.checkpoint.allow_changes
     refused = [c for c in changes if is_guarded(c[0]) and not is_allowed(c[0], allow)]
     if refused:
@@ -62,8 +97,8 @@ def check_resume_data(cfg: RunConfig, ckpt_dir: Path, changes: list[Change], tra
     """Refuses training pairs that differ from those ``ckpt_dir`` was trained on (a file changed in place, another
     tokenizer or chat template) unless ``checkpoint.allow_changes`` names ``data``, or names every data setting
     that changed. ``train_data``: this run's ``TokenizedSplit.content_fingerprint()``."""
-    saved = CheckpointMeta.read(ckpt_dir).info.get("train_data")
-    if saved is None or saved == train_data:
+    saved = CheckpointMeta.read(ckpt_dir).info["train_data"]
+    if saved == train_data:
         return
     allow = cfg.checkpoint.allow_changes
     changed = [name for name, _, _ in changes if name.startswith("data.") and is_guarded(name)]
@@ -99,10 +134,10 @@ def log_resume_changes(changes: list[Change], ckpt_dir: Path, schedule: LRSchedu
     """Say what the resumed run does differently from the checkpoint's: the schedule it now follows (from update
     ``updates + 1``), the changes ``checkpoint.allow_changes`` let through, and the rest."""
     optim = [c for c in changes if c[0].startswith("optim.")]
-    old_total = CheckpointMeta.read(ckpt_dir).info.get("total_steps")
-    if optim or (old_total is not None and old_total != schedule.total):
+    old_total = CheckpointMeta.read(ckpt_dir).info["total_steps"]
+    if optim or old_total != schedule.total:
         what = [_show(optim)] if optim else []
-        what.append(f"{old_total} -> {schedule.total} total steps" if old_total not in (None, schedule.total)
+        what.append(f"{old_total} -> {schedule.total} total steps" if old_total != schedule.total
                     else f"{schedule.total} total steps")
         was = ""
         try:  # the lr the checkpoint's own schedule would have used, when its config says

@@ -18,7 +18,7 @@ from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
 from simpo_mcore.convert.mcore_io import load_model_weights
 from simpo_mcore.convert.tiny import TINY_ARCH
 from simpo_mcore.convert.tool import run_in_fresh_process
-from simpo_mcore.data.batching import pad_token_id
+from simpo_mcore.data.collate import pad_token_id
 from simpo_mcore.data.pipeline import BatchLayout, TokenizedSplit, eval_batch_groups
 from simpo_mcore.data.sources import hub_reachable, hub_unreachable_error, looks_local
 from simpo_mcore.data.synthetic import build_tokenizer
@@ -45,7 +45,8 @@ class Runtime:
     """A local directory or hub name: what is recorded with checkpoints."""
     chunks: list
     options: ModelOptions
-    head: TokenLogpsContext
+    logps_context: TokenLogpsContext
+    """What the log-prob head needs besides what the model passes it (vocabulary, chunking, kernels)."""
 
     @property
     def pad_id(self) -> int:
@@ -56,7 +57,8 @@ class Runtime:
         """How this run's pairs become micro-batches (packed rows or padded pairs, and their lengths)."""
         layout = self.layout
         return BatchLayout.for_run(self.cfg.data, self.pad_id, layout.tp, self.options.sequence_parallel,
-                                   layout.pp, layout.vpp)
+                                   layout.pp, layout.vpp, vocab_size=self.meta.arch.vocab_size, cp=layout.cp,
+                                   cp_rank=layout.cp_rank)
 
     def eval_groups(self, split: TokenizedSplit, progress: str | None = None):
         """``split``'s forward-only micro-batch groups for this rank (evaluation, DPO reference pass);
@@ -66,8 +68,7 @@ class Runtime:
             return groups
         dp = self.layout.dp
         return console.track(groups, len(split), progress, "pairs",
-                             size=lambda group: dp * sum(len(b["row_index"]) for b in group
-                                                         if not b.get("padding", False)))
+                             size=lambda group: dp * sum(b.num_pairs for b in group if not b.filler))
 
 
 def resolve_checkpoint(cfg: RunConfig, layout: Layout) -> Path:
@@ -165,7 +166,8 @@ def build_runtime(cfg: RunConfig, layout: Layout, *, load_weights: bool = True) 
         raise ValueError(f"tokenizer {tokenizer_source} has {len(tokenizer)} tokens but the model's "
                          f"vocabulary is {meta.arch.vocab_size}")
     opts = ModelOptions(
-        spec=spec, precision=cfg.train.precision, tp=layout.tp, pp=layout.pp, vpp=layout.vpp,
+        spec=spec, precision=cfg.train.precision, tp=layout.tp, pp=layout.pp, vpp=layout.vpp, cp=layout.cp,
+        cp_comm_type=cfg.parallel.cp_comm_type, cp_a2a_size=cfg.parallel.cp_a2a_size,
         sequence_parallel=cfg.parallel.sequence_parallel,
         make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
         recompute=cfg.model.recompute, recompute_num_layers=cfg.model.recompute_num_layers,
@@ -175,14 +177,15 @@ def build_runtime(cfg: RunConfig, layout: Layout, *, load_weights: bool = True) 
     chunks = build_model(meta.arch, opts)
     if load_weights:
         load_model_weights(chunks, ckpt_dir)
-    head = TokenLogpsContext(vocab_size=meta.arch.vocab_size, chunk_tokens=cfg.model.logprob_chunk_tokens,
-                             kernel=cfg.model.logprob_kernel, recompute=cfg.model.logprob_recompute)
-    log.info("model: %d layers, hidden %d, vocab %d | spec %s, %s | TP %d PP %d%s DP %d%s | %s | head: %s",
+    logps_context = TokenLogpsContext(vocab_size=meta.arch.vocab_size, chunk_tokens=cfg.model.logprob_chunk_tokens,
+                                      kernel=cfg.model.logprob_kernel, recompute=cfg.model.logprob_recompute)
+    log.info("model: %d layers, hidden %d, vocab %d | spec %s, %s | TP %d PP %d%s%s DP %d%s | %s | head: %s",
              meta.arch.num_layers, meta.arch.hidden_size, meta.arch.vocab_size, spec,
              cfg.train.precision, layout.tp, layout.pp, f" (VPP {layout.vpp})" if layout.vpp else "",
+             f" CP {layout.cp}" if layout.cp > 1 else "",
              layout.dp, " +SP" if opts.sequence_parallel else "", "GPU" if cuda else "CPU (gloo)",
-             _describe_head(head))
-    return Runtime(cfg, layout, meta, ckpt_dir, tokenizer, str(tokenizer_source), chunks, opts, head)
+             _describe_head(logps_context))
+    return Runtime(cfg, layout, meta, ckpt_dir, tokenizer, str(tokenizer_source), chunks, opts, logps_context)
 
 
 def _describe_head(head: TokenLogpsContext) -> str:

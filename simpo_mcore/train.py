@@ -1,17 +1,21 @@
 """``simpo-train``: the :class:`Trainer` (every component of a run, built once) and its loop.
 
     run_training(cfg)                       the job: process groups -> Trainer.build -> train()
-    Trainer.build(cfg, layout)              resume checks, runtime (model, tokenizer, head), data, DDP,
-                                            optimizer, LR schedule, resume, logger
-    Trainer.train()                         evaluate at step 0, then per step: should_stop,
-                                            train_step, maybe_evaluate, maybe_save; finish
-    Trainer.train_step()                    one optimizer step: micro-batches -> forward_backward ->
-                                            finiteness check -> lr from the schedule, optimizer step ->
-                                            progress, log
+    Trainer.build(cfg, layout)              each component from a function of its own: the resume point
+                                            (find_resume_point), runtime (model, tokenizer, log-prob head), data
+                                            (load_splits, build_data), DDP + optimizer + LR schedule
+                                            (build_optimization),
+                                            checkpoints and the restored state (build_checkpointer), the logger
+                                            (build_logger)
+    Trainer.train()                         evaluate at step 0, then per step: should_stop, train_step,
+                                            maybe_evaluate, checkpointer.save; finish
+    Trainer.train_step()                    one optimizer step: the step's micro-batches and normalisers
+                                            (TrainBatches.step_batches) -> forward_backward -> optimizer_step ->
+                                            state, the step's record (metrics_log.step_record), log
 
-The step's arithmetic (loss scaling, metric reduction) is :mod:`simpo_mcore.step`; the data order
-:mod:`simpo_mcore.data.sampler`; checkpoints :mod:`simpo_mcore.checkpoint`; what a resumed run may change
-:mod:`simpo_mcore.resume`.
+The objective (forward_step / loss_func, metric reduction) is :mod:`simpo_mcore.objective`; the micro-batch it
+receives :mod:`simpo_mcore.microbatch`; the data order :mod:`simpo_mcore.data.sampler`; checkpoints
+:class:`simpo_mcore.checkpoint.CheckpointManager`; what a resumed run may change :mod:`simpo_mcore.resume`.
 """
 
 from __future__ import annotations
@@ -21,15 +25,15 @@ import math
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
 from simpo_mcore import checkpoint as ckpt
 from simpo_mcore import console
+from simpo_mcore.checkpoint import CheckpointManager
 from simpo_mcore.config import ConfigError, RunConfig, UserError
 from simpo_mcore.convert.tool import run_in_fresh_process
 from simpo_mcore.data.pipeline import TokenizedSplit, TrainBatches, check_data_paths, load_split
@@ -37,27 +41,27 @@ from simpo_mcore.evaluate import evaluate
 from simpo_mcore.metrics_log import (
     MetricsLogger,
     RunTotals,
+    Throughput,
     WandbRun,
     check_wandb,
-    memory_gib,
-    model_flops_per_token,
-    peak_tflops,
     run_summary,
+    step_record,
 )
+from simpo_mcore.microbatch import StepBatches
+from simpo_mcore.objective import make_forward_step, reduce_reports, run_schedule
 from simpo_mcore.optim import LRSchedule, apply_optim_config, build_optimizer, wrap_ddp, zero_grad
 from simpo_mcore.output_dir import claim_output_dir
 from simpo_mcore.parallel import Layout, agreed, distributed
 from simpo_mcore.reference import attach_reference_logps
-from simpo_mcore.resume import check_resume_config, check_resume_data, log_resume_changes, rebase_progress
+from simpo_mcore.resume import Change, check_resume_config, check_resume_data, log_resume_changes, rebase_progress
 from simpo_mcore.runtime import Runtime, build_runtime
-from simpo_mcore.step import LossScale, make_forward_step, reduce_reports, run_schedule
 
 log = logging.getLogger("simpo_mcore")
 
 
 @dataclass
-class Progress:
-    """Where training stands; saved with every checkpoint and restored on resume."""
+class TrainState:
+    """The trainer's counters: where training stands. Saved with every checkpoint and restored on resume."""
 
     step: int = 0
     consumed_pairs: int = 0
@@ -66,7 +70,22 @@ class Progress:
     consumed_tokens: int = 0
     """Tokens the model computed, padding included (the steps' ``tokens_computed``)."""
     consumed_real_tokens: int | None = None
-    """Tokens of the pairs themselves, when the steps report ``tokens_real``."""
+    """Tokens of the pairs themselves (the steps' ``tokens_real``); None before the first step."""
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        loaded = TrainState(**state)  # an unknown counter fails here
+        for f in fields(self):
+            setattr(self, f.name, getattr(loaded, f.name))
+
+    def count_step(self, global_batch_pairs: int, metrics: dict[str, float]) -> None:
+        """One optimizer step taken (or skipped) over ``global_batch_pairs`` pairs with these reduced metrics."""
+        self.step += 1
+        self.consumed_pairs += global_batch_pairs
+        self.consumed_tokens += int(metrics["tokens_computed"])
+        self.consumed_real_tokens = (self.consumed_real_tokens or 0) + int(metrics["tokens_real"])
 
 
 class StopSignal:
@@ -81,7 +100,7 @@ class StopSignal:
     def _handler(self, signum, frame):
         self.received = signal.Signals(signum).name
 
-    def agreed(self, device) -> bool:
+    def received_on_any_rank(self, device) -> bool:
         flag = torch.tensor([1.0 if self.received else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -160,7 +179,7 @@ def run_training(cfg: RunConfig) -> dict[str, float] | None:
                     trainer.close(failed=not finished)
                 elif wandb is not None:
                     wandb.close(failed=True)
-            return trainer.final_eval if trainer.progress.step >= trainer.total_steps else None
+            return trainer.final_eval if trainer.state.step >= trainer.total_steps else None
 
 
 def open_wandb(cfg: RunConfig, rank: int) -> WandbRun | None:
@@ -169,50 +188,125 @@ def open_wandb(cfg: RunConfig, rank: int) -> WandbRun | None:
     if rank != 0 or w.project is None or w.mode == "disabled":
         return None
     out = Path(cfg.output_dir)
-    resume = cfg.checkpoint.resume and ckpt.latest_checkpoint(out / "checkpoints") is not None
+    resume = cfg.checkpoint.resume and ckpt.latest_checkpoint(checkpoint_root(cfg)) is not None
     out.mkdir(parents=True, exist_ok=True)
     return WandbRun(w, out, asdict(cfg), resume)
 
 
-class Trainer:
-    """One training run. Every component is an attribute, built once by :meth:`build`; each method
-    does one job, so a test can build a trainer and drive it a step at a time."""
+# ------------------------------------------------------------------------------------- components
 
-    def __init__(self, cfg: RunConfig, rt: Runtime, train_split: TokenizedSplit,
-                 eval_split: TokenizedSplit | None, batches: TrainBatches, ddp_chunks: list, optimizer,
-                 schedule: LRSchedule, total_steps: int, progress: Progress,
-                 resumed_from: Path | None, logger: MetricsLogger, stop: StopSignal, train_data: dict,
-                 started: float):
+
+@dataclass(frozen=True)
+class TrainData:
+    """The run's data: the splits, this rank's batches of every step, and the run's length."""
+
+    train: TokenizedSplit
+    eval: TokenizedSplit | None
+    batches: TrainBatches
+    total_steps: int
+    fingerprint: dict
+    """The training pairs' ``content_fingerprint``: saved with each checkpoint for the resume checks."""
+
+
+def find_resume_point(cfg: RunConfig) -> tuple[Path | None, list[Change]]:
+    """The checkpoint to resume from (``checkpoint.resume`` and a ``latest``), and what the config changes
+    against it (refused before anything loads when it changes what is optimised)."""
+    resume_from = ckpt.latest_checkpoint(checkpoint_root(cfg)) if cfg.checkpoint.resume else None
+    return resume_from, check_resume_config(cfg, resume_from) if resume_from is not None else []
+
+
+def checkpoint_root(cfg: RunConfig) -> Path:
+    return Path(cfg.output_dir) / "checkpoints"
+
+
+def load_splits(cfg: RunConfig, rt: Runtime) -> tuple[TokenizedSplit, TokenizedSplit | None]:
+    """The tokenised splits; DPO's with the reference log-probs, computed once with the starting weights, before
+    any update: no second model later."""
+    rank = rt.layout.rank
+    train_split = load_split(cfg.data, rt.tokenizer, "train", rank, cfg.output_dir)
+    eval_split = load_split(cfg.data, rt.tokenizer, "eval", rank, cfg.output_dir) if cfg.data.eval_path else None
+    if cfg.loss.type == "dpo":
+        train_split = attach_reference_logps(rt, train_split, "train")
+        if eval_split is not None:
+            eval_split = attach_reference_logps(rt, eval_split, "eval")
+    return train_split, eval_split
+
+
+def build_data(cfg: RunConfig, rt: Runtime, train_split: TokenizedSplit, eval_split: TokenizedSplit | None,
+               fingerprint: dict) -> TrainData:
+    """This rank's batches of every step over ``train_split``, and the run's length."""
+    check_batch_sizes(cfg, rt.layout.dp)
+    batches = TrainBatches(cfg.train, train_split, rt.batch_layout, rt.layout.dp_rank, rt.layout.dp)
+    return TrainData(train_split, eval_split, batches, total_steps(cfg, len(train_split)), fingerprint)
+
+
+def build_optimization(cfg: RunConfig, rt: Runtime, steps: int) -> tuple[list, object, LRSchedule]:
+    """The DDP-wrapped model chunks, megatron's optimizer over them and the learning-rate schedule."""
+    cpu = rt.layout.device.type == "cpu"
+    ddp_chunks = wrap_ddp(rt.chunks, cfg.parallel.distributed_optimizer, cpu)
+    optimizer = build_optimizer(ddp_chunks, cfg.optim, cfg.train.precision, cfg.parallel.distributed_optimizer, cpu)
+    return ddp_chunks, optimizer, LRSchedule.from_config(cfg.optim, steps)
+
+
+def build_checkpointer(cfg: RunConfig, rt: Runtime, data: TrainData, model: list, optimizer, state: TrainState,
+                       resume_from: Path | None, changes: list[Change], schedule: LRSchedule) -> CheckpointManager:
+    """The run's checkpoints; ``state`` (and the model and optimizer) restored from ``resume_from`` when given."""
+    checkpointer = CheckpointManager(
+        checkpoint_root(cfg), cfg.checkpoint, model=model, optimizer=optimizer, train_state=state,
+        layout=rt.layout, meta=rt.meta, tokenizer=rt.tokenizer_source, run_config=asdict(cfg),
+        data_fingerprint=data.fingerprint, total_steps=data.total_steps)
+    if removed := checkpointer.remove_interrupted():
+        log.warning("removed interrupted checkpoint save(s): %s", ", ".join(removed))
+    if resume_from is not None:
+        checkpointer.restore(resume_from, adapt=lambda progress: rebase_progress(progress, changes))
+        log.info("resumed from %s at step %d (%d pairs consumed)", resume_from, state.step, state.consumed_pairs)
+        log_resume_changes(changes, resume_from, schedule, state.step - state.skipped_steps)
+    return checkpointer
+
+
+def build_logger(cfg: RunConfig, layout: Layout, data: TrainData, state: TrainState, wandb: WandbRun | None,
+                 resumed: bool, started: float) -> MetricsLogger:
+    """The metrics sinks and the console, opened by rank 0 (its failure is every rank's error)."""
+    run_info = {"world_size": layout.world_size, "dp": layout.dp, "cp": layout.cp, "total_steps": data.total_steps,
+                "train_pairs": len(data.train), "eval_pairs": len(data.eval) if data.eval is not None else 0}
+    return agreed(lambda: MetricsLogger(
+        cfg.output_dir, layout.rank, data.total_steps, state.step, cfg.train.tensorboard, cfg.train.progress_bar,
+        cfg.train.log_interval, wandb, run_info, resumed=resumed, job_started=started))
+
+
+# ------------------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """One training run. Every component is an attribute, built once by :meth:`build` (each in a function of its
+    own); each method does one job, so a test can build a trainer and drive it a step at a time."""
+
+    def __init__(self, *, cfg: RunConfig, runtime: Runtime, data: TrainData, model: list, optimizer,
+                 schedule: LRSchedule, state: TrainState, checkpointer: CheckpointManager, logger: MetricsLogger,
+                 stop: StopSignal, started: float):
         self.cfg = cfg
-        self.rt = rt
-        self.layout: Layout = rt.layout
-        self.device: torch.device = rt.layout.device
-        self.train_split = train_split
-        self.eval_split = eval_split
-        self.batches = batches
-        self.ddp_chunks = ddp_chunks
+        self.rt = runtime
+        self.layout: Layout = runtime.layout
+        self.device: torch.device = runtime.layout.device
+        self.data = data
+        self.total_steps = data.total_steps
+        self.model = model
+        """The DDP-wrapped model chunks (one per virtual pipeline stage)."""
         self.optimizer = optimizer
         self.schedule = schedule
-        self.train_data = train_data
-        """The training pairs' ``content_fingerprint``, saved with each checkpoint for the resume checks."""
-        self.total_steps = total_steps
-        self.progress = progress
+        self.state = state
+        self.checkpointer = checkpointer
         self.logger = logger
         self.stop = stop
-        self.ckpt_root = Path(cfg.output_dir) / "checkpoints"
-        self.last_saved = progress.step if resumed_from is not None else -1
-        """The step of the newest checkpoint of this run (-1: none yet)."""
+        self.throughput = Throughput.for_run(runtime.meta.arch, cfg.data.max_length, self.device.type == "cuda",
+                                             self.layout.world_size)
+        self.started = started
+        """``time.monotonic()`` when the job started (the summary's wall time)."""
         self.steps_run = 0
         """Optimizer steps taken by this process (a resumed run starts at 0)."""
         self.last_metrics: dict[str, float] = {}
         self.final_eval: dict[str, float] | None = None
-        self.flops_per_token = model_flops_per_token(rt.meta.arch, cfg.data.max_length)
-        self.peak_tflops = peak_tflops(self.device.type == "cuda")
-        self.started = started
-        """``time.monotonic()`` when the job started (the summary's wall time)."""
         self.hf_export: Path | None = None
-
-    # ------------------------------------------------------------------------------------- building
 
     @classmethod
     def build(cls, cfg: RunConfig, layout: Layout, started: float | None = None,
@@ -220,196 +314,133 @@ class Trainer:
         started = time.monotonic() if started is None else started
         stop = StopSignal()
         check_data_paths(cfg.data, ("train", "eval"), layout.rank)  # before the model loads
-        ckpt_root = Path(cfg.output_dir) / "checkpoints"
-        resume_from = ckpt.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
-        changes = check_resume_config(cfg, resume_from) if resume_from is not None else []
+        resume_from, changes = find_resume_point(cfg)
         # A SimPO resume overwrites every weight: skip reading the starting checkpoint. DPO needs the
         # starting weights whenever its reference log-probs have to be computed.
         rt = build_runtime(cfg, layout, load_weights=resume_from is None or cfg.loss.type == "dpo")
-        train_split, eval_split = cls._load_data(cfg, rt)
-        train_data = train_split.content_fingerprint()
+        train_split, eval_split = load_splits(cfg, rt)
+        fingerprint = train_split.content_fingerprint()
         if resume_from is not None:
-            check_resume_data(cfg, resume_from, changes, train_data)
-        check_batch_sizes(cfg, layout.dp)
-        steps = total_steps(cfg, len(train_split))
-        batches = TrainBatches(cfg.train, train_split, rt.batch_layout, layout.dp_rank, layout.dp)
-
-        cpu = layout.device.type == "cpu"
-        ddp_chunks = wrap_ddp(rt.chunks, cfg.parallel.distributed_optimizer, cpu)
-        optimizer = build_optimizer(ddp_chunks, cfg.optim, cfg.train.precision, cfg.parallel.distributed_optimizer,
-                                    cpu)
-        schedule = LRSchedule.from_config(cfg.optim, steps)
-
-        progress = Progress()
-        if layout.rank == 0 and (removed := ckpt.remove_incomplete(ckpt_root)):
-            log.warning("removed interrupted checkpoint save(s): %s", ", ".join(removed))
-        if resume_from is not None:
-            progress = Progress(**rebase_progress(ckpt.load_train_checkpoint(
-                resume_from, ddp_chunks, optimizer, layout, cfg.checkpoint.save_optimizer), changes))
-            log.info("resumed from %s at step %d (%d pairs consumed)", resume_from, progress.step,
-                     progress.consumed_pairs)
-            log_resume_changes(changes, resume_from, schedule, progress.step - progress.skipped_steps)
-        run_info = {"world_size": layout.world_size, "dp": layout.dp, "total_steps": steps,
-                    "train_pairs": len(train_split), "eval_pairs": len(eval_split) if eval_split is not None else 0}
-        # Rank 0 opens files (metrics.jsonl, TensorBoard): its failure is every rank's error.
-        logger = agreed(lambda: MetricsLogger(
-            cfg.output_dir, layout.rank, steps, progress.step, cfg.train.tensorboard, cfg.train.progress_bar,
-            cfg.train.log_interval, wandb, run_info, resumed=resume_from is not None, job_started=started))
-        return cls(cfg, rt, train_split, eval_split, batches, ddp_chunks, optimizer, schedule, steps,
-                   progress, resume_from, logger, stop, train_data, started)
-
-    @staticmethod
-    def _load_data(cfg: RunConfig, rt: Runtime) -> tuple[TokenizedSplit, TokenizedSplit | None]:
-        rank = rt.layout.rank
-        train_split = load_split(cfg.data, rt.tokenizer, "train", rank, cfg.output_dir)
-        eval_split = load_split(cfg.data, rt.tokenizer, "eval", rank, cfg.output_dir) if cfg.data.eval_path else None
-        if cfg.loss.type == "dpo":
-            # Computed once with the starting weights, before any update: no second model later.
-            train_split = attach_reference_logps(rt, train_split, "train")
-            if eval_split is not None:
-                eval_split = attach_reference_logps(rt, eval_split, "eval")
-        return train_split, eval_split
+            check_resume_data(cfg, resume_from, changes, fingerprint)
+        data = build_data(cfg, rt, train_split, eval_split, fingerprint)
+        model, optimizer, schedule = build_optimization(cfg, rt, data.total_steps)
+        state = TrainState()
+        checkpointer = build_checkpointer(cfg, rt, data, model, optimizer, state, resume_from, changes, schedule)
+        logger = build_logger(cfg, layout, data, state, wandb, resume_from is not None, started)
+        return cls(cfg=cfg, runtime=rt, data=data, model=model, optimizer=optimizer, schedule=schedule, state=state,
+                   checkpointer=checkpointer, logger=logger, stop=stop, started=started)
 
     # ------------------------------------------------------------------------------------- the loop
 
     def train(self) -> dict[str, float]:
         """Run to ``total_steps`` (or a stop); returns the final evaluation metrics, else the last step's."""
-        if self.eval_split is not None and self.progress.step == 0:
+        if self.data.eval is not None and self.state.step == 0:
             self.final_eval = self.evaluate()
         stopped_by = None
-        while self.progress.step < self.total_steps:
+        while self.state.step < self.total_steps:
             if (stopped_by := self.should_stop()) is not None:
                 break
             self.train_step()
             self.maybe_evaluate()
-            self.maybe_save()
+            self.save_checkpoint()
         return self.finish(stopped_by)
 
     def should_stop(self) -> str | None:
         """Why to stop before the next step (a signal on any rank, or the exit interval), else None."""
-        if self.stop.agreed(self.device):
+        if self.stop.received_on_any_rank(self.device):
             return self.stop.received or "signal on another rank"
         interval = self.cfg.train.exit_interval
-        if interval and self.steps_run and self.progress.step % interval == 0:
+        if interval and self.steps_run and self.state.step % interval == 0:
             return f"train.exit_interval={interval}"
         return None
 
-    def forward_backward(self, micro_batches: list[dict], scale: LossScale) -> dict[str, float]:
+    def forward_backward(self, step: StepBatches) -> dict[str, float]:
         """Gradients of the global-batch loss into the DDP buffers; the step's metrics (every rank)."""
-        zero_grad(self.ddp_chunks, self.optimizer)
-        forward_step = make_forward_step(self.cfg.loss, self.rt.head, self.device, scale)
-        reports = run_schedule(self.ddp_chunks, forward_step, micro_batches, forward_only=False)
+        zero_grad(self.model, self.optimizer)
+        forward_step = make_forward_step(self.cfg.loss, self.rt.logps_context, self.device, step.scale)
+        reports = run_schedule(self.model, forward_step, step.micro_batches, forward_only=False)
         return reduce_reports(reports, self.cfg.loss.sft_weight, self.device)
+
+    def optimizer_step(self, loss: float) -> tuple[float, float, bool]:
+        """``(lr, grad_norm, finite)`` of this update: skipped (and not finite) when the loss or a gradient is
+        not finite. Skipped updates do not advance the schedule (as the HF Trainer's skipped fp16 steps do not)."""
+        finite = math.isfinite(loss) and grads_are_finite(self.model, self.device)
+        grad_norm = float("nan")
+        lr = self.schedule.lr_at(self.state.step - self.state.skipped_steps)
+        if finite:
+            apply_optim_config(self.optimizer, self.cfg.optim, lr)
+            ok, grad_norm, _ = self.optimizer.step()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")  # a tensor on GPUs
+            finite = bool(ok) and math.isfinite(grad_norm)
+        return lr, grad_norm, finite
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step (skipped, and counted, when the loss or a gradient is not finite); logs and
         returns the step's record."""
-        cfg, progress = self.cfg, self.progress
+        state = self.state
         t0 = time.perf_counter()
-        micro_batches, local_chosen_tokens = self.batches.step(progress.consumed_pairs)
-        local_pairs = sum(len(b["row_index"]) for b in micro_batches)
-        totals = torch.tensor([float(local_chosen_tokens), float(local_pairs)], dtype=torch.float64,
-                              device=self.device)
-        dist.all_reduce(totals, group=ps.get_data_parallel_group())
-        # This rank's micro-batch count: what the schedule divides by (step.py's docstring).
-        scale = LossScale(num_microbatches=len(micro_batches), dp=self.layout.dp,
-                          global_pairs=int(totals[1].item()), global_chosen_tokens=int(totals[0].item()))
-        metrics = self.forward_backward(micro_batches, scale)
-
-        finite = math.isfinite(metrics["loss"]) and grads_are_finite(self.ddp_chunks, self.device)
-        grad_norm = float("nan")
-        # Skipped updates do not advance the schedule (as the HF Trainer's skipped fp16 steps do not).
-        lr = self.schedule.lr_at(progress.step - progress.skipped_steps)
-        if finite:
-            apply_optim_config(self.optimizer, cfg.optim, lr)
-            ok, grad_norm, _ = self.optimizer.step()
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")  # a tensor on GPUs
-            finite = bool(ok) and math.isfinite(grad_norm)
-        progress.step += 1
-        progress.consumed_pairs += cfg.train.global_batch_pairs
-        progress.consumed_tokens += int(metrics["tokens_computed"])
-        if "tokens_real" in metrics:
-            progress.consumed_real_tokens = (progress.consumed_real_tokens or 0) + int(metrics["tokens_real"])
+        metrics = self.forward_backward(self.data.batches.step_batches(state.consumed_pairs))
+        lr, grad_norm, finite = self.optimizer_step(metrics["loss"])
+        state.count_step(self.cfg.train.global_batch_pairs, metrics)
         self.steps_run += 1
         if finite:
-            progress.nonfinite_in_a_row = 0
+            state.nonfinite_in_a_row = 0
         else:
             self._skipped(metrics["loss"], grad_norm)
-
-        dt = time.perf_counter() - t0
-        record = dict(metrics)
-        record.update(lr=lr, grad_norm=grad_norm, step_time_s=dt,
-                      tokens_per_s=metrics["tokens_computed"] / dt, real_tokens_per_s=metrics["tokens_real"] / dt,
-                      consumed_pairs=progress.consumed_pairs, skipped_steps=progress.skipped_steps,
-                      **memory_gib(self.device.type == "cuda"))
-        if self.peak_tflops:
-            record["mfu"] = (metrics["tokens_computed"] * self.flops_per_token / dt
-                             / (self.peak_tflops * 1e12 * self.layout.world_size))
+        record = step_record(metrics, lr=lr, grad_norm=grad_norm, step_time_s=time.perf_counter() - t0,
+                             consumed_pairs=state.consumed_pairs, skipped_steps=state.skipped_steps,
+                             throughput=self.throughput)
         self.last_metrics = record
-        if progress.step % cfg.train.log_interval == 0 or progress.step == self.total_steps:
-            self.logger.log(progress.step, record)
-        self.logger.progress(progress.step, record)
+        self.logger.log_step(state.step, record)
         return record
 
     def _skipped(self, loss: float, grad_norm: float) -> None:
-        progress, limit = self.progress, self.cfg.train.max_nonfinite_steps
-        progress.skipped_steps += 1
-        progress.nonfinite_in_a_row += 1
-        self.logger.print(f"step {progress.step}: non-finite loss or gradient (loss={loss}, grad_norm={grad_norm}); "
-                          f"update skipped ({progress.nonfinite_in_a_row} in a row, {progress.skipped_steps} in all)")
-        if progress.nonfinite_in_a_row >= limit:
-            last = (f"the last checkpoint is {self.ckpt_root / ckpt.step_dir_name(self.last_saved)}"
-                    if self.last_saved >= 0 else "no checkpoint was saved")
+        state, limit = self.state, self.cfg.train.max_nonfinite_steps
+        state.skipped_steps += 1
+        state.nonfinite_in_a_row += 1
+        self.logger.print(f"step {state.step}: non-finite loss or gradient (loss={loss}, grad_norm={grad_norm}); "
+                          f"update skipped ({state.nonfinite_in_a_row} in a row, {state.skipped_steps} in all)")
+        if state.nonfinite_in_a_row >= limit:
+            saved = self.checkpointer.last_path
+            last = f"the last checkpoint is {saved}" if saved is not None else "no checkpoint was saved"
             # Every rank gets here at the same step (the finiteness check is all-reduced): one error line each.
             raise UserError(
-                f"{progress.nonfinite_in_a_row} consecutive non-finite steps (last: step {progress.step}); "
+                f"{state.nonfinite_in_a_row} consecutive non-finite steps (last: step {state.step}); "
                 f"aborting (train.max_nonfinite_steps={limit}); {last}. Lower optim.lr, check the data, or "
                 f"raise train.max_nonfinite_steps")
 
     def evaluate(self) -> dict[str, float]:
         """Metrics on the held-out split now; logged and printed."""
-        groups = self.rt.eval_groups(self.eval_split, progress=f"eval step {self.progress.step}")
-        metrics = evaluate(self.ddp_chunks, groups, self.cfg.loss, self.rt.head, self.device)
+        groups = self.rt.eval_groups(self.data.eval, progress=f"eval step {self.state.step}")
+        metrics = evaluate(self.model, groups, self.cfg.loss, self.rt.logps_context, self.device)
         record = {f"eval/{k}": v for k, v in metrics.items()}
-        self.logger.log(self.progress.step, record)
-        self.logger.print(f"eval step {self.progress.step}: " + ", ".join(
+        self.logger.log(self.state.step, record)
+        self.logger.print(f"eval step {self.state.step}: " + ", ".join(
             f"{k}={v:.4f}" for k, v in record.items() if not k.endswith(("num_pairs", "tokens", "_real", "_computed"))))
         return metrics
 
     def maybe_evaluate(self) -> dict[str, float] | None:
         """Evaluate every ``train.eval_interval`` steps before the last (the last step's comes in finish)."""
-        interval, step = self.cfg.train.eval_interval, self.progress.step
-        if self.eval_split is None or not interval or step % interval or step >= self.total_steps:
+        interval, step = self.cfg.train.eval_interval, self.state.step
+        if self.data.eval is None or not interval or step % interval or step >= self.total_steps:
             return None
         return self.evaluate()
 
-    def save(self) -> None:
-        step = self.progress.step
-        ckpt.save_train_checkpoint(
-            self.ckpt_root, step, self.ddp_chunks, self.optimizer, asdict(self.progress),
-            self.rt.meta, self.layout, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.save_optimizer,
-            tokenizer=self.rt.tokenizer_source, run_config=asdict(self.cfg),
-            run_info={"train_data": self.train_data, "total_steps": self.total_steps})
-        self.last_saved = step
-        self.logger.print(f"checkpoint saved: {self.ckpt_root / ckpt.step_dir_name(step)}")
-
-    def maybe_save(self) -> None:
-        """Save every ``checkpoint.save_interval`` steps."""
-        interval = self.cfg.checkpoint.save_interval
-        if interval and self.progress.step % interval == 0:
-            self.save()
+    def save_checkpoint(self, last_step: bool = False) -> None:
+        """A checkpoint of this step when the checkpointer finds one due (``last_step``: the run ends here)."""
+        if (saved := self.checkpointer.save(self.state.step, last_step)) is not None:
+            self.logger.print(f"checkpoint saved: {saved}")
 
     def finish(self, stopped_by: str | None = None) -> dict[str, float]:
         """Save what is unsaved; a completed run then evaluates and exports. Returns the final evaluation
         metrics, else the last step's."""
-        if self.last_saved != self.progress.step:
-            self.save()
+        self.save_checkpoint(last_step=True)
         if stopped_by is not None:
             self.logger.end_progress()
-            self.logger.print(f"stopped by {stopped_by} at step {self.progress.step}; resume with the same command")
+            self.logger.print(f"stopped by {stopped_by} at step {self.state.step}; resume with the same command")
             self.logger.print(self.summary(stopped_by))
             return self.last_metrics
-        if self.eval_split is not None:
+        if self.data.eval is not None:
             self.final_eval = self.evaluate()
         if self.cfg.checkpoint.export_hf:
             self.export_hf()
@@ -419,14 +450,14 @@ class Trainer:
 
     def summary(self, stopped_by: str | None = None) -> str:
         """What the run did and where its outputs are (printed by rank 0 at the end)."""
-        p = self.progress
-        totals = RunTotals(step=p.step, total_steps=self.total_steps, steps_this_process=self.steps_run,
-                           pairs=p.consumed_pairs, tokens=p.consumed_tokens, real_tokens=p.consumed_real_tokens,
-                           skipped_steps=p.skipped_steps, wall_s=time.monotonic() - self.started,
+        s = self.state
+        totals = RunTotals(step=s.step, total_steps=self.total_steps, steps_this_process=self.steps_run,
+                           pairs=s.consumed_pairs, tokens=s.consumed_tokens, real_tokens=s.consumed_real_tokens,
+                           skipped_steps=s.skipped_steps, wall_s=time.monotonic() - self.started,
                            stopped_by=stopped_by)
-        saved = self.ckpt_root / ckpt.step_dir_name(self.last_saved) if self.last_saved >= 0 else None
         wandb = self.logger.wandb.describe() if self.logger.wandb is not None else None
-        return run_summary(totals, self.logger.evals, saved, self.hf_export, Path(self.cfg.output_dir), wandb)
+        return run_summary(totals, self.logger.evals, self.checkpointer.last_path, self.hf_export,
+                           Path(self.cfg.output_dir), wandb)
 
     def export_hf(self) -> None:
         """The newest checkpoint as a Hugging Face model in ``<output_dir>/hf``."""
@@ -436,8 +467,7 @@ class Trainer:
             if out.exists():
                 shutil.rmtree(out)
             # A process of its own: the converter runs in a world of one while this job's ranks wait.
-            run_in_fresh_process("mcore-to-hf", "--ckpt", str(self.ckpt_root / ckpt.step_dir_name(self.progress.step)),
-                                 "--out", str(out))
+            run_in_fresh_process("mcore-to-hf", "--ckpt", str(self.checkpointer.last_path), "--out", str(out))
             self.logger.print(f"exported Hugging Face model: {out}")
 
         agreed(export, run=self.layout.rank == 0)

@@ -1,9 +1,10 @@
-"""Helpers for tests: tiny HF models and a multi-rank launcher (torchrun, gloo, CPU)."""
+"""Helpers for tests: tiny HF models, a multi-rank launcher (torchrun, gloo, CPU), tokenised pairs."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import struct
 import subprocess
@@ -12,7 +13,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from simpo_mcore import parallel
+from simpo_mcore.convert.checkpoint_meta import META_FILE
+from simpo_mcore.convert.integrity import write_manifest
+from simpo_mcore.logprobs import fused_token_logps
+from simpo_mcore.microbatch import labelled_positions
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "distributed" / "scripts"
@@ -80,27 +87,6 @@ def launch_ranks(script: str | Path, nproc: int, *args: str, timeout: float = 60
                 proc.kill()
             out.close(), err.close()
     return results
-
-
-def token_pairs(shapes, vocab: int, seed: int) -> list[dict]:
-    """Tokenised preference pairs of random ids (3 .. vocab - 1) as the data pipeline gives them, one per
-    ``(prompt, chosen, rejected)`` length: ``{chosen,rejected}_{input_ids,labels}``, the prompt's labels -100."""
-    import random
-
-    rng = random.Random(seed)
-    out = []
-    for prompt, chosen, rejected in shapes:
-        pair = {}
-        for side, n in (("chosen", chosen), ("rejected", rejected)):
-            ids = [rng.randrange(3, vocab) for _ in range(prompt + n)]
-            pair[f"{side}_input_ids"], pair[f"{side}_labels"] = ids, [-100] * prompt + ids[prompt:]
-        out.append(pair)
-    return out
-
-
-def pair_columns(pairs: list[dict]) -> dict[str, list]:
-    """The pipeline's column layout of ``pairs`` (column -> one value per pair), as the collation takes it."""
-    return {name: [p[name] for p in pairs] for name in pairs[0]}
 
 
 def error_lines(text: str) -> list[str]:
@@ -232,3 +218,146 @@ def wandb_records(path: Path) -> list:
 
 def item_key(item) -> str:
     return item.key or "/".join(item.nested_key)
+
+
+
+def resave_checkpoint(ckpt: Path, out: Path, drop=(), put: dict | None = None) -> Path:
+    """A copy of a megatron checkpoint with tensors dropped (``drop``: keys) / replaced or added (``put``), its
+    ``simpo_mcore.json``, and an ``integrity.json`` as every checkpoint simpo_mcore writes has: the loaders then
+    read it, and what is checked is the tensors."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from simpo_mcore.convert.mcore_io import save_sharded
+
+    tensors = dist_checkpointing.load_plain_tensors(str(ckpt))
+    for key in drop:
+        del tensors[key]
+    tensors.update(put or {})
+    out.mkdir()
+    save_sharded({k: ShardedTensor.from_rank_offsets(k, t, replica_id=0) for k, t in tensors.items()}, out)
+    (out / META_FILE).write_text((ckpt / META_FILE).read_text())
+    write_manifest(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ tokenised pairs
+
+
+def make_pair(index: int, prompt_len: int, chosen_len: int, rejected_len: int) -> dict:
+    """A tokenised pair whose ids encode (pair, side, position), so a misplaced token is visible:
+    ``1000 * index + 100 * side + t + 1``; labels -100 on the prompt (a prompt of 0 labels every token)."""
+    out = {}
+    for side, (name, length) in enumerate((("chosen", chosen_len), ("rejected", rejected_len))):
+        ids = [1000 * index + 100 * side + t + 1 for t in range(prompt_len + length)]
+        out[f"{name}_input_ids"] = ids
+        out[f"{name}_labels"] = [-100] * prompt_len + ids[prompt_len:]
+    return out
+
+
+def random_pair(prompt: int, chosen: int, rejected: int, vocab: int, rng: random.Random, low: int = 0) -> dict:
+    """A tokenised pair of random ids in ``[low, vocab)`` with a shared prompt length (labels -100 there)."""
+    out = {}
+    for side, n in (("chosen", chosen), ("rejected", rejected)):
+        ids = [rng.randrange(low, vocab) for _ in range(prompt + n)]
+        out[f"{side}_input_ids"], out[f"{side}_labels"] = ids, [-100] * prompt + ids[prompt:]
+    return out
+
+
+def random_pairs(shapes, vocab: int, seed: int, low: int = 0) -> list[dict]:
+    """One :func:`random_pair` per ``(prompt, chosen, rejected)`` length of ``shapes``, from one seeded generator."""
+    rng = random.Random(seed)
+    return [random_pair(prompt, chosen, rejected, vocab, rng, low) for prompt, chosen, rejected in shapes]
+
+
+def pair_columns(pairs: list[dict]) -> dict[str, list]:
+    """Pairs as the collators take them: column -> one value per pair."""
+    return {name: [p[name] for p in pairs] for name in pairs[0]}
+
+
+# ------------------------------------------------------------------------------- the log-prob head's reference
+
+
+S, B, H = 13, 3, 16  # 39 tokens
+VOCAB, V_PAD = 50, 64
+"""The head checks' shapes: sequence length, batch, hidden size, real and padded vocabulary."""
+SOFTCAP = 2.0
+"""Logits here have a standard deviation of about 2: a cap of 2 bends most of them (Gemma-2 caps at 30 logits
+that are of that order)."""
+
+
+def make_inputs(dtype=torch.float32, seed=0):
+    """hidden [s, b, h], weight [v_pad, h] with large random padded rows, labels [b, s] with a -100 prompt
+    prefix and -100 right padding of different lengths per sequence."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(S, B, H, generator=g)
+    weight = torch.randn(V_PAD, H, generator=g) * 0.5
+    # Padded rows that would dominate the softmax if they were not masked.
+    weight[VOCAB:] = torch.randn(V_PAD - VOCAB, H, generator=g) * 5.0
+    labels = torch.randint(0, VOCAB, (B, S), generator=g)
+    labels[0, :4] = -100  # prompt
+    labels[1, :2] = -100
+    labels[1, 10:] = -100  # right padding
+    labels[2, :7] = -100
+    labels[2, 12:] = -100
+    labels[0, 5] = VOCAB - 1  # the last real id
+    return hidden.to(dtype), weight.to(dtype), labels
+
+
+def reference_token_logps(logits, labels, vocab_size, softcap=None):
+    """``[b, s]`` from full logits ``[s, b, v_pad]``, by plain autograd (any dtype in, float64 math)."""
+    logits = logits[..., :vocab_size].double()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logps = torch.log_softmax(logits, dim=-1)  # [s, b, v]
+    valid = labels.t() != -100  # [s, b]
+    target = torch.where(valid, labels.t(), 0)
+    token = logps.gather(-1, target[..., None]).squeeze(-1)  # [s, b]
+    return torch.where(valid, token, 0.0).t()  # [b, s]
+
+
+def simpo_like_objective(token_logps, labels, seed=1):
+    """A random linear combination of per-sequence averages: an upstream gradient that differs per sequence
+    and per token count, like SimPO's."""
+    mask = labels != -100
+    avg = (token_logps.double() * mask).sum(-1) / mask.sum(-1)
+    coef = torch.randn(labels.shape[0], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (coef * avg).sum()
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def abs_err(x, ref):
+    return (x.double() - ref.double()).abs().max().item()
+
+
+def reference_grads(hidden, weight, labels, softcap=None):
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    ref = reference_token_logps(h @ w.t(), labels, VOCAB, softcap)
+    simpo_like_objective(ref, labels).backward()
+    return ref.detach(), h.grad, w.grad
+
+
+def check_fused_head_against_reference(tp_group, chunk_tokens: int, kernel: str = "auto",
+                                       recompute: bool = True, labelled_only: bool = False,
+                                       softcap: float | None = None) -> None:
+    """Values and gradients of the fused head equal float64 ``log_softmax`` over the real vocabulary
+    (``labelled_only``: the head given the labelled positions, as the training step gives them)."""
+    hidden, weight, labels = make_inputs()
+    ref, ref_grad_h, ref_grad_w = reference_grads(hidden, weight, labels, softcap)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    token_logps = fused_token_logps(h, w, labels, VOCAB, tp_group, sequence_parallel=False,
+                                    chunk_tokens=chunk_tokens, kernel=kernel, recompute=recompute,
+                                    token_index=labelled_positions(labels) if labelled_only else None,
+                                    softcap=softcap)
+    assert token_logps.dtype == torch.float32 and token_logps.shape == (B, S)
+    assert abs_err(token_logps, ref) < 1e-5
+    assert (token_logps[labels == -100] == 0).all()
+    simpo_like_objective(token_logps, labels).backward()
+    assert rel_err(h.grad, ref_grad_h) < 1e-5
+    assert rel_err(w.grad, ref_grad_w) < 1e-5
+    assert (w.grad[VOCAB:] == 0).all()

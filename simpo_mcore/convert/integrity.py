@@ -121,7 +121,7 @@ def write_manifest(ckpt_dir: str | Path) -> None:
 
 
 def read_manifest(ckpt_dir: Path) -> dict | None:
-    """``{"files": ..., "sizes": ...}``, or None when the checkpoint has none (written before manifests)."""
+    """``{"files": ..., "sizes": ...}``, or None when the checkpoint has none."""
     path = ckpt_dir / MANIFEST
     if not path.is_file():
         return None

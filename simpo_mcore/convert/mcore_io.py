@@ -1,12 +1,11 @@
 """Model tensors in and out of megatron ``dist_checkpointing`` directories (any TP / PP).
 
 Used by the converters (a converted checkpoint is model tensors + ``simpo_mcore.json``) and by the
-training checkpoints of :mod:`simpo_mcore.checkpoint`, which add optimizer, scheduler and progress.
+training checkpoints of :mod:`simpo_mcore.checkpoint`, which add optimizer, RNG states and progress.
 """
 
 from __future__ import annotations
 
-import logging
 import queue
 from pathlib import Path
 
@@ -24,8 +23,6 @@ from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
 from simpo_mcore.convert.hf_io import CheckpointError
 from simpo_mcore.convert.integrity import MANIFEST, verify_manifest
 from simpo_mcore.convert.safe_pickle import check_checkpoint_pickles, check_extra_state
-
-log = logging.getLogger("simpo_mcore")
 
 
 @cpu_mode.without_gpu
@@ -45,17 +42,17 @@ def save_sharded(sharded: dict, ckpt_dir: str | Path) -> None:
 def verify_checkpoint(ckpt_dir: str | Path) -> Metadata:
     """Before anything reads ``ckpt_dir``: every file as ``integrity.json`` recorded it, and no pickle in
     it that could run code (:mod:`~simpo_mcore.convert.safe_pickle`). Collective when several ranks exist.
-    Raises :class:`CheckpointError` naming the checkpoint and the file; returns the checkpoint's
-    metadata (read safely)."""
-    if not verify_manifest(ckpt_dir) and (not dist.is_initialized() or dist.get_rank() == 0):
-        log.warning("%s has no %s (written by an older simpo_mcore): its files cannot be checked for damage",
-                    ckpt_dir, MANIFEST)
+    Raises :class:`CheckpointError` naming the checkpoint and the file (a checkpoint without its manifest
+    among them: every one simpo_mcore writes has one); returns the checkpoint's metadata (read safely)."""
+    if not verify_manifest(ckpt_dir):
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: its {MANIFEST} is missing, so its files cannot "
+                              "be checked (every checkpoint simpo_mcore writes has one)")
     return check_checkpoint_pickles(ckpt_dir)
 
 
 def load_checked(sharded: dict, ckpt_dir: str | Path, **kwargs) -> dict:
-    """``dist_checkpointing.load`` of a verified checkpoint; what still fails (a checkpoint without a
-    manifest that is damaged, one that does not fit the model) is a :class:`CheckpointError` naming it."""
+    """``dist_checkpointing.load`` of a verified checkpoint; what still fails (one that does not fit the model)
+    is a :class:`CheckpointError` naming it."""
     try:
         return dist_checkpointing.load(sharded, str(ckpt_dir), **kwargs)
     except (torch.OutOfMemoryError, dist.DistError):

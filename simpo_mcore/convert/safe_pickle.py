@@ -5,7 +5,7 @@ unpickler that runs whatever the file names:
 
 - ``.metadata``: torch's ``FileSystemReader.read_metadata`` calls ``pickle.load``;
 - each non-tensor item (a ``ShardedObject``: megatron's common state with the optimizer's param groups,
-  Transformer Engine's ``_extra_state``, an older simpo_mcore's RNG state): torch's ``DefaultLoadPlanner``
+  Transformer Engine's ``_extra_state``): torch's ``DefaultLoadPlanner``
   calls ``torch.load(weights_only=False)``;
 - inside a Transformer Engine ``_extra_state`` tensor: TE's ``set_extra_state`` calls ``pickle.loads``
   (megatron reads its grouped layers' with a restricted unpickler, but not the others').
@@ -13,7 +13,7 @@ unpickler that runs whatever the file names:
 Before megatron reads a checkpoint, :func:`check_checkpoint_pickles` reads ``.metadata`` with an
 unpickler that admits only the classes torch's checkpoint metadata is made of, and every non-tensor item
 with torch's own ``weights_only`` unpickler (tensors, numbers, strings, containers; plus numpy arrays,
-which an older RNG state holds); :func:`check_extra_state` reads TE's payload with megatron's
+as generator states pickle them); :func:`check_extra_state` reads TE's payload with megatron's
 ``SafeUnpickler`` before ``load_state_dict`` hands it to TE. Anything else is refused, naming the file
 and the class. A file that passes can only build those objects, so the unrestricted reads that follow
 build nothing else.
@@ -57,7 +57,7 @@ plain dataclasses, enums, ``torch.Size`` and dtypes (also admitted: any ``torch.
 NUMPY_ARRAYS = [np.ndarray, np.dtype, np.ndarray.__reduce__(np.empty(0))[0],  # numpy's _reconstruct (1.x and 2.x)
                 *(type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64))]
 """A numeric array rebuilt from its bytes (numpy's own pickling, as torch's documentation allowlists it):
-an older simpo_mcore RNG state holds numpy's (uint32)."""
+numpy's generator state holds one (uint32)."""
 
 
 class RefusedPickle(CheckpointError):

@@ -7,7 +7,8 @@
 - :mod:`cache`      the on-disk cache of tokenised datasets
 - :mod:`preference` the entry point: :func:`build_preference_dataset`
 - :mod:`sampler`    deterministic, resumable, DP-invariant order of pairs per step and rank
-- :mod:`batching`   pairs -> ``tokens`` / ``labels`` [2k, S] micro-batches
+- :mod:`collate`    what both layouts share; a collated micro-batch leaves ready (``simpo_mcore.microbatch``)
+- :mod:`padded`     pairs -> padded micro-batches ``[2k, S]``
 - :mod:`packing`    pairs -> packed rows ``[1, T]`` of whole pairs (``data.packing``)
 - :mod:`context_parallel` a micro-batch's positions kept by each context-parallel rank (megatron's split)
 - :mod:`pipeline`   tokenised splits and each rank's micro-batches of a step (packed or padded)
@@ -15,9 +16,10 @@
 - :mod:`preview`    what ``simpo-data`` shows: rendered samples, lengths, padding efficiency
 """
 
-from simpo_mcore.data.batching import pad_token_id, step_micro_batches
+from simpo_mcore.data.collate import pad_token_id
+from simpo_mcore.data.padded import padded_micro_batches
 from simpo_mcore.data.preference import BadRowError, DataReport, build_preference_dataset
 from simpo_mcore.data.sampler import PairSampler, eval_micro_batches
 
 __all__ = ["BadRowError", "DataReport", "PairSampler", "build_preference_dataset",
-           "eval_micro_batches", "pad_token_id", "step_micro_batches"]
+           "eval_micro_batches", "pad_token_id", "padded_micro_batches"]

@@ -17,17 +17,23 @@ attention assume exactly this layout.
 
 The order of work for a micro-batch: shift the labels on the whole row (a token's target is the next token, which
 may sit on another rank), check them (every sequence needs a labelled token somewhere, not on every rank), then
-split tokens, targets and positions with the same index. Everything here is a function of lengths, ``cp`` and
-``rank``: no process group. :func:`split_rows` takes tensors on any device; a packed row's split is made on the host.
+split tokens, targets and positions with the same index. Collation does the first two (a ready
+:class:`~simpo_mcore.microbatch.MicroBatch`); :func:`split_padded_pairs` and :func:`split_packed_rows` then make
+this rank's MicroBatch of it, still on the data side: the objective receives it ready. Everything here is a function
+of lengths, ``cp`` and ``rank``: no process group. :func:`split_rows` takes tensors on any device; a packed row's
+split is made on the host.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from simpo_mcore.data.batching import round_up
+from simpo_mcore.data.collate import round_up
+from simpo_mcore.data.packing import per_sequence
+from simpo_mcore.microbatch import LABEL_PAD, MicroBatch, labelled_positions
 
 
 def cp_multiple(cp: int, tp: int = 1, sequence_parallel: bool = False) -> int:
@@ -149,3 +155,38 @@ def padded_row_length(cu_seqlens: torch.Tensor, multiple: int) -> int:
     """Positions of a packed row once each segment is padded to ``multiple``: the CP group's computed positions
     (``tokens_computed``); under pipeline parallelism the longest of a step's rows is every row's ``length``."""
     return sum(round_up(n, multiple) for n in (cu_seqlens[1:] - cu_seqlens[:-1]).tolist())
+
+
+def split_padded_pairs(batch: MicroBatch, cp: int, rank: int) -> MicroBatch:
+    """CP rank ``rank``'s share of a ready micro-batch of padded pairs ``[2k, S]`` (``S`` a multiple of
+    :func:`cp_multiple`): its chunks of every row, ``[2k, S / cp]``, and the head's labelled positions among them."""
+    targets = split_rows(batch.targets, cp, rank)  # [2k, S / cp]
+    return dataclasses.replace(batch, tokens=split_rows(batch.tokens, cp, rank),
+                               position_ids=split_rows(batch.position_ids, cp, rank), targets=targets,
+                               sequence_targets=targets, token_index=labelled_positions(targets), cp=cp)
+
+
+def split_packed_rows(rows: list[MicroBatch], cp: int, rank: int, multiple: int, row_multiple: int,
+                      same_shape: bool, pad_id: int) -> list[MicroBatch]:
+    """CP rank ``rank``'s share of a step's ready packed rows (collated without a padding tail): every sequence
+    padded to ``multiple`` (:func:`cp_multiple`) and split, each row's padded length rounded up to
+    ``row_multiple`` (so that each rank's share of it is a multiple of the GEMMs' 16) and, with ``same_shape``
+    (pipeline parallelism), to the step's longest."""
+    lengths = [round_up(padded_row_length(row.cu_seqlens, multiple), row_multiple) for row in rows]
+    if same_shape:
+        lengths = [max(lengths)] * len(rows)
+    return [split_packed_row_batch(row, split_packed_row(row.cu_seqlens, cp, rank, multiple, length), pad_id)
+            for row, length in zip(rows, lengths)]
+
+
+def split_packed_row_batch(row: MicroBatch, split: PackedSplit, pad_id: int) -> MicroBatch:
+    """A ready packed row laid out by ``split`` (:func:`split_packed_row` of its ``cu_seqlens``): this rank's
+    ``[1, T_local]`` tokens (``pad_id`` at split padding), positions within each sequence and targets, the head's
+    labelled positions, the local per-sequence layout, and the whole row's real and padded boundaries."""
+    targets = split.take(row.targets, LABEL_PAD)  # [1, T_local]
+    index = split.sequence_index(row.sequence_index)  # [2k, L_local]
+    return dataclasses.replace(
+        row, tokens=split.take(row.tokens, pad_id), position_ids=split.positions.unsqueeze(0), targets=targets,
+        token_index=labelled_positions(targets), sequence_index=index, sequence_targets=per_sequence(targets, index),
+        cu_seqlens=split.cu_seqlens(padded=False), seqlens=split.seqlens,
+        cu_seqlens_padded=split.cu_seqlens(padded=True), padded_seqlens=split.padded_seqlens, cp=split.cp)

@@ -8,19 +8,20 @@ data-parallel rank r takes rows ``r*n .. r*n + n - 1`` and every rank runs the s
 with nearly the same number of tokens. The split is a function of the step's pairs and lengths only:
 deterministic, recomputed exactly on resume, and the same on every rank of a pipeline.
 
-What a row is (:func:`collate_packed_row`), ``k`` pairs::
+What a row is (:func:`collate_packed_row`, a :class:`~simpo_mcore.microbatch.MicroBatch`), ``k`` pairs::
 
-    tokens, labels  [1, T]   chosen_0 rejected_0 chosen_1 rejected_1 ... chosen_{k-1} rejected_{k-1} [tail]
-    position_ids    [1, T]   0..len-1 per sequence (RoPE restarts at every sequence)
-    cu_seqlens      [m + 1]  int32 boundaries of the m segments: the 2k sequences, then the tail of padding
-                             (a segment of its own, so that the segments cover the row)
-    sequence_index  [2k, L]  position in the row of token j of sequence i, chosen 0..k-1 then rejected
-                             0..k-1 (the unpacked order); T (one past the row) beyond a sequence's end
+    tokens, targets   [1, T]   chosen_0 rejected_0 chosen_1 rejected_1 ... chosen_{k-1} rejected_{k-1} [tail]
+    position_ids      [1, T]   0..len-1 per sequence (RoPE restarts at every sequence)
+    cu_seqlens        [m + 1]  int32 boundaries of the m segments: the 2k sequences, then the tail of padding
+                               (a segment of its own, so that the segments cover the row)
+    sequence_index    [2k, L]  position in the row of token j of sequence i, chosen 0..k-1 then rejected
+                               0..k-1 (the unpacked order); T (one past the row) beyond a sequence's end
+    sequence_targets  [2k, L]  the targets laid out per sequence through sequence_index
 
 T is the fullest row of the rank's step rounded up to the pad multiple when the step's micro-batches must
 share one shape (pipeline parallelism), else this row's own length rounded up: at most ``pack_tokens``.
-Labels are as collated unpacked (-100 on the prompt and the padding, not shifted); :func:`shift_packed_labels`
-shifts them without letting the last token of a sequence predict the first of the next.
+The targets are shifted within each sequence (:func:`shift_packed_labels`): the last token of a sequence
+never predicts the first of the next.
 """
 
 from __future__ import annotations
@@ -32,10 +33,8 @@ from collections.abc import Sequence
 import datasets
 import torch
 
-from simpo_mcore.data.batching import float_columns, round_up, shift_labels
-from simpo_mcore.data.tokenize import LABEL_PAD
-
-SEQUENCE_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+from simpo_mcore.data.collate import read_pairs, ready_micro_batch, round_up, shift_labels, split_pairs
+from simpo_mcore.microbatch import LABEL_PAD, MicroBatch
 
 
 def pack_rows(sizes: Sequence[int], capacity: int, groups: int = 1, multiple_of: int = 1) -> list[list[list[int]]]:
@@ -75,17 +74,21 @@ def step_rows(pair_sizes: Sequence[int], capacity: int, dp: int, rows_multiple: 
     return pack_rows(pair_sizes, capacity, groups=dp, multiple_of=rows_multiple)
 
 
+def pair_positions(lengths: Sequence[int], split_multiple: int = 1) -> int:
+    """Positions a pair of (chosen, rejected) ``lengths`` takes in a packed row: under context parallelism each
+    sequence padded to a multiple of ``split_multiple`` for the split (``context_parallel.cp_multiple``)."""
+    return sum(round_up(n, split_multiple) for n in lengths)
+
+
 def row_length(fills: Sequence[int], multiple: int) -> int:
     """Positions of a row holding ``fills`` tokens at most: rounded up to ``multiple`` (at least one multiple)."""
     return round_up(max(1, max(fills, default=0)), multiple)
 
 
 def collate_packed_row(rows: dict[str, list], row_index: list[int], length: int, pad_id: int,
-                       extra_columns: dict[str, torch.dtype] | None = None) -> dict:
-    """k pairs (``rows``: column -> k values, as :func:`batching.collate_pairs` takes them) -> one packed row of
-    ``length`` positions (see the module docstring), with ``row_index`` [k], each of ``extra_columns`` as a [k]
-    tensor, and the host counts ``tokens_real`` (non-padding positions) and ``chosen_tokens`` (chosen
-    response tokens, the SFT term's count)."""
+                       vocab_size: int) -> MicroBatch:
+    """k pairs (``rows``: column -> k values, as :func:`padded.collate_pairs` takes them) -> one ready packed row
+    of ``length`` positions (see the module docstring), its targets checked against ``vocab_size``."""
     k = len(row_index)
     sequences = [(side, j) for j in range(k) for side in ("chosen", "rejected")]
     lengths = [len(rows[f"{side}_input_ids"][j]) for side, j in sequences]
@@ -105,67 +108,51 @@ def collate_packed_row(rows: dict[str, list], row_index: list[int], length: int,
     cu_seqlens = torch.zeros(len(segments) + 1, dtype=torch.int32)  # [m + 1]
     cu_seqlens[1:] = torch.tensor(segments).cumsum(0)
     position_ids = torch.cat([torch.arange(n) for n in segments]).unsqueeze(0)  # [1, T]
-    chosen_tokens = sum(label != LABEL_PAD for labs in rows["chosen_labels"] for label in labs[1:])
-    batch = {"tokens": tokens, "labels": labels, "position_ids": position_ids, "cu_seqlens": cu_seqlens,
-             "max_seqlen": max(segments), "sequence_index": sequence_index,
-             "row_index": torch.tensor(row_index, dtype=torch.int64),  # [k]
-             "tokens_real": used, "chosen_tokens": int(chosen_tokens)}
-    for name, dtype in (extra_columns or {}).items():
-        batch[name] = torch.tensor(rows[name], dtype=dtype)  # [k]
-    return batch
+    targets = shift_packed_labels(labels, cu_seqlens)  # [1, T]
+    return ready_micro_batch(rows, row_index, vocab_size, tokens=tokens, position_ids=position_ids, targets=targets,
+                             sequence_targets=per_sequence(targets, sequence_index), tokens_real=used,
+                             sequence_index=sequence_index, cu_seqlens=cu_seqlens)
 
 
-def packed_micro_batches(dataset: datasets.Dataset, rows: list[list[int]], pad_id: int, multiple: int,
-                         same_shape: bool) -> list[dict]:
+def packed_micro_batches(dataset: datasets.Dataset, rows: list[list[int]], pad_id: int, vocab_size: int,
+                         multiple: int, same_shape: bool) -> list[MicroBatch]:
     """Collate rows (lists of dataset indices) into packed micro-batches, each of its own length rounded up to
     ``multiple``, or (``same_shape``) all of the longest one's."""
-    extra = float_columns(dataset)
-    flat = [index for row in rows for index in row]
-    data = dataset.select_columns([*SEQUENCE_COLUMNS, *extra])[flat] if flat else \
-        {name: [] for name in (*SEQUENCE_COLUMNS, *extra)}
-    fills, start = [], 0
-    for row in rows:
-        fills.append(sum(len(ids) for side in ("chosen", "rejected")
-                         for ids in data[f"{side}_input_ids"][start:start + len(row)]))
-        start += len(row)
+    data = read_pairs(dataset, [index for row in rows for index in row])
+    parts = list(split_pairs(data, rows))
+    fills = [sum(map(len, part["chosen_input_ids"] + part["rejected_input_ids"])) for part in parts]
     shared = row_length(fills, multiple)
-    batches, start = [], 0
-    for row, fill in zip(rows, fills):
-        part = {name: values[start:start + len(row)] for name, values in data.items()}
-        length = shared if same_shape else row_length([fill], multiple)
-        batches.append(collate_packed_row(part, row, length, pad_id, extra))
-        start += len(row)
-    return batches
-
-
-def is_packed(batch: dict) -> bool:
-    return "cu_seqlens" in batch
+    return [collate_packed_row(part, row, shared if same_shape else row_length([fill], multiple), pad_id, vocab_size)
+            for row, part, fill in zip(rows, parts, fills)]
 
 
 def shift_packed_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """``[1, T]`` labels of a packed row -> the targets of the logits at each position: as
-    :func:`batching.shift_labels`, and -100 at the last position of every sequence, whose next token
+    :func:`collate.shift_labels`, and ``LABEL_PAD`` at the last position of every sequence, whose next token
     belongs to the next sequence (in an unpacked row that position's target is padding or nothing)."""
     targets = shift_labels(labels)  # [1, T]
     targets[0, cu_seqlens[1:].long() - 1] = LABEL_PAD
     return targets
 
 
-def sequence_targets(targets: torch.Tensor, sequence_index: torch.Tensor) -> torch.Tensor:
+def per_sequence(targets: torch.Tensor, sequence_index: torch.Tensor) -> torch.Tensor:
     """``[2k, L]`` per-sequence targets from a packed row's ``[1, T]`` targets: the unpacked layout's rows
-    (-100 beyond each sequence's end)."""
-    padded = torch.cat([targets.reshape(-1), targets.new_full((1,), LABEL_PAD)])  # [T + 1]: T -> -100
+    (``LABEL_PAD`` beyond each sequence's end)."""
+    padded = torch.cat([targets.reshape(-1), targets.new_full((1,), LABEL_PAD)])  # [T + 1]: T -> LABEL_PAD
     return padded[sequence_index]  # [2k, L]
 
 
 def packed_padding(pair_sizes: list[list[int]], capacity: int, dp: int, multiple: int, same_shape: bool,
-                   rows_multiple: int = 1) -> tuple[int, int]:
+                   rows_multiple: int = 1, split_multiple: int = 1) -> tuple[int, int]:
     """``(real tokens, positions computed)`` of one global batch packed as :func:`step_rows` and
-    :func:`collate_packed_row` do: ``pair_sizes`` are its pairs' ``[chosen, rejected]`` lengths."""
-    sizes = [sum(pair) for pair in pair_sizes]
+    :func:`collate_packed_row` do: ``pair_sizes`` are its pairs' ``[chosen, rejected]`` lengths. Under context
+    parallelism (``split_multiple`` > 1) each sequence is padded to a multiple of it for the split, as
+    ``pipeline.BatchLayout.pair_sizes`` packs them."""
+    real = sum(sum(pair) for pair in pair_sizes)
+    sizes = [pair_positions(pair, split_multiple) for pair in pair_sizes]
     slots = 0
     for rank_rows in step_rows(sizes, capacity, dp, rows_multiple):
         fills = [sum(sizes[i] for i in row) for row in rank_rows]
         slots += len(fills) * row_length(fills, multiple) if same_shape else \
             sum(row_length([f], multiple) for f in fills)
-    return sum(sizes), slots
+    return real, slots

@@ -1,7 +1,9 @@
 """The data side of a run: tokenised splits (built once, cached) and per-step micro-batches.
 
 Every rank of a data-parallel replica (all its TP and PP ranks) reads the same micro-batches, so
-the pipeline stages agree on shapes and the tensor-parallel ranks on tokens without broadcasts.
+the pipeline stages agree on shapes and the tensor-parallel ranks on tokens without broadcasts. What a
+step hands the objective is a :class:`~simpo_mcore.microbatch.StepBatches`: this rank's ready micro-batches
+and the step's :class:`~simpo_mcore.microbatch.LossScale`.
 """
 
 from __future__ import annotations
@@ -15,18 +17,17 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pyarrow.compute as pc
-import torch
 
 from simpo_mcore.config import DataConfig, TrainConfig
-from simpo_mcore.data.batching import PAD_TO_MULTIPLE_OF, sequence_lengths, step_micro_batches
-from simpo_mcore.data.packing import pack_rows, packed_micro_batches, step_rows
-from simpo_mcore.data.preference import DataReport, build_preference_dataset
+from simpo_mcore.data.collate import PAD_TO_MULTIPLE_OF, chosen_response_tokens, sequence_lengths
+from simpo_mcore.data.context_parallel import cp_multiple, split_packed_rows, split_padded_pairs
+from simpo_mcore.data.packing import pack_rows, packed_micro_batches, pair_positions, step_rows
+from simpo_mcore.data.padded import padded_micro_batches
+from simpo_mcore.data.preference import PAIR_COLUMNS, DataReport, build_preference_dataset
 from simpo_mcore.data.sampler import PairSampler, eval_micro_batches
 from simpo_mcore.data.sources import check_local_path
+from simpo_mcore.microbatch import LossScale, MicroBatch, StepBatches
 from simpo_mcore.parallel import agreed
-
-REF_COLUMNS = ("ref_chosen_sum_logps", "ref_rejected_sum_logps")
-TOKEN_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class TokenizedSplit:
         4 x 1000 tokens on a 2-core CPU."""
         h = hashlib.sha256()
         for batch in self.dataset.with_format("arrow").iter(batch_size=4096):
-            for name in TOKEN_COLUMNS:
+            for name in PAIR_COLUMNS:
                 column = batch.column(name).combine_chunks()
                 h.update(np.asarray(pc.list_value_length(column), dtype=np.int32).tobytes())
                 h.update(np.asarray(column.flatten(), dtype=np.int32).tobytes())
@@ -89,9 +90,13 @@ def load_split(cfg: DataConfig, tokenizer, split: str, rank: int, output_dir: st
     return TokenizedSplit(dataset, report)
 
 
-def pad_multiple(tp: int, sequence_parallel: bool) -> int:
-    """Sequence lengths are padded to a multiple of 16 (and of TP under sequence parallelism)."""
-    return math.lcm(PAD_TO_MULTIPLE_OF, tp if sequence_parallel else 1)
+def pad_multiple(tp: int, sequence_parallel: bool, cp: int = 1) -> int:
+    """Sequence lengths (padded pairs) and row lengths (packed) are a multiple of 16 (and of TP under sequence
+    parallelism). Under context parallelism each rank's share is: the whole length a multiple of 16 x cp and of
+    megatron's split multiple (:func:`~simpo_mcore.data.context_parallel.cp_multiple`)."""
+    if cp == 1:
+        return math.lcm(PAD_TO_MULTIPLE_OF, tp if sequence_parallel else 1)
+    return math.lcm(PAD_TO_MULTIPLE_OF * cp, cp_multiple(cp, tp, sequence_parallel))
 
 
 @dataclass(frozen=True)
@@ -110,20 +115,48 @@ class BatchLayout:
     otherwise each is only as long as it needs."""
     rows_multiple: int = 1
     """Packed micro-batches per rank per step: a multiple of this (PP under the interleaved schedule)."""
+    vocab_size: int | None = None
+    """The model's vocabulary: collation checks every target against it. Needed to collate; ``None`` where a
+    layout only describes shapes (``simpo-data``'s padding estimate)."""
+    cp: int = 1
+    """Context-parallel ranks sharing every sequence: each micro-batch is collated whole, its targets checked, then
+    split for this rank (:mod:`~simpo_mcore.data.context_parallel`)."""
+    cp_rank: int = 0
+    split_multiple: int = 1
+    """Under context parallelism every sequence of a packed row is padded to a multiple of this before the split
+    (:func:`~simpo_mcore.data.context_parallel.cp_multiple`; padded pairs are, through ``multiple``). 1: no split;
+    above 1 at ``cp`` 1, the split's code path leaving each rank everything (what tests compare the plain one to)."""
 
     @classmethod
     def for_run(cls, data: DataConfig, pad_id: int, tp: int, sequence_parallel: bool, pp: int,
-                vpp: int | None) -> BatchLayout:
-        return cls(pad_id, pad_multiple(tp, sequence_parallel), data.pack_tokens if data.packing else None,
-                   same_shape=pp > 1, rows_multiple=pp if vpp else 1)
+                vpp: int | None, vocab_size: int | None = None, cp: int = 1, cp_rank: int = 0) -> BatchLayout:
+        return cls(pad_id, pad_multiple(tp, sequence_parallel, cp), data.pack_tokens if data.packing else None,
+                   same_shape=pp > 1, rows_multiple=pp if vpp else 1, vocab_size=vocab_size, cp=cp, cp_rank=cp_rank,
+                   split_multiple=cp_multiple(cp, tp, sequence_parallel) if cp > 1 else 1)
+
+    def pair_sizes(self, lengths: list[tuple[int, int]]) -> list[int]:
+        """Positions each pair of (chosen, rejected) ``lengths`` takes in a packed row: under context parallelism
+        each sequence padded for the split, so that a row of pairs that fit ``pack_tokens`` still fits."""
+        return [pair_positions(pair, self.split_multiple) for pair in lengths]
 
 
-def _finish(batches: list[dict]) -> list[dict]:
-    """Our micro-batch layout: ``ref_sum_logps [2k]`` (chosen first) for DPO."""
-    for b in batches:
-        if REF_COLUMNS[0] in b:
-            b["ref_sum_logps"] = torch.cat([b.pop(REF_COLUMNS[0]), b.pop(REF_COLUMNS[1])]).double()
-    return batches
+def collate(dataset: datasets.Dataset, micro: list[list[int]], layout: BatchLayout) -> list[MicroBatch]:
+    """Micro-batches (lists of dataset indices) as ``layout`` lays them out: this rank's share of each under
+    context parallelism (collated and checked whole, then split)."""
+    if layout.vocab_size is None:
+        raise ValueError("BatchLayout.vocab_size is needed to collate: the targets are checked against it")
+    cp, rank, split = layout.cp, layout.cp_rank, layout.split_multiple > 1
+    if layout.pack_tokens is None:
+        batches = padded_micro_batches(dataset, micro, layout.pad_id, layout.vocab_size, layout.multiple,
+                                       same_shape=layout.same_shape)
+        return [split_padded_pairs(batch, cp, rank) for batch in batches] if split else batches
+    if not split:
+        return packed_micro_batches(dataset, micro, layout.pad_id, layout.vocab_size, layout.multiple,
+                                    layout.same_shape)
+    # Rows of the pairs alone (no tail): the split pads each sequence, then the row, itself.
+    rows = packed_micro_batches(dataset, micro, layout.pad_id, layout.vocab_size, 1, same_shape=False)
+    return split_packed_rows(rows, cp, rank, layout.split_multiple, layout.multiple, layout.same_shape,
+                             layout.pad_id)
 
 
 class TrainBatches:
@@ -137,7 +170,9 @@ class TrainBatches:
         # Packed, the rank's share of a step comes from packing the whole global batch (data/packing.py).
         self.sampler = PairSampler(len(split), cfg.global_batch_pairs, 1 if packed else cfg.micro_batch_pairs,
                                    dp_rank, dp, cfg.seed)
-        self.pair_tokens = [c + r for c, r in sequence_lengths(self.dataset)] if packed else None
+        self.pair_tokens = layout.pair_sizes(sequence_lengths(self.dataset)) if packed else None
+        self.chosen_tokens = chosen_response_tokens(self.dataset)
+        """Per pair, its chosen response tokens: every rank sums them over the whole global batch."""
 
     def micro_batch_pairs(self, step: int) -> list[list[int]]:
         """Dataset indices of this rank's micro-batches of ``step``."""
@@ -148,18 +183,15 @@ class TrainBatches:
         rows = step_rows([self.pair_tokens[i] for i in pairs], layout.pack_tokens, self.dp, layout.rows_multiple)
         return [[pairs[i] for i in row] for row in rows[self.dp_rank]]
 
-    def step(self, consumed_pairs: int) -> tuple[list[dict], int]:
-        """(micro-batches of the step after ``consumed_pairs``, chosen response tokens in them)."""
-        micro = self.micro_batch_pairs(self.sampler.step_at(consumed_pairs))
-        batches = _finish(collate(self.dataset, micro, self.layout))
-        return batches, sum(b["chosen_tokens"] for b in batches)
-
-
-def collate(dataset: datasets.Dataset, micro: list[list[int]], layout: BatchLayout) -> list[dict]:
-    """Micro-batches (lists of dataset indices) as ``layout`` lays them out."""
-    if layout.pack_tokens is not None:
-        return packed_micro_batches(dataset, micro, layout.pad_id, layout.multiple, layout.same_shape)
-    return step_micro_batches(dataset, micro, layout.pad_id, layout.multiple, shared_length=layout.same_shape)
+    def step_batches(self, consumed_pairs: int) -> StepBatches:
+        """This rank's micro-batches of the step after ``consumed_pairs``, and the step's normalisers. Every rank
+        knows the whole global batch (the sampler's), so its pair and chosen-token totals need no collective."""
+        step = self.sampler.step_at(consumed_pairs)
+        micro_batches = collate(self.dataset, self.micro_batch_pairs(step), self.layout)
+        pairs = self.sampler.global_batch(step)
+        scale = LossScale(num_microbatches=len(micro_batches), dp=self.dp, global_pairs=len(pairs),
+                          global_chosen_tokens=sum(self.chosen_tokens[i] for i in pairs))
+        return StepBatches(micro_batches, scale)
 
 
 def eval_batch_groups(split: TokenizedSplit, micro_batch_pairs: int, batch_layout: BatchLayout, layout,
@@ -169,21 +201,21 @@ def eval_batch_groups(split: TokenizedSplit, micro_batch_pairs: int, batch_layou
     a group of its own). Packed, the shard's pairs are packed into rows of at most ``pack_tokens``.
 
     megatron's interleaved schedule (VPP) needs a multiple of PP micro-batches per call, so there a
-    group is topped up with copies of its last micro-batch marked ``padding: True``, placed last;
-    the schedule returns their reports last too, and callers drop them (see ``evaluate``)."""
+    group is topped up with copies of its last micro-batch marked ``filler``, placed last; the schedule
+    returns their reports last too, and callers drop them (see ``evaluate``)."""
     dataset = split.dataset
     if batch_layout.pack_tokens is None:
         micro = eval_micro_batches(len(dataset), micro_batch_pairs, layout.dp_rank, layout.dp)
     else:
         shard = [i for m in eval_micro_batches(len(dataset), 1, layout.dp_rank, layout.dp) for i in m]
-        lengths = sequence_lengths(dataset)
-        rows = pack_rows([sum(lengths[i]) for i in shard], batch_layout.pack_tokens)[0] if shard else []
+        sizes = batch_layout.pair_sizes(sequence_lengths(dataset))
+        rows = pack_rows([sizes[i] for i in shard], batch_layout.pack_tokens)[0] if shard else []
         micro = [[shard[i] for i in row] for row in rows]
 
-    def finish(group: list[list[int]]) -> list[dict]:
-        batches = _finish(collate(dataset, group, batch_layout))
+    def finish(group: list[list[int]]) -> list[MicroBatch]:
+        batches = collate(dataset, group, batch_layout)
         if layout.vpp:
-            batches += [{**batches[-1], "padding": True} for _ in range(-len(batches) % layout.pp)]
+            batches += [dataclasses.replace(batches[-1], filler=True) for _ in range(-len(batches) % layout.pp)]
         return batches
 
     group: list[list[int]] = []

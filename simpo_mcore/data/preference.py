@@ -122,9 +122,6 @@ def build_preference_dataset(cfg: DataConfig, tokenizer, split: Literal["train",
                               else (cfg.eval_path, cfg.eval_split, cfg.max_eval_pairs))
     if path is None:
         raise ValueError(f"data.{split}_path is not set")
-    if cfg.max_prompt_length >= cfg.max_length:
-        raise ValueError(f"data.max_prompt_length ({cfg.max_prompt_length}) must be below "
-                         f"data.max_length ({cfg.max_length})")
     cache_dir = Path(cfg.cache_dir or cache_dir)
     settings = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                     truncation_mode=cfg.truncation_mode)

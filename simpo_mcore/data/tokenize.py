@@ -18,8 +18,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-LABEL_PAD = -100
-"""Label of positions that count in neither the sum nor the count of response log-probs."""
+from simpo_mcore.microbatch import LABEL_PAD
 
 # Reasons a row cannot form a valid pair (the keys of the drop report).
 MISSING_FIELD = "missing_field"
@@ -69,11 +68,9 @@ def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, *, max_len
     Labels equal the ids on response positions (EOS included) and ``LABEL_PAD`` on the prompt; they
     are not shifted (logits at t predict labels[t + 1]). Raises :class:`BadRow` for an empty
     response, chosen/rejected prompts that tokenise differently beyond the merged last token, or a
-    sequence left with no predicted label token.
+    sequence left with no predicted label token. ``max_prompt_length < max_length``, as the config's validation
+    requires.
     """
-    if max_prompt_length >= max_length:
-        raise ValueError(f"data.max_prompt_length ({max_prompt_length}) must be below "
-                         f"data.max_length ({max_length})")
     if truncation_mode not in ("keep_end", "keep_start"):
         raise ValueError(f"data.truncation_mode: unknown {truncation_mode!r}")
     prompt_ids = encode(tokenizer, prompt)
@@ -99,7 +96,16 @@ def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, *, max_len
     if eos is not None:
         chosen_ids, rejected_ids = (ids if ids[-1] == eos else ids + [eos]
                                     for ids in (chosen_ids, rejected_ids))
+    return _truncate_and_label(prompt_ids, chosen_prompt, rejected_prompt, chosen_ids, rejected_ids,
+                               max_length=max_length, max_prompt_length=max_prompt_length,
+                               truncation_mode=truncation_mode)
 
+
+def _truncate_and_label(prompt_ids: list[int], chosen_prompt: list[int], rejected_prompt: list[int],
+                        chosen_ids: list[int], rejected_ids: list[int], *, max_length: int, max_prompt_length: int,
+                        truncation_mode: str) -> dict:
+    """The reference's truncation of a pair whose BOS and EOS are in place, its labels, and the lengths before
+    truncation (see :func:`tokenize_pair`)."""
     # Both checks use the longer response, for chosen and rejected alike (as the reference).
     longer = max(len(chosen_ids), len(rejected_ids))
 

@@ -1,6 +1,6 @@
 """Plain forward passes through the (possibly pipelined) model: logits for parity checks and demos.
 
-Training and evaluation go through :mod:`simpo_mcore.step`; this module returns full-vocabulary
+Training and evaluation go through :mod:`simpo_mcore.objective`; this module returns full-vocabulary
 logits, which the log-prob head deliberately never materialises. It also builds the attention parameters
 of a packed row (:func:`packed_row_params`).
 """
@@ -32,34 +32,25 @@ class PackedRow(PackedSeqParams):
     """With ``cu_seqlens_q_padded``: the padded segment lengths (global, before the context-parallel split)."""
 
 
-def packed_row_params(cu_seqlens: torch.Tensor, device: torch.device,
-                      cu_seqlens_padded: torch.Tensor | None = None) -> PackedRow:
-    """``GPTModel.forward(packed_seq_params=...)`` for a row whose segments end at the host tensor
-    ``cu_seqlens`` ([m + 1] int32, from 0 to the row's length): attention stays within each segment and RoPE
-    restarts at each (megatron applies it per ``cu_seqlens`` segment; TE's fused attention takes them as they
-    are). ``max_seqlen`` is computed here, on the host, so that nothing waits for the device.
+def packed_row_params(cu_seqlens: torch.Tensor, seqlens: tuple[int, ...], cu_seqlens_padded: torch.Tensor | None = None,
+                      padded_seqlens: tuple[int, ...] | None = None) -> PackedRow:
+    """``GPTModel.forward(packed_seq_params=...)`` for a row whose segments end at ``cu_seqlens`` ([m + 1] int32,
+    from 0 to the row's length, on the model's device) and have the host lengths ``seqlens``: attention stays
+    within each segment and RoPE restarts at each (megatron applies it per ``cu_seqlens`` segment; TE's fused
+    attention takes them as they are). ``max_seqlen`` comes from the host lengths, so nothing waits for the
+    device.
 
-    ``cu_seqlens_padded``: the boundaries of the segments padded for context parallelism
-    (``data.context_parallel.PackedSplit.cu_seqlens``), global; ``cu_seqlens`` then holds the real lengths.
-    megatron splits the local row and its RoPE by the padded ones, TE's CP attention reads both, and
-    ``max_seqlen`` is the longest padded segment (RoPE's table must cover every padded position)."""
-    seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    cu = _to_device(cu_seqlens, device)
+    Under context parallelism: ``cu_seqlens_padded`` / ``padded_seqlens``, the boundaries (on the device) and host
+    lengths of the segments padded for the split (``data.context_parallel.PackedSplit``), global; ``cu_seqlens``
+    then holds the real lengths. megatron splits the local row and its RoPE by the padded ones, TE's CP attention
+    reads both, and ``max_seqlen`` is the longest padded segment (RoPE's table must cover every padded position)."""
     if cu_seqlens_padded is None:
-        return PackedRow(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(seqlens),
-                         max_seqlen_kv=max(seqlens), seqlens=tuple(seqlens))
-    padded = (cu_seqlens_padded[1:] - cu_seqlens_padded[:-1]).tolist()
-    cu_padded = _to_device(cu_seqlens_padded, device)
-    return PackedRow(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
-                     cu_seqlens_kv_padded=cu_padded, max_seqlen_q=max(padded), max_seqlen_kv=max(padded),
-                     seqlens=tuple(seqlens), padded_seqlens=tuple(padded))
-
-
-def _to_device(cu_seqlens: torch.Tensor, device: torch.device) -> torch.Tensor:
-    cu = cu_seqlens.to(torch.int32)
-    if device.type == "cuda":
-        cu = cu.pin_memory()  # queued behind the work already launched instead of waiting for it
-    return cu.to(device, non_blocking=True)
+        return PackedRow(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                         max_seqlen_q=max(seqlens), max_seqlen_kv=max(seqlens), seqlens=tuple(seqlens))
+    return PackedRow(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                     cu_seqlens_q_padded=cu_seqlens_padded, cu_seqlens_kv_padded=cu_seqlens_padded,
+                     max_seqlen_q=max(padded_seqlens), max_seqlen_kv=max(padded_seqlens), seqlens=tuple(seqlens),
+                     padded_seqlens=tuple(padded_seqlens))
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ STRAIGHT = {  # name: (ranks, parallel section, other sections); packed rows unl
     "tp2pp2": (4, {"tp": 2, "pp": 2}, {}),
     "pp2vpp2": (2, {"pp": 2, "vpp": 2}, {}),
     "tp1_padded": (1, {}, {"data": {"packing": False}}),
+    "cp2": (2, {"cp": 2}, {}),
 }
 
 

@@ -10,7 +10,7 @@ logged as the mean of the micro-batch losses. It reads the pairs simpo-train tok
 order of simpo_mcore's sampler, which is written out here too: epoch e visits ``permutation(N)`` of numpy's
 ``default_rng([seed, e])``, step g takes pairs ``[g*G, (g+1)*G)`` of it, in micro-batches of k consecutive pairs.
 The SFT term is off: the reference normalises it per micro-batch, simpo_mcore over the global batch (on purpose,
-``step.py``), so only there do the two definitions differ.
+``objective.py``), so only there do the two definitions differ.
 
 Extending a run is what the HF Trainer does when resumed with a longer run: the same AdamW state, a schedule
 rebuilt for the new total and continued at the updates done. A changed lr (or beta) applies from the resumed step.

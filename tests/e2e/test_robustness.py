@@ -40,8 +40,8 @@ def test_nonfinite_gradient_is_skipped_then_aborts(tmp_path, tiny, straight):
     assert b[4]["lr"] == a[3]["lr"]  # the skipped step did not advance the schedule
     assert all(math.isfinite(b[s]["loss"]) for s in range(4, 21))
 
-    # The abort is documented behaviour, not a crash: one error line and exit code 2 on every rank (it
-    # was a FloatingPointError traceback per rank).
+    # The abort is documented behaviour, not a crash: one error line and exit code 2 on every rank (not a
+    # FloatingPointError traceback per rank).
     ranks = launch_ranks("train_entry.py", 2, write_config(
         tmp_path / "abort.yaml", *tiny, output_dir=str(tmp_path / "abort"), parallel=par,
         train={"max_steps": 8, "max_nonfinite_steps": 3}, logging={"wandb": {"project": "t", "mode": "offline"}}),
@@ -62,9 +62,9 @@ def test_nonfinite_gradient_is_skipped_then_aborts(tmp_path, tiny, straight):
 
 @pytest.mark.slow
 def test_rank0_data_error_is_every_ranks_error(tmp_path, tiny):
-    """Rank 0 reads the data while the others wait: its error (here an empty file) used to leave them to
-    die with "Connection closed by peer" (and torchrun to blame one of them). Now every rank prints the
-    same single line and exits 2."""
+    """Rank 0 reads the data while the others wait: its error (here an empty file) must not leave them to
+    die with "Connection closed by peer" (and torchrun to blame one of them): every rank prints the same
+    single line and exits 2."""
     empty = tmp_path / "prefs.jsonl"
     empty.write_text("")
     cfg = write_config(tmp_path / "c.yaml", *tiny, output_dir=str(tmp_path / "run"), data={"train_path": str(empty)})
@@ -110,11 +110,11 @@ def test_signals_lock_damage_and_relaunch(tmp_path, tiny, straight, capsys):
     """The CPU re-launch (``simpo-train --nproc 2``) and the launches that share an output_dir:
 
     1. a launch into an output_dir another run holds is refused by both ranks, naming the holder (host,
-       pid), exit 2 (a second launch used to resume the first one's checkpoint and delete its save);
+       pid), exit 2 (a second launch must not resume the first one's checkpoint and delete its save);
     2. SIGTERM to the launcher reaches the ranks: they save at an agreed step and the launcher exits 0
-       (torchrun's own handling exited 1 with "signal 15"); the lock is released;
-    3. ``kill -9`` of the launcher takes both ranks with it (they used to run on as orphans);
-    4. a bit flipped in an optimizer tensor of the saved checkpoint is refused by name (it loaded silently);
+       (torchrun's own handling exits 1 with "signal 15"); the lock is released;
+    3. ``kill -9`` of the launcher takes both ranks with it (no orphan runs on);
+    4. a bit flipped in an optimizer tensor of the saved checkpoint is refused by name (not loaded silently);
     5. the same command again replaces the dead run's stale lock, resumes, and the whole run equals the
        uninterrupted one bit for bit."""
     steps = 20

@@ -17,8 +17,8 @@ from simpo_mcore.train import Trainer
 @pytest.mark.slow
 def test_train_step_by_step_equals_the_loop(tmp_path, tiny, straight):
     """Two ``train_step`` calls reproduce steps 1-2 of the straight single-rank run bit for bit (loss, lr,
-    grad norm); ``maybe_save`` saves nothing off the interval and ``save`` writes a checkpoint at step 2; a
-    resume with another global batch counts its steps in the new batch."""
+    grad norm); the checkpointer saves nothing off the interval and writes a checkpoint at the last step (2);
+    a resume with another global batch counts its steps in the new batch."""
     base = straight("tp1")
     path = write_config(tmp_path / "t.yaml", *tiny, output_dir=str(tmp_path / "run"))
     cfg = load_config(path)
@@ -29,18 +29,19 @@ def test_train_step_by_step_equals_the_loop(tmp_path, tiny, straight):
     with distributed(cfg.parallel, cfg.train.seed) as layout:
         trainer = Trainer.build(cfg, layout)
         try:
-            assert trainer.progress.step == 0 and trainer.total_steps == 20
+            assert trainer.state.step == 0 and trainer.total_steps == 20
             for step in (1, 2):
                 record = trainer.train_step()
-                assert trainer.progress.step == step
-                assert trainer.progress.consumed_pairs == step * cfg.train.global_batch_pairs
+                assert trainer.state.step == step
+                assert trainer.state.consumed_pairs == step * cfg.train.global_batch_pairs
                 for key in ("loss", "lr", "grad_norm", "rewards/accuracies"):
                     assert record[key] == base[step][key], (step, key)
-            trainer.maybe_save()
+            assert trainer.checkpointer.save(2) is None
             assert not (tmp_path / "run" / "checkpoints").exists()
             assert trainer.should_stop() is None
-            trainer.save()
-            assert (tmp_path / "run" / "checkpoints" / "step_0000002" / "simpo_mcore.json").is_file()
+            saved = trainer.checkpointer.save(2, last_step=True)
+            assert saved == tmp_path / "run" / "checkpoints" / "step_0000002"
+            assert (saved / "simpo_mcore.json").is_file() and trainer.checkpointer.save(2, last_step=True) is None
             trainer.close()
 
             # Resumed with half the global batch (allowed): the step counts batches of the new size from the
@@ -48,9 +49,9 @@ def test_train_step_by_step_equals_the_loop(tmp_path, tiny, straight):
             half = load_config(path, ["train.global_batch_pairs=4", "train.max_steps=null",
                                       "checkpoint.allow_changes=[train.global_batch_pairs]"])
             trainer = Trainer.build(half, layout)
-            assert (trainer.progress.step, trainer.progress.consumed_pairs, trainer.total_steps) == (4, 16, 64)
+            assert (trainer.state.step, trainer.state.consumed_pairs, trainer.total_steps) == (4, 16, 64)
             record = trainer.train_step()
-            assert (trainer.progress.step, trainer.progress.consumed_pairs) == (5, 20)
+            assert (trainer.state.step, trainer.state.consumed_pairs) == (5, 20)
             assert record["lr"] == trainer.schedule.lr_at(4)
         finally:
             trainer.close()

@@ -217,10 +217,12 @@ def test_training_step_makes_no_host_sync_of_its_own(layout, converted):
     from simpo_mcore.config import LossConfig
     from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
     from simpo_mcore.convert.mcore_io import load_model_weights
+    from simpo_mcore.data.padded import collate_pairs
     from simpo_mcore.logprobs import TokenLogpsContext
+    from simpo_mcore.microbatch import LossScale
     from simpo_mcore.model.builder import ModelOptions, build_model
     from simpo_mcore.model.specs import te_available
-    from simpo_mcore.step import LossScale, make_forward_step
+    from simpo_mcore.objective import make_forward_step
 
     _, ckpt = converted
     arch = CheckpointMeta.read(ckpt).arch
@@ -228,10 +230,12 @@ def test_training_step_makes_no_host_sync_of_its_own(layout, converted):
     (model,) = build_model(arch, ModelOptions(spec=spec, precision="bf16", cuda=True))
     load_model_weights([model], ckpt)
     g = torch.Generator().manual_seed(3)
-    tokens = torch.randint(0, arch.vocab_size, (4, 128), generator=g)  # host tensors, as the sampler gives
-    labels = tokens.clone()
-    labels[:, :40] = -100
-    batch = {"tokens": tokens, "labels": labels, "tokens_real": tokens.numel()}
+    tokens = torch.randint(0, arch.vocab_size, (4, 128), generator=g).tolist()
+    labels = [[-100] * 40 + row[40:] for row in tokens]
+    # A host micro-batch, as collation gives it: two pairs of 128 tokens, 88 targets per sequence.
+    batch = collate_pairs({"chosen_input_ids": tokens[:2], "chosen_labels": labels[:2],
+                           "rejected_input_ids": tokens[2:], "rejected_labels": labels[2:]}, [0, 1], 128, 0,
+                          arch.vocab_size)
     step = make_forward_step(LossConfig(), TokenLogpsContext(arch.vocab_size, chunk_tokens=256),
                              torch.device("cuda"), LossScale(1, 1, 2, 2 * 88))
 
@@ -277,12 +281,12 @@ def test_packed_rows_through_te_thd_attention(layout, converted):
 
     from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
     from simpo_mcore.convert.mcore_io import load_model_weights
-    from simpo_mcore.data.batching import collate_pairs
     from simpo_mcore.data.packing import collate_packed_row
+    from simpo_mcore.data.padded import collate_pairs
     from simpo_mcore.logprobs import TokenLogpsContext, sequence_logps
     from simpo_mcore.model.builder import ModelOptions, build_model
     from simpo_mcore.model.specs import te_available
-    from simpo_mcore.step import token_logps_forward
+    from simpo_mcore.objective import sequence_token_logps, token_logps_forward
 
     hf_dir, ckpt = converted
     arch = CheckpointMeta.read(ckpt).arch
@@ -315,12 +319,13 @@ def test_packed_rows_through_te_thd_attention(layout, converted):
     bound = 2 * (hf_bf16 - ref).abs().max().item() + 1e-3
     head = TokenLogpsContext(arch.vocab_size, chunk_tokens=256)
     device = torch.device("cuda")
-    packed = collate_packed_row(columns(pairs), [0, 1, 2], 512, pad_id=0)
+    vocab = arch.vocab_size
+    packed = collate_packed_row(columns(pairs), [0, 1, 2], 512, pad_id=0, vocab_size=vocab)
     changed = [dict(p) for p in pairs]
     changed[1]["chosen_input_ids"] = [rng.randrange(3, arch.vocab_size) for _ in pairs[1]["chosen_input_ids"]]
     changed[1]["chosen_labels"] = [-100] * 5 + changed[1]["chosen_input_ids"][5:]  # its prompt is 5 tokens
-    after = collate_packed_row(columns(changed), [0, 1, 2], 512, pad_id=0)
-    padded = collate_pairs(columns(pairs), [0, 1, 2], seq_len=144, pad_id=0)
+    after = collate_packed_row(columns(changed), [0, 1, 2], 512, pad_id=0, vocab_size=vocab)
+    padded = collate_pairs(columns(pairs), [0, 1, 2], seq_len=144, pad_id=0, vocab_size=vocab)
     report = {"hf_bf16_max_abs_avg_logp_err": (hf_bf16 - ref).abs().max().item()}
     specs = ["sdpa"] + (["te"] if te_available() else [])
     for spec in specs:
@@ -330,9 +335,9 @@ def test_packed_rows_through_te_thd_attention(layout, converted):
         got = {}
         with torch.no_grad():
             for name, batch in (("packed", packed), ("changed", after), ("padded", padded)):
-                output, targets = token_logps_forward(model, batch, head, device)
-                token_logps = targets.token_logps(output)
-                got[name] = (token_logps.float().cpu(), sequence_logps(token_logps, targets.labels)[2].cpu())
+                batch = batch.to(device)
+                token_logps = sequence_token_logps(batch, token_logps_forward(model, batch, head))
+                got[name] = (token_logps.float().cpu(), sequence_logps(token_logps, batch.sequence_targets)[2].cpu())
         report[spec] = {
             "packed_max_abs_avg_logp_err": (got["packed"][1] - ref).abs().max().item(),
             "padded_max_abs_avg_logp_err": (got["padded"][1] - ref).abs().max().item(),
@@ -373,8 +378,8 @@ def _errors(result: dict) -> dict:
 
 
 def test_context_parallel_path_at_cp1_leaves_results_unchanged(layout, converted, tmp_path):
-    """One GPU: the CP code path at CP 1 (every packed segment padded to an even length and handed over as
-    ``cu_seqlens_q_padded``, the local ``sequence_index``, ``sequence_logps(cp_group=)``) against the plain path
+    """One GPU: the CP code path at CP 1 (the training's collation with the split: every packed segment padded to
+    an even length and handed over as ``cu_seqlens_q_padded``, the local ``sequence_index``) against the plain path
     of the same spec and precision, padded micro-batches and packed rows: the SDPA spec in fp32 (bounds ten times
     the CPU's: 1e-5 per sequence, 1e-4 gradients) and TE in bf16 (bounds to be set from the first measurement:
     1e-2 per sequence, 5e-2 gradients). Not yet measured on a GPU."""

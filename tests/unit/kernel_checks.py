@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from test_logprobs import SOFTCAP, abs_err, check_fused_head_against_reference
+from helpers import SOFTCAP, abs_err, check_fused_head_against_reference
 
 from simpo_mcore import logprobs_kernels as kernels
 from simpo_mcore.parallel import ensure_process_group

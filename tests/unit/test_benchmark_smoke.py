@@ -61,13 +61,15 @@ def test_result_header(bench):
     assert [r["shape"] for r in result["runs"]] == ["tiny"]
 
 
-def test_step_variants(bench):
+MCORE = ["mcore_sdpa_bf16", "mcore_te_bf16", "mcore_te_fp8_delayed", "mcore_te_fp8_tensorwise"]
+
+
+def test_every_cpu_variant_is_timed_with_its_ratios(bench):
     run = bench[0]["runs"][0]
     assert (run["seq"], run["pairs"], run["prompt"], run["tokens"]) == (64, 1, 16, 128)
     assert run["model_tflop_per_step"] * 1e12 == pytest.approx(TINY_FLOP, rel=1e-12)
     variants = run["variants"]
-    mcore = ["mcore_sdpa_bf16", "mcore_te_bf16", "mcore_te_fp8_delayed", "mcore_te_fp8_tensorwise"]
-    assert list(variants) == ["hf_sdpa_bf16", *[n + k for n in mcore for k in ("", "+keep_logits")],
+    assert list(variants) == ["hf_sdpa_bf16", *[n + k for n in MCORE for k in ("", "+keep_logits")],
                               "hf_sdpa_bf16_again"]
     hf = variants["hf_sdpa_bf16"]
     for name in ("hf_sdpa_bf16", "mcore_sdpa_bf16", "mcore_sdpa_bf16+keep_logits", "hf_sdpa_bf16_again"):
@@ -84,16 +86,28 @@ def test_step_variants(bench):
         # One profiled step: host operators only on a CPU (the device columns are for a GPU).
         assert v["profile"]["host_ops"] > 10 and v["profile"]["wall_ms"] > 0
         assert v["profile"]["device_busy_ms"] is None and v["profile"]["host_syncs"] == {}
-    # Both losses are SimPO on random weights: chosen and rejected score alike, so close to softplus(beta * gamma/beta).
+
+
+def test_hf_and_mcore_losses_are_simpo_of_alike_scores(bench):
+    """Both losses are SimPO on random weights: chosen and rejected score alike, so close to
+    softplus(beta * gamma/beta) = softplus(2.0 * 0.5)."""
+    variants = bench[0]["runs"][0]["variants"]
     for name in ("hf_sdpa_bf16", "mcore_sdpa_bf16"):
         assert variants[name]["loss"] == pytest.approx(math.log1p(math.exp(2.0 * 0.5)), abs=0.3)
-    # Keeping the head's logits changes the backward only: the same weights give the same first loss, and
-    # gradients that differ by bf16 rounding.
+
+
+def test_keeping_the_head_logits_changes_the_backward_only(bench):
+    """The same weights give the same first loss, and gradients that differ by bf16 rounding."""
+    variants = bench[0]["runs"][0]["variants"]
     keep, recompute = variants["mcore_sdpa_bf16+keep_logits"], variants["mcore_sdpa_bf16"]
     assert keep["loss"] == recompute["loss"]
     assert keep["grad_norm"] == pytest.approx(recompute["grad_norm"], rel=1e-2)
-    for name in mcore[1:]:
-        for v in (variants[name], variants[name + "+keep_logits"]):
+
+
+def test_gpu_variants_and_targets_are_skipped_on_a_cpu(bench):
+    run = bench[0]["runs"][0]
+    for name in MCORE[1:]:
+        for v in (run["variants"][name], run["variants"][name + "+keep_logits"]):
             assert v["status"] == "skipped" and v["reason"]
     assert run["targets"] == []  # the issue's targets are for the 1b / 8b4 shapes at 2 x 2 x 2048 tokens
 

@@ -1,7 +1,7 @@
 """What is on disk in a checkpoint, checked before anything reads it: every file against integrity.json
 (a truncated, deleted or bit-flipped file is refused by name), and every pickle against what a checkpoint
-holds (a crafted one is refused and runs nothing); RNG states are tensors; keep_last never deletes the
-checkpoint just written."""
+holds (a crafted one is refused and runs nothing); RNG states are tensors; the checkpoint manager saves on its
+interval and at the last step, and keep_last never deletes the checkpoint just written."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from megatron.core.dist_checkpointing.validation import verify_integrity_manifes
 from torch.distributed.checkpoint import FileSystemReader
 
 from simpo_mcore import checkpoint as ckpt
+from simpo_mcore.config import CheckpointConfig
 from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
 from simpo_mcore.convert.hf_io import CheckpointError
 from simpo_mcore.convert.integrity import MANIFEST, checkpoint_files, share, verify_manifest, write_manifest
@@ -67,7 +68,7 @@ def test_manifest_lists_every_file_and_megatron_accepts_it(copy):
 
 @pytest.mark.parametrize("damage", ["truncate shard", "delete shard", "flip a bit", "truncate .metadata"])
 def test_damaged_files_are_refused_by_name(copy, damage):
-    """A truncated shard used to fail as a bare EOFError, a flipped bit to load silently."""
+    """Each named by file: unchecked, a truncated shard fails as a bare EOFError and a flipped bit loads silently."""
     shard = distcp(copy)
     if damage == "truncate shard":
         size = shard.stat().st_size
@@ -89,14 +90,12 @@ def test_damaged_files_are_refused_by_name(copy, damage):
         verify_checkpoint(copy)
 
 
-def test_without_a_manifest_damage_is_still_named(copy, caplog):
-    """A checkpoint written before manifests: a truncated .metadata names the file, not a bare EOFError."""
+def test_checkpoint_without_a_readable_manifest_is_refused(copy):
+    """Every checkpoint simpo_mcore writes has its integrity.json: without one (or with one that is not JSON)
+    nothing in it can be checked, and nothing is read."""
     (copy / MANIFEST).unlink()
     assert verify_manifest(copy) is False
-    meta = copy / ".metadata"
-    meta.write_bytes(meta.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=rf"checkpoint {copy} is damaged: \.metadata cannot be read "
-                                              r"\((EOFError|UnpicklingError).*truncated"):
+    with pytest.raises(CheckpointError, match=rf"checkpoint {copy} is damaged: its {MANIFEST} is missing"):
         verify_checkpoint(copy)
     (copy / MANIFEST).write_text("{not json")
     with pytest.raises(CheckpointError, match=rf"checkpoint {copy} is damaged: its {MANIFEST} cannot be read"):
@@ -150,12 +149,12 @@ def test_crafted_rng_object_is_refused_and_runs_nothing(converted, tmp_path):
     assert not marker.exists()
 
 
-def test_older_rng_state_of_numpy_arrays_is_admitted(tmp_path):
-    """Checkpoints from before the RNG states became tensors hold them pickled with numpy arrays: data,
-    admitted by torch's weights_only unpickler once numpy's array rebuild is allowed."""
-    legacy = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+def test_pickled_numpy_arrays_and_numbers_are_admitted(tmp_path):
+    """Generator states pickled with numpy arrays, tuples and numbers are data: admitted by torch's weights_only
+    unpickler once numpy's array rebuild is allowed."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
               "cuda": None, "tracker": {"model-parallel-rng": torch.get_rng_state()}}
-    saved(tmp_path / "old", {"rng_state": legacy, "optimizer_groups": {"lr": 1e-3, "betas": (0.9, 0.999)}})
+    saved(tmp_path / "old", {"rng_state": states, "optimizer_groups": {"lr": 1e-3, "betas": (0.9, 0.999)}})
     metadata = check_checkpoint_pickles(tmp_path / "old")
     assert "rng_state/shard_0.0.0_1.1.1" in metadata.state_dict_metadata
 
@@ -196,8 +195,8 @@ def test_rng_states_round_trip_as_tensors():
 
 
 def test_keep_last_never_deletes_the_checkpoint_just_written(tmp_path):
-    """An older run's higher steps beside a new run's: keeping the newest K by step number deleted the new
-    run's own checkpoint (and `latest` named a deleted directory)."""
+    """An older run's higher steps beside a new run's: the newest K by step number alone would delete the new
+    run's own checkpoint (and leave `latest` naming a deleted directory)."""
     for step in (3, 5, 6, 30, 40):
         (tmp_path / ckpt.step_dir_name(step)).mkdir()
     (tmp_path / "step_0000007.incomplete").mkdir()
@@ -206,3 +205,20 @@ def test_keep_last_never_deletes_the_checkpoint_just_written(tmp_path):
         "step_0000005", "step_0000006", "step_0000007.incomplete", "step_0000030", "step_0000040"]
     assert ckpt.prune_checkpoints(tmp_path, keep_last=1, step=6) == ["step_0000005"]
     assert ckpt.prune_checkpoints(tmp_path, keep_last=1, step=6) == []
+
+
+def test_the_manager_saves_on_its_interval_and_once_at_the_last_step(tmp_path):
+    """``save(step, last_step)``: due every ``save_interval`` steps; at the last step whatever the interval, unless
+    that step is saved already (written or resumed from); never twice at one step."""
+    def manager(interval):
+        return ckpt.CheckpointManager(tmp_path, CheckpointConfig(save_interval=interval), model=[], optimizer=None,
+                                      train_state=None, layout=None, meta=None, tokenizer="t", run_config={},
+                                      data_fingerprint={}, total_steps=10)
+
+    every3 = manager(3)
+    assert [s for s in range(1, 11) if every3.due(s)] == [3, 6, 9]
+    assert every3.due(10, last_step=True) and every3.due(7, last_step=True)
+    every3.last_step = 9  # saved at 9 (or resumed there)
+    assert not every3.due(9) and not every3.due(9, last_step=True)
+    never = manager(0)
+    assert not any(never.due(s) for s in range(1, 11)) and never.due(10, last_step=True)

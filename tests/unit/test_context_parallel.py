@@ -13,6 +13,8 @@ The references:
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from megatron.core.models.common.embeddings.rope_utils import _get_thd_freqs_on_this_cp_rank
@@ -173,16 +175,24 @@ def test_a_shared_row_length_pads_the_last_segment():
     (["parallel.cp=2", "parallel.cp_comm_type=all_gather", "model.spec=te"],
      "parallel.cp_comm_type: all_gather takes no packed rows"),
     (["parallel.cp_comm_type=ring"], "parallel.cp_comm_type: 'ring' is not one of"),
-    (["parallel.cp=2"], "parallel.cp: 2 is not supported by simpo-train / simpo-eval / simpo-data yet"),
+    (["parallel.cp=2", "data.pack_tokens=8208"], "data.pack_tokens (8208) must be a multiple of 32 under "
+                                                  "parallel.cp 2"),
+    (["parallel.cp=2", "parallel.tp=8", "parallel.sequence_parallel=true", "data.max_length=33",
+      "data.max_prompt_length=8", "data.pack_tokens=96"], "data.pack_tokens (96) must be at least 128 under "
+                                                          "parallel.cp 2"),
 ])
 def test_context_parallel_settings_that_cannot_run_name_their_keys(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("+", r"\+").replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, overrides)
 
 
 def test_defaults_and_a_runnable_hierarchy():
     cfg = load_config(None, [])
     assert (cfg.parallel.cp, cfg.parallel.cp_comm_type, cfg.parallel.cp_a2a_size) == (1, "p2p", None)
+    cfg = load_config(None, ["parallel.cp=4", "parallel.tp=2", "parallel.sequence_parallel=true",
+                             "data.pack_tokens=65536", "data.max_length=32768", "parallel.cp_comm_type=a2a+p2p",
+                             "parallel.cp_a2a_size=2"])
+    assert (cfg.parallel.cp, cfg.parallel.cp_a2a_size) == (4, 2)
     from simpo_mcore.parallel import cp_hierarchy
 
     assert cp_hierarchy(8, "a2a+p2p", 2) == [2, 4]
@@ -217,3 +227,32 @@ def test_the_model_refuses_what_its_attention_cannot_do_under_cp():
         _check_te_context_parallel(ExtendedTransformerConfig(
             num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, context_parallel_size=4,
             cp_comm_type="a2a"))
+
+
+def test_the_cpu_relaunch_starts_tp_x_pp_x_cp_ranks(monkeypatch):
+    """``simpo-train CONFIG`` outside torchrun on a CPU launches one rank per position of the layout: TP 2 x CP 2
+    is 4 ranks (DP 1), not the 2 of TP alone."""
+    import argparse
+    import logging
+
+    import torch.distributed.run
+
+    from simpo_mcore import cli
+
+    commands = []
+
+    def torchrun(cmd):
+        commands.append(cmd)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(torch.distributed.run, "main", torchrun)
+    monkeypatch.setattr(cli, "_forward_signals", lambda: None)
+    monkeypatch.delenv("RANK", raising=False)
+    for name in (cli.LAUNCHER_PID, "OMP_NUM_THREADS"):
+        monkeypatch.setenv(name, "1")
+    elastic = logging.getLogger("torch.distributed.elastic")
+    monkeypatch.setattr(elastic, "level", elastic.level)
+    cfg = load_config(None, ["parallel.tp=2", "parallel.cp=2", "parallel.device=cpu"])
+    args = argparse.Namespace(nproc=None, config="run.yaml", overrides=[])
+    assert cli._relaunch_if_needed("simpo-train", cfg, args) == 0
+    assert commands[0][0] == "--nproc-per-node=4"

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import pair_columns, token_pairs
-from megatron.core import parallel_state as ps
+from helpers import pair_columns, random_pairs
 
 from simpo_mcore.config import ParallelConfig
-from simpo_mcore.data.batching import collate_pairs, shift_labels
-from simpo_mcore.data.context_parallel import cp_multiple, split_packed_row, split_rows
-from simpo_mcore.data.packing import collate_packed_row, sequence_targets, shift_packed_labels
-from simpo_mcore.logprobs import TokenLogpsContext, sequence_logps, token_logps_output_processor, unpack_token_logps
+from simpo_mcore.data.context_parallel import cp_multiple, split_packed_row, split_packed_row_batch, split_padded_pairs
+from simpo_mcore.data.packing import collate_packed_row
+from simpo_mcore.data.padded import collate_pairs
+from simpo_mcore.logprobs import TokenLogpsContext
 from simpo_mcore.model.builder import ModelOptions, build_model
-from simpo_mcore.model.forward import packed_row_params, position_ids_like
 from simpo_mcore.model.hf_config import ModelArch
+from simpo_mcore.objective import batch_sequence_logps, sequence_token_logps, token_logps_forward
 from simpo_mcore.parallel import distributed
 
 VOCAB = 250
@@ -30,14 +29,11 @@ ARCH = ModelArch(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_la
                  num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
                  max_position_embeddings=256, tie_word_embeddings=False, model_type="mistral", sliding_window=4)
 HEAD = TokenLogpsContext(vocab_size=VOCAB, chunk_tokens=16)
-CPU = torch.device("cpu")
 
 
-def pairs() -> list[dict]:
-    return token_pairs(((5, 9, 4), (0, 12, 7), (8, 3, 15)), VOCAB, seed=4)  # odd lengths: padded at CP 1 too
-
-
-columns = pair_columns
+def columns() -> dict[str, list]:
+    # Odd lengths: padded at CP 1 too.
+    return pair_columns(random_pairs(((5, 9, 4), (0, 12, 7), (8, 3, 15)), VOCAB, seed=4, low=3))
 
 
 @pytest.fixture(scope="module")
@@ -49,33 +45,11 @@ def model():
         yield chunk
 
 
-def run(model, tokens, positions, targets, params=None):
-    return model(tokens, positions, None, labels=targets, packed_seq_params=params,
-                 output_processor=token_logps_output_processor, output_processor_context=HEAD)
-
-
-def plain_packed(model, batch):
-    """(token_logps [2k, L], sum, avg): the packed path without the split."""
-    row_targets = shift_packed_labels(batch["labels"], batch["cu_seqlens"])  # [1, T]
-    out = run(model, batch["tokens"], batch["position_ids"], row_targets, packed_row_params(batch["cu_seqlens"], CPU))
-    token_logps = unpack_token_logps(out, batch["sequence_index"])  # [2k, L]
-    sum_logps, _, avg_logps = sequence_logps(token_logps, sequence_targets(row_targets, batch["sequence_index"]))
-    return token_logps, sum_logps, avg_logps
-
-
-def split_packed(model, batch):
-    """The same through the CP path at CP 1: segments padded, the padded boundaries, the local index."""
-    row_targets = shift_packed_labels(batch["labels"], batch["cu_seqlens"])  # [1, T]
-    split = split_packed_row(batch["cu_seqlens"], 1, 0, cp_multiple(1))
-    assert split.length > batch["tokens"].shape[1]  # the odd segments were padded
-    params = packed_row_params(split.cu_seqlens(padded=False), CPU, split.cu_seqlens(padded=True))
-    out = run(model, split.take(batch["tokens"], 0), split.positions.unsqueeze(0), split.take(row_targets, -100),
-              params)
-    index = split.sequence_index(batch["sequence_index"])  # [2k, L_local]
-    token_logps = unpack_token_logps(out, index)  # [2k, L]
-    targets = sequence_targets(split.take(row_targets, -100), index)
-    sum_logps, _, avg_logps = sequence_logps(token_logps, targets, cp_group=ps.get_context_parallel_group())
-    return token_logps, sum_logps, avg_logps
+def run(model, batch):
+    """(token_logps [2k, L], sum, avg) of a ready micro-batch through the objective's forward and reduction."""
+    out = token_logps_forward(model, batch, HEAD)
+    sum_logps, _, avg_logps = batch_sequence_logps(batch, out)
+    return sequence_token_logps(batch, out), sum_logps, avg_logps
 
 
 def objective_and_grads(model, result):
@@ -97,21 +71,18 @@ def assert_same(ref, got, ref_grads, got_grads):
 
 
 def test_packed_rows_through_the_cp_path_at_cp1(model):
-    batch = collate_packed_row(columns(pairs()), [0, 1, 2], 80, pad_id=0)  # 68 real positions, a tail of 12
-    ref = plain_packed(model, batch)
+    batch = collate_packed_row(columns(), [0, 1, 2], 80, pad_id=0, vocab_size=VOCAB)  # 76 real positions, a tail
+    ref = run(model, batch)
     ref_grads = objective_and_grads(model, ref)
-    got = split_packed(model, batch)
+    local = split_packed_row_batch(batch, split_packed_row(batch.cu_seqlens, 1, 0, cp_multiple(1)), pad_id=0)
+    assert local.cu_seqlens_padded is not None and local.tokens_computed > batch.tokens_computed  # segments padded
+    got = run(model, local)
     assert_same(ref, got, ref_grads, objective_and_grads(model, got))
 
 
 def test_padded_rows_through_the_cp_path_at_cp1(model):
-    batch = collate_pairs(columns(pairs()), [0, 1, 2], seq_len=24, pad_id=0)
-    targets = shift_labels(batch["labels"])  # [2k, S]
-    positions = position_ids_like(batch["tokens"])
-    ref_logps = run(model, batch["tokens"], positions, targets)
-    ref = (ref_logps, *sequence_logps(ref_logps, targets)[0::2])
+    batch = collate_pairs(columns(), [0, 1, 2], seq_len=24, pad_id=0, vocab_size=VOCAB)
+    ref = run(model, batch)
     ref_grads = objective_and_grads(model, ref)
-    local = [split_rows(x, 1, 0) for x in (batch["tokens"], positions, targets)]
-    got_logps = run(model, *local)
-    got = (got_logps, *sequence_logps(got_logps, local[2], cp_group=ps.get_context_parallel_group())[0::2])
+    got = run(model, split_padded_pairs(batch, 1, 0))
     assert_same(ref, got, ref_grads, objective_and_grads(model, got))

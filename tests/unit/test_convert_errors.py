@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import QUIET, make_tiny_hf_llama, make_tiny_hf_model
+from helpers import resave_checkpoint as resave
 from safetensors.torch import load_file, save_file
 
 from simpo_mcore.convert.checkpoint_meta import META_FILE, CheckpointMeta
@@ -165,23 +166,6 @@ def test_bad_dtype(hf_dir, tmp_path):
 def ckpt(hf_dir, tmp_path) -> Path:
     convert_hf_to_mcore(hf_dir, tmp_path / "ckpt", **QUIET)
     return tmp_path / "ckpt"
-
-
-def resave(ckpt: Path, out: Path, drop=(), put=None) -> Path:
-    """A copy of a megatron checkpoint with tensors dropped / replaced / added."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    from simpo_mcore.convert.mcore_io import save_sharded
-
-    tensors = dist_checkpointing.load_plain_tensors(str(ckpt))
-    for key in drop:
-        del tensors[key]
-    tensors.update(put or {})
-    out.mkdir()
-    save_sharded({k: ShardedTensor.from_rank_offsets(k, t, replica_id=0) for k, t in tensors.items()}, out)
-    (out / META_FILE).write_text((ckpt / META_FILE).read_text())
-    return out
 
 
 def refuse_export(ckpt: Path, out: Path, error, *fragments: str) -> None:

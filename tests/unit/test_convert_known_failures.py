@@ -26,11 +26,11 @@ from helpers import (
     load_hf_model,
     make_tiny_hf_llama,
     make_tiny_hf_model,
+    resave_checkpoint,
 )
 from safetensors.torch import load_file
 
 from simpo_mcore.convert import keymap
-from simpo_mcore.convert.checkpoint_meta import META_FILE
 from simpo_mcore.convert.hf_to_mcore import convert_hf_to_mcore
 from simpo_mcore.convert.mcore_to_hf import convert_mcore_to_hf
 from simpo_mcore.model.hf_config import ModelArch
@@ -79,18 +79,11 @@ def test_no_padded_rows_in_exports(tmp_path):
     """A checkpoint whose vocab rows are padded (as megatron saves them at TP>1: 250 -> 256 rows,
     the padding filled with a sentinel here) exports exactly ``vocab_size`` rows."""
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    from simpo_mcore.convert.mcore_io import save_sharded
 
     source, ckpt, _ = export(tmp_path, vocab_size=250, tie=False)
     tensors = dist_checkpointing.load_plain_tensors(str(ckpt))
-    for key in keymap.VOCAB_KEYS:
-        tensors[key] = torch.cat([tensors[key], torch.full((6, 64), 1.0e4)])  # [256, h]
-    padded = tmp_path / "padded"
-    padded.mkdir()
-    save_sharded({k: ShardedTensor.from_rank_offsets(k, t, replica_id=0) for k, t in tensors.items()}, padded)
-    (padded / META_FILE).write_text((ckpt / META_FILE).read_text())
+    padded = resave_checkpoint(ckpt, tmp_path / "padded", put={
+        key: torch.cat([tensors[key], torch.full((6, 64), 1.0e4)]) for key in keymap.VOCAB_KEYS})  # [256, h]
     assert tuple(dist_checkpointing.load_tensors_metadata(str(padded))[keymap.EMBEDDING[0]].global_shape) == (256, 64)
 
     convert_mcore_to_hf(padded, tmp_path / "out2", **QUIET)

@@ -110,8 +110,6 @@ def test_bad_pairs(tok):
         pair(bpe_tokenizer(bos=None), "", "</s>", "no")
     assert err.value.reason == NO_ROOM
     assert pair(bpe_tokenizer(bos=None), "", "n", "no")["chosen_labels"] == [V["n"], EOS]
-    with pytest.raises(ValueError, match="data.max_prompt_length"):
-        pair(tok, "hi", "yo", "no", max_length=8, max_prompt_length=8)
 
 
 # ---------------------------------------------------------------------------- rendering

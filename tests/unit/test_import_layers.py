@@ -3,8 +3,12 @@ module graph has no cycle, and imports sit at the top of each module except in t
 
 The layers, lowest first (docs/architecture.md draws them):
 
-    config, cpu_mode, console -> parallel -> data -> model -> convert -> logprobs_kernels -> logprobs, losses
-    -> step -> checkpoint, optim, metrics_log, resume, output_dir -> runtime -> reference -> evaluate -> train -> cli
+    config, cpu_mode, console -> parallel -> microbatch -> data -> model -> convert -> logprobs_kernels -> logprobs,
+    losses -> objective -> checkpoint, optim, metrics_log, resume, output_dir -> runtime -> reference -> evaluate
+    -> train -> cli
+
+``microbatch`` (the typed micro-batch) is the contract between ``data`` (which makes it ready) and ``objective``
+(which runs it): below both, so that the objective needs nothing from ``data``.
 
 ``convert`` (HF <-> megatron files, model weights I/O) and ``checkpoint`` (training state) sit beside the
 compute path: they know the model's architecture and nothing of the step.
@@ -22,12 +26,13 @@ PACKAGE = Path(__file__).resolve().parents[2] / "simpo_mcore"
 LAYERS = [
     ("config", "cpu_mode", "console"),
     ("parallel",),
+    ("microbatch",),
     ("data",),
     ("model",),
     ("convert",),
     ("logprobs_kernels",),
     ("logprobs", "losses"),
-    ("step",),
+    ("objective",),
     ("checkpoint", "optim", "metrics_log", "resume", "output_dir"),
     ("runtime",),
     ("reference",),
@@ -130,10 +135,18 @@ def test_no_import_cycle():
 
 
 def test_the_check_catches_what_it_guards_against():
-    """A data module importing the step (upward), and a model module importing inside a function."""
-    batching = PACKAGE / "data" / "batching.py"
+    """A data module importing the objective (upward), and a model module importing inside a function."""
+    padded = PACKAGE / "data" / "padded.py"
     with pytest.raises(AssertionError, match="which is above it"):
-        check_module(batching, batching.read_text() + "\nfrom simpo_mcore.step import LossScale\n")
+        check_module(padded, padded.read_text() + "\nfrom simpo_mcore.objective import loss_func\n")
     builder = PACKAGE / "model" / "builder.py"
     with pytest.raises(AssertionError, match="inside a function"):
         check_module(builder, builder.read_text() + "\ndef f():\n    from simpo_mcore.model import specs\n")
+
+
+def test_the_objective_imports_nothing_from_data():
+    """The micro-batch reaches the objective ready: nothing at forward time reaches back into data preparation."""
+    path = PACKAGE / "objective.py"
+    imported = [target for target, _, _ in simpo_imports(path)]
+    assert "simpo_mcore.microbatch" in imported
+    assert not [t for t in imported if t == "simpo_mcore.data" or t.startswith("simpo_mcore.data.")], imported

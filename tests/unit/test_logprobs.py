@@ -10,107 +10,36 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import (
+    SOFTCAP,
+    VOCAB,
+    B,
+    S,
+    abs_err,
+    check_fused_head_against_reference,
+    make_inputs,
+    reference_grads,
+    reference_token_logps,
+    rel_err,
+    simpo_like_objective,
+)
 
 from simpo_mcore import logprobs
 from simpo_mcore.logprobs import (
     TokenLogpsContext,
-    check_labels,
     fused_token_logps,
-    labelled_positions,
     sequence_logps,
     token_logps_output_processor,
     vocab_parallel_token_logps,
 )
+from simpo_mcore.microbatch import check_targets, labelled_positions
 from simpo_mcore.parallel import ensure_process_group
-
-S, B, H = 13, 3, 16  # 39 tokens
-VOCAB, V_PAD = 50, 64
-SOFTCAP = 2.0
-"""Logits here have a standard deviation of about 2: a cap of 2 bends most of them (Gemma-2 caps at 30 logits
-that are of that order)."""
 
 
 @pytest.fixture(scope="module")
 def tp_group():
     ensure_process_group()
     return dist.new_group([dist.get_rank()])
-
-
-def make_inputs(dtype=torch.float32, seed=0):
-    """hidden [s, b, h], weight [v_pad, h] with large random padded rows, labels [b, s] with a -100 prompt
-    prefix and -100 right padding of different lengths per sequence."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(S, B, H, generator=g)
-    weight = torch.randn(V_PAD, H, generator=g) * 0.5
-    # Padded rows that would dominate the softmax if they were not masked.
-    weight[VOCAB:] = torch.randn(V_PAD - VOCAB, H, generator=g) * 5.0
-    labels = torch.randint(0, VOCAB, (B, S), generator=g)
-    labels[0, :4] = -100  # prompt
-    labels[1, :2] = -100
-    labels[1, 10:] = -100  # right padding
-    labels[2, :7] = -100
-    labels[2, 12:] = -100
-    labels[0, 5] = VOCAB - 1  # the last real id
-    return hidden.to(dtype), weight.to(dtype), labels
-
-
-def reference_token_logps(logits, labels, vocab_size, softcap=None):
-    """``[b, s]`` from full logits ``[s, b, v_pad]``, by plain autograd (any dtype in, float64 math)."""
-    logits = logits[..., :vocab_size].double()
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    logps = torch.log_softmax(logits, dim=-1)  # [s, b, v]
-    valid = labels.t() != -100  # [s, b]
-    target = torch.where(valid, labels.t(), 0)
-    token = logps.gather(-1, target[..., None]).squeeze(-1)  # [s, b]
-    return torch.where(valid, token, 0.0).t()  # [b, s]
-
-
-def simpo_like_objective(token_logps, labels, seed=1):
-    """A random linear combination of per-sequence averages: an upstream gradient that differs per sequence
-    and per token count, like SimPO's."""
-    mask = labels != -100
-    avg = (token_logps.double() * mask).sum(-1) / mask.sum(-1)
-    coef = torch.randn(labels.shape[0], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return (coef * avg).sum()
-
-
-def rel_err(x, ref):
-    return ((x.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
-
-
-def abs_err(x, ref):
-    return (x.double() - ref.double()).abs().max().item()
-
-
-def reference_grads(hidden, weight, labels, softcap=None):
-    h = hidden.detach().double().requires_grad_()
-    w = weight.detach().double().requires_grad_()
-    ref = reference_token_logps(h @ w.t(), labels, VOCAB, softcap)
-    simpo_like_objective(ref, labels).backward()
-    return ref.detach(), h.grad, w.grad
-
-
-def check_fused_head_against_reference(tp_group, chunk_tokens: int, kernel: str = "auto",
-                                       recompute: bool = True, labelled_only: bool = False,
-                                       softcap: float | None = None) -> None:
-    """Values and gradients of the fused head equal float64 ``log_softmax`` over the real vocabulary
-    (``labelled_only``: the head given the labelled positions, as the training step gives them)."""
-    hidden, weight, labels = make_inputs()
-    ref, ref_grad_h, ref_grad_w = reference_grads(hidden, weight, labels, softcap)
-    h = hidden.clone().requires_grad_()
-    w = weight.clone().requires_grad_()
-    token_logps = fused_token_logps(h, w, labels, VOCAB, tp_group, sequence_parallel=False,
-                                    chunk_tokens=chunk_tokens, kernel=kernel, recompute=recompute,
-                                    token_index=labelled_positions(labels) if labelled_only else None,
-                                    softcap=softcap)
-    assert token_logps.dtype == torch.float32 and token_logps.shape == (B, S)
-    assert abs_err(token_logps, ref) < 1e-5
-    assert (token_logps[labels == -100] == 0).all()
-    simpo_like_objective(token_logps, labels).backward()
-    assert rel_err(h.grad, ref_grad_h) < 1e-5
-    assert rel_err(w.grad, ref_grad_w) < 1e-5
-    assert (w.grad[VOCAB:] == 0).all()
 
 
 @pytest.mark.parametrize("softcap", [None, SOFTCAP], ids=["plain", "softcap"])
@@ -313,31 +242,32 @@ def test_sequence_logps_rejects_empty_sequences():
         sequence_logps(torch.zeros(2, 2), labels)
 
 
-def test_check_labels_on_the_host():
-    """The step's one check, run on the host copy: range and at least one label per sequence."""
-    check_labels(torch.tensor([[-100, 4], [3, -100]]), VOCAB)
+def test_collation_check_refuses_what_the_head_cannot_score():
+    """The one check a micro-batch's targets get, on the host at collation: int64, every target -100 or a real
+    id, and at least one per sequence."""
+    check_targets(torch.tensor([[-100, 4], [3, -100]]), VOCAB)
     with pytest.raises(ValueError, match=rf"labels must be -100 or in \[0, {VOCAB}\); found \[{VOCAB}\]"):
-        check_labels(torch.tensor([[-100, VOCAB], [3, -100]]), VOCAB)
+        check_targets(torch.tensor([[-100, VOCAB], [3, -100]]), VOCAB)
     with pytest.raises(ValueError, match=r"sequences \[1\] have no token with a label"):
-        check_labels(torch.tensor([[-100, 4], [-100, -100]]), VOCAB)
+        check_targets(torch.tensor([[-100, 4], [-100, -100]]), VOCAB)
     with pytest.raises(TypeError, match="int64"):
-        check_labels(torch.tensor([[1, 4]], dtype=torch.int32), VOCAB)
+        check_targets(torch.tensor([[1, 4]], dtype=torch.int32), VOCAB)
 
 
 @pytest.mark.parametrize("chunk_tokens", [0, 7])
 def test_head_skips_its_device_check_only_when_told(tp_group, monkeypatch, chunk_tokens):
-    """``labels_checked`` (set by the training step after its host check) keeps the head from checking
-    again, which on a GPU would be a device sync; by default it checks."""
+    """``labels_checked`` (set by the objective for a collated micro-batch, whose targets were checked on the
+    host) keeps the head from checking again, which on a GPU would be a device sync; by default it checks."""
     hidden, weight, labels = make_inputs()
     calls = []
-    monkeypatch.setattr(logprobs, "_check_labels", lambda *args: calls.append(args))
+    monkeypatch.setattr(logprobs, "check_label_values", lambda *args: calls.append(args))
     layer = _FakeOutputLayer(weight, tp_group)
     for checked in (False, True):
         token_logps_output_processor(
             hidden_states=hidden, output_layer=layer, output_weight=None, labels=labels,
             context=TokenLogpsContext(vocab_size=VOCAB, chunk_tokens=chunk_tokens, labels_checked=checked))
         assert len(calls) == 1, checked  # one call from the unchecked run, none from the checked one
-    monkeypatch.setattr(logprobs, "_check_counts", lambda *args: calls.append(args))
+    monkeypatch.setattr(logprobs, "check_sequence_counts", lambda *args: calls.append(args))
     sequence_logps(torch.zeros(B, S), labels, check=False)
     assert len(calls) == 1
     sequence_logps(torch.zeros(B, S), labels)

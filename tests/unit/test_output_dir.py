@@ -37,8 +37,8 @@ def test_output_dir_must_be_a_writable_directory(tmp_path):
 
 
 def test_fresh_run_into_a_previous_run_is_refused_unless_overwrite(tmp_path):
-    """checkpoint.resume: false into an output_dir with a previous run used to keep the old checkpoints,
-    mix the metrics, and (keep_last) delete the checkpoint the new run had just written."""
+    """checkpoint.resume: false into an output_dir with a previous run would keep the old checkpoints, mix the
+    metrics, and (keep_last) delete the checkpoint the new run had just written: refused without overwrite."""
     out = tmp_path / "run"
     od.start_fresh(out, overwrite=False)  # nothing there: fine
     (out / "checkpoints" / "step_0000040").mkdir(parents=True)
@@ -141,8 +141,8 @@ def test_claim_checks_locks_and_releases(tmp_path):
 
 
 def test_simpo_train_reports_them_in_one_line(tmp_path, capsys):
-    """Through the command: exit code 2 and one ``error:`` line, before any model loads (a file as
-    output_dir used to end in a NotADirectoryError traceback once the data cache was created)."""
+    """Through the command: exit code 2 and one ``error:`` line, before any model loads (not a
+    NotADirectoryError traceback once the data cache is created under a file given as output_dir)."""
     from simpo_mcore.cli import train_main
 
     config = str(Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml")
@@ -154,4 +154,4 @@ def test_simpo_train_reports_them_in_one_line(tmp_path, capsys):
         f"simpo-train: error: output_dir {afile} is a file, not a directory"]
     assert train_main([config, "optim.lr=-1e-6", f"output_dir={tmp_path}"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
-        "simpo-train: config error: optim.lr must be a positive number, got -1e-06"
+        "simpo-train: error: optim.lr must be a positive number, got -1e-06"

@@ -13,17 +13,18 @@ import random
 
 import pytest
 import torch
-from helpers import pair_columns, token_pairs
+from helpers import pair_columns, random_pairs
 
-from simpo_mcore.config import ParallelConfig
-from simpo_mcore.data.batching import collate_pairs
-from simpo_mcore.data.packing import collate_packed_row, shift_packed_labels
+from simpo_mcore.config import LossConfig, ParallelConfig
+from simpo_mcore.data.packing import collate_packed_row
+from simpo_mcore.data.padded import collate_pairs
 from simpo_mcore.logprobs import TokenLogpsContext, sequence_logps, token_logps_output_processor, unpack_token_logps
+from simpo_mcore.microbatch import LossScale
 from simpo_mcore.model.builder import ModelOptions, build_model
 from simpo_mcore.model.forward import position_ids_like
 from simpo_mcore.model.hf_config import ModelArch
+from simpo_mcore.objective import REPORT_FIELDS, make_forward_step, sequence_token_logps, token_logps_forward
 from simpo_mcore.parallel import distributed
-from simpo_mcore.step import token_logps_forward
 
 VOCAB = 250
 ARCH = ModelArch(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_layers=2, num_attention_heads=4,
@@ -34,10 +35,15 @@ CPU = torch.device("cpu")
 
 
 def pairs(seed: int = 0) -> list[dict]:
-    return token_pairs(((5, 9, 3), (0, 12, 7), (8, 2, 15), (3, 6, 6)), VOCAB, seed)  # one without a prompt
+    return random_pairs(((5, 9, 3), (0, 12, 7), (8, 2, 15), (3, 6, 6)), VOCAB, seed, low=3)  # one without a prompt
 
 
-columns = pair_columns
+def padded(rows: list[dict], seq_len: int):
+    return collate_pairs(pair_columns(rows), list(range(len(rows))), seq_len=seq_len, pad_id=0, vocab_size=VOCAB)
+
+
+def packed(rows: list[dict], length: int):
+    return collate_packed_row(pair_columns(rows), list(range(len(rows))), length, pad_id=0, vocab_size=VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +56,8 @@ def model():
 
 def per_sequence(model, batch):
     """(token_logps [2k, L], sum_logps, avg_logps), chosen sequences first."""
-    output, targets = token_logps_forward(model, batch, HEAD, CPU)
-    token_logps = targets.token_logps(output)
-    sum_logps, _, avg_logps = sequence_logps(token_logps, targets.labels)
+    token_logps = sequence_token_logps(batch, token_logps_forward(model, batch, HEAD))
+    sum_logps, _, avg_logps = sequence_logps(token_logps, batch.sequence_targets)
     return token_logps, sum_logps, avg_logps
 
 
@@ -69,12 +74,10 @@ def grads(model):
 
 def test_packed_row_matches_padded_pairs(model):
     rows = pairs()
-    padded = collate_pairs(columns(rows), list(range(4)), seq_len=32, pad_id=0)
-    packed = collate_packed_row(columns(rows), list(range(4)), 112, pad_id=0)  # 97 real positions, then a tail
-    ref_tokens, ref_sum, ref_avg = per_sequence(model, padded)
+    ref_tokens, ref_sum, ref_avg = per_sequence(model, padded(rows, 32))
     objective(ref_avg).backward()
     ref_grads = grads(model)
-    token_logps, sum_logps, avg_logps = per_sequence(model, packed)
+    token_logps, sum_logps, avg_logps = per_sequence(model, packed(rows, 112))  # 97 real positions, then a tail
     objective(avg_logps).backward()
     got_grads = grads(model)
     width = token_logps.shape[1]
@@ -95,8 +98,7 @@ def test_changing_one_sequence_leaves_the_others_unchanged(model):
     rng = random.Random(9)
     changed[1]["chosen_input_ids"] = [rng.randrange(3, VOCAB) for _ in rows[1]["chosen_input_ids"]]
     changed[1]["chosen_labels"] = list(changed[1]["chosen_input_ids"])  # no prompt: every token labelled
-    before = collate_packed_row(columns(rows), list(range(4)), 112, pad_id=0)
-    after = collate_packed_row(columns(changed), list(range(4)), 112, pad_id=0)
+    before, after = packed(rows, 112), packed(changed, 112)
     # Row order c0 r0 c1 r1 ...: c1 (chosen of pair 1, sequence slot 1) sits third, with sequences after it.
     logps_before, *_ = per_sequence(model, before)
     logps_after, *_ = per_sequence(model, after)
@@ -109,10 +111,9 @@ def test_changing_one_sequence_leaves_the_others_unchanged(model):
     # The same rows as one causal sequence (no packed parameters, positions 0..T-1): the change reaches the
     # later sequences.
     def one_sequence(batch):
-        targets = shift_packed_labels(batch["labels"], batch["cu_seqlens"])  # [1, T], as packed
-        out = model(batch["tokens"], position_ids_like(batch["tokens"]), None, labels=targets,
+        out = model(batch.tokens, position_ids_like(batch.tokens), None, labels=batch.targets,  # [1, T], as packed
                     output_processor=token_logps_output_processor, output_processor_context=HEAD)
-        return unpack_token_logps(out, batch["sequence_index"])  # [2k, L]
+        return unpack_token_logps(out, batch.sequence_index)  # [2k, L]
 
     plain_before, plain_after = one_sequence(before), one_sequence(after)
     later = [4 + 1, 2, 4 + 2, 3, 4 + 3]  # r1, c2, r2, c3, r3: after c1 in the row
@@ -123,16 +124,14 @@ def test_changing_one_sequence_leaves_the_others_unchanged(model):
 def test_a_row_without_pairs_contributes_nothing(model):
     """A row with no pair (the interleaved pipeline can need more rows than a step's pairs fill): all padding,
     one segment; its loss is 0 and every gradient it leaves is 0, so the step's loss is the other rows'."""
-    from simpo_mcore.config import LossConfig
-    from simpo_mcore.step import LossScale, make_forward_step
-
-    empty = collate_packed_row({name: [] for name in columns(pairs())}, [], 32, pad_id=0)
-    assert empty["cu_seqlens"].tolist() == [0, 32] and empty["tokens_real"] == 0 and empty["chosen_tokens"] == 0
+    empty = collate_packed_row({name: [] for name in pair_columns(pairs())}, [], 32, pad_id=0, vocab_size=VOCAB)
+    assert empty.cu_seqlens.tolist() == [0, 32] and empty.tokens_real == 0 and empty.chosen_tokens == 0
     forward_step = make_forward_step(LossConfig(sft_weight=0.5), HEAD, CPU, LossScale(2, 1, 4, 10))
     output, loss_func = forward_step(iter([empty]), model)
-    loss, report = loss_func(output)
+    loss, out = loss_func(output)
     loss.backward()
     assert loss.item() == 0.0
-    assert report["report"][0].item() == 0 and report["report"][-2:].tolist() == [0.0, 32.0]  # pairs, real, computed
+    report = dict(zip(REPORT_FIELDS, out["report"].tolist()))
+    assert (report["pairs"], report["tokens_real"], report["tokens_computed"]) == (0, 0, 32)
     left = grads(model)
     assert len(left) == 2 * 6 + 3 and all((g == 0).all() for g in left.values())  # the backward reached them all

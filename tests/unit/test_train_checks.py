@@ -20,6 +20,16 @@ def test_accumulation_steps():
     assert check_batch_sizes(cfg("train.global_batch_pairs=128", "train.micro_batch_pairs=3"), dp=4) is None
 
 
+def test_global_batch_must_be_a_multiple_of_the_micro_batch():
+    """One rule, checked where the data-parallel size is known; at DP 1 it is global % micro."""
+    c = cfg("train.global_batch_pairs=10", "train.micro_batch_pairs=4", "data.packing=false")
+    with pytest.raises(ConfigError, match=r"train\.global_batch_pairs \(10\) must equal train\.micro_batch_pairs "
+                                          r"\(4\) x accumulation steps x data-parallel size \(1\)"):
+        check_batch_sizes(c, dp=1)
+    # Packed, a micro-batch is a row of pack_tokens: micro_batch_pairs is unused and need not divide.
+    assert check_batch_sizes(cfg("train.global_batch_pairs=10", "train.micro_batch_pairs=4"), dp=1) is None
+
+
 def test_global_batch_not_divisible_by_dp_is_explained():
     c = cfg("train.global_batch_pairs=128", "train.micro_batch_pairs=2", "data.packing=false")
     with pytest.raises(ConfigError, match=r"not a multiple of 6\. Try global_batch_pairs = 126"):

@@ -6,11 +6,12 @@
 LAYOUTS: ``cp,tp,pp,sp[/cp,tp,pp,sp...]`` (DP is what the world leaves; the groups are rebuilt per layout).
 
 For each model: the CP 1 reference first, on every rank alike (TP 1, PP 1, by default the SDPA spec in fp32, the
-model called directly: the plain padded and packed paths that the parity tests prove against HF), then each
-layout through megatron's schedule and DDP as training runs it, with the options' spec and precision, the
-micro-batches split by ``data.context_parallel``: padded ``[2k, S]`` rows and packed rows (a tail segment of
-padding; under PP one row length for the step). The objective, over all pairs of the step, uses both reductions
-of the head::
+model called directly on one micro-batch of every pair: the plain padded and packed paths that the parity tests
+prove against HF), then each layout through megatron's schedule and DDP as training runs it (``run_schedule``),
+with the options' spec and precision, the micro-batches made by the training's own collation
+(``data.pipeline.collate``: collated whole, checked, then split for this CP rank): padded ``[2k, S]`` rows and
+packed rows (under PP one row length for the step). The objective, over all pairs of the step, uses both
+reductions of the head (``objective.batch_sequence_logps``: per-sequence sums reduced over the CP group)::
 
     J = sum_pairs -logsigmoid(2 (avg_c - avg_r - 0.5))  +  0.01 sum_sequences w_i sum_i
 
@@ -22,46 +23,36 @@ Rank 0 writes ``{model: {layout: {batching: {"sum": [[got, ref], ...], "avg": ..
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
+import datasets
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from gather_hf import gather_hf_tensors, to_hf
-from helpers import pair_columns, token_pairs
+from helpers import random_pairs
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import finalize_model_grads
-from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank
 
-from simpo_mcore.config import ParallelConfig
+from simpo_mcore.config import DataConfig, ParallelConfig
 from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
 from simpo_mcore.convert.mcore_io import load_model_weights
-from simpo_mcore.data.batching import collate_pairs, round_up, shift_labels
-from simpo_mcore.data.context_parallel import cp_multiple, padded_row_length, split_packed_row, split_rows
-from simpo_mcore.data.packing import collate_packed_row, sequence_targets, shift_packed_labels
-from simpo_mcore.logprobs import (
-    TokenLogpsContext,
-    labelled_positions,
-    sequence_logps,
-    token_logps_output_processor,
-    unpack_token_logps,
-)
+from simpo_mcore.data.context_parallel import cp_multiple, split_rows
+from simpo_mcore.data.pipeline import BatchLayout, collate
+from simpo_mcore.logprobs import TokenLogpsContext, sequence_logps
 from simpo_mcore.model.builder import ModelOptions, build_model
-from simpo_mcore.model.forward import packed_row_params, position_ids_like
+from simpo_mcore.objective import batch_sequence_logps, run_schedule, token_logps_forward
 from simpo_mcore.optim import wrap_ddp
 from simpo_mcore.parallel import init_distributed, shutdown
 
 # (prompt, chosen, rejected) lengths: no sequence a multiple of 2 x CP x TP = 8, all longer than the window (16).
 SHAPES = ((9, 28, 14), (0, 23, 41), (17, 30, 21), (5, 44, 33))
-COLLATE_MULTIPLE = 16  # the collation's own rounding: a tail segment of padding the split carries along
 
 
-def make_pairs(vocab: int) -> list[dict]:
-    return token_pairs(SHAPES, vocab, seed=3)
-
-
-columns = pair_columns
+def make_pairs(vocab: int) -> datasets.Dataset:
+    return datasets.Dataset.from_list(random_pairs(SHAPES, vocab, seed=3, low=3))
 
 
 def objective(sum_logps: torch.Tensor, avg_logps: torch.Tensor, row_index: list[int]) -> torch.Tensor:
@@ -79,10 +70,16 @@ def record(seen: dict, row_index: list[int], sum_logps, avg_logps) -> None:
             seen[2 * i + side] = (sum_logps[at].item(), avg_logps[at].item())
 
 
+def batch_layout(batching: str, vocab: int, tp: int = 1, sp: bool = False, pp: int = 1, cp: int = 1,
+                 cp_rank: int = 0) -> BatchLayout:
+    """The training's layout of micro-batches for this rank (packed rows or padded pairs)."""
+    return BatchLayout.for_run(DataConfig(packing=batching == "packed"), 0, tp, sp, pp, None, vocab, cp, cp_rank)
+
+
 # ----------------------------------------------------------------------------------------- the CP 1 reference
 
 
-def reference(ckpt: str, arch, pairs: list[dict], head: TokenLogpsContext, options) -> dict:
+def reference(ckpt: str, arch, pairs: datasets.Dataset, head: TokenLogpsContext, options) -> dict:
     """Per sequence (sum, avg) and HF-named gradients of J over all pairs at CP 1, per batching."""
     layout = init_distributed(ParallelConfig(device=options.device), seed=0)  # CP 1, TP 1, PP 1 (DP unused)
     (model,) = build_model(arch, ModelOptions(spec=options.ref_spec, precision=options.ref_precision,
@@ -92,8 +89,9 @@ def reference(ckpt: str, arch, pairs: list[dict], head: TokenLogpsContext, optio
     out = {}
     for batching in ("padded", "packed"):
         model.zero_grad(set_to_none=True)
-        token_logps, targets = plain_forward(model, pairs, batching, head, layout.device)
-        sum_logps, _, avg_logps = sequence_logps(token_logps, targets)
+        (batch,) = collate(pairs, [everything], batch_layout(batching, arch.vocab_size))
+        batch = batch.to(layout.device)
+        sum_logps, _, avg_logps = batch_sequence_logps(batch, token_logps_forward(model, batch, head))
         objective(sum_logps, avg_logps, everything).backward()
         seen: dict = {}
         record(seen, everything, sum_logps, avg_logps)
@@ -104,81 +102,18 @@ def reference(ckpt: str, arch, pairs: list[dict], head: TokenLogpsContext, optio
     return out
 
 
-def plain_forward(model, pairs, batching: str, head, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token_logps [2k, L], targets [2k, L]) of all pairs in one micro-batch, without any split."""
-    everything = list(range(len(pairs)))
-    if batching == "padded":
-        batch = collate_pairs(columns(pairs), everything, seq_len=80, pad_id=0)
-        targets = shift_labels(batch["labels"]).to(device)  # [2k, S]
-        tokens = batch["tokens"].to(device)
-        return model(tokens, position_ids_like(tokens), None, labels=targets,
-                     output_processor=token_logps_output_processor, output_processor_context=head), targets
-    batch = collated_row(pairs, everything)
-    row_targets = shift_packed_labels(batch["labels"], batch["cu_seqlens"]).to(device)  # [1, T]
-    index = batch["sequence_index"].to(device)
-    token_logps = model(batch["tokens"].to(device), batch["position_ids"].to(device), None, labels=row_targets,
-                        packed_seq_params=packed_row_params(batch["cu_seqlens"], device),
-                        output_processor=token_logps_output_processor, output_processor_context=head)
-    return unpack_token_logps(token_logps, index), sequence_targets(row_targets, index)  # [2k, L] each
-
-
 # ------------------------------------------------------------------------------------- split micro-batches
 
 
-def padded_cp_batch(pairs, row_index, seq_len, layout) -> dict:
-    """A padded micro-batch as the CP collation gives it: shifted, then this CP rank's chunks of every row."""
-    batch = collate_pairs(columns(pairs), row_index, seq_len, pad_id=0)
-    targets = shift_labels(batch["labels"])  # [2k, S]
-    positions = position_ids_like(batch["tokens"])  # [2k, S]
-    local = {name: split_rows(x, layout.cp, layout.cp_rank).to(layout.device)
-             for name, x in (("tokens", batch["tokens"]), ("targets", targets), ("position_ids", positions))}
-    return {**local, "token_index": labelled_positions(split_rows(targets, layout.cp, layout.cp_rank)).to(
-        layout.device), "row_index": row_index}
-
-
-def collated_row(pairs, row_index) -> dict:
-    """The packed row of ``row_index``'s pairs as collated today: rounded up to COLLATE_MULTIPLE (a tail)."""
-    fill = sum(len(pairs[i][f"{s}_input_ids"]) for i in row_index for s in ("chosen", "rejected"))
-    return collate_packed_row(columns([pairs[i] for i in row_index]), row_index, round_up(fill, COLLATE_MULTIPLE),
-                              pad_id=0)
-
-
-def packed_cp_batch(batch, multiple, length, layout) -> dict:
-    """A packed row as the CP collation gives it: labels shifted per sequence on the whole row, every segment
-    padded to ``multiple`` and split, ``length`` shared by the step's rows under PP (else ``None``)."""
-    row_targets = shift_packed_labels(batch["labels"], batch["cu_seqlens"])  # [1, T]
-    split = split_packed_row(batch["cu_seqlens"], layout.cp, layout.cp_rank, multiple, length)
-    targets = split.take(row_targets, -100)  # [1, T_local]
-    return {"tokens": split.take(batch["tokens"], 0).to(layout.device), "targets": targets.to(layout.device),
-            "position_ids": split.positions.unsqueeze(0).to(layout.device),
-            "token_index": labelled_positions(targets).to(layout.device),
-            "params": packed_row_params(split.cu_seqlens(padded=False), layout.device, split.cu_seqlens(padded=True)),
-            "sequence_index": split.sequence_index(batch["sequence_index"]).to(layout.device),
-            "row_index": batch["row_index"].tolist()}
-
-
-def cp_micro_batches(pairs, layout, batching: str, sp: bool) -> list[dict]:
-    """This replica's two micro-batches (of its pairs, split over DP), one shape per step under PP."""
+def cp_micro_batches(pairs: datasets.Dataset, layout, batching: str, sp: bool, vocab: int) -> list:
+    """This rank's two micro-batches (of its replica's pairs, split over DP), as the training collates them."""
     per_replica = len(pairs) // layout.dp
     mine = list(range(layout.dp_rank * per_replica, (layout.dp_rank + 1) * per_replica))
     groups = [mine[:len(mine) // 2], mine[len(mine) // 2:]]
-    multiple = cp_multiple(layout.cp, layout.tp, sp)
-    if batching == "padded":
-        longest = max(len(p[f"{s}_input_ids"]) for p in pairs for s in ("chosen", "rejected"))
-        return [padded_cp_batch([pairs[i] for i in g], g, round_up(longest, multiple), layout) for g in groups]
-    rows = [collated_row(pairs, g) for g in groups]
-    length = max(padded_row_length(r["cu_seqlens"], multiple) for r in rows) if layout.pp > 1 else None
-    return [packed_cp_batch(r, multiple, length, layout) for r in rows]
-
-
-def schedule(ddp: list, forward_step, batches: list[dict], cp: int) -> None:
-    """megatron's schedule over ``batches``; it divides ``seq_length`` by cp for the pipeline's tensor shapes, so
-    it is given the length before the split."""
-    many = len(ddp) > 1
-    get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=[iter(batches) for _ in ddp] if many else iter(batches),
-        model=ddp if many else ddp[0], num_microbatches=len(batches), seq_length=batches[0]["tokens"].shape[1] * cp,
-        micro_batch_size=batches[0]["tokens"].shape[0], forward_only=False)
+    rows = batch_layout(batching, vocab, layout.tp, sp, layout.pp, layout.cp, layout.cp_rank)
+    # The split's code path at CP 1 too (a layout of CP 1 checks that it changes nothing).
+    rows = dataclasses.replace(rows, split_multiple=cp_multiple(layout.cp, layout.tp, sp))
+    return collate(pairs, groups, rows)
 
 
 def run_layout(ckpt, arch, pairs, head, layout_spec: str, options, checks) -> dict:
@@ -197,12 +132,13 @@ def run_layout(ckpt, arch, pairs, head, layout_spec: str, options, checks) -> di
     chunks[0].config.finalize_model_grads_func = finalize_model_grads
     out = {}
     for batching in ("padded", "packed"):
-        batches = cp_micro_batches(pairs, layout, batching, bool(sp))
+        batches = cp_micro_batches(pairs, layout, batching, bool(sp), arch.vocab_size)
+        assert all(b.cp == cp for b in batches)
         seen: dict = {}
-        forward_step = cp_forward_step(head, seen, len(batches) * layout.dp)
+        forward_step = cp_forward_step(head, seen, len(batches) * layout.dp, layout.device)
         for c in ddp:
             c.zero_grad_buffer()
-        schedule(ddp, forward_step, batches, layout.cp)
+        run_schedule(ddp, forward_step, batches, forward_only=False)
         grads = gather_hf_tensors(ddp, arch, "grad")
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, seen)
@@ -211,31 +147,24 @@ def run_layout(ckpt, arch, pairs, head, layout_spec: str, options, checks) -> di
             for i, value in part.items():
                 assert i not in merged or merged[i] == value, (i, merged[i], value)  # CP ranks agree exactly
                 merged[i] = value
-        out[batching] = (merged, grads, [b["tokens"].shape[1] for b in batches])
+        out[batching] = (merged, grads, [b.tokens.shape[1] for b in batches])
     return out
 
 
-def cp_forward_step(head: TokenLogpsContext, seen: dict, scale: int):
-    """A ``forward_step`` over split micro-batches; its loss records each sequence's reduced (sum, avg) in ``seen``
-    and returns J x ``scale`` (micro-batches x dp: the schedule divides by the first and multiplies by cp, DDP
-    averages over dp x cp ranks, so the gradients are those of J over every pair)."""
-    cp_group = ps.get_context_parallel_group()
+def cp_forward_step(head: TokenLogpsContext, seen: dict, scale: int, device):
+    """A ``forward_step`` over this rank's ready micro-batches; its loss records each sequence's reduced (sum, avg)
+    in ``seen`` and returns J x ``scale`` (micro-batches x dp: the schedule divides by the first and multiplies by
+    cp, DDP averages over dp x cp ranks, so the gradients are those of J over every pair)."""
 
     def forward_step(it, model):
-        b = next(it)
-        context = TokenLogpsContext(head.vocab_size, head.chunk_tokens, labels_checked=True,
-                                    token_index=b["token_index"])
-        output = model(b["tokens"], b["position_ids"], None, labels=b["targets"], packed_seq_params=b.get("params"),
-                       output_processor=token_logps_output_processor, output_processor_context=context)
+        batch = next(it).to(device)
+        output = token_logps_forward(model, batch, head)
 
         def loss_func(token_logps):
-            targets = b["targets"]
-            if "sequence_index" in b:
-                token_logps = unpack_token_logps(token_logps, b["sequence_index"])  # [2k, L_local]
-                targets = sequence_targets(targets, b["sequence_index"])  # [2k, L_local]
-            sum_logps, _, avg_logps = sequence_logps(token_logps, targets, check=False, cp_group=cp_group)
-            record(seen, b["row_index"], sum_logps, avg_logps)
-            return objective(sum_logps, avg_logps, b["row_index"]) * scale, {}
+            sum_logps, _, avg_logps = batch_sequence_logps(batch, token_logps)
+            row_index = batch.row_index.tolist()
+            record(seen, row_index, sum_logps, avg_logps)
+            return objective(sum_logps, avg_logps, row_index) * scale, {}
 
         return output, loss_func
 

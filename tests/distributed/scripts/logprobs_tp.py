@@ -14,7 +14,8 @@ import torch
 from parity_common import write_worst_over_ranks
 
 from simpo_mcore.config import ParallelConfig
-from simpo_mcore.logprobs import fused_token_logps, labelled_positions, vocab_parallel_token_logps
+from simpo_mcore.logprobs import fused_token_logps, vocab_parallel_token_logps
+from simpo_mcore.microbatch import labelled_positions
 from simpo_mcore.parallel import init_distributed, shutdown
 
 S, B, H = 12, 3, 16  # s divisible by TP for sequence parallelism; 36 tokens

@@ -29,6 +29,7 @@ from parity_common import LENGTHS, batches, load_hf
 
 from simpo_mcore.config import ParallelConfig
 from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
+from simpo_mcore.convert.integrity import write_manifest
 from simpo_mcore.convert.mcore_io import load_model_weights, model_sharded_state_dict, save_sharded
 from simpo_mcore.model.builder import ModelOptions, build_model
 from simpo_mcore.model.forward import position_ids_like
@@ -87,6 +88,7 @@ def save_padded(chunks, arch, ckpt_dir: str, out_dir: str) -> None:
         meta = CheckpointMeta.read(ckpt_dir)
         CheckpointMeta(arch=meta.arch, tokenizer=None, kind="converted", info={"saved_at": "tp2"}).write(out_dir)
     dist.barrier()
+    write_manifest(out_dir)  # as every checkpoint simpo_mcore writes has (collective)
 
 
 def main(out_path: str, padded_dir: str, models: list[str]) -> None:

@@ -22,10 +22,10 @@ from simpo_mcore.train import Trainer
 def inject_nonfinite(steps: set[int]) -> None:
     forward_backward = Trainer.forward_backward
 
-    def with_nan(self, micro_batches, scale):
-        metrics = forward_backward(self, micro_batches, scale)
-        if self.progress.step + 1 in steps and dist.get_rank() == 0:
-            self.ddp_chunks[0].buffers[0].grad_data[0] = float("nan")
+    def with_nan(self, step_batches):
+        metrics = forward_backward(self, step_batches)
+        if self.state.step + 1 in steps and dist.get_rank() == 0:
+            self.model[0].buffers[0].grad_data[0] = float("nan")
         return metrics
 
     Trainer.forward_backward = with_nan
