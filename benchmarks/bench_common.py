@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from simpo_mcore.metrics_log import model_flops_per_token
+from simpo_mcore.model.flops import model_flops_per_token
 from simpo_mcore.model.hf_config import ModelArch
 
 GIB = 2**30
@@ -44,7 +44,7 @@ FLOPS_FORMULA = (
     "model FLOPs per step = tokens x [6 x (non-embedding parameters + output-layer parameters) "
     "+ 6 x layers x (heads x head_dim) x seq], tokens = sequences x seq: every weight does one multiply-add "
     "per token forward and two backward; causal attention does half of the s x s score and value matmuls. "
-    "The same count for every variant and precision (simpo_mcore.metrics_log.model_flops_per_token, "
+    "The same count for every variant and precision (simpo_mcore.model.flops.model_flops_per_token, "
     "the HF baseline script the targets were set with); recomputation and the fused head's extra GEMM are not counted. "
     "Head alone: 6 x tokens x vocab x hidden. TFLOP/s = model FLOPs / median step time; "
     "MFU = TFLOP/s / dense bf16 peak of the card (989 for H100/H200 SXM)."

@@ -83,8 +83,8 @@ def shared_pairs() -> list[tuple[int, int, int]] | None:
     from simpo_mcore.data.preference import build_preference_dataset
 
     cfg = DataConfig(train_path=str(data), max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT, num_proc=1)
-    ds, _ = build_preference_dataset(cfg, AutoTokenizer.from_pretrained(str(tok_dir)), "train",
-                                     Path("/tmp/simpo_bench_packing_cache"), announce=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=False)
+    ds, _ = build_preference_dataset(cfg, tokenizer, "train", Path("/tmp/simpo_bench_packing_cache"), announce=False)
     out = []
     for c_ids, c_labels, r_ids in zip(ds["chosen_input_ids"], ds["chosen_labels"], ds["rejected_input_ids"]):
         prompt = c_labels.count(-100)

@@ -9,7 +9,9 @@
 #
 # Phases, each under its own time limit and all within BUDGET seconds; results go to $OUT (at most 8 files):
 #   1. benchmarks/bench_step.py: HF vs simpo_mcore steps (head logits recomputed and kept, one profiled step
-#      each), the head alone, a sequence-length sweep (bench.json); benchmarks/bench_packing.py: real-length
+#      each), the head alone, a sequence-length sweep (bench.json); benchmarks/plan_gpu_check.py: simpo-plan's
+#      predicted memory against the allocator's peak and the bytes autograd saves, 1b and 8b4 shapes
+#      (plan_check.json); benchmarks/bench_packing.py: real-length
 #      pairs, TE packed rows vs HF padded micro-batches (packing.json)
 #   2. simpo-train on the embedded tiny job, TE bf16 and TE FP8 (metrics_*.jsonl): a short run per precision
 #   3. tests/gpu: logits of the TE / SDPA specs in fp32, bf16 and FP8 against HF; Triton head kernels vs torch;
@@ -53,6 +55,9 @@ HEAD_KERNEL=${HEAD_KERNEL:-auto}  # tests/gpu (phase 4) checks the Triton head k
 phase bench 270 python3 benchmarks/bench_step.py --shape 1b,8b4 --sweep-seq "${SWEEP:-1024,2048,4096}" --steps 8 \
     --warmup 3 --head-kernel "$HEAD_KERNEL" --head-logits recompute,keep --profile --out "$OUT/bench.json"
 phase plot 30 python3 benchmarks/plot_scaling.py "$OUT/bench.json" --out "$OUT/scaling.png"
+
+# simpo-plan's memory model against this GPU's allocator (docs/planning.md): short, so before the long phases.
+phase plan-check 90 python3 benchmarks/plan_gpu_check.py --out "$OUT/plan_check.json"
 
 # Real-length pairs (docs/packing.md; synthetic lengths with the UltraFeedback sample's median / p90 / max unless
 # ../shared/data is there): one rank's step of the shipped 8-GPU layout (32 pairs), 1b shape, TE bf16 packed rows

@@ -1,5 +1,6 @@
-"""Entry points: ``simpo-train CONFIG.yaml [dotted.key=value ...]``, ``simpo-eval`` and ``simpo-data``
-(a preview of the data as it will be trained on), all of that form.
+"""Entry points: ``simpo-train CONFIG.yaml [dotted.key=value ...]``, ``simpo-eval``, ``simpo-data``
+(a preview of the data as it will be trained on) and ``simpo-plan`` (layouts, memory and time on paper),
+all of that form.
 
 Under ``torchrun`` each rank runs the job. Run as one plain process with a config whose layout
 needs several ranks (``parallel.tp x parallel.pp x parallel.cp`` > 1) and no GPU, the command re-launches
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -98,7 +100,8 @@ def _parse_quietly(parser: argparse.ArgumentParser, argv: list[str] | None) -> a
 def _parse(prog: str, argv: list[str] | None):
     parser = _parser(prog, TRAIN_HELP if prog == "simpo-train" else EVAL_HELP)
     parser.add_argument("--nproc", type=int, default=None,
-                        help="CPU only, outside torchrun: ranks to launch (default: tp x pp x cp)")
+                        help="CPU only, outside torchrun: ranks to launch (default: tp x pp x cp); more adds "
+                             "data-parallel ranks, DP = nproc / (tp x pp x cp), which must divide evenly")
     return _parse_quietly(parser, argv)
 
 
@@ -238,7 +241,8 @@ def data_main(argv: list[str] | None = None) -> int:
     """``simpo-data CONFIG.yaml [overrides]``: the run's data as it will be trained on (one process,
     no process group); builds the tokenised cache the run then reads."""
     parser = _parser("simpo-data", DATA_HELP)
-    parser.add_argument("--split", choices=["train", "eval"], default="train")
+    parser.add_argument("--split", choices=["train", "eval"], default="train",
+                        help="which split to show: train (data.train_path, the default) or eval (data.eval_path)")
     parser.add_argument("--samples", type=int, default=3, help="rendered pairs to show (default 3)")
     parser.add_argument("--dp", type=int, default=1,
                         help="data-parallel size of the launch, for the padding efficiency (default 1)")
@@ -260,6 +264,71 @@ def data_main(argv: list[str] | None = None) -> int:
         error_line(f"simpo-data: error: {exc}")
         return USER_ERROR_EXIT
     return 0
+
+
+PLAN_HELP = ("""Plan a run before launching it: every layout of the config's model on N GPUs (TP, PP, VPP, DP,
+CP, EP; recomputation none / selective / full; distributed optimizer on / off) with its per-GPU memory
+(weights, DDP gradient buffers, optimizer state, activations, pipeline micro-batches in flight, the
+log-prob head, buffers), whether it fits, its predicted step time (model FLOPs at the MFU measured on
+an H200, the pipeline bubble, communication at datasheet bandwidths) and its communication volume,
+ranked best first with the overrides that select it. No GPU, no weights: the architecture comes from
+--hf-config, else the converted checkpoint, else configs/hf/ (docs/planning.md).""", """examples:
+  simpo-plan configs/simpo/llama3_8b_base_8gpu.yaml --gpus 8
+  simpo-plan configs/simpo/llama3_8b_base_multinode.yaml --gpus 32 --top 5
+  simpo-plan configs/simpo/llama3_8b_base_multinode.yaml --gpus 64 \\
+      --hf-config configs/hf/meta-llama__Meta-Llama-3-70B/config.json
+  simpo-plan configs/dpo/qwen25_7b_instruct_beta0.01_8gpu.yaml --gpus 8 --json > plan.json""")
+
+
+def plan_main(argv: list[str] | None = None) -> int:
+    """``simpo-plan CONFIG --gpus N [--gpu-memory-gib 80] [--hf-config FILE] [--json] [--top K]``."""
+    parser = _parser("simpo-plan", PLAN_HELP)
+    parser.add_argument("--gpus", type=int, required=True, help="GPUs of the launch")
+    parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
+    parser.add_argument("--reserve-gib", type=float, default=4.0,
+                        help="kept free for the CUDA context, NCCL and the allocator (default 4)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    parser.add_argument("--hf-config", default=None, help="a Hugging Face config.json (or its directory) "
+                        "for the architecture, instead of the checkpoint's or configs/hf/'s")
+    parser.add_argument("--cp", default=None, help="context-parallel sizes to consider, e.g. 1,2,4")
+    parser.add_argument("--ep", default=None, help="expert-parallel sizes to consider (MoE models)")
+    parser.add_argument("--json", action="store_true", help="print the layouts as a JSON list")
+    parser.add_argument("--top", type=int, default=None, help="layouts to show (default: 10 in the table, all "
+                        "in JSON)")
+    args = _parse_quietly(parser, argv)
+    try:
+        sizes = {name: _sizes(getattr(args, name), f"--{name}") for name in ("cp", "ep")}
+        if args.top is not None and args.top < 1:
+            raise ConfigError(f"--top must be >= 1, got {args.top}")
+        if args.gpus_per_node < 1:
+            raise ConfigError(f"--gpus-per-node must be >= 1, got {args.gpus_per_node}")
+        cfg = load_config(args.config, args.overrides)
+        from simpo_mcore.plan.planner import plan_run
+        from simpo_mcore.plan.report import plan_json, plan_table
+
+        plan = plan_run(cfg, args.gpus, config_path=args.config, hf_config=args.hf_config,
+                        gpu_memory_gib=args.gpu_memory_gib, reserve_gib=args.reserve_gib,
+                        gpus_per_node=args.gpus_per_node, cp_sizes=sizes["cp"], ep_sizes=sizes["ep"])
+    except USER_ERRORS as exc:
+        error_line(f"simpo-plan: error: {exc}")
+        return USER_ERROR_EXIT
+    if args.json:
+        print(json.dumps(plan_json(plan, args.top), indent=1))
+    else:
+        print(plan_table(plan, args.config, args.top or 10))
+    return 0
+
+
+def _sizes(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{flag} takes sizes separated by commas, e.g. 1,2,4; got {text!r}") from None
+    if any(x < 1 for x in sizes):
+        raise ConfigError(f"{flag} sizes must be >= 1, got {text!r}")
+    return sizes
 
 
 IMPORT_HELP = ("""Convert a SimPO-repo or TRL (CPOTrainer / DPOTrainer) training YAML into a simpo_mcore run config:
@@ -302,7 +371,7 @@ def import_config_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-COMMANDS = {"simpo-train": train_main, "simpo-eval": eval_main, "simpo-data": data_main,
+COMMANDS = {"simpo-train": train_main, "simpo-eval": eval_main, "simpo-data": data_main, "simpo-plan": plan_main,
             "simpo-import-config": import_config_main}
 
 

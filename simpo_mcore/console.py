@@ -94,6 +94,12 @@ def quiet_third_party() -> None:
         warnings.filterwarnings("ignore", message=re.escape(message), module=module)
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    # transformers sets its own logger's level when it first logs, from this variable (default: warnings):
+    # the level set above would not last ("Token indices sequence length is longer than the specified maximum
+    # sequence length", printed by simpo-data, when our truncation handles those rows).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_error()
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is imported
     if "datasets" in sys.modules:  # already imported (a caller in the same process): tell it directly

@@ -16,24 +16,10 @@ import torch
 
 from simpo_mcore.config import ConfigError, WandbConfig
 from simpo_mcore.console import Progress, format_count, format_duration
-
-# Dense bf16 peak of the cards we run on (TFLOP/s), for MFU. Matched against the device name.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+from simpo_mcore.model.flops import PEAK_BF16_TFLOPS, model_flops_per_token
 
 WANDB_ID_FILE = "wandb_run_id"
 """In ``output_dir``: the W&B run id, so that a resumed run continues the same W&B run."""
-
-
-def model_flops_per_token(arch, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6 x (non-embedding parameters + output
-    layer) + causal attention 6 x layers x hidden x seq (the score and value matmuls, half the
-    square masked). The count docs/performance.md states and its targets were set with."""
-    h, f, n = arch.hidden_size, arch.intermediate_size, arch.num_layers
-    q = arch.num_attention_heads * arch.head_dim
-    kv = arch.num_key_value_heads * arch.head_dim
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h
-    params = n * per_layer + h + arch.vocab_size * h  # + final norm + output layer
-    return 6 * params + 6 * n * q * seq_len
 
 
 def peak_tflops(cuda: bool) -> float | None:

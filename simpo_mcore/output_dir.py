@@ -26,7 +26,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -36,6 +35,7 @@ from pathlib import Path
 import psutil
 
 from simpo_mcore.config import CheckpointConfig, UserError
+from simpo_mcore.data.cache import unwritable_reason
 from simpo_mcore.parallel import agreed
 
 log = logging.getLogger("simpo_mcore")
@@ -55,14 +55,8 @@ def check_writable(path: str | Path) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"output_dir {path} is a file, not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise UserError(f"output_dir {path} is not a directory this process can write to "
-                        f"({exc.strerror or exc})") from None
+    if (reason := unwritable_reason(path)) is not None:
+        raise UserError(f"output_dir {path} is not a directory this process can write to ({reason})")
 
 
 def previous_run(path: str | Path) -> list[str]:

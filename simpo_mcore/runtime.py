@@ -103,9 +103,16 @@ def load_tokenizer(source: str):
         if not hf_constants.HF_HUB_OFFLINE and not hub_reachable():  # fail now, not after the hub's retries
             raise ValueError(hub_unreachable_error(f"model.tokenizer {source!r}"))
     try:
-        return AutoTokenizer.from_pretrained(source)
+        # Never run code that comes with a tokenizer: without this, transformers asks on the terminal whether
+        # to run it ("Do you wish to run the custom code? [y/N]"), and a "y" on stdin would.
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - re-raised with the config key that named it
-        raise ValueError(f"model.tokenizer {source!r} could not be loaded: {exc}") from exc
+        if "trust_remote_code" in str(exc):
+            raise ValueError(f"model.tokenizer {source!r} needs the Python code that comes with it (an auto_map "
+                             f"in its config), and simpo_mcore never runs such code: use a tokenizer of a class "
+                             f"transformers has (its tokenizer.json with PreTrainedTokenizerFast)") from None
+        reason = " ".join(str(exc).split())  # one line: transformers' messages span several
+        raise ValueError(f"model.tokenizer {source!r} could not be loaded: {reason}") from exc
 
 
 def _tokenizer_source(cfg: RunConfig, ckpt_dir: Path, meta: CheckpointMeta) -> str:
@@ -123,11 +130,21 @@ def max_length_warning(max_length: int, max_positions: int) -> str | None:
             f"positions past {max_positions} are beyond what the model was trained on")
 
 
+def check_vocab(tokenizer, source: str, vocab_size: int) -> None:
+    """A tokenizer with ids past the model's vocabulary would index past its embedding."""
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"tokenizer {source} has {len(tokenizer)} tokens but the model's vocabulary is "
+                         f"{vocab_size}")
+
+
 def data_tokenizer(cfg: RunConfig) -> tuple[object, int | None]:
     """The tokenizer a run of ``cfg`` renders its data with and the model's max_position_embeddings
-    (``None`` when no checkpoint is named), read without process groups or weights (``simpo-data``)."""
+    (``None`` when no checkpoint is named), read without process groups or weights (``simpo-data``); its
+    vocabulary checked against the model's as the run checks it."""
     if cfg.model.checkpoint == TINY_CHECKPOINT:
-        tokenizer = load_tokenizer(cfg.model.tokenizer) if cfg.model.tokenizer else build_tokenizer()
+        tiny = build_tokenizer()
+        tokenizer = load_tokenizer(cfg.model.tokenizer) if cfg.model.tokenizer else tiny
+        check_vocab(tokenizer, cfg.model.tokenizer or "built in code", len(tiny))  # the tiny model's vocabulary
         return tokenizer, TINY_ARCH["max_position_embeddings"]
     if cfg.model.checkpoint is None:
         if cfg.model.tokenizer is None:
@@ -135,7 +152,10 @@ def data_tokenizer(cfg: RunConfig) -> tuple[object, int | None]:
         return load_tokenizer(cfg.model.tokenizer), None
     ckpt_dir = _existing_checkpoint(cfg.model.checkpoint)
     meta = CheckpointMeta.read(ckpt_dir)
-    return load_tokenizer(_tokenizer_source(cfg, ckpt_dir, meta)), meta.arch.max_position_embeddings
+    source = _tokenizer_source(cfg, ckpt_dir, meta)
+    tokenizer = load_tokenizer(source)
+    check_vocab(tokenizer, source, meta.arch.vocab_size)
+    return tokenizer, meta.arch.max_position_embeddings
 
 
 def build_runtime(cfg: RunConfig, layout: Layout, *, load_weights: bool = True) -> Runtime:
@@ -162,9 +182,7 @@ def build_runtime(cfg: RunConfig, layout: Layout, *, load_weights: bool = True) 
     tokenizer = load_tokenizer(tokenizer_source)
     if layout.rank == 0 and (warning := max_length_warning(cfg.data.max_length, meta.arch.max_position_embeddings)):
         log.warning(warning)
-    if len(tokenizer) > meta.arch.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_source} has {len(tokenizer)} tokens but the model's "
-                         f"vocabulary is {meta.arch.vocab_size}")
+    check_vocab(tokenizer, tokenizer_source, meta.arch.vocab_size)
     opts = ModelOptions(
         spec=spec, precision=cfg.train.precision, tp=layout.tp, pp=layout.pp, vpp=layout.vpp, cp=layout.cp,
         cp_comm_type=cfg.parallel.cp_comm_type, cp_a2a_size=cfg.parallel.cp_a2a_size,

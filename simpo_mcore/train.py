@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, fields
@@ -35,6 +34,7 @@ from simpo_mcore import checkpoint as ckpt
 from simpo_mcore import console
 from simpo_mcore.checkpoint import CheckpointManager
 from simpo_mcore.config import ConfigError, RunConfig, UserError
+from simpo_mcore.convert.hf_io import owned_export
 from simpo_mcore.convert.tool import run_in_fresh_process
 from simpo_mcore.data.pipeline import TokenizedSplit, TrainBatches, check_data_paths, load_split
 from simpo_mcore.evaluate import evaluate
@@ -460,14 +460,15 @@ class Trainer:
                            Path(self.cfg.output_dir), wandb)
 
     def export_hf(self) -> None:
-        """The newest checkpoint as a Hugging Face model in ``<output_dir>/hf``."""
+        """The newest checkpoint as a Hugging Face model in ``<output_dir>/hf``, a directory the export owns:
+        it replaces an earlier export there, and refuses to touch anything else found in it."""
         out = Path(self.cfg.output_dir) / "hf"
+        checkpoint = self.checkpointer.last_path
 
         def export():
-            if out.exists():
-                shutil.rmtree(out)
-            # A process of its own: the converter runs in a world of one while this job's ranks wait.
-            run_in_fresh_process("mcore-to-hf", "--ckpt", str(self.checkpointer.last_path), "--out", str(out))
+            with owned_export(out, f"checkpoint.export_hf (the trained checkpoint is {checkpoint})") as staged:
+                # A process of its own: the converter runs in a world of one while this job's ranks wait.
+                run_in_fresh_process("mcore-to-hf", "--ckpt", str(checkpoint), "--out", str(staged))
             self.logger.print(f"exported Hugging Face model: {out}")
 
         agreed(export, run=self.layout.rank == 0)

@@ -1,4 +1,5 @@
-"""Convert a Hugging Face Llama directory (safetensors) into a simpo_mcore checkpoint.
+"""Convert a Hugging Face model directory (safetensors; every family of docs/conversion.md) into a simpo_mcore
+checkpoint.
 
     python tools/convert_hf_to_mcore.py --hf HF_DIR --out CKPT_DIR [--dtype bfloat16]
 

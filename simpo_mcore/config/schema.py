@@ -125,8 +125,9 @@ class DataConfig:
     ``prompt_id``, ``input``, ``preferred_output``, ``non_preferred_output``."""
 
     chat_template: str | None = None
-    """A Jinja chat template (a file path, or the template itself) used instead of the tokenizer's
-    own to render message rows. ``None``: the tokenizer's (``model.tokenizer``)."""
+    """A chat template used instead of the tokenizer's own to render message rows: a built-in name
+    (``llama2``, ``llama3``, ``chatml`` / ``qwen``, ``mistral``, ``gemma``, ``zephyr``: docs/data.md), a file
+    holding a Jinja template, or the Jinja text itself. ``None``: the tokenizer's (``model.tokenizer``)."""
 
     plain_strings: Literal["raw", "chat"] = "raw"
     """Plain-string rows (``standard``, ``implicit_standard``): ``raw`` uses the text as it is (as

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -157,12 +160,25 @@ class ShardedSafetensorsWriter:
         return paths
 
 
+def new_sibling_dir(path: Path, tag: str) -> Path:
+    """Create and return ``<path>.<tag>-<random>`` next to ``path``: a name no one else uses, made here."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        candidate = path.with_name(f"{path.name}.{tag}-{uuid.uuid4().hex[:8]}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+
+
 @contextmanager
 def staged_output(out_dir: Path) -> Iterator[Path]:
-    """Yield ``<out_dir>.incomplete`` to write into; it becomes ``out_dir`` (absent or empty) only
-    on success and is deleted on any failure, so an interrupted conversion leaves no half output."""
-    tmp = out_dir.with_name(out_dir.name + ".incomplete")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Yield a new directory next to ``out_dir`` (``<out_dir>.incomplete-<random>``, created here) to write
+    into; it becomes ``out_dir`` (absent or empty) only on success and is deleted on any failure, so an
+    interrupted conversion leaves no half output. Nothing this did not create is deleted: a user's
+    ``<out_dir>.incomplete`` and a checkpoint of that name being converted stay as they are."""
+    tmp = new_sibling_dir(out_dir, "incomplete")
     try:
         yield tmp
     except BaseException:
@@ -171,6 +187,61 @@ def staged_output(out_dir: Path) -> Iterator[Path]:
     if out_dir.exists():
         out_dir.rmdir()
     tmp.rename(out_dir)
+
+
+EXPORT_MARKER = "simpo_export.json"
+"""In a directory an export owns (``checkpoint.export_hf``): the names of the entries the export wrote."""
+
+
+def _owned_entries(out: Path) -> list[str] | None:
+    """The entries an earlier export recorded in ``out``'s marker; ``None`` when it has no readable marker."""
+    try:
+        names = json.loads((out / EXPORT_MARKER).read_text())["entries"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    ok = isinstance(names, list) and all(isinstance(n, str) and n and "/" not in n and n not in (".", "..")
+                                         for n in names)
+    return names if ok else None
+
+
+@contextmanager
+def owned_export(out: Path, what: str) -> Iterator[Path]:
+    """Yield a new empty directory to export into; on success it replaces ``out`` with a marker of its
+    entries (:data:`EXPORT_MARKER`), so that the next export may replace it in turn. ``out`` is replaced only
+    when it is absent, empty, or holds exactly what an earlier export recorded: anything else in it is the
+    user's, and the export is refused (naming ``what`` and the entry) before anything is written. Nothing is
+    deleted that an export did not write."""
+    found = sorted(os.listdir(out)) if out.is_dir() else None
+    if out.exists() and found is None:
+        raise FileExistsError(f"{what}: {out} exists and is not a directory")
+    owned = set(_owned_entries(out) or ()) if found else set()
+    foreign = [name for name in found or () if name not in owned and not (owned and name == EXPORT_MARKER)]
+    if foreign:
+        raise FileExistsError(f"{what}: {out} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, "
+                              f"which no export wrote; move it away, or export the checkpoint elsewhere with "
+                              f"tools/convert_mcore_to_hf.py")
+    staged = new_sibling_dir(out, "export")
+    try:
+        yield staged
+        entries = sorted(os.listdir(staged))
+        (staged / EXPORT_MARKER).write_text(json.dumps({"entries": entries}, indent=1) + "\n")
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    old = None
+    if found:
+        old = new_sibling_dir(out, "replaced")
+        old.rmdir()
+        out.rename(old)
+    elif found is not None:
+        out.rmdir()
+    staged.rename(out)
+    if old is not None:
+        for name in [*owned, EXPORT_MARKER]:
+            path = old / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # something added since the check above stays, in plain sight
+            old.rmdir()
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:

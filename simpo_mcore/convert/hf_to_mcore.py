@@ -68,8 +68,6 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | No
         raise FileExistsError(f"{out_dir} exists and is not empty")
     # Written under a temporary name and renamed at the end: a failed run leaves no half checkpoint.
     with staged_output(out_dir) as tmp_dir:
-        tmp_dir.mkdir(parents=True)
-
         def load(name: str) -> torch.Tensor:
             t = reader.get(name)
             return t.to(cast) if cast is not None and t.dtype != cast else t

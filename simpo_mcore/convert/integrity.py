@@ -16,10 +16,12 @@ a converter's single process does all the work itself.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,12 +39,40 @@ _WRITER = re.compile(r"__(\d+)_\d+\.distcp$")
 """torch_dist shard files are ``__<writing rank>_<thread>.distcp``."""
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, size: int | None = None) -> str:
+    """The file's SHA-256; with ``size``, of at most that many bytes, and an OSError when the file holds more
+    (so that no listed file, however crafted, is read without end)."""
     digest = hashlib.sha256()
+    left = size
     with open(path, "rb") as f:
-        while chunk := f.read(READ_BYTES):
+        while chunk := f.read(READ_BYTES if left is None else min(READ_BYTES, left + 1)):
+            if left is not None:
+                left -= len(chunk)
+                if left < 0:
+                    raise OSError(errno.EFBIG, f"it holds more than the {size} bytes recorded")
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def entry_problem(ckpt_dir: Path, name) -> str | None:
+    """Why an ``integrity.json`` entry is not a plain name of a regular file inside the checkpoint (found
+    without opening it), or ``None``. An entry that leaves the checkpoint (``../``, an absolute path, a link
+    pointing out) is refused before anything reads it: verification must never read a file it does not own
+    (``/proc/self/pagemap`` reads for ever), nor open a FIFO (which blocks)."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        return "is not a file name"
+    parts = name.split("/")
+    if name.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        return "is not a plain name inside the checkpoint (an absolute path or one with '..')"
+    root = os.path.realpath(ckpt_dir)
+    real = os.path.realpath(ckpt_dir / name)
+    if os.path.commonpath([root, real]) != root:
+        return "is a link that points out of the checkpoint"
+    try:
+        mode = os.stat(real).st_mode
+    except OSError:
+        return "is missing"
+    return None if stat.S_ISREG(mode) else "is not a regular file"
 
 
 def checkpoint_files(ckpt_dir: Path) -> dict[str, int]:
@@ -77,14 +107,16 @@ def share(sizes: dict[str, int], rank: int, world: int) -> list[str]:
     return [name for name, r in owner.items() if r == rank]
 
 
-def _hash_files(ckpt_dir: Path, names: list[str]) -> dict[str, str]:
-    """name -> digest, or name -> ``"error: ..."`` for a file that cannot be read."""
+def _hash_files(ckpt_dir: Path, sizes: dict[str, int]) -> dict[str, str]:
+    """name -> digest of its first ``sizes[name]`` bytes, or name -> ``"error: ..."`` for a file that cannot be
+    read or holds more."""
     def one(name: str) -> str:
         try:
-            return sha256_file(ckpt_dir / name)
+            return sha256_file(ckpt_dir / name, sizes[name])
         except OSError as exc:
             return f"error: {exc.strerror or exc}"
 
+    names = list(sizes)
     with ThreadPoolExecutor(max_workers=max(1, min(HASH_THREADS, len(names)))) as pool:
         return dict(zip(names, pool.map(one, names)))
 
@@ -106,7 +138,7 @@ def write_manifest(ckpt_dir: str | Path) -> None:
     ckpt_dir = Path(ckpt_dir)
     rank, world = _world()
     sizes = checkpoint_files(ckpt_dir)
-    digests = _gather(_hash_files(ckpt_dir, share(sizes, rank, world)))
+    digests = _gather(_hash_files(ckpt_dir, {n: sizes[n] for n in share(sizes, rank, world)}))
     unreadable = {n: d for n, d in digests.items() if d.startswith("error")}
     if unreadable:
         name = next(iter(unreadable))
@@ -128,8 +160,10 @@ def read_manifest(ckpt_dir: Path) -> dict | None:
     try:
         manifest = json.loads(path.read_text())
         files, sizes = manifest["files"], manifest.get("sizes", {})
-        if manifest.get("algorithm", ALGORITHM) != ALGORITHM or not isinstance(files, dict):
-            raise ValueError(f"algorithm {manifest.get('algorithm')!r}, files of type {type(files).__name__}")
+        if (manifest.get("algorithm", ALGORITHM) != ALGORITHM or not isinstance(files, dict)
+                or not isinstance(sizes, dict)):
+            raise ValueError(f"algorithm {manifest.get('algorithm')!r}, files of type {type(files).__name__}, "
+                             f"sizes of type {type(sizes).__name__}")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: its {MANIFEST} cannot be read ({exc})") from None
     return {"files": files, "sizes": sizes}
@@ -149,15 +183,14 @@ def verify_manifest(ckpt_dir: str | Path) -> bool:
     problems: dict[str, str] = {}
     on_disk: dict[str, int] = {}
     for name in files:
-        path = ckpt_dir / name
-        if not path.is_file():
-            problems[name] = "is missing"
+        if (problem := entry_problem(ckpt_dir, name)) is not None:
+            problems[str(name)] = problem
             continue
-        on_disk[name] = path.stat().st_size
+        on_disk[name] = (ckpt_dir / name).stat().st_size
         if name in sizes and on_disk[name] != sizes[name]:
             problems[name] = f"has {on_disk[name]} bytes, {sizes[name]} were written (truncated or replaced)"
     to_hash = {n: s for n, s in on_disk.items() if n not in problems}
-    for name, digest in _hash_files(ckpt_dir, share(to_hash, rank, world)).items():
+    for name, digest in _hash_files(ckpt_dir, {n: to_hash[n] for n in share(to_hash, rank, world)}).items():
         if digest.startswith("error"):
             problems[name] = f"cannot be read ({digest[7:]})"
         elif digest != files[name]:

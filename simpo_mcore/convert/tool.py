@@ -30,7 +30,8 @@ DTYPES = ("bfloat16", "float16", "float32")  # hf_to_mcore.DTYPES keys, without 
 # What bad input raises; the library's messages name the field / tensor / file.
 INPUT_ERRORS = USER_ERRORS  # the same set as the training commands: a permission error is one line too
 
-HF_TO_MCORE_HELP = """Convert a Hugging Face Llama directory (safetensors) into a simpo_mcore checkpoint.
+HF_TO_MCORE_HELP = """Convert a Hugging Face model directory (safetensors) into a simpo_mcore checkpoint:
+Llama 2 / 3 / 3.x, Mistral, Qwen2 / 2.5, Qwen3, Gemma-2 (docs/conversion.md lists what each family may hold).
 
 The checkpoint loads at any TP / PP (keys are layout independent, the vocabulary is unpadded) and
 carries simpo_mcore.json (the architecture) and a copy of the tokenizer files. Bad input (an

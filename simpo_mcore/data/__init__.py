@@ -2,6 +2,7 @@
 
 - :mod:`formats`    the row layouts (H4, TRL, ShareGPT, OpenAI, plain strings): detection, prompt / responses
 - :mod:`render`     a row -> prompt / chosen / rejected text (chat template, or plain text)
+- :mod:`templates`  named chat templates, ``data.chat_template``, rendering within a time and size bound
 - :mod:`tokenize`   text -> ids and labels, the reference's boundary / BOS / EOS / truncation rules
 - :mod:`sources`    hub datasets, local parquet/jsonl/json, or the synthetic rows
 - :mod:`cache`      the on-disk cache of tokenised datasets

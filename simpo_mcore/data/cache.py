@@ -14,11 +14,12 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
-PIPELINE_VERSION = 4
+PIPELINE_VERSION = 5
 """Bump when rendering or tokenisation changes, so that stale cache entries are not reused."""
 
 
@@ -53,6 +54,36 @@ def is_complete(entry: Path) -> bool:
 
 def read_report(entry: Path) -> dict[str, Any]:
     return json.loads((entry / "report.json").read_text())
+
+
+def unwritable_reason(path: Path) -> str | None:
+    """Why this process cannot create ``path`` as a directory and files in it (the OS's words), or ``None``:
+    tried, not guessed from permissions (root writes through them; a read-only file system raises EROFS,
+    which is no PermissionError)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return str(exc.strerror or exc)
+    return None
+
+
+def check_writable(cache_dir: Path, what: str) -> None:
+    """Refuse, naming ``what``, a cache directory this process cannot write into."""
+    if (reason := unwritable_reason(cache_dir)) is not None:
+        raise ValueError(f"{what} cannot be written ({reason}): point data.cache_dir at a writable directory")
+
+
+def discard(entry: Path) -> None:
+    """Remove a damaged entry: renamed out of the way first, so a reader never sees it half deleted."""
+    gone = entry.with_name(f".damaged-{entry.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(entry, gone)
+    except OSError:
+        return  # another process moved it first, or the file system is read-only: building again says so
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def new_tmp_dir(cache_dir: str | Path, key: str) -> Path:

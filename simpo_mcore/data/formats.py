@@ -31,6 +31,7 @@ common prefix of chosen and rejected, as TRL's ``extract_prompt``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,14 @@ from simpo_mcore.data.tokenize import MISSING_FIELD, NOT_ASSISTANT, PROMPT_MISMA
 
 UNSUPPORTED_ROLE = "unsupported_role"
 UNSUPPORTED_TOOLS = "unsupported_tools"
+ROW_TOO_LARGE = "row_too_large"
+
+MAX_ROW_CHARS = 1 << 20
+"""A row with more characters of text than this (every field together) is a bad row (``row_too_large``): no
+pair needs it (``data.max_length`` keeps a few thousand tokens of it), and tokenising a megabyte-long text
+takes hundreds of bytes per character (a 50 MB line took 19.7 GB)."""
+OVERSIZE_COLUMN = "__simpo_row_bytes__"
+"""A column the JSON reader adds to a file with a line too long to parse: that line's size in bytes."""
 
 # The shape of a column's values.
 TEXT = "text"
@@ -169,12 +178,17 @@ def value_kind(value: Any) -> str:
     return OTHER
 
 
-def column_kinds(rows, sample: int = 100) -> dict[str, str]:
+def column_kinds(rows, sample: int = 100, json_text: bool = False) -> dict[str, str]:
     """Each column's shape: that of its first non-empty value among the first ``sample`` rows (``BLANK`` when
-    every value there is an empty string, ``NULL`` when none is there)."""
+    every value there is an empty string, ``NULL`` when none is there). ``json_text``: the values are JSON
+    text (``sources.load_json``)."""
     head = rows[:min(sample, len(rows))]  # column -> values
     kinds = {}
     for column, values in head.items():
+        if column == OVERSIZE_COLUMN:
+            continue
+        if json_text:
+            values = [None if v is None else json.loads(v) for v in values]
         shapes = list(map(value_kind, values))
         found = [k for k in shapes if k not in (NULL, BLANK)]
         kinds[column] = found[0] if found else BLANK if BLANK in shapes else NULL
@@ -229,6 +243,24 @@ def map_columns(rows, columns: dict[str, str], source: str):
 
 
 # ------------------------------------------------------------------------------------ rows
+
+
+def text_chars(value: Any) -> int:
+    """Characters of text in a value (strings, and the keys and strings of what it nests)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(str(k)) + text_chars(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(map(text_chars, value))
+    return 0
+
+
+def check_row_size(row: dict[str, Any]) -> None:
+    """Refuse a row over :data:`MAX_ROW_CHARS` before anything renders or tokenises it."""
+    size = text_chars(row)
+    if size > MAX_ROW_CHARS:
+        raise BadRow(ROW_TOO_LARGE, f"it holds {size} characters of text, over the limit of {MAX_ROW_CHARS}")
 
 
 def to_messages(value: Any, key: str) -> list[dict]:

@@ -10,22 +10,25 @@ chat puts that text into each response too; :func:`template_response_prefix` fin
 ``response_rendering: in_conversation`` renders each response as the text the template adds after
 the prompt in the whole conversation instead. Plain-text pairs are used as they are.
 
-Template errors on a row (``raise_exception`` in the template, an undefined variable) make it a
-bad row (reason ``template_error``).
+Templates come from :mod:`templates` (named ones, files, Jinja text; bounded rendering). Template errors on
+a row (``raise_exception`` in the template, an undefined variable, any exception of the template's code)
+make it a bad row (reason ``template_error``). Where the reference would insert a system message into a
+template that refuses system turns (Gemma's), none is inserted (:func:`takes_system_turn`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from jinja2 import TemplateError
-
 from simpo_mcore.data.formats import FORMATS, Pair, detect_format, parse_row, value_kind
+from simpo_mcore.data.templates import TEMPLATE_ERROR, render_chat
 from simpo_mcore.data.tokenize import MISSING_FIELD, BadRow
 
-TEMPLATE_ERROR = "template_error"
+ALONE_REFUSED = "the chat template refused a response rendered alone"
+"""How the detail of a bad row starts when only ``response_rendering: alone`` made it bad."""
+IN_CONVERSATION_HINT = ("data.response_rendering: in_conversation renders each response after its prompt, as "
+                        "templates that check the order of turns (Llama-2's, Mistral's, Gemma's) need")
 
 
 @dataclass(frozen=True)
@@ -38,38 +41,44 @@ class RenderOptions:
     """``raw`` or ``chat`` (``data.plain_strings``)."""
     response_rendering: str = "alone"
     """``alone`` (the reference) or ``in_conversation`` (``data.response_rendering``)."""
-
-
-def read_chat_template(value: str | None) -> str | None:
-    """``data.chat_template``: a file's text, or the value itself when it is a Jinja template."""
-    if value is None:
-        return None
-    if "{{" in value or "{%" in value:
-        return value
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise ValueError(f"data.chat_template {value!r} is neither a file nor a Jinja template")
-    return path.read_text()
+    template_label: str = "the chat template"
+    """How errors name the template (:func:`templates.template_label`)."""
+    system_turn: bool | None = None
+    """Whether an empty system turn goes before a prompt that has none (:func:`takes_system_turn`);
+    ``None``: the reference's rule alone (the template mentions ``system`` or is ChatML)."""
 
 
 def no_template_error(tokenizer, what: str) -> ValueError:
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     return ValueError(f"{what} need a chat template, and the tokenizer of model.tokenizer ({name}) has "
-                      f"none: set data.chat_template to a template file or string")
+                      f"none: set data.chat_template to a template name, file or string")
 
 
-def maybe_insert_system_message(messages: list[dict], template: str) -> list[dict]:
-    """Prepend an empty system message when the template knows one and the first turn is not one."""
-    if messages[0]["role"] != "system" and ("system" in template or "<|im_start|>" in template):
+def mentions_system(template: str) -> bool:
+    """The reference's rule (alignment-handbook ``maybe_insert_system_message``)."""
+    return "system" in template or "<|im_start|>" in template
+
+
+def takes_system_turn(tokenizer, template: str, label: str) -> bool:
+    """The reference's rule, except for a template that refuses a system turn (Gemma's raises "System role
+    not supported"): inserting one there would make every row a template error."""
+    if not mentions_system(template):
+        return False
+    try:
+        render_chat(tokenizer, [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}], template,
+                    label)
+    except BadRow:
+        return False
+    return True
+
+
+def maybe_insert_system_message(messages: list[dict], template: str, system_turn: bool | None = None) -> list[dict]:
+    """Prepend an empty system message when the template takes one and the first turn is not one."""
+    if system_turn is None:
+        system_turn = mentions_system(template)
+    if system_turn and messages[0]["role"] != "system":
         return [{"role": "system", "content": ""}, *messages]
     return messages
-
-
-def apply_template(tokenizer, messages: list[dict], template: str) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template)
-    except TemplateError as exc:
-        raise BadRow(TEMPLATE_ERROR, f"the chat template refused the row: {exc}") from None
 
 
 def strip_bos(text: str, tokenizer) -> str:
@@ -77,16 +86,30 @@ def strip_bos(text: str, tokenizer) -> str:
     return text[len(bos):] if bos and text.startswith(bos) else text
 
 
-def render_messages(pair: Pair, tokenizer, template: str, response_rendering: str = "alone") -> tuple[str, str, str]:
+def _render(tokenizer, messages: list[dict], template: str, label: str, what: str) -> str:
+    try:
+        return render_chat(tokenizer, messages, template, label)
+    except BadRow as exc:
+        raise BadRow(TEMPLATE_ERROR, f"{what}: {exc.detail}") from None
+
+
+def render_messages(pair: Pair, tokenizer, template: str, response_rendering: str = "alone", *,
+                    label: str = "the chat template", system_turn: bool | None = None) -> tuple[str, str, str]:
     """Rendered ``(prompt, chosen, rejected)`` text of a message pair."""
-    prompt = maybe_insert_system_message(list(pair.prompt), template)
-    text_prompt = apply_template(tokenizer, prompt, template)
+    prompt = maybe_insert_system_message(list(pair.prompt), template, system_turn)
+    refused = "the chat template refused the row"
+    text_prompt = _render(tokenizer, prompt, template, label, refused)
     responses = []
     for response in (pair.chosen, pair.rejected):
         if response_rendering == "alone":
-            responses.append(strip_bos(apply_template(tokenizer, response, template), tokenizer))
+            try:
+                responses.append(strip_bos(render_chat(tokenizer, response, template, label), tokenizer))
+            except BadRow as exc:
+                _render(tokenizer, prompt + list(response), template, label, refused)  # fails too: not the rendering
+                raise BadRow(TEMPLATE_ERROR, f"{ALONE_REFUSED} ({exc.detail}) but renders it after its prompt") \
+                    from None
             continue
-        whole = apply_template(tokenizer, prompt + list(response), template)
+        whole = _render(tokenizer, prompt + list(response), template, label, refused)
         if not whole.startswith(text_prompt):
             raise BadRow(TEMPLATE_ERROR, "the chat template renders the prompt differently when a response "
                                          "follows it; data.response_rendering: alone renders this row")
@@ -107,22 +130,25 @@ def render_row(row: dict[str, Any], tokenizer, options: RenderOptions = RenderOp
     template = options.chat_template or tokenizer.chat_template
     if template is None:
         raise no_template_error(tokenizer, "message-list rows")
-    return render_messages(pair, tokenizer, template, options.response_rendering)
+    return render_messages(pair, tokenizer, template, options.response_rendering, label=options.template_label,
+                           system_turn=options.system_turn)
 
 
 def needs_template(fmt: str, plain_strings: str) -> bool:
     return FORMATS[fmt].messages or plain_strings == "chat"
 
 
-def template_response_prefix(tokenizer, template: str) -> tuple[str, str] | None:
+def template_response_prefix(tokenizer, template: str, label: str = "the chat template",
+                             system_turn: bool | None = None) -> tuple[str, str] | None:
     """``(alone, in_conversation)`` renderings of one probe reply when a response rendered alone
     differs from the same turn after a prompt (a default system prompt added to every chat, as
     SmolLM2's ChatML does), else ``None`` (also when the template refuses the probe)."""
     probe = Pair([{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Hello"}],
                  [{"role": "assistant", "content": "Hello"}])
     try:
-        alone = render_messages(probe, tokenizer, template, "alone")[1]
-        in_conversation = render_messages(probe, tokenizer, template, "in_conversation")[1]
+        alone = render_messages(probe, tokenizer, template, "alone", label=label, system_turn=system_turn)[1]
+        in_conversation = render_messages(probe, tokenizer, template, "in_conversation", label=label,
+                                          system_turn=system_turn)[1]
     except BadRow:
         return None
     return None if alone == in_conversation else (alone, in_conversation)

@@ -4,14 +4,20 @@ Each loader returns the rows as a ``datasets.Dataset`` and a *source fingerprint
 changes whenever the rows could have changed (hub: name + split + the datasets fingerprint of the
 downloaded files; local: paths + sizes + modification times; synthetic: the generator settings).
 For local files the fingerprint is computed without reading them, so a cache hit skips the load.
+
+Local JSON / JSON Lines files are read here (:func:`load_json`), not by datasets' JSON reader, so that a
+string stays a string whatever the other rows hold, and a line too long for any row is skipped unread.
 """
 
 from __future__ import annotations
 
 import codecs
+import hashlib
+import json
 import socket
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -19,6 +25,7 @@ import huggingface_hub
 import pyarrow
 
 from simpo_mcore.data import synthetic
+from simpo_mcore.data.formats import OVERSIZE_COLUMN
 
 SYNTHETIC = "synthetic"
 SYNTHETIC_EVAL_PAIRS = 256
@@ -32,6 +39,11 @@ HUB_PROBE_TIMEOUT_S = 5.0
 """How long to wait for the hub's (or the proxy's) TCP port before calling it unreachable: the hub client
 itself retries for tens of seconds before giving up."""
 UTF8_CHECK_BYTES = 16 << 20
+MAX_LINE_BYTES = 16 << 20
+"""A JSON Lines row longer than this is not parsed: 16 x ``formats.MAX_ROW_CHARS``, the most a row of that
+many characters can take (a character written as an escaped surrogate pair is 12 bytes)."""
+JSON_READER_VERSION = 1
+"""Part of the raw cache's fingerprint of a JSON file: bump when :func:`load_json` changes what it stores."""
 
 
 def looks_local(path: str) -> bool:
@@ -99,23 +111,121 @@ def check_utf8(file: Path) -> bool:
             offset += len(chunk)
 
 
-def load_local(file: Path, raw_cache_dir: Path) -> datasets.Dataset:
+@dataclass(frozen=True)
+class RowSource:
+    """One file's (hub split's, the generator's) rows, as the pipeline reads them."""
+
+    name: str
+    rows: datasets.Dataset
+    json_text: bool = False
+    """Every column holds its values as JSON text (:func:`load_json`): :func:`decode_row` reads a row."""
+
+
+def load_local(file: Path, raw_cache_dir: Path) -> RowSource:
     """One local file's rows (each file of a directory is read, and its format detected, alone)."""
     if file.stat().st_size == 0:
         raise ValueError(f"data file {file} is empty")
-    if _FORMATS[file.suffix] == "json" and not check_utf8(file):
-        raise ValueError(f"data file {file} holds no rows")
+    if _FORMATS[file.suffix] == "json":
+        if not check_utf8(file):
+            raise ValueError(f"data file {file} holds no rows")
+        return RowSource(str(file), load_json(file, raw_cache_dir), json_text=True)
     try:
         rows = datasets.load_dataset(_FORMATS[file.suffix], data_files=[str(file)], split="train",
                                      cache_dir=str(raw_cache_dir))
-    except StopIteration:  # datasets' JSON reader on a file of blank lines
-        rows = None
     except (datasets.exceptions.DatasetsError, pyarrow.ArrowException, ValueError, OSError) as exc:
         cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
         raise ValueError(f"data file {file} could not be read: {exc}{cause}") from None
-    if rows is None or len(rows) == 0:
+    if len(rows) == 0:
         raise ValueError(f"data file {file} holds no rows")
-    return rows
+    return RowSource(str(file), rows)
+
+
+def load_json(file: Path, raw_cache_dir: Path) -> datasets.Dataset:
+    """A JSON Lines file (or a JSON array of objects) as a dataset with one column per key, each value kept as
+    its JSON text. datasets' own JSON reader stores a column whose rows mix strings and objects as JSON and
+    decodes every value of it, so the strings ``"4"``, ``"true"``, ``"null"``, ``"[1, 2]"`` came back as a
+    number, a bool, ``None`` and a list; here each value is decoded once, when its row is read
+    (:func:`decode_row`). A line longer than :data:`MAX_LINE_BYTES` is not parsed, nor held in memory: its row
+    holds only its size (:data:`OVERSIZE_COLUMN`) and is a bad row (``row_too_large``)."""
+    columns: dict[str, None] = {}  # every key of every row, in the order they first appear
+    oversize = False
+    for _, row in _json_objects(file):
+        if isinstance(row, dict):
+            columns.update(dict.fromkeys(row))
+        oversize = oversize or isinstance(row, int)
+    if not columns and not oversize:
+        raise ValueError(f"data file {file} holds no rows")
+    features = {name: datasets.Value("large_string") for name in columns}
+    if oversize:
+        features[OVERSIZE_COLUMN] = datasets.Value("int64")
+    version = f"{local_fingerprint([file])}:{MAX_LINE_BYTES}:{JSON_READER_VERSION}"
+    return datasets.Dataset.from_generator(
+        _json_rows, features=datasets.Features(features), cache_dir=str(raw_cache_dir),
+        # A tuple: datasets splits a list among its shards, one column each.
+        gen_kwargs={"file": str(file), "columns": tuple(columns), "oversize": oversize},
+        fingerprint=hashlib.sha256(version.encode()).hexdigest()[:20])
+
+
+def _json_rows(file: str, columns: tuple[str, ...], oversize: bool):
+    for _, row in _json_objects(Path(file)):
+        if isinstance(row, int):
+            yield {**dict.fromkeys(columns), OVERSIZE_COLUMN: row}
+        elif row is not None:
+            out = {name: json.dumps(row[name], ensure_ascii=False) if name in row else None for name in columns}
+            yield {**out, OVERSIZE_COLUMN: None} if oversize else out
+
+
+def _json_objects(file: Path):
+    """``(line, object)`` for each row of a JSON Lines file or a JSON array: the object, its size in bytes
+    (an int) when the line is over :data:`MAX_LINE_BYTES`, or ``None`` for a blank line."""
+    with open(file, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        f.seek(0)
+        if head.startswith(b"["):
+            try:
+                items = json.loads(f.read())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"data file {file}: line {exc.lineno}, column {exc.colno} is not valid JSON "
+                                 f"({exc.msg})") from None
+            for i, item in enumerate(items):
+                yield i + 1, _object(item, file, f"item {i + 1} of its array")
+            return
+        for number, line in enumerate(_bounded_lines(f), 1):
+            if isinstance(line, int) or not line.strip():
+                yield number, line if isinstance(line, int) else None
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"data file {file}: line {number}, column {exc.colno} is not valid JSON "
+                                 f"({exc.msg})") from None
+            yield number, _object(item, file, f"line {number}")
+
+
+def _object(item, file: Path, where: str) -> dict:
+    if not isinstance(item, dict):
+        raise ValueError(f"data file {file}: {where} holds a JSON {type(item).__name__}, not an object (a row "
+                         f"is an object of columns)")
+    return item
+
+
+def _bounded_lines(f):
+    """The file's lines as bytes; a line over :data:`MAX_LINE_BYTES` as its length, read past in pieces."""
+    while line := f.readline(MAX_LINE_BYTES + 1):
+        if len(line) <= MAX_LINE_BYTES or line.endswith(b"\n"):
+            yield line
+            continue
+        size = len(line)
+        while piece := f.readline(1 << 20):
+            size += len(piece)
+            if piece.endswith(b"\n"):
+                break
+        yield size
+
+
+def decode_row(row: dict) -> dict:
+    """A row of :func:`load_json`: each value decoded (a key the row lacks is absent, as in the file)."""
+    return {name: json.loads(value) for name, value in row.items() if value is not None}
 
 
 def hub_reachable() -> bool:

@@ -171,6 +171,28 @@ class FamilyGPTModel(GPTModel):
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
+def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
+    """RoPE inverse frequencies ``[head_dim / 2]`` in fp32 for ``arch``'s ``rope_theta`` and ``rope_scaling``: the
+    numbers HF computes (megatron's built-in Llama-3 scaling hard-codes its low / high factors and 8192)."""
+    dim = arch.head_dim
+    inv = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))  # [hn / 2]
+    rs = arch.rope_scaling
+    if rs is None or rs["rope_type"] == "default":
+        return inv
+    if rs["rope_type"] == "linear":
+        return inv / rs["factor"]
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_len = rs["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
 @functools.lru_cache(maxsize=8)
 def _rounded(value: float, dtype: torch.dtype) -> float:
     """``value`` rounded to ``dtype`` (as HF's ``torch.tensor(value, dtype=dtype)``), as a Python float."""
@@ -208,9 +230,8 @@ def build_model(arch: ModelArch, opts: ModelOptions) -> list[GPTModel]:
                 vp_stage=vp,
             )
             if hasattr(model, "rotary_pos_emb"):
-                # Our own inverse frequencies: HF's numbers for every supported rope type
-                # (megatron's built-in Llama-3 scaling hard-codes low/high factors and 8192).
-                model.rotary_pos_emb.inv_freq = arch.inv_freq().to(model.rotary_pos_emb.inv_freq.device)
+                # Our own inverse frequencies: HF's numbers for every supported rope type.
+                model.rotary_pos_emb.inv_freq = rope_inv_freq(arch).to(model.rotary_pos_emb.inv_freq.device)
             if opts.cuda:
                 model.cuda(torch.cuda.current_device())
             chunks.append(model)

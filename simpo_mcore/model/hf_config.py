@@ -25,8 +25,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 class UnsupportedConfigError(ValueError):
     """The HF config asks for something this model does not implement."""
@@ -246,26 +244,6 @@ class ModelArch:
     def softmax_scale(self) -> float | None:
         """The attention score scale when it is not ``head_dim ** -0.5`` (None: the default)."""
         return None if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar ** -0.5
-
-    def inv_freq(self) -> torch.Tensor:
-        """RoPE inverse frequencies [head_dim / 2] in fp32, the same numbers HF computes."""
-        dim = self.head_dim
-        inv = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        rs = self.rope_scaling
-        if rs is None or rs["rope_type"] == "default":
-            return inv
-        if rs["rope_type"] == "linear":
-            return inv / rs["factor"]
-        # llama3: keep high frequencies, divide low ones by `factor`, interpolate in between.
-        factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
-        old_len = rs["original_max_position_embeddings"]
-        low_wavelen, high_wavelen = old_len / low, old_len / high
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
-        return torch.where(is_medium, smoothed, scaled)
 
 
 ARCH_FIELDS = frozenset(f.name for f in fields(ModelArch))

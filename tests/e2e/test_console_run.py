@@ -113,6 +113,17 @@ def test_run_summary(run):
     assert "final held-out reward accuracy" in summary.splitlines()[-1]
 
 
+def test_every_logged_key_is_documented(run):
+    """docs/metrics.md gives each key of metrics.jsonl its formula (an evaluation key under its name without
+    the ``eval/`` prefix); a key added to the records must be added there."""
+    out, _, _ = run
+    documented = {name for line in (ROOT / "docs" / "metrics.md").read_text().splitlines()
+                  if line.startswith("| `") for name in re.findall(r"`([^`]+)`", line.split(" | ")[0])}
+    keys = {key.removeprefix("eval/") for record in metrics_records(out) for key in record}
+    assert {"loss", "lr", "logps/chosen", "tokens_real", "rss_gib", "step", "time"} <= keys
+    assert sorted(keys - documented) == []
+
+
 def test_wandb_offline_run_holds_the_metrics_and_continues_after_resume(run):
     out, first, _ = run
     run_id = (out / "wandb_run_id").read_text().strip()

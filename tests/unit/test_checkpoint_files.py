@@ -5,9 +5,12 @@ interval and at the last step, and keep_last never deletes the checkpoint just w
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import pickle
 import random
+import re
 import shutil
 
 import numpy as np
@@ -19,6 +22,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from simpo_mcore import checkpoint as ckpt
 from simpo_mcore.config import CheckpointConfig
+from simpo_mcore.convert import integrity
 from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
 from simpo_mcore.convert.hf_io import CheckpointError
 from simpo_mcore.convert.integrity import MANIFEST, checkpoint_files, share, verify_manifest, write_manifest
@@ -100,6 +104,52 @@ def test_checkpoint_without_a_readable_manifest_is_refused(copy):
     (copy / MANIFEST).write_text("{not json")
     with pytest.raises(CheckpointError, match=rf"checkpoint {copy} is damaged: its {MANIFEST} cannot be read"):
         verify_checkpoint(copy)
+
+
+def add_entry(ckpt, name: str, size: int | None, digest: str = "0" * 64) -> None:
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    manifest["files"][name] = digest
+    if size is not None:
+        manifest["sizes"][name] = size
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("entry, why", [
+    ("../../../../../../../../etc/hostname", "is not a plain name inside the checkpoint"),
+    ("/etc/hostname", "is not a plain name inside the checkpoint"),
+    ("tokenizer/../../outside.txt", "is not a plain name inside the checkpoint"),
+    ("link_out", "is a link that points out of the checkpoint"),
+    ("fifo", "is not a regular file"),
+    ("../../../../../../../../proc/self/pagemap", "is not a plain name inside the checkpoint"),
+])
+def test_manifest_entries_outside_the_checkpoint_are_refused_unread(copy, tmp_path, monkeypatch, entry, why):
+    """integrity.json named ``../../../../etc/hostname`` and verification read and hashed it; an entry for
+    ``/proc/self/pagemap`` (size 0, endless to read) ran until killed, and a FIFO blocks the reader."""
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the checkpoint's")
+    (copy / "link_out").symlink_to(outside)
+    os.mkfifo(copy / "fifo")
+    add_entry(copy, entry, 0)
+    opened = []
+    real_hash = integrity.sha256_file
+    monkeypatch.setattr(integrity, "sha256_file", lambda path, size=None: opened.append(path) or real_hash(path, size))
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {copy} is damaged: {re.escape(entry)} {why}"):
+        verify_checkpoint(copy)
+    assert opened and all(path.resolve().is_relative_to(copy.resolve()) for path in opened)
+    assert not any(path.name in (entry.rsplit("/", 1)[-1], "outside.txt") for path in opened)
+
+
+def test_a_file_longer_than_recorded_is_read_no_further(copy, monkeypatch):
+    """Sizes are compared before hashing; a file that holds more than its size when read (as /proc files do,
+    which report 0 bytes) is still read only that far."""
+    data = b"x" * (3 * integrity.READ_BYTES)
+    path = copy / "grows.bin"
+    path.write_bytes(data)
+    assert integrity.sha256_file(path) == hashlib.sha256(data).hexdigest()
+    with pytest.raises(OSError, match=r"it holds more than the 10 bytes recorded"):
+        integrity.sha256_file(path, 10)
+    add_entry(copy, "grows.bin", None, hashlib.sha256(data).hexdigest())  # no size recorded (megatron's own form)
+    assert verify_manifest(copy) is True
 
 
 def test_hashing_is_shared_over_ranks():

@@ -18,30 +18,39 @@ from simpo_mcore import console, metrics_log
 from simpo_mcore.config import ConfigError, WandbConfig, load_config
 from simpo_mcore.metrics_log import EvalRecord, RunTotals, StepConsole, format_step_line, read_evals, run_summary
 
-HELP_COMMANDS = {  # command line: (its usage line, a phrase of its own description)
+HELP_COMMANDS = {  # command line: (its usage line, a phrase of its own description, phrases of its options)
     "simpo-train": ([sys.executable, "-m", "simpo_mcore.cli", "simpo-train"], "usage: simpo-train",
-                    "Train a model with SimPO"),
+                    "Train a model with SimPO", ["more adds data-parallel ranks, DP = nproc / (tp x pp)"]),
     "simpo-eval": ([sys.executable, "-m", "simpo_mcore.cli", "simpo-eval"], "usage: simpo-eval",
-                   "Evaluate a checkpoint on a preference split"),
+                   "Evaluate a checkpoint on a preference split", ["more adds data-parallel ranks"]),
     "simpo-data": ([sys.executable, "-m", "simpo_mcore.cli", "simpo-data"], "usage: simpo-data",
-                   "Show a run's preference data"),
+                   "Show a run's preference data", ["which split to show: train (data.train_path, the default) or",
+                                                    "eval (data.eval_path)"]),
+    "simpo-plan": ([sys.executable, "-m", "simpo_mcore.cli", "simpo-plan"], "usage: simpo-plan",
+                   "Plan a run before launching it", ["memory of one GPU (default 80)",
+                                                      "print the layouts as a JSON list"]),
     "hf-to-mcore": ([sys.executable, "tools/convert_hf_to_mcore.py"], "usage: convert_hf_to_mcore.py",
-                    "Convert a Hugging Face Llama directory"),
+                    "Convert a Hugging Face model directory",
+                    ["Llama 2 / 3 / 3.x, Mistral, Qwen2 / 2.5, Qwen3, Gemma-2"]),
     "mcore-to-hf": ([sys.executable, "-m", "simpo_mcore.convert", "mcore-to-hf"],
-                    "usage: python -m simpo_mcore.convert mcore-to-hf", "Export a simpo_mcore checkpoint"),
+                    "usage: python -m simpo_mcore.convert mcore-to-hf", "Export a simpo_mcore checkpoint", []),
 }
 
 
 @pytest.mark.parametrize("name", HELP_COMMANDS)
 def test_help_is_the_first_thing_printed(name):
-    """A fresh process (as a user starts it): usage first, its own description, the override syntax and
-    examples; not one warning (stderr empty) and exit 0."""
-    cmd, usage, description = HELP_COMMANDS[name]
+    """A fresh process (as a user starts it): usage first, its own description, what each option does, the
+    override syntax and examples; not one warning (stderr empty) and exit 0."""
+    cmd, usage, description, options = HELP_COMMANDS[name]
     proc = subprocess.run([*cmd, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={"PATH": "/usr/bin:/bin", "HOME": str(ROOT), "CUDA_VISIBLE_DEVICES": ""})
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(ROOT), "CUDA_VISIBLE_DEVICES": "",
+                               "COLUMNS": "200"})
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert proc.stdout.startswith(usage), proc.stdout[:200]
     assert description in proc.stdout and "examples:" in proc.stdout and "--verbose" in proc.stdout
+    for phrase in options:
+        assert phrase in proc.stdout, (phrase, proc.stdout)
+    assert "Llama directory" not in proc.stdout  # the converter takes every family
     if name.startswith("simpo-"):
         assert "dotted.key=value" in proc.stdout and "train.max_steps=200" in proc.stdout
 
@@ -57,7 +66,7 @@ def test_module_entry_without_a_command_is_a_usage_line():
 def quiet_env(monkeypatch):
     """Whatever quiet_third_party sets in the environment is restored after the test."""
     monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
-    for name in ("TORCH_CPP_LOG_LEVEL", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+    for name in ("TORCH_CPP_LOG_LEVEL", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY"):
         monkeypatch.setenv(name, os.environ.get(name, "1"))
     levels = {name: logging.getLogger(name).level for name in console.QUIET_LOGGERS}
     yield monkeypatch

@@ -2,7 +2,8 @@
 
 Library-level here (fast, single process); ``test_convert_cli.py`` checks that the CLIs turn the
 same errors into one ``error:`` line and exit code 2. A failed conversion must leave nothing
-behind (no output directory, no ``.incomplete`` directory).
+behind (no output directory, no ``.incomplete-*`` staging directory), and a conversion deletes nothing it did
+not create.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from simpo_mcore.convert.mcore_to_hf import convert_mcore_to_hf
 from simpo_mcore.model.hf_config import UnsupportedConfigError
 
 pytestmark = pytest.mark.usefixtures("world_of_one")
+
+
+def staging_left(out: Path) -> list[Path]:
+    """Staging directories of a conversion into ``out`` left behind."""
+    return list(out.parent.glob(f"{out.name}.incomplete-*"))
 
 
 @pytest.fixture
@@ -57,7 +63,7 @@ def refuse_import(hf_dir: Path, out: Path, error, *fragments: str) -> None:
     for fragment in fragments:
         assert fragment in str(info.value), (fragment, str(info.value))
     assert not out.exists() or not any(out.iterdir())
-    assert not out.with_name(out.name + ".incomplete").exists()
+    assert not staging_left(out)
 
 
 # ------------------------------------------------------------------------------- HF -> megatron
@@ -173,7 +179,7 @@ def refuse_export(ckpt: Path, out: Path, error, *fragments: str) -> None:
         convert_mcore_to_hf(ckpt, out, **QUIET)
     for fragment in fragments:
         assert fragment in str(info.value), (fragment, str(info.value))
-    assert not out.exists() and not out.with_name(out.name + ".incomplete").exists()
+    assert not out.exists() and not staging_left(out)
 
 
 def test_export_missing_tensor(ckpt, tmp_path):
@@ -257,7 +263,7 @@ def test_failure_mid_import_leaves_nothing(hf_dir, tmp_path, monkeypatch):
     out = tmp_path / "ckpt"
     with pytest.raises(RuntimeError, match="simulated"):
         convert_hf_to_mcore(hf_dir, out, **QUIET)
-    assert not out.exists() and not out.with_name("ckpt.incomplete").exists()
+    assert not out.exists() and not staging_left(out)
 
 
 def test_failure_mid_export_leaves_nothing(ckpt, tmp_path, monkeypatch):
@@ -270,4 +276,71 @@ def test_failure_mid_export_leaves_nothing(ckpt, tmp_path, monkeypatch):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="simulated"):
         convert_mcore_to_hf(ckpt, out, max_shard_bytes=10_000, **QUIET)
-    assert not out.exists() and not out.with_name("out.incomplete").exists()
+    assert not out.exists() and not staging_left(out)
+
+
+# ------------------------------------------------------------------------- what staging may delete
+
+def test_staging_deletes_nothing_it_did_not_create(hf_dir, ckpt, tmp_path):
+    """The converters staged in ``<out>.incomplete`` and deleted it first: a user's directory of that name,
+    and a checkpoint named ``model.incomplete`` exported to ``model`` (which then failed), were lost."""
+    for out in (tmp_path / "exported", tmp_path / "imported"):
+        mine = out.with_name(out.name + ".incomplete")
+        mine.mkdir()
+        (mine / "keep.txt").write_text("the user's")
+    convert_mcore_to_hf(ckpt, tmp_path / "exported", **QUIET)
+    convert_hf_to_mcore(hf_dir, tmp_path / "imported", **QUIET)
+    for out in (tmp_path / "exported", tmp_path / "imported"):
+        assert (out.with_name(out.name + ".incomplete") / "keep.txt").read_text() == "the user's"
+        assert not staging_left(out)
+    assert (tmp_path / "exported" / "config.json").is_file() and (tmp_path / "imported" / "metadata.json").is_file()
+
+    named = tmp_path / "models" / "model.incomplete"
+    named.parent.mkdir()
+    ckpt.rename(named)
+    convert_mcore_to_hf(named, tmp_path / "models" / "model", **QUIET)
+    assert (named / "metadata.json").is_file() and (tmp_path / "models" / "model" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model", "model.incomplete"]
+
+
+def test_checkpoint_export_hf_owns_the_directory_it_writes(ckpt, tmp_path, monkeypatch):
+    """checkpoint.export_hf deleted <output_dir>/hf whatever it held; it now replaces only an earlier
+    export (recorded in its marker) and refuses, by name, anything else found there."""
+    from types import SimpleNamespace
+
+    from simpo_mcore import train
+    from simpo_mcore.checkpoint import step_dir_name
+    from simpo_mcore.convert.hf_io import EXPORT_MARKER
+
+    monkeypatch.setattr(train, "run_in_fresh_process",  # the converter in this process (a world of one here)
+                        lambda command, _ckpt, src, _out, dst: convert_mcore_to_hf(src, dst, **QUIET))
+    root = tmp_path / "run" / "checkpoints"
+    root.mkdir(parents=True)
+    ckpt.rename(root / step_dir_name(3))
+    printed = []
+    trainer = SimpleNamespace(  # what export_hf reads of a Trainer (the newest checkpoint named both ways)
+        cfg=SimpleNamespace(output_dir=str(tmp_path / "run")), ckpt_root=root, progress=SimpleNamespace(step=3),
+        checkpointer=SimpleNamespace(last_path=root / step_dir_name(3)), layout=SimpleNamespace(rank=0),
+        logger=SimpleNamespace(print=printed.append))
+    hf = tmp_path / "run" / "hf"
+    hf.mkdir()
+    (hf / "notes.txt").write_text("the user's")
+    with pytest.raises(FileExistsError, match=rf"^checkpoint.export_hf \(the trained checkpoint is "
+                                              rf"{root / step_dir_name(3)}\): {hf} holds notes.txt, which no "
+                                              r"export wrote; move it away"):
+        train.Trainer.export_hf(trainer)
+    assert sorted(p.name for p in hf.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in hf.parent.iterdir()) == ["checkpoints", "hf"]
+
+    (hf / "notes.txt").unlink()
+    for _ in range(2):  # into the empty directory, then over its own export
+        train.Trainer.export_hf(trainer)
+        entries = json.loads((hf / EXPORT_MARKER).read_text())["entries"]
+        assert {p.name for p in hf.iterdir()} == {*entries, EXPORT_MARKER}
+        assert {"config.json", "model.safetensors"} <= set(entries)
+        assert sorted(p.name for p in hf.parent.iterdir()) == ["checkpoints", "hf"]
+    assert printed == [f"exported Hugging Face model: {hf}"] * 2 and trainer.hf_export == hf
+    (hf / "README.md").write_text("the user's, added to the export")
+    with pytest.raises(FileExistsError, match=r"holds README.md, which no export wrote"):
+        train.Trainer.export_hf(trainer)
+    assert (hf / "README.md").is_file() and (hf / "model.safetensors").is_file()

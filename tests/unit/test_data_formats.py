@@ -25,7 +25,8 @@ from simpo_mcore.data.formats import FORMATS
 from simpo_mcore.data.preference import BadRowError, build_preference_dataset
 
 SPECIALS = ["<pad>", "<unk>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-            "<|end_header_id|>", "<|eot_id|>", "<|im_start|>", "<|im_end|>"]
+            "<|end_header_id|>", "<|eot_id|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>", "<bos>", "<eos>",
+            "<start_of_turn>", "<end_of_turn>"]
 
 LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
           "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
@@ -56,14 +57,18 @@ TEMPLATES = {  # name: (template, bos, eos) as the real tokenizers set them
 def build_tokenizer(name: str, template: str | None = "default") -> PreTrainedTokenizerFast:
     """A character-level tokenizer over printable ASCII with the chat specials as single tokens."""
     chat_template, bos, eos = TEMPLATES[name]
+    return char_tokenizer(chat_template if template == "default" else template, bos, eos)
+
+
+def char_tokenizer(chat_template: str | None, bos: str | None, eos: str | None) -> PreTrainedTokenizerFast:
+    """:func:`build_tokenizer` with any template and BOS / EOS (one of :data:`SPECIALS`)."""
     vocab = {t: i for i, t in enumerate(SPECIALS + ["\n"] + [chr(i) for i in range(32, 127)])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # newlines too
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token="<pad>",
-                                   unk_token="<unk>",
-                                   chat_template=chat_template if template == "default" else template)
+                                   unk_token="<unk>", chat_template=chat_template)
 
 
 @pytest.fixture(scope="module", params=list(TEMPLATES))
@@ -366,7 +371,8 @@ def test_no_chat_template_names_the_fields_and_data_chat_template_fixes_it(tmp_p
     chatml, report = build(build_tokenizer("llama3"), path, tmp_path, chat_template=CHATML)
     assert (chatml[0]["chosen_input_ids"], chatml[0]["chosen_labels"]) != want
     assert tok_text(bare, chatml[0]["chosen_input_ids"]).startswith("<|begin_of_text|><|im_start|>system\n")
-    with pytest.raises(ValueError, match=r"data.chat_template 'nope.jinja' is neither a file nor a Jinja template"):
+    with pytest.raises(ValueError, match=r"data.chat_template 'nope.jinja' is neither a template name, a file, nor a "
+                                         r"Jinja template; names: llama2, llama3, chatml \(also qwen\), mistral"):
         build(bare, path, tmp_path, chat_template="nope.jinja")
 
 
