@@ -41,6 +41,7 @@ from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
 
 from simpo_mcore.data.context_parallel import chunk_positions
+from simpo_mcore.model.cp_attention import ContextParallelCausalAttention
 
 SPECS = ("te", "sdpa", "local")
 
@@ -207,8 +208,10 @@ class SDPAttention(MegatronModule):
     CP group (``gather_from_sequence_parallel_region``, whose backward reduce-scatters: each key's gradient sums
     the contributions of every rank's queries), and the causal mask, the window and the soft-capping are applied
     on each token's position in its sequence, so a chunk boundary changes nothing. Packed rows are split per
-    sequence (their segments are ``cu_seqlens_q_padded``), each attended as above. Memory: the whole sequence's
-    keys and values on every rank, as TE's ``all_gather`` exchange holds them.
+    sequence (their segments are ``cu_seqlens_q_padded``), each attended as above. Plain causal attention on a CPU
+    makes no mask at all (:mod:`~simpo_mcore.model.cp_attention`: by blocks, merged by their log-sum-exps); a
+    window or soft-capped scores take a ``[s / cp, s]`` mask per sequence. Memory: the whole sequence's keys and
+    values on every rank, as TE's ``all_gather`` exchange holds them.
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
@@ -249,13 +252,11 @@ class SDPAttention(MegatronModule):
             return self._packed(query, key, value, packed_seq_params)
         s, b = query.shape[0], query.shape[1]
         q = query.permute(1, 2, 0, 3)  # [b, np, s, hn]
-        positions = None
         if self.cp_group is not None:
             key, value = self._gather_cp(key), self._gather_cp(value)  # [cp * s, b, ng, hn], rank-major
-            positions = self._cp_positions(s * self.cp_group.size(), q.device)
         k = key.permute(1, 2, 0, 3)  # [b, ng, s (x cp), hn]
         v = value.permute(1, 2, 0, 3)  # [b, ng, s (x cp), hn]
-        out = self._attend(q, k, v, *(positions or ()))  # [b, np, s, hn]
+        out = self._attend(q, k, v) if self.cp_group is None else self._attend_cp(q, k, v, [(0, s)])  # [b, np, s, hn]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, np * hn]
 
     def _packed(self, query, key, value, params):
@@ -274,19 +275,29 @@ class SDPAttention(MegatronModule):
             key, value = self._gather_cp(key), self._gather_cp(value)  # [cp * t, ng, hn], rank-major
         k = key.permute(1, 0, 2).unsqueeze(0)  # [1, ng, t (x cp), hn]
         v = value.permute(1, 0, 2).unsqueeze(0)  # [1, ng, t (x cp), hn]
-        outs, start = [], 0
-        for n, m in zip(seqlens, local):
-            if m == 0:
-                continue
-            if cp == 1:
-                outs.append(self._attend(q[:, :, start:start + m], k[:, :, start:start + m], v[:, :, start:start + m]))
-            else:  # this sequence's keys are m positions at the same offset of every rank's row
-                keys = torch.cat([torch.arange(r * t + start, r * t + start + m) for r in range(cp)]).to(q.device)
-                outs.append(self._attend(q[:, :, start:start + m], k.index_select(2, keys), v.index_select(2, keys),
-                                         *self._cp_positions(n, q.device)))
-            start += m
-        out = torch.cat(outs, dim=2)  # [1, np, t, hn]
+        starts = [sum(local[:i]) for i in range(len(local))]
+        if cp > 1:
+            out = self._attend_cp(q, k, v, [(start, m) for start, m in zip(starts, local) if m])  # [1, np, t, hn]
+        else:
+            out = torch.cat([self._attend(q[:, :, a:a + m], k[:, :, a:a + m], v[:, :, a:a + m])
+                             for a, m in zip(starts, local) if m], dim=2)  # [1, np, t, hn]
         return out[0].permute(1, 0, 2).reshape(t, -1)  # [t, np * hn]
+
+    def _attend_cp(self, q, k, v, segments: list[tuple[int, int]]) -> torch.Tensor:
+        """Under context parallelism: this rank's ``[b, np, t, hn]`` queries, whose sequences sit at ``segments``
+        (local offset, local length), over the keys and values of every rank's rows ``[b, ng, cp x t, hn]``.
+        Plain causal attention on a CPU runs by blocks with no mask (:mod:`~simpo_mcore.model.cp_attention`); a
+        window or soft-capped scores (or a GPU without TE) take each sequence's mask from the positions."""
+        cp, rank, t = self.cp_group.size(), self.cp_group.rank(), q.shape[2]
+        dropout = self.dropout if self.training else 0.0
+        if self.window is None and self.softcap is None and not dropout and q.device.type == "cpu":
+            return ContextParallelCausalAttention.apply(q, k, v, cp, rank, segments, self.softmax_scale)
+        outs = []
+        for start, m in segments:  # this sequence's keys: m positions at the same offset of every rank's row
+            keys = torch.cat([torch.arange(r * t + start, r * t + start + m) for r in range(cp)]).to(q.device)
+            outs.append(self._attend(q[:, :, start:start + m], k.index_select(2, keys), v.index_select(2, keys),
+                                     *self._cp_positions(m * cp, q.device)))
+        return torch.cat(outs, dim=2)  # [b, np, t, hn]
 
     def _gather_cp(self, x: torch.Tensor) -> torch.Tensor:
         """Every CP rank's ``x`` stacked along dim 0 (rank-major); the backward reduce-scatters the gradient."""
