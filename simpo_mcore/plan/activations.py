@@ -207,7 +207,8 @@ def head_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb: Micro
                vocab_rows: int) -> float:
     """The final norm and the fused log-prob head: the labelled tokens' hidden states (gathered whole under
     sequence parallelism), their index and targets (int64), log-sum-exp (fp32), two bool masks; with
-    ``model.logprob_recompute: false`` also their logits ``[n, V / tp]``."""
+    ``model.logprob_recompute: false`` also their logits ``[n, V / tp]``. Under CP each rank computes its own
+    chunks' labelled tokens, ``labelled / cp`` on average (the rank holding the prompts' chunks fewer)."""
     n = mb.head_tokens / par.cp
     tokens = mb.tokens / par.cp
     per = impl.act_bytes * shape.hidden_size + 2 * IDS + FP32 + 2
