@@ -2,9 +2,10 @@
 
 Model tensors go through :mod:`simpo_mcore.convert.mcore_io` (the same keys as a converted checkpoint),
 so a training checkpoint is also a starting checkpoint and exports like one. The learning-rate schedule has
-no state of its own: it is a function of the config and the updates done (``optim.LRSchedule``), so a resumed
+no state of its own: it is a function of the config and the updates done (``schedule.LRSchedule``), so a resumed
 run follows the config it is launched with. ``run_config.yaml`` beside ``simpo_mcore.json`` records the
-resolved config of the run that wrote the checkpoint, for people and for the resume checks.
+resolved config of the run that wrote the checkpoint, for people and for the resume checks (both read without
+torch by :mod:`simpo_mcore.checkpoint_info`).
 """
 
 from __future__ import annotations
@@ -16,16 +17,15 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from simpo_mcore.checkpoint_info import LATEST, write_run_config
 from simpo_mcore.config import CheckpointConfig
 from simpo_mcore.convert.checkpoint_meta import TOKENIZER_DIR, CheckpointMeta
 from simpo_mcore.convert.hf_io import copy_tokenizer_files
@@ -40,9 +40,6 @@ from simpo_mcore.convert.mcore_io import (
 from simpo_mcore.optim import zero_grad
 from simpo_mcore.parallel import agreed
 
-LATEST = "latest"
-RUN_CONFIG_FILE = "run_config.yaml"
-"""The resolved config of the run that wrote a training checkpoint (a config ``simpo-train`` accepts)."""
 OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 """The distributed optimizer's default format cannot be saved on 0.19 ("flattened_range is not
 supported"); ``fully_reshardable`` saves per-parameter state that reloads at any TP / PP / DP."""
@@ -50,18 +47,6 @@ supported"); ``fully_reshardable`` saves per-parameter state that reloads at any
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The directory ``root/latest`` names, if both exist."""
-    root = Path(root)
-    marker = root / LATEST
-    if not marker.is_file():
-        return None
-    path = root / marker.read_text().strip()
-    if not (path / "metadata.json").is_file():
-        raise FileNotFoundError(f"{marker} names {path.name}, which is not a complete checkpoint")
-    return path
 
 
 RNG_KEY = "rng_state"
@@ -299,28 +284,6 @@ def load_train_checkpoint(path: str | Path, ddp_chunks: list, optimizer, layout,
     if same_layout:
         _restore_rng_tensors({name: t.reshape(-1) for name, t in loaded[RNG_KEY].items()})
     return dict(meta.info["progress"])
-
-
-def write_run_config(ckpt_dir: str | Path, run_config: dict) -> None:
-    text = yaml.safe_dump(run_config, sort_keys=False, default_flow_style=False)
-    (Path(ckpt_dir) / RUN_CONFIG_FILE).write_text(
-        "# The resolved config of the run that wrote this checkpoint (simpo-train accepts it as a config).\n"
-        "# A resume compares what is optimised (loss, training data, global batch, seed, model) with it.\n" + text)
-
-
-def read_run_config(ckpt_dir: str | Path) -> dict[str, Any]:
-    """The saved run config of a training checkpoint (every one has it: a missing file is damage)."""
-    path = Path(ckpt_dir) / RUN_CONFIG_FILE
-    if not path.is_file():
-        raise ValueError(f"{ckpt_dir} has no {RUN_CONFIG_FILE}: the checkpoint is damaged or is not a training "
-                         "checkpoint of simpo_mcore")
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML ({exc}); the checkpoint's run config is damaged") from None
-    if not isinstance(tree, dict):
-        raise ValueError(f"{path}: expected a mapping; the checkpoint's run config is damaged")
-    return tree
 
 
 def _match_group_learning_rates(saved, optimizer) -> None:

@@ -19,7 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
-from simpo_mcore import console
+from simpo_mcore import console, preflight
 from simpo_mcore.config import USER_ERRORS, ConfigError, importer, load_config
 
 USER_ERROR_EXIT = 2
@@ -105,25 +105,30 @@ def _parse(prog: str, argv: list[str] | None):
     return _parse_quietly(parser, argv)
 
 
+def launch_ranks(cfg, nproc: int | None) -> int:
+    """The ranks a command outside torchrun starts on a CPU: ``--nproc``, else one per model-parallel rank (TP x PP
+    x CP: the context-parallel ranks share a sequence)."""
+    return nproc or cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp
+
+
 def _relaunch_if_needed(prog: str, cfg, args) -> int | None:
-    """Outside torchrun on a CPU, start ``tp x pp x cp`` (or --nproc) ranks of this same command."""
+    """Outside torchrun on a CPU, start :func:`launch_ranks` ranks of this same command."""
     import torch
 
     if "RANK" in os.environ or (torch.cuda.is_available() and cfg.parallel.device != "cpu"):
         return None
-    nproc = args.nproc or cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp
+    nproc = launch_ranks(cfg, args.nproc)
     if nproc == 1:
         return None
     from torch.distributed.run import main as torchrun
 
-    from simpo_mcore.parallel import free_port
-
     # torchrun leaves SIGTERM / SIGUSR1 to us (see _forward_signals); it still handles SIGINT and friends.
-    cmd = [f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+    cmd = [f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={preflight.free_port()}",
            "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", "-m", "simpo_mcore.cli", prog, args.config, *args.overrides]
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     os.environ[LAUNCHER_PID] = str(os.getpid())
-    print(f"[simpo_mcore] launching {nproc} CPU ranks: torchrun {' '.join(cmd)}", flush=True)
+    os.environ[console.COMMAND_STARTED_ENV] = repr(console.command_started())  # the ranks' times count from it
+    console.announce(f"launching {nproc} CPU ranks: torchrun {' '.join(cmd)}")
     _forward_signals()
     # The launcher reports a failed rank itself (_launch_failure): torchrun's own log lines about it
     # ("closing signal SIGTERM", "failed (exitcode: 2)") would follow every user error.
@@ -185,20 +190,52 @@ def _die_with_launcher() -> None:
         os._exit(1)  # the launcher died before the line above took effect
 
 
-def _main(prog: str, job, argv: list[str] | None) -> int:
+def _main(prog: str, job, check, argv: list[str] | None) -> int:
+    """Parse, load the config, run ``check`` (:mod:`simpo_mcore.preflight`) once per command, then re-launch on
+    CPU ranks or run ``job`` here."""
     _die_with_launcher()
     args = _parse(prog, argv)
     try:
         if args.nproc is not None and args.nproc < 1:
             raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
+        _preflight(prog, args, cfg, check)
+    except USER_ERRORS as exc:
         error_line(f"{prog}: error: {exc}")
         return USER_ERROR_EXIT
     code = _relaunch_if_needed(prog, cfg, args)
     if code is not None:
         return code
     return _run_job(prog, job, cfg)
+
+
+def _preflight(prog: str, args, cfg, check) -> None:
+    """The checks that need no rank, once per command, before torch is imported: in the process the user started
+    (before the CPU re-launch, or a one-process run) or, under a plain torchrun, on rank 0 before the process
+    groups (its exit takes the other ranks down). Then the command's first line says what is starting. The ranks
+    of the CPU re-launch skip them (their launcher ran them) and rank 0 says they started."""
+    rank = os.environ.get("RANK")
+    if rank is not None and LAUNCHER_PID in os.environ:
+        console.announce(f"{os.environ.get('WORLD_SIZE', '?')} ranks started; importing torch and megatron-core")
+        return
+    if rank not in (None, "0"):
+        return
+    what = check(cfg)
+    console.announce(f"{prog} {args.config}: {_ranks_text(cfg, args.nproc)}, output {cfg.output_dir}, {what}; "
+                     "importing torch")
+
+
+def _ranks_text(cfg, nproc: int | None) -> str:
+    """``2 CPU ranks (TP 2)``, ``1 process``, under torchrun ``rank 0 of 8 (TP 2, DP 4)``."""
+    p = cfg.parallel
+    world = int(os.environ.get("WORLD_SIZE", "0")) or launch_ranks(cfg, nproc)
+    sizes = {"TP": p.tp, "PP": p.pp, "VPP": p.vpp or 1, "CP": p.cp, "DP": world // (p.tp * p.pp * p.cp)}
+    layout = ", ".join(f"{name} {size}" for name, size in sizes.items() if size > 1)
+    if "RANK" in os.environ:
+        return f"rank 0 of {world}" + (f" ({layout})" if layout else "")
+    if world == 1:
+        return "1 process"
+    return f"{world} {'CPU ' if p.device == 'cpu' else ''}ranks" + (f" ({layout})" if layout else "")
 
 
 def _run_job(prog: str, job, cfg) -> int:
@@ -225,7 +262,7 @@ def train_main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0 and held_out:
             print(f"[simpo_mcore] final held-out reward accuracy: {held_out['rewards/accuracies']:.3f}", flush=True)
 
-    return _main("simpo-train", job, argv)
+    return _main("simpo-train", job, preflight.check_train, argv)
 
 
 def eval_main(argv: list[str] | None = None) -> int:
@@ -234,7 +271,7 @@ def eval_main(argv: list[str] | None = None) -> int:
 
         run_eval(cfg)
 
-    return _main("simpo-eval", job, argv)
+    return _main("simpo-eval", job, preflight.check_eval, argv)
 
 
 def data_main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,9 @@
     setup_logging(rank)     rank 0 logs at INFO; the other ranks print warnings and errors only
     Progress / track        a tqdm bar on a terminal; anywhere else (a SLURM log, a pipe) a plain line
                             every ``progress_interval_s`` seconds, with elapsed time and ETA
+    command_started()       when the command started, across the CPU re-launch and torchrun: the step line's
+                            elapsed time and the run summary's wall time count from it
+    announce(text)          a ``[simpo_mcore] ...`` line from rank 0: what the job is doing now (start-up phases)
 
 ``SIMPO_MCORE_VERBOSE=1`` (what ``--verbose`` sets, so ranks started by torchrun inherit it) turns the
 filtering off: every warning, and every rank's log at INFO. Progress is drawn by the process of global
@@ -16,6 +19,7 @@ This module imports neither torch nor megatron: the entry points call it before 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -24,6 +28,8 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+
+import psutil
 
 VERBOSE_ENV = "SIMPO_MCORE_VERBOSE"
 """Set to 1 (or pass ``--verbose``) to see every library warning and every rank's log."""
@@ -65,6 +71,9 @@ QUIET_LOGGERS = {
     "transformers": logging.ERROR,
 }
 """Library loggers set to errors only (their warnings repeat what our own log says, once per rank)."""
+
+COMMAND_STARTED_ENV = "SIMPO_COMMAND_STARTED"
+"""Set by the CPU re-launch for its ranks: when the command started (``time.time()`` seconds)."""
 
 DEFAULT_PROGRESS_INTERVAL_S = 30.0
 """Seconds between the progress lines of a task when no terminal is attached (``logging.progress_interval_s``)."""
@@ -135,6 +144,24 @@ def progress_interval() -> float:
 def use_bar() -> bool:
     """A progress bar only on a terminal: anywhere else its carriage returns make one endless line."""
     return sys.stderr.isatty()
+
+
+def command_started() -> float:
+    """When the command this process serves started (``time.time()`` seconds): :data:`COMMAND_STARTED_ENV` when
+    the CPU re-launch set it, else (a rank of a plain ``torchrun``) when that torchrun started, else when this
+    process started. Times shown to the user count from it: a rank starts seconds after the command (the
+    launcher's imports, torchrun, the rank's own imports)."""
+    with contextlib.suppress(KeyError, ValueError):
+        return float(os.environ[COMMAND_STARTED_ENV])
+    process = psutil.Process()
+    launcher = process.parent() if "TORCHELASTIC_RUN_ID" in os.environ else None
+    return (launcher or process).create_time()
+
+
+def announce(text: str) -> None:
+    """``[simpo_mcore] text`` on stdout from rank 0 (the other ranks say nothing)."""
+    if is_main_process():
+        print(f"[simpo_mcore] {text}", flush=True)
 
 
 def format_duration(seconds: float) -> str:

@@ -15,6 +15,7 @@ from simpo_mcore.logprobs import TokenLogpsContext
 from simpo_mcore.objective import make_forward_step, reduce_reports, run_schedule
 from simpo_mcore.output_dir import check_writable
 from simpo_mcore.parallel import agreed, distributed
+from simpo_mcore.preflight import require_eval_path
 from simpo_mcore.reference import attach_reference_logps
 from simpo_mcore.runtime import build_runtime
 
@@ -41,8 +42,7 @@ def evaluate(chunks: list, batch_groups, loss_cfg: LossConfig, logps_context: To
 
 def run_eval(cfg: RunConfig) -> dict[str, float]:
     """``simpo-eval``: metrics of ``model.checkpoint`` on ``data.eval_path`` -> eval_metrics.json."""
-    if cfg.data.eval_path is None:
-        raise ValueError("data.eval_path is required for simpo-eval")
+    require_eval_path(cfg.data)
     console.set_progress_interval(cfg.logging.progress_interval_s)
     with distributed(cfg.parallel, cfg.train.seed) as layout:
         out = Path(cfg.output_dir)

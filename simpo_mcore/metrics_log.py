@@ -15,7 +15,7 @@ import psutil
 import torch
 
 from simpo_mcore.config import ConfigError, WandbConfig
-from simpo_mcore.console import Progress, format_count, format_duration
+from simpo_mcore.console import Progress, command_started, format_count, format_duration
 from simpo_mcore.model.flops import PEAK_BF16_TFLOPS, model_flops_per_token
 
 WANDB_ID_FILE = "wandb_run_id"
@@ -109,7 +109,8 @@ def format_step_line(step: int, total: int, record: dict, elapsed_s: float, eta_
 
 class StepConsole:
     """Rank 0's console during training: a bar on a terminal (``bar``), else a step line every
-    ``log_interval`` steps and at the last. Elapsed: since ``job_started`` (``time.monotonic()``; default now).
+    ``log_interval`` steps and at the last. Elapsed: since ``job_started`` (``time.time()``; default: when the
+    command started, :func:`simpo_mcore.console.command_started`).
     ETA: wall time per step since this process's first step began (later evaluations and saves included; the
     build and the step-0 evaluation not) x steps left."""
 
@@ -118,7 +119,7 @@ class StepConsole:
         self.total = total_steps
         self.start_step = start_step
         self.log_interval = log_interval
-        self.job_started = time.monotonic() if job_started is None else job_started
+        self.job_started = command_started() if job_started is None else job_started
         self._loop_started: float | None = None
         self._progress = Progress(total_steps, "train", "steps", bar=bar, interval_s=math.inf, leave=True)
         self._progress.set(start_step)
@@ -135,7 +136,8 @@ class StepConsole:
                 f"loss={record.get('loss', float('nan')):.4f}, acc={record.get('rewards/accuracies', float('nan')):.2f}"
                 f", margin={record.get('rewards/margins', float('nan')):.3f}, {format_count(rate)} tok/s"))
         elif step % self.log_interval == 0 or step == self.total:
-            self._progress.write(format_step_line(step, self.total, record, now - self.job_started, eta))
+            elapsed = time.time() - self.job_started
+            self._progress.write(format_step_line(step, self.total, record, elapsed, eta))
 
     def print(self, text: str) -> None:
         self._progress.write(text)

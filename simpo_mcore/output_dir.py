@@ -1,6 +1,7 @@
 """A training run's ``output_dir``: usable, held by one run at a time, never silently overwritten.
 
-    with claim_output_dir(cfg.output_dir, cfg.checkpoint, layout.rank):   # simpo-train, all ranks
+    check_output_dir(cfg.output_dir, cfg.checkpoint)        # the launcher, before any rank starts
+    with claim_output_dir(cfg.output_dir, cfg.checkpoint, layout.rank):   # simpo-train's ranks (train.py)
         ...
 
 - **Usable**: a directory (created when missing) that this process can write to; otherwise an error
@@ -16,6 +17,10 @@
   ``SLURM_JOB_ID``, lower ``SLURM_RESTART_COUNT``); a stale lock is replaced.
 - **Never silently overwritten**: a fresh run (``checkpoint.resume: false``) into an output_dir that
   holds a previous run's outputs is refused unless ``checkpoint.overwrite: true``, which deletes them.
+
+No torch: :func:`check_output_dir` runs in the launcher before any rank starts (it refuses a lock held by a live
+run but neither takes nor replaces one, and deletes nothing); the ranks then claim the directory with the same
+checks (``train.claim_output_dir``).
 """
 
 from __future__ import annotations
@@ -29,14 +34,12 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 
 from simpo_mcore.config import CheckpointConfig, UserError
-from simpo_mcore.data.cache import unwritable_reason
-from simpo_mcore.parallel import agreed
+from simpo_mcore.config.paths import unwritable_reason
 
 log = logging.getLogger("simpo_mcore")
 
@@ -70,17 +73,23 @@ def previous_run(path: str | Path) -> list[str]:
     return found
 
 
-def start_fresh(path: str | Path, overwrite: bool) -> None:
-    """Before a run that does not resume: refuse a previous run's outputs, or delete them when asked."""
-    path = Path(path)
+def check_fresh(path: str | Path, overwrite: bool) -> list[str]:
+    """Before a run that does not resume: the previous run's outputs in ``path`` (refused unless ``overwrite``)."""
     found = previous_run(path)
-    if not found:
-        return
-    if not overwrite:
+    if found and not overwrite:
         raise UserError(
             f"output_dir {path} holds a previous run ({', '.join(found)}) and checkpoint.resume is false: a new "
             f"run there would mix its checkpoints and metrics with the old ones. Resume it (checkpoint.resume=true), "
             f"choose another output_dir, or add checkpoint.overwrite=true to delete them and start over")
+    return found
+
+
+def start_fresh(path: str | Path, overwrite: bool) -> None:
+    """Before a run that does not resume: refuse a previous run's outputs, or delete them when asked."""
+    path = Path(path)
+    found = check_fresh(path, overwrite)
+    if not found:
+        return
     for name in found:
         target = path / name
         if target.is_dir():
@@ -121,6 +130,12 @@ class OutputDirLock:
             self._thread.start()
             return
         raise UserError(self._in_use(self._read()[0]))
+
+    def check_free(self) -> None:
+        """Refuse a lock held by a live run, without taking it (a stale one is left for :meth:`acquire`)."""
+        holder, age = self._read()
+        if age is not None and not self._stale(holder, age):
+            raise UserError(self._in_use(holder))
 
     def release(self) -> None:
         self._stop.set()
@@ -209,25 +224,11 @@ def _describe(holder: dict) -> str:
     return f"host {holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since')}"
 
 
-@contextlib.contextmanager
-def claim_output_dir(output_dir: str | Path, cfg: CheckpointConfig, rank: int) -> Iterator[None]:
-    """Every rank: output_dir checked, locked by rank 0 for the block, and (without ``cfg.resume``) free of a
-    previous run's outputs; all ranks raise the same error when any of it fails."""
-    lock = OutputDirLock(output_dir)
-
-    def claim() -> None:
-        check_writable(output_dir)
-        lock.acquire()
-        try:
-            if not cfg.resume:
-                start_fresh(output_dir, cfg.overwrite)
-        except BaseException:
-            lock.release()
-            raise
-
-    agreed(claim, run=rank == 0)
-    try:
-        yield
-    finally:
-        if rank == 0:
-            lock.release()
+def check_output_dir(output_dir: str | Path, cfg: CheckpointConfig) -> None:
+    """What :func:`~simpo_mcore.train.claim_output_dir` will find, checked by one process before the ranks start:
+    ``output_dir`` writable (created when missing), not locked by a live run and (without ``cfg.resume``) free of a
+    previous run's outputs unless ``cfg.overwrite``. Takes no lock and deletes nothing."""
+    check_writable(output_dir)
+    OutputDirLock(output_dir).check_free()
+    if not cfg.resume:
+        check_fresh(output_dir, cfg.overwrite)

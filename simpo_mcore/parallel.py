@@ -13,7 +13,6 @@ import datetime
 import os
 import random
 import signal
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from simpo_mcore import cpu_mode
 from simpo_mcore.config import USER_ERRORS, ConfigError, ParallelConfig, UserError
+from simpo_mcore.preflight import free_port
 
 _cpu_scope_opened = False
 """Whether :func:`init_distributed` opened the CPU-mode scope that :func:`shutdown` must close."""
@@ -216,9 +216,3 @@ def world_of_one() -> dict:
     or a port in use."""
     return {"init_method": f"tcp://127.0.0.1:{free_port()}", "rank": 0, "world_size": 1}
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (for a local rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -14,13 +14,14 @@ from transformers import AutoTokenizer
 
 from simpo_mcore import console
 from simpo_mcore.config import RunConfig
+from simpo_mcore.config.paths import looks_local
 from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
 from simpo_mcore.convert.mcore_io import load_model_weights
 from simpo_mcore.convert.tiny import TINY_ARCH
 from simpo_mcore.convert.tool import run_in_fresh_process
 from simpo_mcore.data.collate import pad_token_id
 from simpo_mcore.data.pipeline import BatchLayout, TokenizedSplit, eval_batch_groups
-from simpo_mcore.data.sources import hub_reachable, hub_unreachable_error, looks_local
+from simpo_mcore.data.sources import hub_reachable, hub_unreachable_error
 from simpo_mcore.data.synthetic import build_tokenizer
 from simpo_mcore.logprobs import TokenLogpsContext
 from simpo_mcore.model.builder import ModelOptions, build_model
@@ -81,6 +82,7 @@ def resolve_checkpoint(cfg: RunConfig, layout: Layout) -> Path:
 
     def build_tiny():
         if not (path / "mcore" / "metadata.json").is_file():
+            log.info("building the embedded tiny model into %s (once)", path)
             # In a fresh process: dist_checkpointing.save works on the default group, which here
             # spans every rank, while only rank 0 converts.
             run_in_fresh_process("tiny", "--out", str(path), "--seed", str(cfg.train.seed))
@@ -192,17 +194,19 @@ def build_runtime(cfg: RunConfig, layout: Layout, *, load_weights: bool = True) 
         fp8_recipe=cfg.train.fp8_recipe, fp8_format=cfg.train.fp8_format, cuda=cuda,
     )
     _check_layout(meta.arch, opts)
-    chunks = build_model(meta.arch, opts)
-    if load_weights:
-        load_model_weights(chunks, ckpt_dir)
     logps_context = TokenLogpsContext(vocab_size=meta.arch.vocab_size, chunk_tokens=cfg.model.logprob_chunk_tokens,
                                       kernel=cfg.model.logprob_kernel, recompute=cfg.model.logprob_recompute)
-    log.info("model: %d layers, hidden %d, vocab %d | spec %s, %s | TP %d PP %d%s%s DP %d%s | %s | head: %s",
+    # Said before the build: loading a large model's weights is one of a start-up's slow phases.
+    log.info("model: %d layers, hidden %d, vocab %d | spec %s, %s | TP %d PP %d%s%s DP %d%s | %s | head: %s; %s",
              meta.arch.num_layers, meta.arch.hidden_size, meta.arch.vocab_size, spec,
              cfg.train.precision, layout.tp, layout.pp, f" (VPP {layout.vpp})" if layout.vpp else "",
              f" CP {layout.cp}" if layout.cp > 1 else "",
              layout.dp, " +SP" if opts.sequence_parallel else "", "GPU" if cuda else "CPU (gloo)",
-             _describe_head(logps_context))
+             _describe_head(logps_context),
+             f"building, weights from {ckpt_dir}" if load_weights else "building (weights from the resumed checkpoint)")
+    chunks = build_model(meta.arch, opts)
+    if load_weights:
+        load_model_weights(chunks, ckpt_dir)
     return Runtime(cfg, layout, meta, ckpt_dir, tokenizer, str(tokenizer_source), chunks, opts, logps_context)
 
 

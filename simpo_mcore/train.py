@@ -1,9 +1,10 @@
 """``simpo-train``: the :class:`Trainer` (every component of a run, built once) and its loop.
 
-    run_training(cfg)                       the job: process groups -> Trainer.build -> train()
+    run_training(cfg)                       the job: process groups -> claim_output_dir -> Trainer.build -> train()
     Trainer.build(cfg, layout)              each component from a function of its own: the resume point
-                                            (find_resume_point), runtime (model, tokenizer, log-prob head), data
-                                            (load_splits, build_data), DDP + optimizer + LR schedule
+                                            (resume.find_resume_point), runtime (model, tokenizer, log-prob head),
+                                            data (load_splits, build_data; a resume with no step left is refused
+                                            here, resume.check_steps_left), DDP + optimizer + LR schedule
                                             (build_optimization),
                                             checkpoints and the restored state (build_checkpointer), the logger
                                             (build_logger)
@@ -20,20 +21,22 @@ receives :mod:`simpo_mcore.microbatch`; the data order :mod:`simpo_mcore.data.sa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from simpo_mcore import checkpoint as ckpt
 from simpo_mcore import console
 from simpo_mcore.checkpoint import CheckpointManager
-from simpo_mcore.config import ConfigError, RunConfig, UserError
+from simpo_mcore.checkpoint_info import checkpoint_root, latest_checkpoint
+from simpo_mcore.config import CheckpointConfig, ConfigError, RunConfig, UserError
 from simpo_mcore.convert.hf_io import owned_export
 from simpo_mcore.convert.tool import run_in_fresh_process
 from simpo_mcore.data.pipeline import TokenizedSplit, TrainBatches, check_data_paths, load_split
@@ -49,12 +52,20 @@ from simpo_mcore.metrics_log import (
 )
 from simpo_mcore.microbatch import StepBatches
 from simpo_mcore.objective import make_forward_step, reduce_reports, run_schedule
-from simpo_mcore.optim import LRSchedule, apply_optim_config, build_optimizer, wrap_ddp, zero_grad
-from simpo_mcore.output_dir import claim_output_dir
+from simpo_mcore.optim import apply_optim_config, build_optimizer, wrap_ddp, zero_grad
+from simpo_mcore.output_dir import OutputDirLock, check_writable, start_fresh
 from simpo_mcore.parallel import Layout, agreed, distributed
 from simpo_mcore.reference import attach_reference_logps
-from simpo_mcore.resume import Change, check_resume_config, check_resume_data, log_resume_changes, rebase_progress
+from simpo_mcore.resume import (
+    Change,
+    check_resume_data,
+    check_steps_left,
+    find_resume_point,
+    log_resume_changes,
+    rebase_progress,
+)
 from simpo_mcore.runtime import Runtime, build_runtime
+from simpo_mcore.schedule import LRSchedule, total_steps
 
 log = logging.getLogger("simpo_mcore")
 
@@ -106,17 +117,6 @@ class StopSignal:
         return bool(flag.item())
 
 
-def total_steps(cfg: RunConfig, num_pairs: int) -> int:
-    t = cfg.train
-    if t.max_steps is not None:
-        return t.max_steps
-    per_epoch = num_pairs // t.global_batch_pairs
-    if per_epoch == 0:
-        raise ConfigError(f"train.global_batch_pairs ({t.global_batch_pairs}) exceeds the {num_pairs} "
-                          "training pairs: not one step fits in an epoch")
-    return max(1, math.floor(per_epoch * t.epochs))
-
-
 def check_batch_sizes(cfg: RunConfig, dp: int) -> int | None:
     """Micro-batches per rank per step (``None`` with ``data.packing``: as many rows as the step's pairs
     fill); explains a global batch that micro x accumulation x DP cannot make."""
@@ -161,7 +161,7 @@ def grads_are_finite(ddp_chunks: list, device) -> bool:
 def run_training(cfg: RunConfig) -> dict[str, float] | None:
     """Train; returns the final held-out metrics, or None when the run has no held-out data or stopped
     before its last step (a signal, ``train.exit_interval``)."""
-    started = time.monotonic()
+    started = console.command_started()
     check_wandb(cfg.logging.wandb)
     console.set_progress_interval(cfg.logging.progress_interval_s)
     with distributed(cfg.parallel, cfg.train.seed) as layout:
@@ -182,13 +182,37 @@ def run_training(cfg: RunConfig) -> dict[str, float] | None:
             return trainer.final_eval if trainer.state.step >= trainer.total_steps else None
 
 
+@contextlib.contextmanager
+def claim_output_dir(output_dir: str | Path, cfg: CheckpointConfig, rank: int) -> Iterator[None]:
+    """Every rank: output_dir checked, locked by rank 0 for the block, and (without ``cfg.resume``) free of a
+    previous run's outputs (:mod:`simpo_mcore.output_dir`); all ranks raise the same error when any of it fails."""
+    lock = OutputDirLock(output_dir)
+
+    def claim() -> None:
+        check_writable(output_dir)
+        lock.acquire()
+        try:
+            if not cfg.resume:
+                start_fresh(output_dir, cfg.overwrite)
+        except BaseException:
+            lock.release()
+            raise
+
+    agreed(claim, run=rank == 0)
+    try:
+        yield
+    finally:
+        if rank == 0:
+            lock.release()
+
+
 def open_wandb(cfg: RunConfig, rank: int) -> WandbRun | None:
     """Rank 0's W&B run (``logging.wandb``), continuing this output_dir's when the job resumes; else None."""
     w = cfg.logging.wandb
     if rank != 0 or w.project is None or w.mode == "disabled":
         return None
     out = Path(cfg.output_dir)
-    resume = cfg.checkpoint.resume and ckpt.latest_checkpoint(checkpoint_root(cfg)) is not None
+    resume = cfg.checkpoint.resume and latest_checkpoint(checkpoint_root(cfg.output_dir)) is not None
     out.mkdir(parents=True, exist_ok=True)
     return WandbRun(w, out, asdict(cfg), resume)
 
@@ -206,17 +230,6 @@ class TrainData:
     total_steps: int
     fingerprint: dict
     """The training pairs' ``content_fingerprint``: saved with each checkpoint for the resume checks."""
-
-
-def find_resume_point(cfg: RunConfig) -> tuple[Path | None, list[Change]]:
-    """The checkpoint to resume from (``checkpoint.resume`` and a ``latest``), and what the config changes
-    against it (refused before anything loads when it changes what is optimised)."""
-    resume_from = ckpt.latest_checkpoint(checkpoint_root(cfg)) if cfg.checkpoint.resume else None
-    return resume_from, check_resume_config(cfg, resume_from) if resume_from is not None else []
-
-
-def checkpoint_root(cfg: RunConfig) -> Path:
-    return Path(cfg.output_dir) / "checkpoints"
 
 
 def load_splits(cfg: RunConfig, rt: Runtime) -> tuple[TokenizedSplit, TokenizedSplit | None]:
@@ -237,7 +250,7 @@ def build_data(cfg: RunConfig, rt: Runtime, train_split: TokenizedSplit, eval_sp
     """This rank's batches of every step over ``train_split``, and the run's length."""
     check_batch_sizes(cfg, rt.layout.dp)
     batches = TrainBatches(cfg.train, train_split, rt.batch_layout, rt.layout.dp_rank, rt.layout.dp)
-    return TrainData(train_split, eval_split, batches, total_steps(cfg, len(train_split)), fingerprint)
+    return TrainData(train_split, eval_split, batches, total_steps(cfg.train, len(train_split)), fingerprint)
 
 
 def build_optimization(cfg: RunConfig, rt: Runtime, steps: int) -> tuple[list, object, LRSchedule]:
@@ -252,7 +265,7 @@ def build_checkpointer(cfg: RunConfig, rt: Runtime, data: TrainData, model: list
                        resume_from: Path | None, changes: list[Change], schedule: LRSchedule) -> CheckpointManager:
     """The run's checkpoints; ``state`` (and the model and optimizer) restored from ``resume_from`` when given."""
     checkpointer = CheckpointManager(
-        checkpoint_root(cfg), cfg.checkpoint, model=model, optimizer=optimizer, train_state=state,
+        checkpoint_root(cfg.output_dir), cfg.checkpoint, model=model, optimizer=optimizer, train_state=state,
         layout=rt.layout, meta=rt.meta, tokenizer=rt.tokenizer_source, run_config=asdict(cfg),
         data_fingerprint=data.fingerprint, total_steps=data.total_steps)
     if removed := checkpointer.remove_interrupted():
@@ -301,7 +314,8 @@ class Trainer:
         self.throughput = Throughput.for_run(runtime.meta.arch, cfg.data.max_length, self.device.type == "cuda",
                                              self.layout.world_size)
         self.started = started
-        """``time.monotonic()`` when the job started (the summary's wall time)."""
+        """When the command started (``time.time()``: :func:`simpo_mcore.console.command_started`): the summary's
+        wall time counts from it."""
         self.steps_run = 0
         """Optimizer steps taken by this process (a resumed run starts at 0)."""
         self.last_metrics: dict[str, float] = {}
@@ -311,7 +325,7 @@ class Trainer:
     @classmethod
     def build(cls, cfg: RunConfig, layout: Layout, started: float | None = None,
               wandb: WandbRun | None = None) -> Trainer:
-        started = time.monotonic() if started is None else started
+        started = console.command_started() if started is None else started
         stop = StopSignal()
         check_data_paths(cfg.data, ("train", "eval"), layout.rank)  # before the model loads
         resume_from, changes = find_resume_point(cfg)
@@ -323,6 +337,8 @@ class Trainer:
         if resume_from is not None:
             check_resume_data(cfg, resume_from, changes, fingerprint)
         data = build_data(cfg, rt, train_split, eval_split, fingerprint)
+        if resume_from is not None:  # before anything is written: a run with no step left trains nothing
+            check_steps_left(cfg, resume_from, data.total_steps, changes)
         model, optimizer, schedule = build_optimization(cfg, rt, data.total_steps)
         state = TrainState()
         checkpointer = build_checkpointer(cfg, rt, data, model, optimizer, state, resume_from, changes, schedule)
@@ -453,7 +469,7 @@ class Trainer:
         s = self.state
         totals = RunTotals(step=s.step, total_steps=self.total_steps, steps_this_process=self.steps_run,
                            pairs=s.consumed_pairs, tokens=s.consumed_tokens, real_tokens=s.consumed_real_tokens,
-                           skipped_steps=s.skipped_steps, wall_s=time.monotonic() - self.started,
+                           skipped_steps=s.skipped_steps, wall_s=time.time() - self.started,
                            stopped_by=stopped_by)
         wandb = self.logger.wandb.describe() if self.logger.wandb is not None else None
         return run_summary(totals, self.logger.evals, self.checkpointer.last_path, self.hf_export,

@@ -6,10 +6,12 @@ import json
 import os
 import random
 import re
+import signal
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -87,6 +89,55 @@ def launch_ranks(script: str | Path, nproc: int, *args: str, timeout: float = 60
                 proc.kill()
             out.close(), err.close()
     return results
+
+
+class CommandRun:
+    """``python -X importtime -m simpo_mcore.cli ARGS`` in its own session: every line it writes (stdout and stderr
+    in one pipe, so in the order written) with the seconds since the command started, the modules the process it
+    started imported (``-X importtime``: that process only, not the ranks it launches) and its exit code."""
+
+    def __init__(self, args: list[str], *, timeout: float, env: dict[str, str] | None = None,
+                 until: str | None = None):
+        """``until``: stop (kill the command and whatever it started) once a line containing it was written."""
+        cmd = [sys.executable, "-X", "importtime", "-m", "simpo_mcore.cli", *map(str, args)]
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                    "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+        self.lines: list[tuple[float, str]] = []
+        """``(seconds since the command started, line)`` of each line but ``-X importtime``'s."""
+        self.imports: list[tuple[int, str]] = []
+        """``(number of lines written before it, module)`` of each import of the command's own process."""
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        reader = threading.Thread(target=self._read, args=(proc, started, until), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        reader.join(10)
+        self.returncode = proc.returncode
+        self.wall_s = time.monotonic() - started
+
+    def _read(self, proc: subprocess.Popen, started: float, until: str | None) -> None:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            if line.startswith("import time:"):
+                self.imports.append((len(self.lines), line.rsplit("|", 1)[-1].strip()))
+                continue
+            self.lines.append((time.monotonic() - started, line))
+            if until is not None and until in line:
+                os.killpg(proc.pid, signal.SIGKILL)
+                return
+
+    @property
+    def text(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+    def imported_before(self, package: str) -> int | None:
+        """How many lines the command had written when a module of ``package`` was first imported (None: never).
+        ``-X importtime`` names a module once its import ends: a package's submodules come before it."""
+        return next((n for n, name in self.imports if name == package or name.startswith(package + ".")), None)
 
 
 def error_lines(text: str) -> list[str]:

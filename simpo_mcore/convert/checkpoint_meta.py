@@ -12,14 +12,10 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from simpo_mcore.checkpoint_info import FORMAT_VERSION, META_FILE, read_meta_json
 from simpo_mcore.model.hf_config import ModelArch
 
-META_FILE = "simpo_mcore.json"
 TOKENIZER_DIR = "tokenizer"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-"""1: Llama / Mistral without a sliding window, before ``ModelArch`` had its family fields; their defaults
-are that model, so a version 1 file reads as the architecture it was written for."""
 
 
 @dataclass
@@ -39,19 +35,7 @@ class CheckpointMeta:
     @classmethod
     def read(cls, ckpt_dir: str | Path) -> CheckpointMeta:
         path = Path(ckpt_dir) / META_FILE
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{ckpt_dir} is not a simpo_mcore checkpoint: {META_FILE} is missing "
-                "(convert a Hugging Face model with tools/convert_hf_to_mcore.py)")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc}); the checkpoint's metadata is damaged") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
-        if data.get("format_version") not in READABLE_VERSIONS:
-            raise ValueError(f"{path}: format_version {data.get('format_version')} is not one this version reads "
-                             f"{READABLE_VERSIONS}")
+        data = read_meta_json(ckpt_dir)
         arch = data.get("arch")
         if not isinstance(arch, dict):
             raise ValueError(f"{path}: field 'arch' is missing or not an object")

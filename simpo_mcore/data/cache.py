@@ -14,10 +14,11 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
+
+from simpo_mcore.config.paths import unwritable_reason
 
 PIPELINE_VERSION = 5
 """Bump when rendering or tokenisation changes, so that stale cache entries are not reused."""
@@ -54,20 +55,6 @@ def is_complete(entry: Path) -> bool:
 
 def read_report(entry: Path) -> dict[str, Any]:
     return json.loads((entry / "report.json").read_text())
-
-
-def unwritable_reason(path: Path) -> str | None:
-    """Why this process cannot create ``path`` as a directory and files in it (the OS's words), or ``None``:
-    tried, not guessed from permissions (root writes through them; a read-only file system raises EROFS,
-    which is no PermissionError)."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        return str(exc.strerror or exc)
-    return None
 
 
 def check_writable(cache_dir: Path, what: str) -> None:

@@ -19,13 +19,13 @@ import numpy as np
 import pyarrow.compute as pc
 
 from simpo_mcore.config import DataConfig, TrainConfig
+from simpo_mcore.config.paths import check_local_data_paths
 from simpo_mcore.data.collate import PAD_TO_MULTIPLE_OF, chosen_response_tokens, sequence_lengths
 from simpo_mcore.data.context_parallel import cp_multiple, split_packed_rows, split_padded_pairs
 from simpo_mcore.data.packing import pack_rows, packed_micro_batches, pair_positions, step_rows
 from simpo_mcore.data.padded import padded_micro_batches
 from simpo_mcore.data.preference import PAIR_COLUMNS, DataReport, build_preference_dataset
 from simpo_mcore.data.sampler import PairSampler, eval_micro_batches
-from simpo_mcore.data.sources import check_local_path
 from simpo_mcore.microbatch import LossScale, MicroBatch, StepBatches
 from simpo_mcore.parallel import agreed
 
@@ -70,13 +70,7 @@ class TokenizedSplit:
 def check_data_paths(cfg: DataConfig, splits: tuple[str, ...], rank: int) -> None:
     """Before anything slow loads: every local data path of ``splits`` exists (checked on rank 0, which
     reads the sources; every rank raises the error)."""
-    def check():
-        for split in splits:
-            path = getattr(cfg, f"{split}_path")
-            if path is not None:
-                check_local_path(path, f"data.{split}_path")
-
-    agreed(check, run=rank == 0)
+    agreed(lambda: check_local_data_paths(cfg, splits), run=rank == 0)
 
 
 def load_split(cfg: DataConfig, tokenizer, split: str, rank: int, output_dir: str | Path) -> TokenizedSplit:

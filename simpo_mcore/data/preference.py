@@ -32,6 +32,7 @@ import datasets
 import pyarrow
 
 from simpo_mcore.config import DataConfig
+from simpo_mcore.config.paths import SYNTHETIC, check_local_path
 from simpo_mcore.console import Progress
 from simpo_mcore.data import cache, sources
 from simpo_mcore.data.formats import (
@@ -160,14 +161,14 @@ def build_preference_dataset(cfg: DataConfig, tokenizer, split: Literal["train",
                      plain_strings=cfg.plain_strings, response_rendering=cfg.response_rendering)
 
     parts, files = None, None
-    if path == sources.SYNTHETIC:
+    if path == SYNTHETIC:
         num = cfg.synthetic_pairs if split == "train" else sources.SYNTHETIC_EVAL_PAIRS
         rows, fingerprint = sources.load_synthetic(split, num)
-        parts = [sources.RowSource(sources.SYNTHETIC, rows)]
+        parts = [sources.RowSource(SYNTHETIC, rows)]
     elif (files := sources.local_files(path)) is not None:
         fingerprint = sources.local_fingerprint(files)
     else:
-        sources.check_local_path(path, f"data.{split}_path")
+        check_local_path(path, f"data.{split}_path")
         rows, fingerprint = sources.load_hub(path, hub_split, f"data.{split}_path")
         parts = [sources.RowSource(f"{path} ({hub_split})", rows)]
     key = cache.cache_key(source=fingerprint, tokenizer=cache.tokenizer_fingerprint(tokenizer),
@@ -183,6 +184,8 @@ def build_preference_dataset(cfg: DataConfig, tokenizer, split: Literal["train",
             parts = _first_rows(parts, limit)
             if not parts:
                 raise ValueError(f"data.{split}_path {path}: no rows")
+            if announce:  # the slow part of a first run: say so before it starts
+                logger.info("%s data from %s: tokenising %d rows", split, path, sum(len(p.rows) for p in parts))
             _build_entry(parts, tokenizer, settings, rendering, cfg.num_proc, cache_dir, key, entry,
                          source=path, split=split, drop_identical=cfg.identical_pairs == "drop",
                          label=template_label(cfg.chat_template, tokenizer))

@@ -24,16 +24,13 @@ import datasets
 import huggingface_hub
 import pyarrow
 
+from simpo_mcore.config.paths import DATA_FILE_FORMATS
 from simpo_mcore.data import synthetic
 from simpo_mcore.data.formats import OVERSIZE_COLUMN
 
-SYNTHETIC = "synthetic"
 SYNTHETIC_EVAL_PAIRS = 256
 SYNTHETIC_SEED = 0
 """The synthetic rows are fixed (the training seed orders them, it does not regenerate them)."""
-
-_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
-
 
 HUB_PROBE_TIMEOUT_S = 5.0
 """How long to wait for the hub's (or the proxy's) TCP port before calling it unreachable: the hub client
@@ -46,28 +43,15 @@ JSON_READER_VERSION = 1
 """Part of the raw cache's fingerprint of a JSON file: bump when :func:`load_json` changes what it stores."""
 
 
-def looks_local(path: str) -> bool:
-    """Whether ``path`` can only be a local path, not a hub name (``name`` or ``org/name``): absolute,
-    ``~``, ``./`` or ``../``, a data-file suffix, or more than one ``/``."""
-    return (path.startswith(("/", "~", ".")) or Path(path).suffix in _FORMATS or path.count("/") > 1
-            or "\\" in path)
-
-
-def check_local_path(path: str, field: str) -> None:
-    """Refuse a ``field`` (``data.train_path``) that can only be a local path and does not exist."""
-    if path != SYNTHETIC and looks_local(path) and not Path(path).expanduser().exists():
-        raise FileNotFoundError(f"{field} {path} does not exist (relative paths start at {Path.cwd()})")
-
-
 def local_files(path: str) -> list[Path] | None:
     """The data files of a local ``path`` (a file or a directory of them); ``None`` if not local."""
     root = Path(path).expanduser()
     if not root.exists():
         return None
-    files = sorted(p for p in root.iterdir() if p.suffix in _FORMATS) if root.is_dir() else [root]
+    files = sorted(p for p in root.iterdir() if p.suffix in DATA_FILE_FORMATS) if root.is_dir() else [root]
     if not files:
         raise ValueError(f"data path {path}: no .parquet/.jsonl/.json files in this directory")
-    formats = {_FORMATS.get(p.suffix) for p in files}
+    formats = {DATA_FILE_FORMATS.get(p.suffix) for p in files}
     if None in formats or len(formats) > 1:
         raise ValueError(f"data path {path}: expected .parquet, .jsonl or .json files of one format, "
                          f"got {sorted(p.name for p in files)}")
@@ -125,12 +109,12 @@ def load_local(file: Path, raw_cache_dir: Path) -> RowSource:
     """One local file's rows (each file of a directory is read, and its format detected, alone)."""
     if file.stat().st_size == 0:
         raise ValueError(f"data file {file} is empty")
-    if _FORMATS[file.suffix] == "json":
+    if DATA_FILE_FORMATS[file.suffix] == "json":
         if not check_utf8(file):
             raise ValueError(f"data file {file} holds no rows")
         return RowSource(str(file), load_json(file, raw_cache_dir), json_text=True)
     try:
-        rows = datasets.load_dataset(_FORMATS[file.suffix], data_files=[str(file)], split="train",
+        rows = datasets.load_dataset(DATA_FILE_FORMATS[file.suffix], data_files=[str(file)], split="train",
                                      cache_dir=str(raw_cache_dir))
     except (datasets.exceptions.DatasetsError, pyarrow.ArrowException, ValueError, OSError) as exc:
         cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""

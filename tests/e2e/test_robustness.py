@@ -109,8 +109,9 @@ def flip_optimizer_byte(ckpt_dir):
 def test_signals_lock_damage_and_relaunch(tmp_path, tiny, straight, capsys):
     """The CPU re-launch (``simpo-train --nproc 2``) and the launches that share an output_dir:
 
-    1. a launch into an output_dir another run holds is refused by both ranks, naming the holder (host,
-       pid), exit 2 (a second launch must not resume the first one's checkpoint and delete its save);
+    1. a launch into an output_dir another run holds is refused by the launcher before any rank starts, naming
+       the holder (host, pid), exit 2 (a second launch must not resume the first one's checkpoint and delete its
+       save);
     2. SIGTERM to the launcher reaches the ranks: they save at an agreed step and the launcher exits 0
        (torchrun's own handling exits 1 with "signal 15"); the lock is released;
     3. ``kill -9`` of the launcher takes both ranks with it (no orphan runs on);
@@ -133,7 +134,8 @@ def test_signals_lock_damage_and_relaunch(tmp_path, tiny, straight, capsys):
         held.release()
     assert refused.returncode == 2, refused.stderr[-3000:]
     lines = error_lines(refused.stderr)
-    assert len(lines) == 2 and lines[0] == lines[1], refused.stderr[-3000:]  # one line from each rank
+    # From the launcher, before any rank started: one line, and nothing on stdout (no torchrun line).
+    assert len(lines) == 1 and refused.stdout == "", refused.stdout + refused.stderr[-3000:]
     assert lines[0].startswith(f"simpo-train: error: output_dir {out} is in use by another run (host "
                                f"{socket.gethostname()}, pid {os.getpid()}, since "), lines[0]
     assert "Traceback" not in refused.stderr and not metrics.exists()

@@ -218,12 +218,14 @@ def test_wandb_asked_for_but_not_installed_is_a_config_error(monkeypatch):
 
 
 def test_step_line_elapsed_and_eta(monkeypatch, capsys):
-    """Elapsed counts from the job's start; the ETA from the start of this process's first step (the build
-    and the step-0 evaluation before it would make the first estimates far too long)."""
+    """Elapsed counts from the command's start (wall-clock time, shared with the launcher); the ETA from the start of
+    this process's first step (the build and the step-0 evaluation before it would make the first estimates far too
+    long)."""
     monkeypatch.setenv("RANK", "0")
     clock = [100.0]
     monkeypatch.setattr(metrics_log.time, "monotonic", lambda: clock[0])
-    out = StepConsole(total_steps=7, start_step=0, log_interval=1, bar=False, job_started=0.0)
+    monkeypatch.setattr(metrics_log.time, "time", lambda: clock[0] + 1e9)  # wall-clock seconds
+    out = StepConsole(total_steps=7, start_step=0, log_interval=1, bar=False, job_started=1e9)
     clock[0] = 110.0
     out.step(1, RECORD)  # step_time_s 2: the loop started at 108
     clock[0] = 114.0

@@ -11,7 +11,7 @@ import datasets
 import huggingface_hub
 import pytest
 
-from simpo_mcore.config import DataConfig
+from simpo_mcore.config import DataConfig, paths
 from simpo_mcore.data import sources, synthetic
 from simpo_mcore.data.preference import build_preference_dataset
 
@@ -70,7 +70,7 @@ def test_missing_relative_path_is_not_a_hub_lookup(tmp_path, tok, monkeypatch):
                                                     rf"start at {tmp_path}\)"):
             build(path, tmp_path, tok)
     assert time.monotonic() - start < 2.0
-    assert not sources.looks_local("HuggingFaceH4/ultrafeedback_binarized") and not sources.looks_local("name")
+    assert not paths.looks_local("HuggingFaceH4/ultrafeedback_binarized") and not paths.looks_local("name")
 
 
 def test_hub_name_without_network_fails_at_once(tmp_path, tok, monkeypatch):

@@ -13,7 +13,7 @@ from simpo_mcore.config import ConfigError, load_config
 from simpo_mcore.config.foreign import FIXED, IGNORED, MAPPED
 from simpo_mcore.config.importer import import_config
 from simpo_mcore.config.schema import field_types
-from simpo_mcore.optim import warmup_steps
+from simpo_mcore.schedule import warmup_steps
 
 SIMPO_LLAMA3_8B_BASE = {
     "model_name_or_path": "princeton-nlp/Llama-3-Base-8B-SFT", "torch_dtype": None,

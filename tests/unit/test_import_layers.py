@@ -3,12 +3,15 @@ module graph has no cycle, and imports sit at the top of each module except in t
 
 The layers, lowest first (docs/architecture.md draws them):
 
-    config, cpu_mode, console -> parallel -> microbatch -> data -> model -> convert -> logprobs_kernels -> logprobs,
-    losses -> objective -> checkpoint, optim, metrics_log, resume, output_dir -> plan -> runtime -> reference
-    -> evaluate -> train -> cli
+    config, cpu_mode, console -> checkpoint_info, schedule, output_dir, resume, preflight -> parallel -> microbatch
+    -> data -> model -> convert -> logprobs_kernels -> logprobs, losses -> objective -> checkpoint, optim,
+    metrics_log -> plan -> runtime -> reference -> evaluate -> train -> cli
 
 ``microbatch`` (the typed micro-batch) is the contract between ``data`` (which makes it ready) and ``objective``
 (which runs it): below both, so that the objective needs nothing from ``data``.
+
+The second layer is what the launcher checks before any rank starts: no torch, no data libraries
+(``test_the_preflight_imports_no_torch``).
 
 ``convert`` (HF <-> megatron files, model weights I/O) and ``checkpoint`` (training state) sit beside the
 compute path: they know the model's architecture and nothing of the step.
@@ -17,6 +20,8 @@ compute path: they know the model's architecture and nothing of the step.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +30,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "simpo_mcore"
 
 LAYERS = [
     ("config", "cpu_mode", "console"),
+    ("checkpoint_info", "schedule", "output_dir", "resume", "preflight"),
     ("parallel",),
     ("microbatch",),
     ("data",),
@@ -33,7 +39,7 @@ LAYERS = [
     ("logprobs_kernels",),
     ("logprobs", "losses"),
     ("objective",),
-    ("checkpoint", "optim", "metrics_log", "resume", "output_dir"),
+    ("checkpoint", "optim", "metrics_log"),
     ("plan",),
     ("runtime",),
     ("reference",),
@@ -151,3 +157,13 @@ def test_the_objective_imports_nothing_from_data():
     imported = [target for target, _, _ in simpo_imports(path)]
     assert "simpo_mcore.microbatch" in imported
     assert not [t for t in imported if t == "simpo_mcore.data" or t.startswith("simpo_mcore.data.")], imported
+
+
+def test_the_preflight_imports_no_torch():
+    """The launcher's checks (the second layer) import neither torch, megatron nor the data libraries: a user error
+    comes within seconds of the command, before the ranks' imports (tens of seconds on a loaded CPU)."""
+    code = ("import sys, simpo_mcore.preflight, simpo_mcore.console; "
+            "print(sorted(m for m in ('torch', 'megatron', 'datasets', 'transformers', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+

@@ -92,6 +92,8 @@ def test_stale_locks_are_replaced(tmp_path, monkeypatch):
     for name, (record, age) in cases.items():
         lock_file.write_text(json.dumps(record) if record else "")
         os.utime(lock_file, (time.time() - age, time.time() - age))
+        od.OutputDirLock(tmp_path).check_free()  # the launcher's check lets it through and leaves it there
+        assert lock_file.read_text() == (json.dumps(record) if record else ""), name
         lock = od.OutputDirLock(tmp_path)
         lock.acquire()
         assert holder(tmp_path)["token"] == lock.token, name
@@ -110,6 +112,8 @@ def test_stale_locks_are_replaced(tmp_path, monkeypatch):
     lock_file.write_text(json.dumps({"host": "elsewhere", "pid": 7, "since": "then", "token": "d"}))
     with pytest.raises(UserError, match=r"in use by another run \(host elsewhere, pid 7, since then;"):
         od.OutputDirLock(tmp_path).acquire()
+    with pytest.raises(UserError, match=r"in use by another run \(host elsewhere, pid 7, since then;"):
+        od.OutputDirLock(tmp_path).check_free()
 
 
 def test_heartbeat_refreshes_the_lock(tmp_path, monkeypatch):
@@ -128,16 +132,36 @@ def test_heartbeat_refreshes_the_lock(tmp_path, monkeypatch):
 
 
 def test_claim_checks_locks_and_releases(tmp_path):
-    """What simpo-train does around a run (a world of one here): refused in a file, then locked and freed."""
+    """What simpo-train's ranks do around a run (a world of one here): refused in a file, then locked and freed."""
+    from simpo_mcore.train import claim_output_dir
+
     cfg = load_config(None, ["checkpoint.resume=false"]).checkpoint
-    with pytest.raises(UserError, match="is a file"), od.claim_output_dir(__file__, cfg, rank=0):
+    with pytest.raises(UserError, match="is a file"), claim_output_dir(__file__, cfg, rank=0):
         pass
     out = tmp_path / "run"
-    with od.claim_output_dir(out, cfg, rank=0):
+    with claim_output_dir(out, cfg, rank=0):
         assert holder(out)["pid"] == os.getpid()
-        with pytest.raises(UserError, match="in use by another run"), od.claim_output_dir(out, cfg, rank=0):
+        with pytest.raises(UserError, match="in use by another run"), claim_output_dir(out, cfg, rank=0):
             pass
+        with pytest.raises(UserError, match="in use by another run"):
+            od.check_output_dir(out, cfg)
     assert not (out / od.LOCK_FILE).exists()
+
+
+def test_the_launchers_check_takes_no_lock_and_deletes_nothing(tmp_path):
+    """check_output_dir refuses what claim_output_dir would, but a fresh run with checkpoint.overwrite passes it
+    with the previous run still there (the ranks delete it once they hold the lock), and no lock is left."""
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_0000040").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text("{}\n")
+    fresh = load_config(None, ["checkpoint.resume=false"]).checkpoint
+    with pytest.raises(UserError, match=r"holds a previous run \(checkpoints, metrics.jsonl\)"):
+        od.check_output_dir(out, fresh)
+    od.check_output_dir(out, load_config(None, ["checkpoint.resume=false", "checkpoint.overwrite=true"]).checkpoint)
+    od.check_output_dir(out, load_config(None).checkpoint)  # resuming: the previous run is the point
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl"]
+    with pytest.raises(UserError, match="is a file"):
+        od.check_output_dir(out / "metrics.jsonl", fresh)
 
 
 def test_simpo_train_reports_them_in_one_line(tmp_path, capsys):

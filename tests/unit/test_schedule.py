@@ -22,8 +22,9 @@ from transformers import (
 )
 
 from simpo_mcore.config import ConfigError, OptimConfig, RunConfig, load_config
-from simpo_mcore.optim import LRSchedule, apply_optim_config, warmup_steps
+from simpo_mcore.optim import apply_optim_config
 from simpo_mcore.resume import config_changes, is_allowed, is_guarded
+from simpo_mcore.schedule import LRSchedule, warmup_steps
 
 CASES = [(8, 0.1), (477, 0.1), (4, 0.1), (3, 0.05), (100, 0.07), (10, 0.0), (1, 0.5), (2, 0.9), (100, 0.25),
          (7, 0.3), (1000, 0.03)]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from simpo_mcore.config import ConfigError, load_config
-from simpo_mcore.train import check_batch_sizes, total_steps
+from simpo_mcore.schedule import total_steps
+from simpo_mcore.train import check_batch_sizes
 
 
 def cfg(*overrides):
@@ -54,8 +55,8 @@ def test_interleaved_pipeline_needs_pp_microbatches():
 
 
 def test_total_steps_from_epochs_or_max_steps():
-    assert total_steps(cfg("train.global_batch_pairs=128", "train.epochs=1"), 61135) == 477
-    assert total_steps(cfg("train.global_batch_pairs=128", "train.epochs=2.5"), 61135) == 1192  # floor(477 x 2.5)
-    assert total_steps(cfg("train.global_batch_pairs=128", "train.max_steps=10"), 61135) == 10
+    assert total_steps(cfg("train.global_batch_pairs=128", "train.epochs=1").train, 61135) == 477
+    assert total_steps(cfg("train.global_batch_pairs=128", "train.epochs=2.5").train, 61135) == 1192  # floor(477 x 2.5)
+    assert total_steps(cfg("train.global_batch_pairs=128", "train.max_steps=10").train, 61135) == 10
     with pytest.raises(ConfigError, match="exceeds the 100 training pairs"):
-        total_steps(cfg("train.global_batch_pairs=128"), 100)
+        total_steps(cfg("train.global_batch_pairs=128").train, 100)
