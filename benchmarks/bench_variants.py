@@ -80,13 +80,16 @@ def reference_avg_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 
 def hf_workload(arch: ModelArch, batch: Batch, loss_cfg: LossConfig, dtype: torch.dtype,
-                device: torch.device, seed: int) -> Workload:
+                device: torch.device, seed: int, experts: str | None = None) -> Workload:
+    """``experts``: a mixture of experts' ``experts_implementation`` (``None``: transformers' default,
+    ``grouped_mm`` where it runs)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     seed_everything(seed)
     # HF soft-caps Gemma-2's attention scores only in its eager attention.
     attention = "eager" if arch.attn_logit_softcapping is not None else "sdpa"
-    config = AutoConfig.for_model(**arch.to_hf_dict(), attn_implementation=attention)
+    chosen = {"experts_implementation": experts} if experts else {}
+    config = AutoConfig.for_model(**arch.to_hf_dict(), attn_implementation=attention, **chosen)
     # Initialise on the device in the training dtype: a CPU init of 1.5 B parameters takes a minute, and
     # an fp32 model cast afterwards would also round RoPE's inverse frequencies (an fp32 buffer) to bf16.
     default_dtype = torch.get_default_dtype()
@@ -108,7 +111,10 @@ def hf_workload(arch: ModelArch, batch: Batch, loss_cfg: LossConfig, dtype: torc
         return loss.detach()
 
     def report() -> dict:
-        return {"grad_norm": grad_norm(model.parameters()), "attention": model.config._attn_implementation}
+        out = {"grad_norm": grad_norm(model.parameters()), "attention": model.config._attn_implementation}
+        if arch.is_moe:
+            out["experts"] = model.config._experts_implementation
+        return out
 
     return Workload(step, report)
 

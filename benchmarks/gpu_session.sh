@@ -7,12 +7,15 @@
 #     mkdir -p .whl && cp /path/to/wheels/*.whl .whl/ && pip download ... datasets dill multiprocess -d .whl
 #     (device call, carry [".whl"])  bash benchmarks/gpu_session.sh
 #
-# Phases, each under its own time limit and all within BUDGET seconds; results go to $OUT (at most 8 files):
+# Phases, each under its own time limit and all within BUDGET seconds; results go to $OUT (the device tool returns
+# at most 8 files: phases 1-3 write 8 with moe.json, so the optional phase 4 needs a session of its own):
 #   1. benchmarks/bench_step.py: HF vs simpo_mcore steps (head logits recomputed and kept, one profiled step
 #      each), the head alone, a sequence-length sweep (bench.json); benchmarks/plan_gpu_check.py: simpo-plan's
 #      predicted memory against the allocator's peak and the bytes autograd saves, 1b and 8b4 shapes
 #      (plan_check.json); benchmarks/bench_packing.py: real-length
 #      pairs, TE packed rows vs HF padded micro-batches (packing.json)
+#      benchmarks/bench_moe.py: a mixture-of-experts step (Qwen3-30B-A3B layers, 4 of them, 128 experts, top-8),
+#      HF against simpo_mcore, TE grouped GEMM against SequentialMLP (moe.json; not yet measured on a GPU)
 #   2. simpo-train on the embedded tiny job, TE bf16 and TE FP8 (metrics_*.jsonl): a short run per precision
 #   3. tests/gpu: logits of the TE / SDPA specs in fp32, bf16 and FP8 against HF; Triton head kernels vs torch;
 #      host syncs in a training step; the context-parallel code path at CP 1 against the plain one (one GPU) and
@@ -63,6 +66,10 @@ phase plan-check 90 python3 benchmarks/plan_gpu_check.py --out "$OUT/plan_check.
 # ../shared/data is there): one rank's step of the shipped 8-GPU layout (32 pairs), 1b shape, TE bf16 packed rows
 # (THD fused attention) against HF with padded micro-batches of 2 pairs (the reference's trainer), same call.
 phase packing 150 python3 benchmarks/bench_packing.py --device cuda --shape 1b --out "$OUT/packing.json"
+
+# A mixture-of-experts step (docs/moe.md): Qwen3-30B-A3B's layer at 4 layers, 2 pairs x 2048 tokens, EP 1;
+# HF's default and eager experts, simpo_mcore SDPA + SequentialMLP, TE + SequentialMLP, TE + grouped GEMM.
+phase moe 120 python3 benchmarks/bench_moe.py --out "$OUT/moe.json"
 
 for precision in bf16 fp8; do
     rm -rf "/tmp/tiny_$precision"

@@ -40,9 +40,11 @@ from simpo_mcore.convert.mcore_io import (
 from simpo_mcore.optim import zero_grad
 from simpo_mcore.parallel import agreed
 
-OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 """The distributed optimizer's default format cannot be saved on 0.19 ("flattened_range is not
-supported"); ``fully_reshardable`` saves per-parameter state that reloads at any TP / PP / DP."""
+supported"); ``fully_reshardable`` saves per-parameter state that reloads at any TP / PP / DP. A mixture of
+experts' optimizer is a chain (dense and expert parameters, over their own data-parallel groups) or not,
+depending on the layout: its state keyed by parameter alone (no ``chained_<i>.`` prefix) reloads at any EP."""
 
 
 def step_dir_name(step: int) -> str:

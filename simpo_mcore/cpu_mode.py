@@ -26,7 +26,10 @@ Each redirection below was needed (see ``docs/cpu_mode.md``):
 4. megatron's ``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` (the RNG tracker forks per forward);
 5. ``torch.cuda.synchronize`` -> no-op (checkpoint save);
 6. ``torch.cuda.current_stream`` / ``default_stream`` / ``Stream`` / ``Event`` -> no-op objects
-   (DDP gradient sync waits on streams).
+   (DDP gradient sync waits on streams);
+7. megatron's ``maybe_move_tensor_to_cpu`` (MoE all-to-all dispatcher): it converts only CUDA tensors, so on
+   a CPU the split sizes reach ``all_to_all_single`` as tensors, which it refuses; here a CPU tensor asked for
+   ``as_numpy`` becomes the NumPy array megatron hands over on a GPU.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from megatron.core.tensor_parallel import random as mpu_random
+from megatron.core.transformer.moe import moe_utils, token_dispatcher
 from torch.overrides import TorchFunctionMode
 
 
@@ -120,6 +124,13 @@ def _cpu_manual_seed(seed) -> None:
     torch.default_generator.manual_seed(int(seed))
 
 
+def _host_split_sizes(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """megatron's ``maybe_move_tensor_to_cpu`` for tensors already on the CPU: the NumPy array when asked."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
 def _replacements() -> list[tuple[object, str, object]]:
     """``(owner, attribute, CPU stand-in)`` for every entry point redirected."""
     cuda = torch.cuda
@@ -146,6 +157,8 @@ def _replacements() -> list[tuple[object, str, object]]:
             torch.get_rng_state()),
         (mpu_random, "_set_cuda_rng_state", lambda new_state, device=-1, graph_safe=False:
             torch.set_rng_state(new_state)),
+        (moe_utils, "maybe_move_tensor_to_cpu", _host_split_sizes),
+        (token_dispatcher, "maybe_move_tensor_to_cpu", _host_split_sizes),  # imported by name there
     ]
 
 

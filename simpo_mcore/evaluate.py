@@ -33,7 +33,7 @@ def evaluate(chunks: list, batch_groups, loss_cfg: LossConfig, logps_context: To
     forward_step = make_forward_step(loss_cfg, logps_context, device, scale=None)
     reports: list[dict] = []
     for group in batch_groups:
-        real = sum(not b.filler for b in group)  # fillers (VPP) come last
+        real = sum(not b.filler for b in group)  # fillers (VPP, expert groups across replicas) come last
         reports.extend(run_schedule(chunks, forward_step, group, forward_only=True)[:real])
     for c in chunks:
         c.train()

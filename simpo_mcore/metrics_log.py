@@ -89,13 +89,18 @@ def tokens_per_s(record: dict) -> tuple[float, float | None]:
 
 def format_step_line(step: int, total: int, record: dict, elapsed_s: float, eta_s: float) -> str:
     """``step 12/150 (8%) | loss 0.6712 | acc 0.625 | margin 0.153 | lr 9.80e-04 | grad 1.02 | 2.1k tok/s |
-    MFU 41.2% | mem 1.23 GiB | 0:15 elapsed | ETA 2:58``: what a SLURM log shows every log_interval steps."""
+    MFU 41.2% | mem 1.23 GiB | 0:15 elapsed | ETA 2:58``: what a SLURM log shows every log_interval steps. A
+    mixture of experts adds ``moe imb 1.87`` (the worst layer's max / mean tokens per expert) and, with the
+    load-balancing loss on, `` aux 1.02e-02`` after ``grad``."""
     parts = [f"step {step}/{total} ({100 * step / max(total, 1):.0f}%)",
              f"loss {record.get('loss', float('nan')):.4f}",
              f"acc {record.get('rewards/accuracies', float('nan')):.3f}",
              f"margin {record.get('rewards/margins', float('nan')):.3f}",
              f"lr {record.get('lr', float('nan')):.2e}",
              f"grad {record.get('grad_norm', float('nan')):.3g}"]
+    if "moe/load_imbalance_max" in record:
+        aux = f" aux {record['moe/aux_loss']:.2e}" if "moe/aux_loss" in record else ""
+        parts.append(f"moe imb {record['moe/load_imbalance_max']:.2f}{aux}")
     rate, real = tokens_per_s(record)
     parts.append(f"{format_count(rate)} tok/s" + (f" (real {100 * real:.0f}%)" if real is not None else ""))
     if "mfu" in record:

@@ -61,12 +61,16 @@ class MicroBatch:
     seqlens: tuple[int, ...] | None = None
     """Packed row only: the ``m`` segment lengths on the host (``cu_seqlens``' differences), so that no length
     is read back from the device."""
+    padding_mask: torch.Tensor | None = None
+    """``[b, s]`` bool: True at the positions holding no token of a sequence (the right padding of padded pairs,
+    the tail of a packed row). Given to the model as megatron's ``padding_mask``: the routers of a
+    mixture-of-experts model leave those positions out of the load-balancing loss and the expert counts."""
     ref_sum_logps: torch.Tensor | None = None
     """DPO only: ``[2k]`` float64 summed log-probs of each sequence under the reference model (chosen first)."""
     cp: int = 1
     """Context-parallel ranks sharing these sequences (``data/context_parallel.py``). Above 1, the tensors hold this
     rank's share: its two chunks of every sequence (``tokens``, ``position_ids``, ``targets``, ``token_index``,
-    ``sequence_index``, ``sequence_targets``: the local ``L``), while the counts (``tokens_real``,
+    ``padding_mask``, ``sequence_index``, ``sequence_targets``: the local ``L``), while the counts (``tokens_real``,
     ``chosen_tokens``), ``row_index``, ``ref_sum_logps`` and a packed row's boundaries are the whole sequences'.
     The targets were checked on the whole sequences, before the split: a rank may hold none of a sequence's."""
     cu_seqlens_padded: torch.Tensor | None = None

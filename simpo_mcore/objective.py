@@ -44,6 +44,7 @@ from simpo_mcore.logprobs import TokenLogpsContext, sequence_logps, token_logps_
 from simpo_mcore.losses import pair_terms, sft_nll_sum
 from simpo_mcore.microbatch import LossScale, MicroBatch
 from simpo_mcore.model.forward import packed_row_params
+from simpo_mcore.model.moe import load_imbalance, router_step_sums
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,11 @@ def token_logps_forward(model, batch: MicroBatch, context: TokenLogpsContext) ->
     packed = None
     if batch.packed:
         packed = packed_row_params(batch.cu_seqlens, batch.seqlens, batch.cu_seqlens_padded, batch.padded_seqlens)
+    # Only the routers of a mixture of experts read it (padding stays out of their loss and counts).
+    padding = batch.padding_mask if model.config.num_moe_experts else None
     return model(batch.tokens, batch.position_ids, None, labels=batch.targets, packed_seq_params=packed,
-                 output_processor=token_logps_output_processor, output_processor_context=context)
+                 padding_mask=padding, output_processor=token_logps_output_processor,
+                 output_processor_context=context)
 
 
 def sequence_token_logps(batch: MicroBatch, token_logps: torch.Tensor) -> torch.Tensor:
@@ -215,4 +219,36 @@ def metrics_from_totals(t: dict[str, float], sft_weight: float) -> dict[str, flo
     }
     if sft_weight > 0:
         out["sft_loss"] = sft
+    return out
+
+
+def reduce_moe_stats(chunks: list, scale: LossScale, device: torch.device) -> dict[str, float]:
+    """A mixture of experts' step metrics (every rank; ``{}`` for a dense model), from the routers' sums since
+    the last call (:func:`~simpo_mcore.model.moe.router_step_sums`, reset here):
+
+    - ``moe/load_imbalance``, ``moe/load_imbalance_max``: max / mean real tokens per expert of each MoE layer
+      over the step's global batch (1 = balanced, E = all to one expert), averaged over the MoE layers / the
+      worst layer;
+    - ``moe/aux_loss`` (with ``moe_aux_loss_coeff > 0``): the load-balancing term whose gradient the step
+      injected, ``c x (1 / dp) x sum over data-parallel ranks r of (1 / n_r) x sum over r's micro-batches m and
+      MoE layers l of aux_l(m)``: megatron's schedule scales it by ``1 / n_r`` and DDP averages over ``dp``
+      (the module docstring's derivation; docs/moe.md defines ``aux_l(m)``).
+
+    One all-reduce over every rank: the tensor-, context- and data-parallel ranks hold shares of the tokens (a
+    sequence-parallel router's loss is its share's part) and the pipeline stages hold different layers."""
+    config = chunks[0].config
+    if not config.num_moe_experts:
+        return {}
+    experts = config.num_moe_experts
+    table = torch.zeros(config.num_layers, experts + 2, dtype=torch.float64, device=device)  # [L, E + 2]
+    for layer, (counts, aux_sum) in router_step_sums(chunks).items():
+        table[layer - 1, :experts] = counts.to(device)
+        table[layer - 1, experts] = aux_sum.to(device) / scale.num_microbatches
+        table[layer - 1, experts + 1] = 1.0  # marks an MoE layer
+    torch.distributed.all_reduce(table)
+    counts = table[table[:, experts + 1] > 0, :experts]  # [MoE layers, E]
+    imbalance = load_imbalance(counts)  # [MoE layers]
+    out = {"moe/load_imbalance": imbalance.mean().item(), "moe/load_imbalance_max": imbalance.max().item()}
+    if config.moe_aux_loss_coeff:
+        out["moe/aux_loss"] = (table[:, experts].sum() / scale.dp).item()
     return out

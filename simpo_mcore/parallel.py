@@ -50,6 +50,16 @@ class Layout:
     cp: int = 1
     """Context-parallel size: the ranks of a replica that share each sequence."""
     cp_rank: int = 0
+    ep: int = 1
+    """Expert-parallel size: an MoE layer's experts are split over ``ep`` ranks that are data-parallel
+    replicas of the rest of the model (megatron's expert-model-parallel group)."""
+    ep_rank: int = 0
+    """This rank's place in its expert-parallel group: it holds global experts ``ep_rank x E / ep + i``."""
+    etp: int = 1
+    """Expert tensor-parallel size (``tp`` unless ``parallel.etp`` says otherwise)."""
+    edp: int = 1
+    """Expert data-parallel size (``world / (etp x ep x pp)``): the replicas of each expert, over which
+    megatron's DDP reduces the expert gradients."""
 
 
 def use_cuda(device: str) -> bool:
@@ -91,6 +101,11 @@ def init_distributed(cfg: ParallelConfig, seed: int) -> Layout:
     if world % (cfg.tp * cfg.pp * cfg.cp):
         raise ConfigError(f"world size {world} is not divisible by parallel.tp x parallel.pp x parallel.cp = "
                           f"{cfg.tp} x {cfg.pp} x {cfg.cp}")
+    etp = cfg.etp or cfg.tp
+    if world % (etp * cfg.ep * cfg.pp):
+        raise ConfigError(
+            f"parallel.ep x parallel.etp = {cfg.ep} x {etp} must divide the {world // cfg.pp} ranks of a pipeline "
+            f"stage (world size {world} / parallel.pp {cfg.pp}): experts are split inside the data-parallel group")
     global _cpu_scope_opened
     if not cuda and not _cpu_scope_opened:
         cpu_mode.enter()
@@ -103,6 +118,8 @@ def init_distributed(cfg: ParallelConfig, seed: int) -> Layout:
         virtual_pipeline_model_parallel_size=cfg.vpp,
         context_parallel_size=cfg.cp,
         hierarchical_context_parallel_sizes=cp_hierarchy(cfg.cp, cfg.cp_comm_type, cfg.cp_a2a_size),
+        expert_model_parallel_size=cfg.ep,
+        expert_tensor_parallel_size=etp,
         distributed_timeout_minutes=cfg.timeout_minutes,
         create_gloo_process_groups=not cuda,
     )
@@ -189,6 +206,10 @@ def current_layout(device: torch.device, vpp: int | None = None) -> Layout:
         dp_rank=ps.get_data_parallel_rank(),
         cp=ps.get_context_parallel_world_size(),
         cp_rank=ps.get_context_parallel_rank(),
+        ep=ps.get_expert_model_parallel_world_size(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        etp=ps.get_expert_tensor_parallel_world_size(),
+        edp=ps.get_expert_data_parallel_world_size(),
     )
 
 

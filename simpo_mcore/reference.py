@@ -60,8 +60,9 @@ def compute_reference_logps(rt: Runtime, split: TokenizedSplit, name: str = "") 
         def loss_func(token_logps):
             sum_logps, _, _ = batch_sequence_logps(batch, token_logps)
             k = batch.num_pairs
-            out[batch.row_index, 0] = sum_logps[:k].double()
-            out[batch.row_index, 1] = sum_logps[k:].double()
+            if not batch.filler:  # a filler's rows belong to another micro-batch (or another rank)
+                out[batch.row_index, 0] = sum_logps[:k].double()
+                out[batch.row_index, 1] = sum_logps[k:].double()
             return token_logps.new_zeros(()), {}
 
         return output, loss_func

@@ -41,7 +41,8 @@ NEW_RUN = ("to start a new run instead, use another output_dir=... or add checkp
 previous-run refusal of :func:`simpo_mcore.output_dir.check_fresh`)."""
 
 RESUME_GUARDED = ("loss", "data", "train.global_batch_pairs", "train.seed", "model.checkpoint",
-                  "model.make_vocab_size_divisible_by")
+                  "model.make_vocab_size_divisible_by", "model.moe_aux_loss_coeff", "model.moe_load_balancing_type",
+                  "model.moe_freeze_router")
 """What a resumed run may change only with ``checkpoint.allow_changes``: what is optimised (the objective,
 the training pairs and their order, the batch a step averages over, the starting model). Data settings that
 do not decide the training pairs (:data:`DATA_NOT_GUARDED`) are free."""

@@ -24,7 +24,7 @@ from simpo_mcore.data.pipeline import BatchLayout, TokenizedSplit, eval_batch_gr
 from simpo_mcore.data.sources import hub_reachable, hub_unreachable_error
 from simpo_mcore.data.synthetic import build_tokenizer
 from simpo_mcore.logprobs import TokenLogpsContext
-from simpo_mcore.model.builder import ModelOptions, build_model
+from simpo_mcore.model.builder import ModelOptions, build_model, check_dispatcher_for_data, experts_span_replicas
 from simpo_mcore.model.specs import resolve_spec, te_available
 from simpo_mcore.parallel import Layout, agreed
 
@@ -64,7 +64,10 @@ class Runtime:
     def eval_groups(self, split: TokenizedSplit, progress: str | None = None):
         """``split``'s forward-only micro-batch groups for this rank (evaluation, DPO reference pass);
         ``progress``: the task's name, to report its progress in pairs (rank 0's share x DP)."""
-        groups = eval_batch_groups(split, self.cfg.train.micro_batch_pairs, self.batch_layout, self.layout)
+        # Expert groups across replicas exchange tokens at every MoE layer: every replica runs as many forwards.
+        aligned = self.meta.arch.is_moe and experts_span_replicas(self.options)
+        groups = eval_batch_groups(split, self.cfg.train.micro_batch_pairs, self.batch_layout, self.layout,
+                                   aligned=aligned)
         if progress is None:
             return groups
         dp = self.layout.dp
@@ -192,22 +195,40 @@ def build_runtime(cfg: RunConfig, layout: Layout, *, load_weights: bool = True) 
         make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
         recompute=cfg.model.recompute, recompute_num_layers=cfg.model.recompute_num_layers,
         fp8_recipe=cfg.train.fp8_recipe, fp8_format=cfg.train.fp8_format, cuda=cuda,
+        ep=layout.ep, etp=cfg.parallel.etp, moe_dispatcher=cfg.model.moe_token_dispatcher,
+        moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff, moe_load_balancing=cfg.model.moe_load_balancing_type,
+        moe_freeze_router=cfg.model.moe_freeze_router,
     )
     _check_layout(meta.arch, opts)
+    if meta.arch.is_moe:
+        check_dispatcher_for_data(opts)
     logps_context = TokenLogpsContext(vocab_size=meta.arch.vocab_size, chunk_tokens=cfg.model.logprob_chunk_tokens,
                                       kernel=cfg.model.logprob_kernel, recompute=cfg.model.logprob_recompute)
     # Said before the build: loading a large model's weights is one of a start-up's slow phases.
-    log.info("model: %d layers, hidden %d, vocab %d | spec %s, %s | TP %d PP %d%s%s DP %d%s | %s | head: %s; %s",
-             meta.arch.num_layers, meta.arch.hidden_size, meta.arch.vocab_size, spec,
+    log.info("model: %d layers, hidden %d, vocab %d%s | spec %s, %s | TP %d PP %d%s%s DP %d%s%s | %s | head: %s; %s",
+             meta.arch.num_layers, meta.arch.hidden_size, meta.arch.vocab_size, _describe_experts(meta.arch), spec,
              cfg.train.precision, layout.tp, layout.pp, f" (VPP {layout.vpp})" if layout.vpp else "",
              f" CP {layout.cp}" if layout.cp > 1 else "",
-             layout.dp, " +SP" if opts.sequence_parallel else "", "GPU" if cuda else "CPU (gloo)",
-             _describe_head(logps_context),
+             layout.dp, " +SP" if opts.sequence_parallel else "", _describe_expert_layout(meta.arch, layout),
+             "GPU" if cuda else "CPU (gloo)", _describe_head(logps_context),
              f"building, weights from {ckpt_dir}" if load_weights else "building (weights from the resumed checkpoint)")
     chunks = build_model(meta.arch, opts)
     if load_weights:
         load_model_weights(chunks, ckpt_dir)
     return Runtime(cfg, layout, meta, ckpt_dir, tokenizer, str(tokenizer_source), chunks, opts, logps_context)
+
+
+def _describe_experts(arch) -> str:
+    if not arch.is_moe:
+        return ""
+    return f", {arch.num_experts} experts top-{arch.num_experts_per_tok} on {sum(arch.moe_layers)} layers"
+
+
+def _describe_expert_layout(arch, layout: Layout) -> str:
+    """`` EP 2`` (`` EP 2 ETP 1`` when the experts' tensor parallelism is not TP's) for a mixture of experts."""
+    if not arch.is_moe:
+        return ""
+    return f" EP {layout.ep}" + (f" ETP {layout.etp}" if layout.etp != layout.tp else "")
 
 
 def _describe_head(head: TokenLogpsContext) -> str:

@@ -51,7 +51,7 @@ from simpo_mcore.metrics_log import (
     step_record,
 )
 from simpo_mcore.microbatch import StepBatches
-from simpo_mcore.objective import make_forward_step, reduce_reports, run_schedule
+from simpo_mcore.objective import make_forward_step, reduce_moe_stats, reduce_reports, run_schedule
 from simpo_mcore.optim import apply_optim_config, build_optimizer, wrap_ddp, zero_grad
 from simpo_mcore.output_dir import OutputDirLock, check_writable, start_fresh
 from simpo_mcore.parallel import Layout, agreed, distributed
@@ -148,10 +148,10 @@ def check_batch_sizes(cfg: RunConfig, dp: int) -> int | None:
 
 
 def grads_are_finite(ddp_chunks: list, device) -> bool:
-    """Every rank's gradient buffers finite (all-reduced, so all ranks agree)."""
+    """Every rank's gradient buffers finite, the experts' included (all-reduced, so all ranks agree)."""
     bad = torch.zeros(1, device=device)
     for chunk in ddp_chunks:
-        for buffer in chunk.buffers:
+        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
             if not torch.isfinite(buffer.grad_data).all():
                 bad.fill_(1.0)
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -371,11 +371,13 @@ class Trainer:
         return None
 
     def forward_backward(self, step: StepBatches) -> dict[str, float]:
-        """Gradients of the global-batch loss into the DDP buffers; the step's metrics (every rank)."""
+        """Gradients of the global-batch loss (and of a mixture of experts' load-balancing term) into the DDP
+        buffers; the step's metrics (every rank)."""
         zero_grad(self.model, self.optimizer)
         forward_step = make_forward_step(self.cfg.loss, self.rt.logps_context, self.device, step.scale)
         reports = run_schedule(self.model, forward_step, step.micro_batches, forward_only=False)
-        return reduce_reports(reports, self.cfg.loss.sft_weight, self.device)
+        metrics = reduce_reports(reports, self.cfg.loss.sft_weight, self.device)
+        return metrics | reduce_moe_stats(self.model, step.scale, self.device)
 
     def optimizer_step(self, loss: float) -> tuple[float, float, bool]:
         """``(lr, grad_norm, finite)`` of this update: skipped (and not finite) when the loss or a gradient is

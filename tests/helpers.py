@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from simpo_mcore import parallel
+from simpo_mcore.convert import keymap
 from simpo_mcore.convert.checkpoint_meta import META_FILE
 from simpo_mcore.convert.integrity import write_manifest
 from simpo_mcore.logprobs import fused_token_logps
@@ -149,6 +150,22 @@ def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
 
 
+def read_tensors(hf_dir: str | Path) -> dict:
+    """Every tensor of an HF directory, through the index when there is one."""
+    from safetensors import safe_open
+
+    from simpo_mcore.convert.hf_io import INDEX_FILE, SINGLE_FILE
+
+    hf_dir = Path(hf_dir)
+    files = ([SINGLE_FILE] if (hf_dir / SINGLE_FILE).is_file()
+             else sorted(set(json.loads((hf_dir / INDEX_FILE).read_text())["weight_map"].values())))
+    out = {}
+    for name in files:
+        with safe_open(hf_dir / name, framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
 WINDOW = 16
 """The tiny models' sliding window: the parity sequences (64-100 tokens) reach well past it."""
 
@@ -164,8 +181,23 @@ FAMILY_MODELS = {
 }
 """``make_tiny_hf_model`` arguments of one tiny model per family beyond Llama, the same in every test."""
 
+MOE_MODELS = {
+    # 6 experts, top-2, a window on every layer.
+    "mixtral": dict(family="mixtral", num_local_experts=6, num_experts_per_tok=2, sliding_window=WINDOW),
+    # 8 experts of FFN 48, top-3 renormalised, layers 0 and 3 dense (FFN 160): a dense / MoE mix.
+    "qwen3_moe": dict(family="qwen3_moe", head_dim=32, num_experts=8, num_experts_per_tok=3,
+                      moe_intermediate_size=48, norm_topk_prob=True, mlp_only_layers=[0, 3]),
+    # 8 experts, top-3 not renormalised, a shared expert (FFN 96) with its sigmoid gate, q / k / v biases.
+    "qwen2_moe": dict(family="qwen2_moe", num_experts=8, num_experts_per_tok=3, moe_intermediate_size=48,
+                      shared_expert_intermediate_size=96, norm_topk_prob=False),
+}
+"""``make_tiny_hf_model`` arguments of one tiny mixture-of-experts model per MoE family."""
+
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
+
 FAMILY_CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
-                  "qwen3": "Qwen3Config", "gemma2": "Gemma2Config"}
+                  "qwen3": "Qwen3Config", "gemma2": "Gemma2Config", "mixtral": "MixtralConfig",
+                  "qwen3_moe": "Qwen3MoeConfig", "qwen2_moe": "Qwen2MoeConfig"}
 
 
 def make_tiny_hf_model(out_dir: str | Path, *, family: str = "llama", vocab_size: int = 250, hidden_size: int = 64,
@@ -178,7 +210,8 @@ def make_tiny_hf_model(out_dir: str | Path, *, family: str = "llama", vocab_size
 
     ``family_kw`` go to the family's config class as they are (``sliding_window``, ``use_sliding_window``,
     ``max_window_layers``, ``query_pre_attn_scalar``, the soft-capping values, ...). Norm weights and biases are
-    random (HF initialises them to 1 or 0 and 0), so that a wrong mapping of any of them shows.
+    random (HF initialises them to 1 or 0 and 0), so that a wrong mapping of any of them shows; MoE routers get
+    large random weights (decisive routing).
     """
     import torch
     import transformers
@@ -194,7 +227,7 @@ def make_tiny_hf_model(out_dir: str | Path, *, family: str = "llama", vocab_size
     if rope_scaling is not None:
         kwargs["rope_scaling"] = rope_scaling
     config = getattr(transformers, FAMILY_CONFIGS[family])(**kwargs)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=hf_attention(family))
+    model = transformers.AutoModelForCausalLM.from_config(config, **hf_implementations(family))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -202,6 +235,10 @@ def make_tiny_hf_model(out_dir: str | Path, *, family: str = "llama", vocab_size
                 p.uniform_(-0.5, 0.5) if family == "gemma2" else p.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):
                 p.normal_(0.0, 0.1)
+            elif name.endswith("mlp.gate.weight"):
+                # Routers far from uniform: each token's top-k experts stand apart by much more than rounding, so
+                # every layout routes the same tokens to the same experts.
+                p.normal_(0.0, 0.5)
     model = model.to(getattr(torch, dtype)).eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     return model
@@ -218,14 +255,42 @@ def hf_attention(family: str) -> str:
     return "eager" if family == "gemma2" else "sdpa"
 
 
+def hf_implementations(family: str) -> dict:
+    """``from_pretrained`` / ``from_config`` keywords of a reference model: the attention of
+    :func:`hf_attention` and, for an MoE family, the experts' ``eager`` loop (the modeling code itself;
+    transformers' default ``grouped_mm`` has no float64)."""
+    out = {"attn_implementation": hf_attention(family)}
+    if family in MOE_FAMILIES:
+        out["experts_implementation"] = "eager"
+    return out
+
+
+def hub_names(tensors: dict[str, torch.Tensor], arch) -> dict[str, torch.Tensor]:
+    """HF tensors under transformers 5's in-memory names (each MoE layer's experts fused:
+    ``mlp.experts.gate_up_proj [E, 2F, H]``, ``down_proj``; Mixtral's router as ``mlp.gate``) -> the hub's
+    per-expert names, through the key map."""
+    out = dict(tensors)
+    for i in range(arch.num_layers):
+        for t in keymap.layer_tensors(arch, i):
+            fused = keymap.hf_layer_key(i, t.fused) if t.fused else None
+            if fused not in out:
+                continue
+            whole = out.pop(fused)
+            for names, tensor in zip(keymap.hf_names(t, arch), whole if t.experts else [whole]):
+                out.update({keymap.hf_layer_key(i, n): part
+                            for n, part in zip(names, keymap.unpack(tensor, t.packing, arch))})
+    return out
+
+
 def load_hf_model(hf_dir: str | Path, dtype=None):
-    """An HF model directory loaded for comparisons: fp32 unless told, attention as :func:`hf_attention`."""
+    """An HF model directory loaded for comparisons: fp32 unless told, implementations as
+    :func:`hf_implementations`."""
     import torch
     from transformers import AutoModelForCausalLM
 
     family = json.loads((Path(hf_dir) / "config.json").read_text())["model_type"]
     return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype or torch.float32,
-                                                attn_implementation=hf_attention(family)).eval()
+                                                **hf_implementations(family)).eval()
 
 
 WARNING_LINE = re.compile(r"Warning\b|warnings\.warn\(|^[WE]\d{4} \d\d:\d\d:\d\d")

@@ -9,6 +9,7 @@ into these classes is :mod:`simpo_mcore.config.loader`'s job; the rules between 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -50,6 +51,24 @@ class ModelConfig:
 
     recompute_num_layers: int = 1
     """With ``recompute: full``: layers per recomputed block (uniform method)."""
+
+    moe_token_dispatcher: Literal["auto", "alltoall", "allgather"] = "auto"
+    """Mixture-of-experts models: how tokens reach the ranks holding their experts (megatron's dispatchers, the
+    same results). ``auto``: ``alltoall`` on a GPU (moves only the tokens each rank needs), ``allgather`` on a
+    CPU (gloo has no uneven all-gather, which ``alltoall`` needs with ``parallel.etp > 1``)."""
+
+    moe_aux_loss_coeff: float = 0.0
+    """Mixture-of-experts models: weight of megatron's load-balancing loss per MoE layer (docs/moe.md defines
+    it). 0 (the default) trains on the preference loss alone, as TRL does for the hub's Mixtral / Qwen MoE
+    configs (``output_router_logits: false``)."""
+
+    moe_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = "aux_loss"
+    """With ``moe_aux_loss_coeff > 0``: megatron's load-balancing loss over each micro-batch's tokens
+    (``aux_loss``), per sequence (``seq_aux_loss``) or with expert loads over the global batch
+    (``global_aux_loss``); ``none``: no such loss."""
+
+    moe_freeze_router: bool = False
+    """Mixture-of-experts models: the routers' weights are not trained (NeMo-RL's ``freeze_moe_router``)."""
 
 
 @dataclass
@@ -178,7 +197,8 @@ class ParallelConfig:
     cp: int = 1
     """Context-parallel size: every sequence is split over this many ranks (megatron's load-balanced split: 2 x cp
     chunks, rank r keeping chunks r and 2cp - 1 - r), so that a sequence's activations and attention are shared
-    by cp ranks (docs/context_parallel.md). The world size is a multiple of tp x pp x cp."""
+    by cp ranks (docs/context_parallel.md). The world size is a multiple of tp x pp x cp. Not with ``ep`` > 1 nor
+    a mixture-of-experts model yet (not tested)."""
 
     cp_comm_type: Literal["p2p", "all_gather", "a2a", "a2a+p2p"] = "p2p"
     """How Transformer Engine's attention exchanges keys and values under ``cp`` > 1 (``model.spec: te``): ``p2p``
@@ -189,6 +209,14 @@ class ParallelConfig:
     """With ``cp_comm_type: a2a+p2p``: the ranks of each all-to-all group (a divisor of ``cp`` between 2 and
     ``cp / 2``, e.g. the CP ranks within one node). Unset otherwise."""
 
+    ep: int = 1
+    """Expert-parallel size (mixture-of-experts models): each MoE layer's experts are split over this many
+    ranks inside the data-parallel group, as megatron does. Must divide the experts, and ``ep x etp`` the ranks
+    of a pipeline stage (``world / pp``)."""
+
+    etp: int | None = None
+    """Expert tensor-parallel size: each expert's FFN split over this many ranks; ``null``: ``tp``."""
+
     distributed_optimizer: bool = True
     """Shard optimizer state across data-parallel ranks (megatron's distributed optimizer)."""
 
@@ -197,6 +225,12 @@ class ParallelConfig:
 
     timeout_minutes: int = 30
     """Collective timeout in minutes, from 1 to 10080 (a week)."""
+
+    def min_world_size(self) -> int:
+        """The fewest ranks this layout runs on: each pipeline stage holds whole tensor- and context-parallel groups
+        (``tp x cp``) and whole expert groups (``ep x etp``, inside the data-parallel group), so
+        ``pp x lcm(tp x cp, ep x etp)``."""
+        return self.pp * math.lcm(self.tp * self.cp, self.ep * (self.etp or self.tp))
 
 
 @dataclass

@@ -56,6 +56,11 @@ def check_model(m: ModelConfig) -> None:
     _at_least(m, "model", ("make_vocab_size_divisible_by", "recompute_num_layers"))
     if m.logprob_chunk_tokens < 0:
         raise ConfigError("model.logprob_chunk_tokens must be >= 0")
+    if not m.moe_aux_loss_coeff >= 0:
+        raise ConfigError(f"model.moe_aux_loss_coeff must be a number >= 0, got {m.moe_aux_loss_coeff}")
+    if m.moe_aux_loss_coeff and m.moe_load_balancing_type == "none":
+        raise ConfigError(f"model.moe_aux_loss_coeff ({m.moe_aux_loss_coeff}) has no effect with "
+                          "model.moe_load_balancing_type: none; set it to 0 or pick a loss")
 
 
 def check_data(d: DataConfig) -> None:
@@ -94,7 +99,9 @@ def check_loss(loss: LossConfig) -> None:
 
 
 def check_parallel(p: ParallelConfig) -> None:
-    _at_least(p, "parallel", ("tp", "pp", "cp", "timeout_minutes"))
+    _at_least(p, "parallel", ("tp", "pp", "cp", "ep", "timeout_minutes"))
+    if p.etp is not None and p.etp < 1:
+        raise ConfigError(f"parallel.etp must be >= 1 or null, got {p.etp}")
     if p.timeout_minutes > MAX_TIMEOUT_MINUTES:
         raise ConfigError(f"parallel.timeout_minutes must be at most {MAX_TIMEOUT_MINUTES} (a week), "
                           f"got {p.timeout_minutes}")
@@ -113,6 +120,9 @@ def check_parallel(p: ParallelConfig) -> None:
     elif p.cp_a2a_size is not None:
         raise ConfigError(f"parallel.cp_a2a_size is only used with parallel.cp_comm_type: a2a+p2p "
                           f"(it is {p.cp_comm_type}); leave it unset")
+    if p.ep > 1 and p.cp > 1:
+        raise ConfigError(f"parallel.ep ({p.ep}) with parallel.cp ({p.cp}) is not supported yet: experts under "
+                          "context parallelism are not tested against CP 1; set one of them to 1")
 
 
 def check_optim(o: OptimConfig) -> None:

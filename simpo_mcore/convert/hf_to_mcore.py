@@ -29,9 +29,16 @@ from simpo_mcore.model.hf_config import ModelArch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def uses_fused_experts(reader: SafetensorsReader, arch: ModelArch) -> bool:
+    """Whether the checkpoint holds each MoE layer's experts in transformers 5's fused tensors
+    (``mlp.experts.gate_up_proj``) rather than the hub's per-expert ones."""
+    first = next((i for i in range(arch.num_layers) if arch.is_moe_layer(i)), None)
+    return first is not None and keymap.hf_layer_key(first, "mlp.experts.gate_up_proj") in reader.names()
+
+
 def check_hf_tensors(reader: SafetensorsReader, arch: ModelArch) -> None:
     """Refuse missing, unexpected or wrongly shaped tensors, naming the first one."""
-    expected = keymap.expected_hf_shapes(arch)
+    expected = keymap.expected_hf_shapes(arch, fused=uses_fused_experts(reader, arch))
     present = reader.names()
     if arch.tie_word_embeddings:
         present.discard("lm_head.weight")  # some tied checkpoints store the copy anyway
@@ -75,15 +82,17 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | No
         state: dict[str, ShardedTensor] = {}
         for mkey, hkey in keymap.global_tensors(arch):
             state[mkey] = ShardedTensor.from_rank_offsets(mkey, load(hkey), replica_id=0)
-        n = arch.num_layers
+        n, fused = arch.num_layers, uses_fused_experts(reader, arch)
         with Progress(n, "[convert] reading", "layers", write=progress_to, interval_s=0) as progress:
             for i in range(n):
-                for t in keymap.layer_tensors(arch):
-                    parts = [load(keymap.hf_layer_key(i, name)) for name in t.hf]
-                    data = keymap.pack(parts, t.packing, arch)
-                    key = keymap.layer_key(t.mcore)
-                    state[f"{key}.{i}"] = ShardedTensor.from_rank_offsets(
-                        key, data, (0, i, n), replica_id=0, prepend_axis_num=1)
+                for t in keymap.layer_tensors(arch, i):
+                    data = _layer_tensor(load, arch, t, i, fused)
+                    key = keymap.layer_key(t.mcore, arch, i)
+                    if keymap.stacked(arch):
+                        state[f"{key}.{i}"] = ShardedTensor.from_rank_offsets(
+                            key, data, (0, i, n), replica_id=0, prepend_axis_num=1)
+                    else:
+                        state[key] = ShardedTensor.from_rank_offsets(key, data, replica_id=0)
                 progress.update()
         log(f"[convert] writing {out_dir}")
         save_sharded(state, tmp_dir)
@@ -97,6 +106,17 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, dtype: str | No
         write_manifest(tmp_dir)
     log(f"[convert] done in {time.time() - start:.1f} s: {n} layers, vocab {arch.vocab_size}")
     return meta
+
+
+def _layer_tensor(load: Callable[[str], torch.Tensor], arch: ModelArch, t: keymap.LayerTensor, i: int,
+                  fused: bool) -> torch.Tensor:
+    """Layer ``i``'s megatron tensor of entry ``t``: packed from its HF parts; a routed expert tensor with
+    the experts stacked first (``[E, ...]``), read from the fused tensor when the checkpoint has one."""
+    if fused and t.fused:
+        return load(keymap.hf_layer_key(i, t.fused))
+    packed = [keymap.pack([load(keymap.hf_layer_key(i, name)) for name in names], t.packing, arch)
+              for names in keymap.hf_names(t, arch)]
+    return torch.stack(packed) if t.experts else packed[0]  # [E, rows, cols] for experts
 
 
 def _with_dtype(arch: ModelArch, dtype: str) -> ModelArch:

@@ -100,18 +100,21 @@ def convert_mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_byt
 
         first = _read(ckpt_dir, {hkey: global_request(mkey) for mkey, hkey in keymap.global_tensors(arch)})
         emit(keymap.EMBEDDING[1], first[keymap.EMBEDDING[1]][: arch.vocab_size])  # strip padded rows
-        n = arch.num_layers
+        n, stacked = arch.num_layers, keymap.stacked(arch)
         with Progress(n, "[export] writing", "layers", write=progress_to, interval_s=0) as progress:
             for i in range(n):
                 requests = {}
-                for t in keymap.layer_tensors(arch):
-                    key = keymap.layer_key(t.mcore)
+                for t in keymap.layer_tensors(arch, i):
+                    key = keymap.layer_key(t.mcore, arch, i)
                     md = metadata[key]
-                    requests[t.mcore] = (key, tuple(md.global_shape[1:]), md.dtype, i, n)
+                    shape = tuple(md.global_shape[1:] if stacked else md.global_shape)
+                    requests[t.mcore] = (key, shape, md.dtype, i if stacked else None, n)
                 loaded = _read(ckpt_dir, requests)
-                for t in keymap.layer_tensors(arch):
-                    for hf_name, tensor in zip(t.hf, keymap.unpack(loaded[t.mcore], t.packing, arch)):
-                        emit(keymap.hf_layer_key(i, hf_name), tensor)
+                for t in keymap.layer_tensors(arch, i):
+                    tensors = loaded[t.mcore] if t.experts else [loaded[t.mcore]]  # [E, ...]: one per expert
+                    for names, tensor in zip(keymap.hf_names(t, arch), tensors):
+                        for hf_name, part in zip(names, keymap.unpack(tensor, t.packing, arch)):
+                            emit(keymap.hf_layer_key(i, hf_name), part)
                 progress.update()
         emit(keymap.FINAL_NORM[1], first[keymap.FINAL_NORM[1]])
         if not arch.tie_word_embeddings:

@@ -81,7 +81,7 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
 
 def ready_micro_batch(rows: dict[str, list], row_index: list[int], vocab_size: int, *, tokens: torch.Tensor,
                       position_ids: torch.Tensor, targets: torch.Tensor, sequence_targets: torch.Tensor,
-                      tokens_real: int, sequence_index: torch.Tensor | None = None,
+                      tokens_real: int, padding_mask: torch.Tensor, sequence_index: torch.Tensor | None = None,
                       cu_seqlens: torch.Tensor | None = None) -> MicroBatch:
     """The :class:`MicroBatch` of the pairs ``rows`` (at dataset indices ``row_index``) laid out as ``tokens`` /
     ``targets``: its targets checked against the vocabulary (every sequence with a labelled target), the head's
@@ -98,6 +98,6 @@ def ready_micro_batch(rows: dict[str, list], row_index: list[int], vocab_size: i
         tokens=tokens, position_ids=position_ids, targets=targets, token_index=labelled_positions(targets),
         sequence_targets=sequence_targets, row_index=torch.tensor(row_index, dtype=torch.int64),  # [k]
         tokens_real=tokens_real, chosen_tokens=int((sequence_targets[:k] != LABEL_PAD).sum()),
-        sequence_index=sequence_index, cu_seqlens=cu_seqlens,
+        padding_mask=padding_mask, sequence_index=sequence_index, cu_seqlens=cu_seqlens,
         seqlens=None if cu_seqlens is None else tuple((cu_seqlens[1:] - cu_seqlens[:-1]).tolist()),
         ref_sum_logps=ref)

@@ -161,9 +161,11 @@ def split_padded_pairs(batch: MicroBatch, cp: int, rank: int) -> MicroBatch:
     """CP rank ``rank``'s share of a ready micro-batch of padded pairs ``[2k, S]`` (``S`` a multiple of
     :func:`cp_multiple`): its chunks of every row, ``[2k, S / cp]``, and the head's labelled positions among them."""
     targets = split_rows(batch.targets, cp, rank)  # [2k, S / cp]
+    padding = None if batch.padding_mask is None else split_rows(batch.padding_mask, cp, rank)  # [2k, S / cp]
     return dataclasses.replace(batch, tokens=split_rows(batch.tokens, cp, rank),
                                position_ids=split_rows(batch.position_ids, cp, rank), targets=targets,
-                               sequence_targets=targets, token_index=labelled_positions(targets), cp=cp)
+                               sequence_targets=targets, token_index=labelled_positions(targets),
+                               padding_mask=padding, cp=cp)
 
 
 def split_packed_rows(rows: list[MicroBatch], cp: int, rank: int, multiple: int, row_multiple: int,
@@ -185,8 +187,10 @@ def split_packed_row_batch(row: MicroBatch, split: PackedSplit, pad_id: int) -> 
     labelled positions, the local per-sequence layout, and the whole row's real and padded boundaries."""
     targets = split.take(row.targets, LABEL_PAD)  # [1, T_local]
     index = split.sequence_index(row.sequence_index)  # [2k, L_local]
+    padding = None if row.padding_mask is None else split.take(row.padding_mask, True)  # [1, T_local]
     return dataclasses.replace(
         row, tokens=split.take(row.tokens, pad_id), position_ids=split.positions.unsqueeze(0), targets=targets,
+        padding_mask=padding,
         token_index=labelled_positions(targets), sequence_index=index, sequence_targets=per_sequence(targets, index),
         cu_seqlens=split.cu_seqlens(padded=False), seqlens=split.seqlens,
         cu_seqlens_padded=split.cu_seqlens(padded=True), padded_seqlens=split.padded_seqlens, cp=split.cp)

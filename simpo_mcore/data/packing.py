@@ -109,9 +109,10 @@ def collate_packed_row(rows: dict[str, list], row_index: list[int], length: int,
     cu_seqlens[1:] = torch.tensor(segments).cumsum(0)
     position_ids = torch.cat([torch.arange(n) for n in segments]).unsqueeze(0)  # [1, T]
     targets = shift_packed_labels(labels, cu_seqlens)  # [1, T]
+    padding = (torch.arange(length) >= used).unsqueeze(0)  # [1, T]: the tail
     return ready_micro_batch(rows, row_index, vocab_size, tokens=tokens, position_ids=position_ids, targets=targets,
                              sequence_targets=per_sequence(targets, sequence_index), tokens_real=used,
-                             sequence_index=sequence_index, cu_seqlens=cu_seqlens)
+                             padding_mask=padding, sequence_index=sequence_index, cu_seqlens=cu_seqlens)
 
 
 def packed_micro_batches(dataset: datasets.Dataset, rows: list[list[int]], pad_id: int, vocab_size: int,

@@ -37,16 +37,19 @@ def collate_pairs(rows: dict[str, list], row_index: list[int], seq_len: int, pad
     labels = rows["chosen_labels"] + rows["rejected_labels"]
     tokens_out = torch.full((len(sequences), seq_len), pad_id, dtype=torch.int64)  # [2k, S]
     labels_out = torch.full((len(sequences), seq_len), LABEL_PAD, dtype=torch.int64)  # [2k, S]
+    padding = torch.ones((len(sequences), seq_len), dtype=torch.bool)  # [2k, S]
     for i, (ids, labs) in enumerate(zip(sequences, labels)):
         if len(ids) > seq_len:
             raise ValueError(f"pair at dataset index {row_index[i % len(row_index)]} has a sequence "
                              f"of {len(ids)} tokens, longer than the batch length {seq_len}")
         tokens_out[i, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
         labels_out[i, :len(labs)] = torch.tensor(labs, dtype=torch.int64)
+        padding[i, :len(ids)] = False
     targets = shift_labels(labels_out)  # [2k, S]
     position_ids = torch.arange(seq_len).unsqueeze(0).expand(len(sequences), seq_len).contiguous()  # [2k, S]
     return ready_micro_batch(rows, row_index, vocab_size, tokens=tokens_out, position_ids=position_ids,
-                             targets=targets, sequence_targets=targets, tokens_real=sum(map(len, sequences)))
+                             targets=targets, sequence_targets=targets, tokens_real=sum(map(len, sequences)),
+                             padding_mask=padding)
 
 
 def step_seq_len(lengths: Iterable[int], pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF) -> int:

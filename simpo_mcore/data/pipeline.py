@@ -189,35 +189,52 @@ class TrainBatches:
 
 
 def eval_batch_groups(split: TokenizedSplit, micro_batch_pairs: int, batch_layout: BatchLayout, layout,
-                      group_size: int = 8):
+                      group_size: int = 8, aligned: bool = False):
     """All pairs once, this rank's shard, as lists of up to ``group_size`` micro-batches (one schedule
     call each; under pipeline parallelism of equal shape, so a smaller last micro-batch of padded pairs gets
     a group of its own). Packed, the shard's pairs are packed into rows of at most ``pack_tokens``.
 
-    megatron's interleaved schedule (VPP) needs a multiple of PP micro-batches per call, so there a
-    group is topped up with copies of its last micro-batch marked ``filler``, placed last; the schedule
-    returns their reports last too, and callers drop them (see ``evaluate``)."""
+    Micro-batches marked ``filler`` (copies that only take part in collectives; their reports come last in a
+    schedule call's and callers drop them, see ``evaluate``) are added where the layout needs them: megatron's
+    interleaved schedule (VPP) needs a multiple of PP micro-batches per call, so each group is topped up with
+    copies of its last one; with ``aligned`` (the expert groups of a mixture of experts span data-parallel
+    replicas, which exchange tokens at every MoE layer) every rank runs as many micro-batches as the rank with
+    the most, its shard topped up with copies of its last micro-batch (of pair 0 for an empty shard)."""
     dataset = split.dataset
-    if batch_layout.pack_tokens is None:
-        micro = eval_micro_batches(len(dataset), micro_batch_pairs, layout.dp_rank, layout.dp)
-    else:
-        shard = [i for m in eval_micro_batches(len(dataset), 1, layout.dp_rank, layout.dp) for i in m]
-        sizes = batch_layout.pair_sizes(sequence_lengths(dataset))
-        rows = pack_rows([sizes[i] for i in shard], batch_layout.pack_tokens)[0] if shard else []
-        micro = [[shard[i] for i in row] for row in rows]
+    sizes = batch_layout.pair_sizes(sequence_lengths(dataset)) if batch_layout.pack_tokens is not None else None
+    micro = eval_shard_micro_batches(dataset, micro_batch_pairs, batch_layout, layout.dp_rank, layout.dp, sizes)
+    real = len(micro)
+    if aligned:
+        most = max(len(eval_shard_micro_batches(dataset, micro_batch_pairs, batch_layout, r, layout.dp, sizes))
+                   for r in range(layout.dp))
+        micro += [micro[-1] if micro else [0]] * (most - real)
 
-    def finish(group: list[list[int]]) -> list[MicroBatch]:
-        batches = collate(dataset, group, batch_layout)
+    def finish(group: list[list[int]], first: int) -> list[MicroBatch]:
+        batches = [dataclasses.replace(b, filler=True) if first + i >= real else b
+                   for i, b in enumerate(collate(dataset, group, batch_layout))]
         if layout.vpp:
             batches += [dataclasses.replace(batches[-1], filler=True) for _ in range(-len(batches) % layout.pp)]
         return batches
 
     group: list[list[int]] = []
-    for m in micro:
+    start = 0
+    for i, m in enumerate(micro):
         if group and (len(group) == group_size or (batch_layout.pack_tokens is None and batch_layout.same_shape
                                                    and len(m) != len(group[0]))):
-            yield finish(group)
-            group = []
+            yield finish(group, start)
+            group, start = [], i
         group.append(m)
     if group:
-        yield finish(group)
+        yield finish(group, start)
+
+
+def eval_shard_micro_batches(dataset: datasets.Dataset, micro_batch_pairs: int, batch_layout: BatchLayout,
+                             dp_rank: int, dp: int, sizes: list[int] | None) -> list[list[int]]:
+    """Data-parallel rank ``dp_rank``'s evaluation micro-batches (lists of dataset indices): its contiguous shard
+    of every pair, in micro-batches of ``micro_batch_pairs`` or, packed (``sizes``: the positions each pair takes
+    in a row, :meth:`BatchLayout.pair_sizes`), in rows of at most ``pack_tokens``."""
+    if batch_layout.pack_tokens is None:
+        return eval_micro_batches(len(dataset), micro_batch_pairs, dp_rank, dp)
+    shard = [i for m in eval_micro_batches(len(dataset), 1, dp_rank, dp) for i in m]
+    rows = pack_rows([sizes[i] for i in shard], batch_layout.pack_tokens)[0] if shard else []
+    return [[shard[i] for i in row] for row in rows]

@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 
 from simpo_mcore.model.hf_config import ModelArch
+from simpo_mcore.model.moe import freeze_routers, reduce_experts_over_expert_groups
 from simpo_mcore.model.specs import ExtendedTransformerConfig, block_spec
 from simpo_mcore.parallel import cp_hierarchy
 
@@ -48,6 +50,21 @@ class ModelOptions:
     fp8_format: str = "hybrid"
     cuda: bool = False
     """Whether the model runs on a GPU (enables the fused kernels that exist only there)."""
+    ep: int = 1
+    """Expert-parallel size: an MoE layer's experts split over this many ranks of the data-parallel group."""
+    etp: int | None = None
+    """Expert tensor-parallel size (each expert's FFN split over this many ranks); ``None``: ``tp``."""
+    moe_dispatcher: str = "auto"
+    """megatron's token dispatcher: ``alltoall``, ``allgather`` or ``auto`` (alltoall on a GPU, else allgather)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Coefficient of megatron's load-balancing loss (0: none, as HF / TRL without ``output_router_logits``)."""
+    moe_load_balancing: str = "aux_loss"
+    """megatron's ``moe_router_load_balancing_type``: ``aux_loss``, ``seq_aux_loss``, ``global_aux_loss``, ``none``."""
+    moe_freeze_router: bool = False
+    """The routers' weights take no gradient and no update."""
+    moe_grouped_gemm: bool | None = None
+    """Experts as TE's grouped GEMM (``TEGroupedMLP``, spec ``te`` only) or one GEMM pair per expert
+    (``SequentialMLP``); ``None``: grouped with spec ``te``."""
 
 
 def padded_vocab_size(vocab_size: int, divisor: int, tp: int) -> int:
@@ -81,6 +98,88 @@ def context_parallel_settings(opts: ModelOptions) -> dict:
         return dict(context_parallel_size=1)
     return dict(context_parallel_size=opts.cp, cp_comm_type=opts.cp_comm_type,
                 hierarchical_context_parallel_sizes=cp_hierarchy(opts.cp, opts.cp_comm_type, opts.cp_a2a_size))
+def moe_settings(arch: ModelArch, opts: ModelOptions) -> dict:
+    """megatron's MoE fields for ``arch`` (none for a dense model): dropless (no capacity factor), routing by
+    :class:`simpo_mcore.model.moe.HFTopKRouter` from the softmax over all experts, the logits in the model's
+    dtype as HF computes them."""
+    if not arch.is_moe:
+        return {}
+    shared = arch.shared_expert_intermediate_size
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_ffn_hidden_size=arch.moe_intermediate_size,
+        moe_router_topk=arch.num_experts_per_tok,
+        moe_layer_freq=1 if all(arch.moe_layers) else [int(x) for x in arch.moe_layers],
+        moe_shared_expert_intermediate_size=shared,
+        moe_shared_expert_gate=shared is not None,
+        moe_router_score_function="softmax",  # the load-balancing losses' scores; the routing is HFTopKRouter's
+        moe_router_dtype=None,  # router logits in the model's dtype, as HF computes them
+        moe_norm_topk_prob=arch.norm_topk_prob,
+        moe_route_weights_fp32=arch.route_weights_fp32,
+        moe_expert_capacity_factor=None,
+        moe_token_dispatcher_type=token_dispatcher(opts),
+        moe_router_load_balancing_type=opts.moe_load_balancing,
+        moe_aux_loss_coeff=opts.moe_aux_loss_coeff,
+        moe_grouped_gemm=opts.spec == "te" if opts.moe_grouped_gemm is None else opts.moe_grouped_gemm,
+        expert_model_parallel_size=opts.ep,
+        expert_tensor_parallel_size=opts.etp or opts.tp,
+    )
+
+
+def token_dispatcher(opts: ModelOptions) -> str:
+    """The dispatcher ``opts`` asks for; ``auto``: ``alltoall`` (it moves only the tokens each rank needs, and
+    each rank may hold its own number of tokens), except on a CPU with expert tensor parallelism, where it would
+    need uneven all-gathers, which gloo lacks."""
+    if opts.moe_dispatcher != "auto":
+        return opts.moe_dispatcher
+    return "alltoall" if opts.cuda or (opts.etp or opts.tp) == 1 else "allgather"
+
+
+def experts_span_replicas(opts: ModelOptions) -> bool:
+    """Whether an expert group (``ep x etp`` ranks, laid over the tensor-parallel ranks first, as megatron does)
+    reaches into other data-parallel replicas, whose micro-batches hold other tokens."""
+    return opts.ep * (opts.etp or opts.tp) > opts.tp
+
+
+def check_dispatcher_for_data(opts: ModelOptions) -> None:
+    """Refuse a dispatcher that cannot take the training and evaluation micro-batches: each data-parallel
+    replica's have their own lengths, and megatron's ``allgather`` dispatcher needs every rank of an expert group
+    to hold as many tokens (``alltoall`` takes any)."""
+    if not experts_span_replicas(opts) or token_dispatcher(opts) != "allgather":
+        return
+    etp = opts.etp or opts.tp
+    if not opts.cuda and etp > 1:
+        raise ValueError(f"parallel.ep={opts.ep} with expert tensor parallelism (parallel.etp={etp}) on a CPU: the "
+                         "expert groups span data-parallel replicas, whose micro-batches differ in length, which "
+                         "only the alltoall dispatcher takes, and with etp > 1 it needs uneven all-gathers, which "
+                         "gloo lacks; set parallel.etp: 1")
+    raise ValueError(f"model.moe_token_dispatcher: allgather with parallel.ep={opts.ep}: the expert groups "
+                     f"({opts.ep} x {etp} ranks) span data-parallel replicas, whose micro-batches differ in length, "
+                     "and the all-gather dispatcher needs as many tokens on every rank; use alltoall (or auto)")
+
+
+def check_moe_layout(arch: ModelArch, opts: ModelOptions) -> None:
+    """Refuse what megatron would refuse later with an assertion or a traceback, naming the settings."""
+    if not arch.is_moe:
+        if opts.ep > 1:
+            raise ValueError(f"parallel.ep={opts.ep} needs a mixture-of-experts model; this one is dense")
+        return
+    if arch.num_experts % opts.ep:
+        raise ValueError(f"parallel.ep={opts.ep} must divide the model's {arch.num_experts} experts")
+    if opts.cp > 1:
+        # megatron runs MoE layers under CP (its load-balancing terms reduce over the TP x CP group), but the
+        # project's router and its metrics have not been checked against CP 1 on split sequences.
+        raise ValueError(f"parallel.cp={opts.cp} with a mixture-of-experts model is not supported yet (not tested "
+                         "against CP 1); set parallel.cp: 1")
+    if opts.tp > 1 and not opts.sequence_parallel:
+        raise ValueError(f"parallel.tp={opts.tp} with a mixture-of-experts model needs "
+                         "parallel.sequence_parallel: true (megatron's MoE layers refuse TP without it in training)")
+    if opts.moe_grouped_gemm and opts.spec != "te":
+        raise ValueError(f"grouped-GEMM experts need the Transformer Engine spec; model.spec is {opts.spec!r}")
+    etp = opts.etp or opts.tp
+    if token_dispatcher(opts) == "alltoall" and etp > 1 and not opts.cuda:
+        raise ValueError(f"model.moe_token_dispatcher: alltoall with expert tensor parallelism ({etp}) needs uneven "
+                         "all-gathers, which gloo (CPU) lacks; use allgather (auto picks it on a CPU)")
 
 
 def transformer_config(arch: ModelArch, opts: ModelOptions) -> ExtendedTransformerConfig:
@@ -145,6 +244,7 @@ def transformer_config(arch: ModelArch, opts: ModelOptions) -> ExtendedTransform
         init_method_std=0.02,
         **recompute,
         **fp8,
+        **moe_settings(arch, opts),
     )
 
 
@@ -164,6 +264,16 @@ class FamilyGPTModel(GPTModel):
         # gives the same product (the multiply runs in fp32 either way, rounded once) and, unlike a tensor
         # made on the device each call, never waits for the GPU.
         return embeddings * _rounded(self.config.embedding_multiplier, embeddings.dtype)
+
+    def _preprocess(self, *args, **kwargs):
+        # GPTModel splits the padding mask along the sequence for sequence parallelism on the first pipeline
+        # stage only; the MoE layers of the later stages need their ranks' share too.
+        out = super()._preprocess(*args, **kwargs)
+        padding = out[5]
+        if padding is not None and not self.pre_process and self.config.sequence_parallel:
+            padding = scatter_to_sequence_parallel_region(padding.transpose(0, 1).contiguous())  # [s / tp, b]
+            out = (*out[:5], padding.transpose(0, 1).contiguous(), *out[6:])  # [b, s / tp]
+        return out
 
     def _scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
         logits = super()._scale_logits(logits)
@@ -205,6 +315,7 @@ def build_model(arch: ModelArch, opts: ModelOptions) -> list[GPTModel]:
     Parameters are randomly initialised; load a checkpoint into them with
     :func:`simpo_mcore.checkpoint.load_model`.
     """
+    check_moe_layout(arch, opts)
     config = transformer_config(arch, opts)
     vocab = padded_vocab_size(arch.vocab_size, opts.make_vocab_size_divisible_by, opts.tp)
     pp_rank = ps.get_pipeline_model_parallel_rank()
@@ -237,4 +348,8 @@ def build_model(arch: ModelArch, opts: ModelOptions) -> list[GPTModel]:
             chunks.append(model)
     finally:
         gpt_logger.setLevel(level)
+    if arch.is_moe:
+        reduce_experts_over_expert_groups(chunks)
+    if opts.moe_freeze_router:
+        freeze_routers(chunks)
     return chunks

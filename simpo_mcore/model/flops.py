@@ -11,13 +11,16 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 
 
 def model_flops_per_token(arch, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6 x (non-embedding parameters + output
-    layer) + causal attention 6 x layers x hidden x seq (the score and value matmuls, half the
-    square masked). The count docs/performance.md states and its targets were set with. ``arch``: anything
-    with :class:`~simpo_mcore.model.hf_config.ModelArch`'s size fields."""
-    h, f, n = arch.hidden_size, arch.intermediate_size, arch.num_layers
+    """Training FLOPs per token (forward + backward): 6 x (the non-embedding parameters a token passes through
+    + output layer) + causal attention 6 x layers x hidden x seq (the score and value matmuls, half the square
+    masked). The count docs/performance.md states and its targets were set with. A token passes through every
+    weight of a dense MLP; of a mixture of experts' layer, through the router, its top-k experts and the shared
+    expert (``mlp_params_per_token``): the active parameters. ``arch``: anything with
+    :class:`~simpo_mcore.model.hf_config.ModelArch`'s size fields and ``mlp_params_per_token``."""
+    h, n = arch.hidden_size, arch.num_layers
     q = arch.num_attention_heads * arch.head_dim
     kv = arch.num_key_value_heads * arch.head_dim
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h
-    params = n * per_layer + h + arch.vocab_size * h  # + final norm + output layer
+    attention_and_norms = h * (q + 2 * kv) + q * h + 2 * h
+    mlp = sum(arch.mlp_params_per_token(layer) for layer in range(n))
+    params = n * attention_and_norms + mlp + h + arch.vocab_size * h  # + final norm + output layer
     return 6 * params + 6 * n * q * seq_len

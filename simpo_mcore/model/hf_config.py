@@ -12,6 +12,16 @@ Families (``model_type``) and what each adds to the Llama computation:
               and the MLP as well as before, GeGLU (tanh GELU), ``query_pre_attn_scalar``, attention and
               final logit soft-capping, alternating local (sliding window) / global layers.
 
+Mixtures of experts (an MLP of routed experts instead of the dense MLP, on every layer or on the layers the
+config marks; see docs/moe.md):
+
+* ``mixtral``   Mistral's attention (a window on every layer where set); top-k of ``num_local_experts``, the
+                top-k softmax weights renormalised and kept in fp32.
+* ``qwen3_moe`` Qwen3's attention (q / k norms); ``moe_intermediate_size`` experts, ``norm_topk_prob``,
+                dense layers where ``mlp_only_layers`` / ``decoder_sparse_step`` say so.
+* ``qwen2_moe`` Qwen2's attention (q / k / v biases); as ``qwen3_moe`` plus one shared expert of
+                ``shared_expert_intermediate_size`` on every MoE layer, scaled by a sigmoid gate.
+
 Every field that would change the function the model computes is read, or refused with its name when not
 implemented, never dropped: a silently ignored ``rope_scaling``, window or bias gives a model that looks fine
 and is wrong. Defaults for absent fields are the ones ``transformers`` uses for that family.
@@ -20,54 +30,23 @@ and is wrong. Defaults for absent fields are the ones ``transformers`` uses for 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-
-class UnsupportedConfigError(ValueError):
-    """The HF config asks for something this model does not implement."""
-
-
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
-SLIDING, FULL = "sliding_attention", "full_attention"
-
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM"}
-"""``model_type`` -> the ``transformers`` class an export names in ``architectures``."""
-SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
-
-# transformers' defaults for fields a family's config.json may leave out (``*Config`` class attributes).
-_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": dict(rms_norm_eps=1e-6, max_position_embeddings=2048, tie_word_embeddings=False),
-    "mistral": dict(rms_norm_eps=1e-6, max_position_embeddings=4096 * 32, tie_word_embeddings=False,
-                    sliding_window=4096),
-    "qwen2": dict(rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=False,
-                  sliding_window=4096, use_sliding_window=False, max_window_layers=28),
-    "qwen3": dict(rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=False, head_dim=128,
-                  sliding_window=4096, use_sliding_window=False, max_window_layers=28),
-    "gemma2": dict(rms_norm_eps=1e-6, max_position_embeddings=8192, tie_word_embeddings=True, head_dim=256,
-                   hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=4096,
-                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
-}
-
-_COMMON_FIELDS = {
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
-    "max_position_embeddings", "tie_word_embeddings", "model_type", "torch_dtype", "dtype", "bos_token_id",
-    "eos_token_id", "pad_token_id", "pretraining_tp", "attention_dropout", "architectures", "transformers_version",
-}
-# Fields each family reads on top of the common ones (the rest of a config is carried along for export).
-_FAMILY_FIELDS = {
-    "llama": {"hidden_act", "attention_bias", "mlp_bias", "sliding_window"},
-    "mistral": {"hidden_act", "attention_bias", "mlp_bias", "sliding_window"},
-    "qwen2": {"hidden_act", "use_sliding_window", "sliding_window", "max_window_layers", "layer_types"},
-    "qwen3": {"hidden_act", "attention_bias", "use_sliding_window", "sliding_window", "max_window_layers",
-              "layer_types"},
-    "gemma2": {"hidden_activation", "attention_bias", "query_pre_attn_scalar", "attn_logit_softcapping",
-               "final_logit_softcapping", "sliding_window", "layer_types", "use_bidirectional_attention"},
-}
+from simpo_mcore.model.hf_families import (
+    ARCHITECTURES,
+    COMMON_FIELDS,
+    EXPORTERS,
+    FAMILY_DEFAULTS,
+    FAMILY_FIELDS,
+    FULL,
+    PARSERS,
+    SLIDING,
+    SUPPORTED_MODEL_TYPES,
+    SUPPORTED_ROPE_TYPES,
+    UnsupportedConfigError,
+)
 
 
 @dataclass(frozen=True)
@@ -123,6 +102,18 @@ class ModelArch:
     """Attention scores ``s -> c * tanh(s / c)`` after scaling, before the mask and softmax (Gemma-2: 50)."""
     final_logit_softcapping: float | None = None
     """Output logits ``z -> c * tanh(z / c)`` before the softmax (Gemma-2: 30)."""
+    num_experts: int | None = None
+    """Routed experts of each MoE layer; ``None``: a dense model."""
+    num_experts_per_tok: int | None = None
+    """Experts each token is sent to (top-k of the router's softmax over all experts, computed in fp32)."""
+    moe_intermediate_size: int | None = None
+    """FFN size of each routed expert (Mixtral: ``intermediate_size``); dense layers use ``intermediate_size``."""
+    moe_layers: tuple[bool, ...] | None = None
+    """Per layer: an MoE layer (True) or a dense MLP (False); ``None`` for a dense model."""
+    norm_topk_prob: bool = False
+    """The top-k weights are renormalised to sum to 1 (Mixtral always; Qwen MoE as its config says)."""
+    shared_expert_intermediate_size: int | None = None
+    """FFN size of the shared expert every token also goes through, scaled by ``sigmoid(x . w)`` (Qwen2-MoE)."""
 
     # ------------------------------------------------------------------ HF config in / out
 
@@ -132,7 +123,7 @@ class ModelArch:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedConfigError(
                 f"{source}: model_type '{model_type}' is not supported (supported: {SUPPORTED_MODEL_TYPES})")
-        defaults = _FAMILY_DEFAULTS[model_type]
+        defaults = FAMILY_DEFAULTS[model_type]
 
         def get(key):
             value = cfg.get(key)
@@ -156,15 +147,15 @@ class ModelArch:
                 f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
         num_layers = need("num_hidden_layers")
         rope_theta, rope_scaling = _parse_rope(cfg, source)
-        family = _PARSERS[model_type](cfg, get, num_layers, source)
-        known = _COMMON_FIELDS | _FAMILY_FIELDS[model_type]
+        family = PARSERS[model_type](cfg, get, num_layers, source)
+        known = COMMON_FIELDS | FAMILY_FIELDS[model_type]
         extra = {k: v for k, v in cfg.items() if k not in known}
         extra.update(family.pop("extra", {}))
         dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
         return cls(
             vocab_size=need("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=need("intermediate_size"),
+            intermediate_size=get("intermediate_size") or need("intermediate_size"),
             num_layers=num_layers,
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
@@ -213,7 +204,7 @@ class ModelArch:
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
         )
-        cfg.update(_EXPORTERS[self.model_type](self))
+        cfg.update(EXPORTERS[self.model_type](self))
         return cfg
 
     def to_json(self) -> dict[str, Any]:
@@ -222,8 +213,9 @@ class ModelArch:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelArch:
         data = dict(data)
-        if data.get("layer_types") is not None:  # JSON has no tuples
-            data["layer_types"] = tuple(data["layer_types"])
+        for key in ("layer_types", "moe_layers"):  # JSON has no tuples
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
         return cls(**data)
 
     # ------------------------------------------------------------------ derived quantities
@@ -231,6 +223,29 @@ class ModelArch:
     @property
     def num_query_groups(self) -> int:
         return self.num_key_value_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
+
+    @property
+    def route_weights_fp32(self) -> bool:
+        """HF Mixtral multiplies each expert's output by its fp32 top-k weight; Qwen MoE rounds the weights to
+        the model's dtype first (the same numbers in an fp32 model)."""
+        return self.model_type == "mixtral"
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether 0-based ``layer`` holds routed experts."""
+        return bool(self.moe_layers and self.moe_layers[layer])
+
+    def mlp_params_per_token(self, layer: int) -> int:
+        """The MLP weights one token is multiplied by in 0-based ``layer`` (what its FLOPs count): the dense
+        MLP's, or the router's, its top-k experts' and the shared expert's (and its gate)."""
+        h = self.hidden_size
+        if not self.is_moe_layer(layer):
+            return 3 * h * self.intermediate_size
+        shared = 3 * h * self.shared_expert_intermediate_size + h if self.shared_expert_intermediate_size else 0
+        return self.num_experts * h + self.num_experts_per_tok * 3 * h * self.moe_intermediate_size + shared
 
     def sliding_layers(self) -> list[bool]:
         """Per layer (0-based): whether it attends through the sliding window."""
@@ -247,153 +262,6 @@ class ModelArch:
 
 
 ARCH_FIELDS = frozenset(f.name for f in fields(ModelArch))
-
-
-# ------------------------------------------------------------------------------ the families' parsing
-
-
-def _refuse_true(cfg: dict, source: str, *keys: str, why: str = "") -> None:
-    for key in keys:
-        if cfg.get(key):
-            raise UnsupportedConfigError(f"{source}: {key}={cfg[key]!r} is not supported{why}")
-
-
-def _check_act(act: str, allowed: str, key: str, source: str) -> str:
-    if act != allowed:
-        raise UnsupportedConfigError(f"{source}: {key} '{act}' is not supported (only '{allowed}')")
-    return act
-
-
-def _check_window(window, source: str, key: str = "sliding_window") -> int:
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise UnsupportedConfigError(f"{source}: {key}={window!r} must be a positive integer")
-    return window
-
-
-def _check_layer_types(layer_types, num_layers: int, source: str) -> tuple[str, ...]:
-    if not isinstance(layer_types, list | tuple) or len(layer_types) != num_layers:
-        raise UnsupportedConfigError(
-            f"{source}: layer_types must list one entry per layer ({num_layers}), got {layer_types!r}")
-    bad = [t for t in layer_types if t not in (SLIDING, FULL)]
-    if bad:
-        raise UnsupportedConfigError(
-            f"{source}: layer_types entry '{bad[0]}' is not supported (only '{SLIDING}', '{FULL}')")
-    return tuple(layer_types)
-
-
-def _llama(cfg, get, num_layers, source) -> dict:
-    act = _check_act(cfg.get("hidden_act", "silu"), "silu", "hidden_act", source)
-    _refuse_true(cfg, source, "attention_bias", "mlp_bias")
-    if cfg.get("sliding_window") is not None:
-        raise UnsupportedConfigError(
-            f"{source}: sliding_window={cfg['sliding_window']} is not supported for model_type 'llama' "
-            "(LlamaForCausalLM has no sliding window; a Mistral model says model_type 'mistral')")
-    return dict(hidden_act=act)
-
-
-def _mistral(cfg, get, num_layers, source) -> dict:
-    act = _check_act(cfg.get("hidden_act", "silu"), "silu", "hidden_act", source)
-    _refuse_true(cfg, source, "attention_bias", "mlp_bias")
-    window = get("sliding_window")
-    # MistralForCausalLM applies the window on every layer (it ignores any layer_types).
-    return dict(hidden_act=act, sliding_window=None if window is None else _check_window(window, source))
-
-
-def _qwen_window(cfg, get, num_layers, source) -> dict:
-    """Qwen2 / Qwen3: the window exists only with ``use_sliding_window``, and then on the layers that
-    ``layer_types`` marks, or else on ``i >= max_window_layers`` (transformers' ``Qwen2Config``)."""
-    layer_types = cfg.get("layer_types")
-    if layer_types is not None:
-        layer_types = _check_layer_types(layer_types, num_layers, source)
-    if not get("use_sliding_window"):
-        if layer_types is not None and SLIDING in layer_types:
-            raise UnsupportedConfigError(
-                f"{source}: layer_types has '{SLIDING}' layers but use_sliding_window is false")
-        # Inert without use_sliding_window: carried along for export only.
-        inert = {k: cfg[k] for k in ("sliding_window", "max_window_layers", "layer_types") if k in cfg}
-        return dict(extra=inert)
-    window = _check_window(get("sliding_window"), source)
-    if layer_types is None:
-        start = get("max_window_layers")
-        layer_types = tuple(SLIDING if i >= start else FULL for i in range(num_layers))
-    out = dict(sliding_window=window, layer_types=layer_types)
-    if "max_window_layers" in cfg:
-        out["extra"] = {"max_window_layers": cfg["max_window_layers"]}
-    return out
-
-
-def _qwen2(cfg, get, num_layers, source) -> dict:
-    act = _check_act(cfg.get("hidden_act", "silu"), "silu", "hidden_act", source)
-    # Qwen2Attention always has q / k / v biases and none on o_proj; its config has no bias flags.
-    return dict(hidden_act=act, qkv_bias=True, **_qwen_window(cfg, get, num_layers, source))
-
-
-def _qwen3(cfg, get, num_layers, source) -> dict:
-    act = _check_act(cfg.get("hidden_act", "silu"), "silu", "hidden_act", source)
-    _refuse_true(cfg, source, "attention_bias", why=" (biases on q / k / v and o_proj)")
-    return dict(hidden_act=act, qk_norm=True, **_qwen_window(cfg, get, num_layers, source))
-
-
-def _gemma2(cfg, get, num_layers, source) -> dict:
-    # Gemma2MLP reads hidden_activation; a legacy hidden_act beside it is inert (kept in extra).
-    act = _check_act(get("hidden_activation"), "gelu_pytorch_tanh", "hidden_activation", source)
-    _refuse_true(cfg, source, "attention_bias")
-    _refuse_true(cfg, source, "use_bidirectional_attention", why=" (causal attention only)")
-    layer_types = cfg.get("layer_types")
-    if layer_types is None:  # Gemma2Config: layers 0, 2, 4, ... slide
-        layer_types = tuple(SLIDING if (i + 1) % 2 else FULL for i in range(num_layers))
-    layer_types = _check_layer_types(layer_types, num_layers, source)
-    window = get("sliding_window")
-    if window is None and SLIDING in layer_types:
-        raise UnsupportedConfigError(f"{source}: sliding_window is null but layer_types has '{SLIDING}' layers")
-    caps = {}
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        cap = get(key)
-        if cap is not None and not (isinstance(cap, int | float) and math.isfinite(cap) and cap > 0):
-            raise UnsupportedConfigError(f"{source}: {key}={cap!r} must be a positive number or null")
-        caps[key] = cap  # as given: transformers' strict config types an int and a float apart
-    scalar = get("query_pre_attn_scalar")
-    if not (isinstance(scalar, int | float) and scalar > 0):
-        raise UnsupportedConfigError(f"{source}: query_pre_attn_scalar={scalar!r} must be a positive number")
-    return dict(hidden_act=act, sliding_window=None if window is None else _check_window(window, source),
-                layer_types=layer_types, norm_zero_centered=True, sandwich_norms=True, scale_embeddings=True,
-                query_pre_attn_scalar=scalar, **caps)
-
-
-_PARSERS = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3, "gemma2": _gemma2}
-
-
-# ------------------------------------------------------------------------------ the families' export
-
-
-def _export_llama(arch: ModelArch) -> dict:
-    return dict(hidden_act="silu", attention_bias=False, mlp_bias=False)
-
-
-def _export_mistral(arch: ModelArch) -> dict:
-    return dict(hidden_act="silu", sliding_window=arch.sliding_window)
-
-
-def _export_qwen(arch: ModelArch) -> dict:
-    out = dict(hidden_act="silu", use_sliding_window=arch.sliding_window is not None)
-    if arch.sliding_window is not None:
-        out.update(sliding_window=arch.sliding_window, layer_types=list(arch.layer_types))
-    elif "sliding_window" not in arch.extra:  # else the source's inert value, from extra
-        out["sliding_window"] = None
-    if arch.model_type == "qwen3":
-        out["attention_bias"] = False
-    return out
-
-
-def _export_gemma2(arch: ModelArch) -> dict:
-    return dict(hidden_activation=arch.hidden_act, attention_bias=False,
-                query_pre_attn_scalar=arch.query_pre_attn_scalar, sliding_window=arch.sliding_window,
-                layer_types=list(arch.layer_types), attn_logit_softcapping=arch.attn_logit_softcapping,
-                final_logit_softcapping=arch.final_logit_softcapping)
-
-
-_EXPORTERS = {"llama": _export_llama, "mistral": _export_mistral, "qwen2": _export_qwen, "qwen3": _export_qwen,
-              "gemma2": _export_gemma2}
 
 
 # ------------------------------------------------------------------------------------------ RoPE
@@ -436,3 +304,7 @@ def _parse_rope(cfg: dict[str, Any], source: str) -> tuple[float, dict[str, Any]
     out = {"rope_type": rope_type}
     out.update({k: scaling[k] for k in required})
     return theta, out
+
+
+__all__ = ["ARCHITECTURES", "ARCH_FIELDS", "FULL", "ModelArch", "SLIDING", "SUPPORTED_MODEL_TYPES",
+           "UnsupportedConfigError"]

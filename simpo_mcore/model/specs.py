@@ -37,11 +37,13 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
 
 from simpo_mcore.data.context_parallel import chunk_positions
 from simpo_mcore.model.cp_attention import ContextParallelCausalAttention
+from simpo_mcore.model.moe import moe_mlp
 
 SPECS = ("te", "sdpa", "local")
 
@@ -102,6 +104,12 @@ class ExtendedTransformerConfig(TransformerConfig):
 
     sandwich_norms: bool = False
     """An RMSNorm on the output of the attention projection and of the MLP, before each residual add."""
+
+    moe_norm_topk_prob: bool = False
+    """MoE routing (:class:`simpo_mcore.model.moe.HFTopKRouter`): the top-k weights renormalised to sum to 1."""
+
+    moe_route_weights_fp32: bool = False
+    """MoE routing: the top-k weights stay fp32 (Mixtral) instead of being rounded to the logits' dtype."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -419,20 +427,23 @@ def _softcap_te_attention() -> type:
     return SoftcapTEDotProductAttention
 
 
-def block_spec(spec: str, config: TransformerConfig, vp_stage: int | None = None,
-               pp_rank: int | None = None) -> TransformerBlockSubmodules:
-    """The decoder block submodules for ``spec`` on this pipeline stage.
+def layer_spec(spec: str, config: TransformerConfig, moe: bool = False) -> ModuleSpec:
+    """One decoder layer for ``spec``: a dense MLP, or with ``moe`` megatron's ``MoELayer``
+    (:func:`simpo_mcore.model.moe.moe_mlp`) after a pre-MLP norm of its own.
 
     What the family needs beyond Llama's layer comes from ``config``: per-head q / k norms
     (``qk_layernorm``), norms after the attention and MLP projections (``sandwich_norms``), attention
     soft-capping and sliding windows (read by the core attention itself).
     """
     softcap = getattr(config, "attn_logit_softcapping", None)
+    experts = config.num_moe_experts if moe else None
     if spec == "te":
         from megatron.core.extensions.transformer_engine import TENorm, TERowParallelLinear
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+        layer = get_gpt_layer_with_transformer_engine_spec(num_experts=experts,
+                                                           moe_grouped_gemm=moe and config.moe_grouped_gemm,
+                                                           qk_layernorm=config.qk_layernorm)
         layer.submodules.self_attention.submodules.core_attention = te_core_attention(config)
         norm, row_linear = TENorm, TERowParallelLinear
     else:
@@ -444,7 +455,8 @@ def block_spec(spec: str, config: TransformerConfig, vp_stage: int | None = None
         if spec == "local" and config.context_parallel_size > 1:
             raise ValueError("model.spec: local has no context parallelism (megatron's DotProductAttention refuses "
                              "parallel.cp > 1); use sdpa or te")
-        layer = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
+        layer = get_gpt_layer_local_spec(num_experts=experts, normalization="RMSNorm",
+                                         qk_layernorm=config.qk_layernorm)
         layer.submodules.input_layernorm = RMSNorm
         layer.submodules.pre_mlp_layernorm = RMSNorm
         attention = layer.submodules.self_attention.submodules
@@ -452,16 +464,47 @@ def block_spec(spec: str, config: TransformerConfig, vp_stage: int | None = None
             attention.q_layernorm = attention.k_layernorm = RMSNorm
         if spec == "sdpa":
             attention.core_attention = SDPAttention
+        if moe:  # the pre-MLP norm keeps its own name, as in the TE spec (no linear_fc1 to fuse it into)
+            layer.submodules.sharded_state_dict_keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
         norm, row_linear = RMSNorm, RowParallelLinear
+    if moe:
+        layer.submodules.mlp = moe_mlp(spec, config.num_moe_experts, grouped=config.moe_grouped_gemm)
     if getattr(config, "sandwich_norms", False):
         post_normed = with_post_norm(row_linear, norm)
         layer.submodules.self_attention.submodules.linear_proj = post_normed
         mlp = layer.submodules.mlp  # partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(...))
         submodules = replace(mlp.keywords["submodules"], linear_fc2=post_normed)
         layer.submodules.mlp = functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": submodules})
+    return layer
+
+
+def moe_layer_pattern(config: TransformerConfig) -> list[bool]:
+    """Per global layer: whether it is an MoE layer (megatron's ``moe_layer_freq``: 1 = every layer, a list of
+    0 / 1 per layer)."""
+    if not config.num_moe_experts:
+        return [False] * config.num_layers
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        return [i % freq == 0 for i in range(config.num_layers)]
+    return [bool(x) for x in freq]
+
+
+def block_spec(spec: str, config: TransformerConfig, vp_stage: int | None = None,
+               pp_rank: int | None = None) -> TransformerBlockSubmodules:
+    """The decoder block submodules for ``spec`` on this pipeline stage: each layer dense or MoE as
+    :func:`moe_layer_pattern` says."""
+    pattern = moe_layer_pattern(config)
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=norm)
+    built = {moe: layer_spec(spec, config, moe) for moe in set(pattern[offset:offset + n])}
+    if spec == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        norm = TENorm
+    else:
+        norm = RMSNorm
+    return TransformerBlockSubmodules(layer_specs=[built[pattern[offset + i]] for i in range(n)], layer_norm=norm)
 
 
-__all__ = ["ExtendedTransformerConfig", "RMSNorm", "SDPAttention", "block_spec", "resolve_spec", "softcapped_attention",
-           "te_available", "visible_keys", "with_post_norm", "ModuleSpec"]
+__all__ = ["ExtendedTransformerConfig", "RMSNorm", "SDPAttention", "block_spec", "layer_spec", "moe_layer_pattern",
+           "resolve_spec", "softcapped_attention", "te_available", "visible_keys", "with_post_norm", "ModuleSpec"]

@@ -83,13 +83,14 @@ class ModelShape:
     def num_key_value_heads(self) -> int:
         return self.num_query_groups
 
-    @property
-    def intermediate_size(self) -> float:
-        """The MLP width a token passes through, averaged over the layers: the FFN of a dense layer, ``top_k``
-        experts plus the shared expert of a MoE layer."""
-        widths = [self.moe_top_k * self.moe_ffn_hidden_size + self.shared_expert_ffn_hidden_size
-                  if self.is_moe_layer(i) else self.ffn_hidden_size for i in range(self.num_layers)]
-        return sum(widths) / self.num_layers
+    def mlp_params_per_token(self, layer: int) -> int:
+        """The MLP weights one token is multiplied by in 0-based ``layer``: the dense MLP's, or the router's, its
+        top-k experts' and the shared expert's with its gate (as ``ModelArch.mlp_params_per_token`` counts)."""
+        h = self.hidden_size
+        if not self.is_moe_layer(layer):
+            return 3 * h * self.ffn_hidden_size
+        shared = 3 * h * self.shared_expert_ffn_hidden_size + h if self.shared_expert_ffn_hidden_size else 0
+        return self.num_experts * h + self.moe_top_k * 3 * h * self.moe_ffn_hidden_size + shared
 
     def parameters(self) -> int:
         """All parameters of the model (experts counted once each, the output layer unless tied)."""
@@ -153,7 +154,8 @@ def _mlp_parameters(shape: ModelShape, layer: int, p: str, tp: int, ep: int) -> 
     if shape.shared_expert_ffn_hidden_size:
         s = shape.shared_expert_ffn_hidden_size // tp
         out += [ParamTensor(p + "mlp.shared_experts.linear_fc1.weight", 2 * s * h),
-                ParamTensor(p + "mlp.shared_experts.linear_fc2.weight", h * s)]
+                ParamTensor(p + "mlp.shared_experts.linear_fc2.weight", h * s),
+                ParamTensor(p + "mlp.shared_experts.gate_weight", h)]
     return out + post
 
 

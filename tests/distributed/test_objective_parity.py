@@ -12,7 +12,19 @@ reference takes the chat template of the whole conversation: the prompt is the c
 the final assistant turn, the response what the template adds for that turn, then EOS.
 
 Besides the Llama models, at TP=2: Gemma-2 (the head's final logit soft-capping, the sandwich norms' partial
-gradients) and a Qwen2.5-shaped model (q / k / v biases split over TP ranks).
+gradients) and a Qwen2.5-shaped model (q / k / v biases split over TP ranks). A Qwen3-MoE (8 experts, top-3,
+layers 0 and 3 dense) at EP 2 over two data-parallel ranks, and with the load-balancing loss on
+(``model.moe_aux_loss_coeff``) at DP 1, at EP 2, at EP 2 x PP 2 and at TP 2 + SP x PP 2 with the experts over
+the TP ranks (EP 2, expert TP 1): its reference adds the term docs/moe.md defines, computed from HF's router
+logits of each micro-batch's tokens::
+
+    aux_l(m) = E / (k T_m^2) x sum_e (sum_{t in m} p_l[t, e]) x n_l,e(m)    p_l = softmax(router logits of layer l)
+    term     = c x (1 / dp) x sum_r (1 / n_r) x sum_{m of rank r} sum_l aux_l(m)
+
+(T_m the real tokens of micro-batch m, prompts included; n_l,e(m) those whose top k hold expert e; n_r the
+micro-batches of data-parallel rank r), so every batching (micro-batches of 1, 2, 4 or 8 pairs, packed rows)
+checks the weight the term gets; the logged ``moe/aux_loss`` must equal the term, the logged expert load
+imbalance the one of HF's routing, and SimPO's metrics stay those of the reference without it.
 
 Each layout runs the step padded (micro-batches of k pairs) and packed (rows of whole pairs laid end to end,
 split over the data-parallel ranks as training splits them), including the interleaved pipeline (PP 2 x VPP 2);
@@ -33,13 +45,14 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FAMILY_MODELS, QUIET, make_tiny_hf_model, run_ranks
+from helpers import FAMILY_MODELS, MOE_MODELS, QUIET, hub_names, make_tiny_hf_model, run_ranks
 from safetensors.torch import load_file
 
 from simpo_mcore.config import DataConfig
 from simpo_mcore.convert.hf_to_mcore import convert_hf_to_mcore
 from simpo_mcore.data import synthetic
 from simpo_mcore.data.preference import build_preference_dataset
+from simpo_mcore.model.hf_config import ModelArch
 from simpo_mcore.parallel import ensure_process_group
 
 BETA, RATIO, LS, SFT_W = 2.0, 0.5, 0.1, 0.5
@@ -47,7 +60,8 @@ NUM_PAIRS = 8
 
 
 MODELS = {"untied": dict(tie=False, seed=0), "tied": dict(tie=True, seed=5),
-          "gemma2": dict(FAMILY_MODELS["gemma2"], seed=6), "qwen25": dict(family="qwen2", tie=False, seed=7)}
+          "gemma2": dict(FAMILY_MODELS["gemma2"], seed=6), "qwen25": dict(family="qwen2", tie=False, seed=7),
+          "qwen3_moe": dict(MOE_MODELS["qwen3_moe"], seed=8)}
 """``tied`` (Llama-3.2 style): with PP > 1 the embedding and the output layer share one weight held on the
 first and the last stage, whose two gradient halves megatron must sum (``finalize_model_grads``)."""
 
@@ -130,14 +144,22 @@ def chat_rows(folder):
     return reference, [{c: row[c] for c in columns} for row in dataset]
 
 
-def reference(hf, pairs):
-    """Plain SimPO on the HF model: per-pair avg log-probs, loss, SFT term, metrics, grads."""
+def reference(hf, pairs, micro_batches=None, coeff=0.0):
+    """Plain SimPO on the HF model: per-pair avg log-probs, loss, SFT term, metrics, grads. A mixture of experts
+    also gets its expert load imbalance and, with ``coeff``, the load-balancing term over ``micro_batches``
+    (each data-parallel rank's micro-batches as lists of pairs; :func:`load_balancing_term`) in its loss and
+    gradients, as ``moe/aux_loss``."""
     hf.zero_grad()
+    moe = hf.config.model_type == "qwen3_moe"
     avg_c, avg_r, nll_sum, nll_tokens = [], [], 0.0, 0
-    for p in pairs:
+    router_logits = {}  # (pair, side) -> per MoE layer [tokens, E]
+    for i, p in enumerate(pairs):
         for key, out in (("chosen", avg_c), ("rejected", avg_r)):
             ids = torch.tensor([p["prompt"] + p[key]])
-            logps = hf(ids).logits.float().log_softmax(-1)[0, :-1]  # position t predicts t+1
+            result = hf(ids, output_router_logits=True) if moe else hf(ids)
+            if moe:
+                router_logits[i, key] = result.router_logits
+            logps = result.logits.float().log_softmax(-1)[0, :-1]  # position t predicts t+1
             targets = ids[0, 1:]
             token_logps = logps.gather(-1, targets[:, None])[:, 0][len(p["prompt"]) - 1:]
             out.append(token_logps.mean())
@@ -149,14 +171,53 @@ def reference(hf, pairs):
     pref = (-F.logsigmoid(z) * (1 - LS) - F.logsigmoid(-z) * LS).mean()
     sft = nll_sum / nll_tokens
     loss = pref + SFT_W * sft
-    loss.backward()
+    aux = load_balancing_term(router_logits, micro_batches, coeff, hf.config) if coeff else None
+    (loss if aux is None else loss + aux).backward()
     rc, rr = BETA * c.detach(), BETA * r.detach()
     metrics = {"loss": loss.item(), "sft_loss": sft.item(), "rewards/chosen": rc.mean().item(),
                "rewards/rejected": rr.mean().item(), "rewards/accuracies": (rc > rr).float().mean().item(),
                "rewards/margins": (rc - rr).mean().item(), "logps/chosen": c.mean().item(),
                "logps/rejected": r.mean().item()}
+    if moe:
+        metrics.update(expert_load(router_logits, hf.config))
+    if aux is not None:
+        metrics["moe/aux_loss"] = aux.item()
     grads = {n: p.grad.detach().clone() for n, p in hf.named_parameters()}
+    if moe:  # transformers' fused experts -> the hub's per-expert tensors, as the launches gather them
+        grads = hub_names(grads, ModelArch.from_hf_dict(hf.config.to_dict()))
     return c.detach(), r.detach(), metrics, grads
+
+
+def top_k_counts(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """``[E]``: the tokens of ``logits [T, E]`` whose top k of the router's softmax hold each expert."""
+    top = logits.float().softmax(-1).topk(k, dim=-1).indices  # [T, k]
+    return torch.bincount(top.flatten(), minlength=logits.shape[1])
+
+
+def load_balancing_term(router_logits: dict, micro_batches: list[list[list[int]]], coeff: float, config):
+    """The load-balancing term of one step, as docs/moe.md defines it (the module docstring's formula)."""
+    k, dp = config.num_experts_per_tok, len(micro_batches)
+    term = 0.0
+    for rank in micro_batches:
+        for pairs in rank:
+            for layer in range(len(router_logits[pairs[0], "chosen"])):
+                logits = torch.cat([router_logits[i, side][layer] for i in pairs for side in ("chosen", "rejected")])
+                t, experts = logits.shape  # [T_m, E]
+                aux = experts / (k * t * t) * (logits.float().softmax(-1).sum(0) * top_k_counts(logits, k)).sum()
+                term = term + aux / (len(rank) * dp)
+    return coeff * term
+
+
+def expert_load(router_logits: dict, config) -> dict[str, float]:
+    """``moe/load_imbalance`` (mean over MoE layers) and ``_max`` (worst layer) of max / mean real tokens per
+    expert over the whole batch, from HF's routing."""
+    per_layer = []
+    for layer in range(len(next(iter(router_logits.values())))):
+        counts = sum(top_k_counts(logits[layer].detach(), config.num_experts_per_tok)
+                     for logits in router_logits.values()).float()
+        per_layer.append(counts.max() / counts.mean())
+    return {"moe/load_imbalance": torch.stack(per_layer).mean().item(),
+            "moe/load_imbalance_max": torch.stack(per_layer).max().item()}
 
 
 # (tp, pp, dp, sp, vpp); one launch per world size covers its layouts (the groups are rebuilt per layout).
@@ -165,14 +226,31 @@ LAYOUTS = [(1, 1, 1, False, None), (2, 1, 1, False, None), (1, 2, 1, False, None
 # The tied model where it differs: the shared weight split over two pipeline stages.
 TIED_LAYOUTS = [(2, 2, 1, False, None), (1, 2, 2, False, None)]
 FAMILY_LAYOUTS = [(2, 1, 1, False, None)]
+def cp_layout(tp, pp, dp, sp, vpp, cp) -> tuple:
+    """A context-parallel layout in the launches' tuple: (tp, pp, dp, sp, vpp, ep, aux, etp, cp)."""
+    return (tp, pp, dp, sp, vpp, 1, 0.0, None, cp)
+
+
+AUX = 0.05
+# The mixture of experts: (tp, pp, dp, sp, vpp, ep, moe_aux_loss_coeff, etp).
+MOE_LAYOUTS = [(1, 1, 2, False, None, 2, 0.0, None), (1, 1, 2, False, None, 2, AUX, None),
+               (1, 1, 1, False, None, 1, AUX, None), (1, 2, 2, False, None, 2, AUX, None),
+               (2, 2, 1, True, None, 2, AUX, 1)]
 # (tp, pp, dp, sp, vpp, cp): context parallelism, added to the launches of 2 and 4 ranks.
 CP_LAYOUTS = [(1, 1, 1, False, None, 2), (1, 1, 2, False, None, 2)]
-MODEL_LAYOUTS = {"untied": LAYOUTS + CP_LAYOUTS, "tied": TIED_LAYOUTS, "gemma2": FAMILY_LAYOUTS,
-                 "qwen25": FAMILY_LAYOUTS}
+MODEL_LAYOUTS = {"untied": LAYOUTS + [cp_layout(*x) for x in CP_LAYOUTS], "tied": TIED_LAYOUTS,
+                 "gemma2": FAMILY_LAYOUTS, "qwen25": FAMILY_LAYOUTS, "qwen3_moe": MOE_LAYOUTS}
 
 
-def layout_name(tp, pp, dp, sp, vpp, cp=1) -> str:
-    return f"{tp}-{pp}-{dp}-{int(sp)}" + (f"-vpp{vpp}" if vpp else "") + (f"-cp{cp}" if cp > 1 else "")
+def layout_name(tp, pp, dp, sp, vpp, ep=1, aux=0.0, etp=None, cp=1) -> str:
+    return (f"{tp}-{pp}-{dp}-{int(sp)}" + (f"-vpp{vpp}" if vpp else "") + (f"-ep{ep}" if ep > 1 else "")
+            + (f"-etp{etp}" if etp else "") + (f"-aux{aux:g}" if aux else "") + (f"-cp{cp}" if cp > 1 else ""))
+
+
+def launch_spec(tp, pp, dp, sp, vpp, ep=1, aux=0.0, etp=None, cp=1) -> str:
+    """The launch's LAYOUT (``scripts/objective_parity.py``)."""
+    return (f"{tp},{pp},{int(sp)}" + (f",{vpp}" if vpp else "") + (f",ep:{ep}" if ep > 1 else "")
+            + (f",etp:{etp}" if etp else "") + (f",aux:{aux:g}" if aux else "") + (f",cp:{cp}" if cp > 1 else ""))
 
 
 @pytest.fixture(scope="module")
@@ -182,9 +260,10 @@ def results(setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("objective_results")
     by_world: dict[int, dict[str, list[str]]] = {}
     for model, layouts in MODEL_LAYOUTS.items():
-        for tp, pp, dp, sp, vpp, *cp in layouts:
-            spec = f"{tp},{pp},{int(sp)}" + (f",{vpp or 0},{cp[0]}" if cp else f",{vpp}" if vpp else "")
-            by_world.setdefault(tp * pp * dp * (cp[0] if cp else 1), {}).setdefault(model, []).append(spec)
+        for layout in layouts:
+            tp, pp, dp = layout[:3]
+            cp = layout[8] if len(layout) > 8 else 1
+            by_world.setdefault(tp * pp * dp * cp, {}).setdefault(model, []).append(launch_spec(*layout))
     for world, models in sorted(by_world.items()):
         specs = [f"{m}={root / m / 'hf'}={root / m / 'mcore'}={'/'.join(layouts)}" for m, layouts in models.items()]
         run_ranks("objective_parity.py", world, root / "pairs.json", out, *specs)
@@ -213,9 +292,10 @@ def relative_grad_error(got: dict, ref: dict) -> dict[str, float]:
 
 def check_layout(run_dir, expected, inputs, dp, vpp=None):
     """Every batching of the step (padded micro-batches of k pairs, packed rows of two capacities) against the
-    HF reference; the packed ones also against the padded step (per-sequence log-probs and gradients)."""
+    HF reference (``expected``, or a function of the batching's result giving it, when it depends on the
+    micro-batches); the packed ones also against the padded step (per-sequence log-probs and, with one
+    reference for all, gradients)."""
     result = json.loads((run_dir / "result.json").read_text())
-    ref_c, ref_r, ref_metrics, ref_grads = expected
     per_rank = NUM_PAIRS // dp
     padded = [f"padded_k{k}" for k in ([2] if vpp else [per_rank, 2 if dp == 1 else 1])]
     packed = [name for name in result if name.startswith("packed_")]
@@ -223,6 +303,7 @@ def check_layout(run_dir, expected, inputs, dp, vpp=None):
     real = sum(len(p[f"{key}_input_ids"]) for p in inputs for key in ("chosen", "rejected"))
     for name in padded + packed:
         got = result[name]
+        ref_c, ref_r, ref_metrics, ref_grads = expected(got) if callable(expected) else expected
         counts = got["num_microbatches"]
         if name.startswith("padded"):
             assert counts == [per_rank // int(name.removeprefix("padded_k"))] * len(counts)
@@ -231,8 +312,12 @@ def check_layout(run_dir, expected, inputs, dp, vpp=None):
         avg = torch.tensor([got["logps"][str(i)]["avg"] for i in range(NUM_PAIRS)])  # [pairs, 2]
         assert torch.allclose(avg[:, 0], ref_c, atol=1e-5, rtol=0), (name, (avg[:, 0] - ref_c).abs().max())
         assert torch.allclose(avg[:, 1], ref_r, atol=1e-5, rtol=0), (name, (avg[:, 1] - ref_r).abs().max())
+        assert sorted(got["metrics"].keys() & {"moe/aux_loss", "moe/load_imbalance"}) == sorted(
+            ref_metrics.keys() & {"moe/aux_loss", "moe/load_imbalance"}), name
         for metric, value in ref_metrics.items():
             assert got["metrics"][metric] == pytest.approx(value, abs=1e-5), (name, metric)
+        if "moe/aux_loss" in ref_metrics:
+            assert got["metrics"]["moe/aux_loss"] == pytest.approx(ref_metrics["moe/aux_loss"], rel=1e-6), name
         assert got["metrics"]["num_pairs"] == NUM_PAIRS
         # Every position of every sequence counted once as real, prompt included; padding only in computed.
         assert got["metrics"]["tokens_real"] == real
@@ -251,6 +336,8 @@ def check_layout(run_dir, expected, inputs, dp, vpp=None):
             for kind in ("sum", "avg"):
                 for a, b in zip(result[name]["logps"][str(i)][kind], base["logps"][str(i)][kind]):
                     assert abs(a - b) <= LOGPS_RTOL * abs(b), (name, i, kind, a, b)
+        if callable(expected):  # each batching's gradient has its own reference
+            continue
         grads = load_file(str(run_dir / f"grads_{name}.safetensors"))
         bad = {n: e for n, e in relative_grad_error(grads, base_grads).items() if not e <= GRAD_RTOL}
         assert not bad, f"{name} vs {padded[-1]}: relative gradient error above {GRAD_RTOL}: {bad}"
@@ -266,8 +353,8 @@ def test_objective_matches_reference(setup, results, expected, tp, pp, dp, sp, v
 @pytest.mark.slow
 @pytest.mark.parametrize("tp,pp,dp,sp,vpp,cp", CP_LAYOUTS, ids=lambda v: str(v))
 def test_objective_matches_reference_under_context_parallelism(setup, results, expected, tp, pp, dp, sp, vpp, cp):
-    check_layout(results / "untied" / layout_name(tp, pp, dp, sp, vpp, cp), expected["untied"], inputs(setup), dp,
-                 vpp)
+    run_dir = results / "untied" / layout_name(*cp_layout(tp, pp, dp, sp, vpp, cp))
+    check_layout(run_dir, expected["untied"], inputs(setup), dp, vpp)
 
 
 @pytest.mark.slow
@@ -287,3 +374,26 @@ def test_model_families_match_reference(setup, results, expected, model, tp, pp,
     sharded over the two TP ranks. Packed, Gemma-2's sliding windows and attention soft-capping apply within
     each sequence of a row."""
     check_layout(results / model / layout_name(tp, pp, dp, sp, vpp), expected[model], inputs(setup), dp, vpp)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", MOE_LAYOUTS, ids=lambda v: layout_name(*v))
+def test_mixture_of_experts_matches_reference(setup, results, expected, layout):
+    """SimPO on a Qwen3-MoE at EP 2 as on the HF model; with the load-balancing loss on (at DP 1, EP 2, EP 2 x
+    PP 2 with the stages' MoE layers gathered, TP 2 + SP x PP 2 with the padding split over the TP ranks of the
+    second stage too) the reference gains the term of the module docstring for the step's own micro-batches,
+    whose logged value and gradients must match, and SimPO's metrics do not move. The term carries most of the
+    routers' gradient, so a wrong weight cannot pass."""
+    _, hfs, pairs = setup
+    tp, pp, dp, sp, vpp, ep, aux, etp = layout
+
+    def reference_of(got):
+        return reference(hfs["qwen3_moe"], pairs, got["micro_batches"], aux)
+
+    run_dir = results / "qwen3_moe" / layout_name(*layout)
+    check_layout(run_dir, reference_of if aux else expected["qwen3_moe"], inputs(setup), dp, vpp)
+    if aux:
+        first = next(iter(json.loads((run_dir / "result.json").read_text()).values()))
+        with_term = reference_of(first)[3]
+        routers = {n: e for n, e in relative_grad_error(with_term, expected["qwen3_moe"][3]).items() if ".gate." in n}
+        assert len(routers) == 2 and min(routers.values()) > 0.5, routers

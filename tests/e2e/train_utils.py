@@ -26,6 +26,29 @@ def make_tiny(root: Path) -> Path:
     return make_tiny_checkpoint(root, seed=3, hidden_size=64, intermediate_size=160, num_hidden_layers=4)
 
 
+TINY_MOE = dict(family="qwen3_moe", hidden_size=64, intermediate_size=160, num_layers=4, heads=4, kv_heads=2,
+                head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
+                mlp_only_layers=[0])
+"""A tiny Qwen3-MoE: 8 experts of FFN 48, top-2 renormalised, layer 0 dense (a dense / MoE mix)."""
+
+
+def make_tiny_moe(root: Path, seed: int = 3) -> Path:
+    """:data:`TINY_MOE` with random weights (decisive routers, ``helpers.make_tiny_hf_model``) over the synthetic
+    tokenizer, in ``root/hf``, converted to ``root/mcore``; returns the latter."""
+    from helpers import QUIET, make_tiny_hf_model
+
+    from simpo_mcore.convert.hf_to_mcore import convert_hf_to_mcore
+    from simpo_mcore.data.synthetic import build_tokenizer
+    from simpo_mcore.parallel import ensure_process_group
+
+    tokenizer = build_tokenizer()
+    make_tiny_hf_model(root / "hf", vocab_size=len(tokenizer), seed=seed, **TINY_MOE)
+    tokenizer.save_pretrained(root / "hf")
+    ensure_process_group()
+    convert_hf_to_mcore(root / "hf", root / "mcore", **QUIET)
+    return root / "mcore"
+
+
 def write_config(path: Path, model_ckpt: Path, cache: Path, **sections) -> Path:
     tree = json.loads(json.dumps(TINY_TRAIN))
     tree["model"]["checkpoint"] = str(model_ckpt)

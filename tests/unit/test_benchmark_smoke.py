@@ -147,3 +147,47 @@ def test_sweep_and_plot(bench, tmp_path):
     png = tmp_path / "scaling.png"
     assert plot_scaling.main([str(path), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# The MoE step benchmark at --tiny, by hand: layers 2, hidden 64, q 64, kv 32, head_dim 16, 8 experts of FFN 32,
+# top-2, vocab 1000, 2 sequences x 64 tokens. Per layer: attention h (q + 2 kv) + q h + 2 h + 2 d = 8192 + 4096
+# + 128 + 32 = 12448; MLP a token passes through: router 8 x 64 + 2 x 3 x 64 x 32 = 12800. Per token:
+# 6 x (2 x 25248 + 64 + 64000) + 6 x 2 x 64 x 64 = 687360 + 49152 = 736512; x 128 tokens = 94273536.
+TINY_MOE_FLOP = 94273536
+
+
+@pytest.fixture(scope="module")
+def moe_bench(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench_moe") / "moe.json"
+    cmd = [sys.executable, str(BENCH / "bench_moe.py"), "--tiny", "--steps", "2", "--warmup", "1",
+           "--device", "cpu", "--out", str(out)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    assert proc.stdout.rstrip().endswith(f"wrote {out}")
+    return json.loads(out.read_text())
+
+
+def test_moe_benchmark_smoke(moe_bench):
+    """The MoE benchmark's result at the CPU shape: HF (default and eager experts) and simpo_mcore's
+    SequentialMLP run, the TE variants say why they cannot, the FLOP count is the hand count above."""
+    r = moe_bench
+    assert r["schema"] == 1 and r["measured_on_gpu"] is False and r["env"]["device"] == "cpu"
+    assert (r["seq"], r["pairs"], r["tokens"]) == (64, 1, 128)
+    assert r["model_tflop_per_step"] * 1e12 == pytest.approx(TINY_MOE_FLOP, rel=1e-12)
+    assert (r["arch"]["num_experts"], r["arch"]["num_experts_per_tok"], r["arch"]["model_type"]) == (8, 2, "qwen3_moe")
+    v = r["variants"]
+    assert list(v) == ["hf_sdpa_bf16", "hf_sdpa_bf16_eager_experts", "mcore_sdpa_bf16_sequential",
+                       "mcore_te_bf16_sequential", "mcore_te_bf16_grouped", "hf_sdpa_bf16_again"]
+    for name in ("hf_sdpa_bf16", "hf_sdpa_bf16_eager_experts", "mcore_sdpa_bf16_sequential", "hf_sdpa_bf16_again"):
+        assert v[name]["status"] == "ok", v[name]
+        assert len(v[name]["times_s"]) == 2 and v[name]["grad_norm"] > 0 and v[name]["peak_gib"] is None
+        assert v[name]["tflops"] == pytest.approx(r["model_tflop_per_step"] / v[name]["s_per_step"])
+        assert v[name]["speedup_vs_hf"] == pytest.approx(v["hf_sdpa_bf16"]["s_per_step"] / v[name]["s_per_step"])
+        # SimPO on random weights: chosen and rejected score alike, so close to softplus(beta * gamma/beta).
+        assert v[name]["loss"] == pytest.approx(math.log1p(math.exp(2.0 * 0.5)), abs=0.3)
+    assert v["hf_sdpa_bf16_eager_experts"]["experts"] == "eager"
+    # The same weights through HF's default experts and its eager loop: the same first loss.
+    assert v["hf_sdpa_bf16_eager_experts"]["loss"] == pytest.approx(v["hf_sdpa_bf16"]["loss"], rel=1e-2)
+    for name in ("mcore_te_bf16_sequential", "mcore_te_bf16_grouped"):
+        assert v[name] == {"status": "skipped", "reason": "needs a GPU and Transformer Engine"}

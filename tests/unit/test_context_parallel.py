@@ -180,6 +180,7 @@ def test_a_shared_row_length_pads_the_last_segment():
     (["parallel.cp=2", "parallel.tp=8", "parallel.sequence_parallel=true", "data.max_length=33",
       "data.max_prompt_length=8", "data.pack_tokens=96"], "data.pack_tokens (96) must be at least 128 under "
                                                           "parallel.cp 2"),
+    (["parallel.cp=2", "parallel.ep=2"], "parallel.ep (2) with parallel.cp (2) is not supported yet"),
 ])
 def test_context_parallel_settings_that_cannot_run_name_their_keys(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -209,14 +210,14 @@ def test_a_world_that_cp_does_not_divide_names_the_keys():
 def test_the_model_refuses_what_its_attention_cannot_do_under_cp():
     """megatron's local attention has no CP; TE's CP attention has no score cap and slides windows only when it
     all-gathers or all-to-alls, and the all-to-all exchanges need whole key / value heads per rank."""
-    from simpo_mcore.model.specs import ExtendedTransformerConfig, _check_te_context_parallel, block_spec
+    from simpo_mcore.model.specs import ExtendedTransformerConfig, _check_te_context_parallel, layer_spec
 
     def config(**kw):
         return ExtendedTransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                                          context_parallel_size=2, **kw)
 
     with pytest.raises(ValueError, match="model.spec: local has no context parallelism"):
-        block_spec("local", config())
+        layer_spec("local", config())
     with pytest.raises(ValueError, match="cannot soft-cap attention scores"):
         _check_te_context_parallel(config(attn_logit_softcapping=50.0, cp_comm_type="p2p"))
     with pytest.raises(ValueError, match="only with parallel.cp_comm_type a2a or all_gather"):

@@ -5,7 +5,8 @@ The exported directory is also loaded with ``AutoModelForCausalLM`` and must com
 source model's logits: the config it carries (rope scaling, tying, head_dim, eps, theta; per family
 the window and its layers, biases, q / k norms, Gemma-2's norms, scalar and soft-capping) is the one
 transformers actually reads, not just keys that look right. Every family: Llama, Mistral with its
-sliding window, Qwen2 (biases, tied), Qwen3, Gemma-2.
+sliding window, Qwen2 (biases, tied), Qwen3, Gemma-2, and the mixtures of experts: Mixtral, Qwen3-MoE with
+dense and MoE layers, Qwen2-MoE with its shared expert (per-expert hub tensors in and out).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import torch
 from helpers import (
     FAMILY_MODELS,
     LLAMA31_ROPE,
+    MOE_MODELS,
     QUIET,
     load_hf_model,
     make_tiny_hf_llama,
     make_tiny_hf_model,
+    read_tensors,
 )
 from safetensors import safe_open
 
@@ -33,17 +36,6 @@ from simpo_mcore.convert.mcore_to_hf import convert_mcore_to_hf
 from simpo_mcore.model.hf_config import ModelArch
 
 pytestmark = pytest.mark.usefixtures("world_of_one")
-
-
-def read_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of an HF directory, through the index when there is one."""
-    files = ([SINGLE_FILE] if (hf_dir / SINGLE_FILE).is_file()
-             else sorted(set(json.loads((hf_dir / INDEX_FILE).read_text())["weight_map"].values())))
-    out = {}
-    for name in files:
-        with safe_open(hf_dir / name, framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
@@ -70,6 +62,8 @@ CASES = {
     **{f"fp32_{name}": dict(dtype="float32", **kw) for name, kw in FAMILY_MODELS.items()},
     "bf16_gemma2": dict(dtype="bfloat16", **FAMILY_MODELS["gemma2"]),
     "fp32_qwen2_untied_no_window": dict(dtype="float32", family="qwen2"),
+    **{f"fp32_{name}": dict(dtype="float32", **kw) for name, kw in MOE_MODELS.items()},
+    "bf16_qwen2_moe": dict(dtype="bfloat16", **MOE_MODELS["qwen2_moe"]),
 }
 
 

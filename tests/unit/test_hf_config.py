@@ -264,7 +264,7 @@ def test_legacy_linear_scaling_with_type_key():
     ({**LLAMA3_8B, "mlp_bias": True}, "mlp_bias"),
     ({**LLAMA2_7B, "pretraining_tp": 2}, "pretraining_tp=2"),
     ({**LLAMA3_8B, "model_type": "gemma"}, "'gemma'"),
-    ({**LLAMA3_8B, "model_type": "qwen2_moe"}, "'qwen2_moe'"),
+    ({**LLAMA3_8B, "model_type": "deepseek_v3"}, "'deepseek_v3'"),
     ({**LLAMA3_8B, "num_key_value_heads": 5}, "num_key_value_heads=5"),
     ({**MISTRAL_7B_V01, "sliding_window": 0}, "sliding_window=0"),
     ({**MISTRAL_7B_V01, "attention_bias": True}, "attention_bias"),
@@ -281,7 +281,7 @@ def test_legacy_linear_scaling_with_type_key():
     ({**GEMMA2_9B_IT, "sliding_window": None}, "sliding_window is null"),
 ], ids=["llama_sliding_window", "yarn", "dynamic", "yarn_rope_parameters", "missing_hidden", "missing_vocab",
         "null_layers", "missing_rope_field", "gelu", "attention_bias", "mlp_bias",
-        "pretraining_tp", "model_type_gemma", "model_type_qwen2_moe", "kv_heads", "zero_window",
+        "pretraining_tp", "model_type_gemma", "model_type_deepseek_v3", "kv_heads", "zero_window",
         "mistral_bias", "qwen3_bias", "qwen_layer_type", "qwen_layer_count", "qwen_inconsistent_window",
         "qwen_yarn", "gemma_exact_gelu", "gemma_negative_cap", "gemma_bidirectional", "gemma_bias",
         "gemma_null_window"])
@@ -329,3 +329,125 @@ def test_inv_freq_matches_transformers(scaling, theta, head_dim):
         unscaled = rope_inv_freq(ModelArch.from_hf_dict({**config.to_dict(), "rope_parameters": None,
                                                          "rope_scaling": None, "rope_theta": theta}))
         assert not torch.allclose(ours, unscaled)  # the scaling changes something: not a no-op test
+
+
+# ------------------------------------------------------------------------------------ mixtures of experts
+# Transcribed from the hub's config.json files (no network here to download them).
+
+MIXTRAL_8X7B_INSTRUCT = {  # mistralai/Mixtral-8x7B-Instruct-v0.1
+    "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+    "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+    "max_position_embeddings": 32768, "model_type": "mixtral", "num_attention_heads": 32, "num_experts_per_tok": 2,
+    "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8, "output_router_logits": False,
+    "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.02, "sliding_window": None,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.36.0.dev0",
+    "use_cache": True, "vocab_size": 32000,
+}
+QWEN3_30B_A3B = {  # Qwen/Qwen3-30B-A3B
+    "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144, "max_position_embeddings": 40960,
+    "max_window_layers": 48, "mlp_only_layers": [], "model_type": "qwen3_moe", "moe_intermediate_size": 768,
+    "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8,
+    "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": False, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "sliding_window": None,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 151936,
+}
+QWEN15_MOE_A27B_CHAT = {  # Qwen/Qwen1.5-MoE-A2.7B-Chat (Qwen2MoeForCausalLM): a shared expert, no renormalisation
+    "architectures": ["Qwen2MoeForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "decoder_sparse_step": 1, "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 2048,
+    "initializer_range": 0.02, "intermediate_size": 5632, "max_position_embeddings": 32768, "max_window_layers": 21,
+    "model_type": "qwen2_moe", "moe_intermediate_size": 1408, "norm_topk_prob": False, "num_attention_heads": 16,
+    "num_experts": 60, "num_experts_per_tok": 4, "num_hidden_layers": 24, "num_key_value_heads": 16,
+    "output_router_logits": False, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+    "shared_expert_intermediate_size": 5632, "sliding_window": 32768, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.40.0.dev0", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 151936,
+}
+QWEN3_MOE_MIXED = {  # Qwen3-30B-A3B's fields with dense layers: 0 (mlp_only_layers) and odd ones (sparse step 2)
+    **QWEN3_30B_A3B, "num_hidden_layers": 8, "decoder_sparse_step": 2, "mlp_only_layers": [1],
+}
+MOE_CASES = {"mixtral_8x7b_instruct": MIXTRAL_8X7B_INSTRUCT, "qwen3_30b_a3b": QWEN3_30B_A3B,
+             "qwen15_moe_a27b_chat": QWEN15_MOE_A27B_CHAT, "qwen3_moe_mixed": QWEN3_MOE_MIXED}
+
+
+def hf_moe_layers(hf_config) -> list[bool]:
+    """Which layers transformers builds with experts: its modeling code's own rule (Mixtral: every layer)."""
+    if hf_config.model_type == "mixtral":
+        return [True] * hf_config.num_hidden_layers
+    return [i not in hf_config.mlp_only_layers and (i + 1) % hf_config.decoder_sparse_step == 0
+            for i in range(hf_config.num_hidden_layers)]
+
+
+@pytest.mark.parametrize("name", MOE_CASES)
+def test_moe_configs_read_what_transformers_reads(name):
+    """Experts, top-k, expert FFN, renormalisation, the shared expert and the dense / MoE layers against
+    transformers' reading of the same dict; the export survives the round trip and transformers reads the
+    same model back."""
+    from transformers import AutoConfig
+
+    cfg = MOE_CASES[name]
+    arch = ModelArch.from_hf_dict(copy.deepcopy(cfg))
+    hf = AutoConfig.for_model(**copy.deepcopy(cfg))
+    family = cfg["model_type"]
+    assert arch.model_type == family and arch.is_moe
+    assert arch.num_experts == (hf.num_experts if family == "qwen2_moe" else hf.num_local_experts)
+    assert arch.num_experts_per_tok == hf.num_experts_per_tok
+    assert arch.moe_intermediate_size == (hf.intermediate_size if family == "mixtral" else hf.moe_intermediate_size)
+    assert arch.norm_topk_prob == (True if family == "mixtral" else hf.norm_topk_prob)
+    assert arch.shared_expert_intermediate_size == getattr(hf, "shared_expert_intermediate_size", None)
+    assert list(arch.moe_layers) == hf_moe_layers(hf)
+    assert arch.qkv_bias == (family == "qwen2_moe") and arch.qk_norm == (family == "qwen3_moe")
+    assert arch.head_dim == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
+    assert arch.sliding_window is None and arch.route_weights_fp32 == (family == "mixtral")
+    out = arch.to_hf_dict()
+    assert ModelArch.from_hf_dict(copy.deepcopy(out)) == arch
+    assert out["architectures"] == cfg["architectures"]
+    back = AutoConfig.for_model(**copy.deepcopy(out))
+    assert hf_moe_layers(back) == hf_moe_layers(hf)
+    for key in ("num_experts_per_tok", "hidden_size", "num_hidden_layers"):
+        assert getattr(back, key) == getattr(hf, key), key
+    assert out["router_aux_loss_coef"] == cfg["router_aux_loss_coef"]  # carried along, not modelled
+
+
+def test_moe_layer_patterns_by_hand():
+    """Qwen3-30B-A3B: experts on all 48 layers. The mixed variant: sparse step 2 keeps layers 1, 3, 5, 7,
+    of which mlp_only_layers removes 1. Mixtral: every layer; its top-2 weights renormalised in fp32."""
+    assert ModelArch.from_hf_dict(copy.deepcopy(QWEN3_30B_A3B)).moe_layers == (True,) * 48
+    mixed = ModelArch.from_hf_dict(copy.deepcopy(QWEN3_MOE_MIXED))
+    assert [i for i, moe in enumerate(mixed.moe_layers) if moe] == [3, 5, 7]
+    assert mixed.to_hf_dict()["mlp_only_layers"] == [0, 1, 2, 4, 6]  # the same layers, written plainly
+    mixtral = ModelArch.from_hf_dict(copy.deepcopy(MIXTRAL_8X7B_INSTRUCT))
+    assert (mixtral.num_experts, mixtral.num_experts_per_tok, mixtral.moe_intermediate_size) == (8, 2, 14336)
+    assert mixtral.norm_topk_prob and mixtral.route_weights_fp32
+    qwen2 = ModelArch.from_hf_dict(copy.deepcopy(QWEN15_MOE_A27B_CHAT))
+    assert (qwen2.num_experts, qwen2.num_experts_per_tok, qwen2.shared_expert_intermediate_size) == (60, 4, 5632)
+    assert not qwen2.norm_topk_prob and qwen2.extra["sliding_window"] == 32768  # inert, carried for export
+
+
+def test_transformers5_qwen3_moe_expert_count_alias():
+    """transformers 5 saves Qwen3-MoE's expert count as num_local_experts (an alias of the hub's num_experts)."""
+    cfg = {k: v for k, v in QWEN3_30B_A3B.items() if k != "num_experts"}
+    assert ModelArch.from_hf_dict({**cfg, "num_local_experts": 64}).num_experts == 64
+
+
+@pytest.mark.parametrize("cfg, field", [
+    ({**MIXTRAL_8X7B_INSTRUCT, "router_jitter_noise": 0.1}, "router_jitter_noise=0.1"),
+    ({**MIXTRAL_8X7B_INSTRUCT, "num_experts_per_tok": 9}, "num_experts_per_tok=9"),
+    ({**MIXTRAL_8X7B_INSTRUCT, "num_local_experts": 0}, "num_local_experts=0"),
+    ({**MIXTRAL_8X7B_INSTRUCT, "hidden_act": "gelu"}, "'gelu'"),
+    ({**QWEN3_30B_A3B, "use_sliding_window": True}, "use_sliding_window=true"),
+    ({**QWEN3_30B_A3B, "attention_bias": True}, "attention_bias=True"),
+    ({**QWEN3_30B_A3B, "mlp_only_layers": [48]}, "mlp_only_layers=[48]"),
+    ({**QWEN3_30B_A3B, "decoder_sparse_step": 0}, "decoder_sparse_step=0"),
+    ({**QWEN3_30B_A3B, "moe_intermediate_size": None}, "moe_intermediate_size=None"),
+    ({**QWEN15_MOE_A27B_CHAT, "shared_expert_intermediate_size": 0}, "shared_expert_intermediate_size=0"),
+    ({**QWEN15_MOE_A27B_CHAT, "use_sliding_window": True}, "use_sliding_window=true"),
+], ids=["mixtral_jitter", "topk_over_experts", "zero_experts", "mixtral_gelu", "qwen3_moe_window",
+        "qwen3_moe_bias", "qwen3_moe_dense_layer_out_of_range", "zero_sparse_step", "no_expert_ffn",
+        "qwen2_moe_no_shared_expert", "qwen2_moe_window"])
+def test_unsupported_moe_configs_are_refused_naming_the_field(cfg, field):
+    with pytest.raises(UnsupportedConfigError) as err:
+        ModelArch.from_hf_dict(copy.deepcopy(cfg), source="cfg.json")
+    assert "cfg.json" in str(err.value) and field in str(err.value)

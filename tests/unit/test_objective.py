@@ -7,6 +7,7 @@ mean."""
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,13 +27,14 @@ CPU = torch.device("cpu")
 
 
 class _RecordingModel:
-    def __init__(self):
+    def __init__(self, experts: int | None = None):
         self.calls = []
+        self.config = SimpleNamespace(num_moe_experts=experts)
 
-    def __call__(self, tokens, position_ids, attention_mask, labels, packed_seq_params, output_processor,
-                 output_processor_context):
+    def __call__(self, tokens, position_ids, attention_mask, labels, packed_seq_params, padding_mask,
+                 output_processor, output_processor_context):
         self.calls.append(dict(tokens=tokens, position_ids=position_ids, labels=labels,
-                               context=output_processor_context, packed=packed_seq_params))
+                               context=output_processor_context, packed=packed_seq_params, padding=padding_mask))
         return torch.zeros(labels.shape)
 
 
@@ -40,9 +42,9 @@ def _pair(prompt: int, chosen: int, rejected: int, rng=None) -> dict:
     return random_pair(prompt, chosen, rejected, VOCAB, rng or random.Random(0))
 
 
-def _forward(batch):
+def _forward(batch, experts: int | None = None):
     """One ``forward_step`` call as megatron's schedule makes it: ``(model calls, loss_func)``."""
-    model = _RecordingModel()
+    model = _RecordingModel(experts)
     _, loss = make_forward_step(LossConfig(), HEAD, CPU)(iter([batch]), model)
     return model.calls, loss
 
@@ -76,6 +78,21 @@ def test_padded_pairs_reach_the_model_with_their_targets_and_positions():
     assert call["context"].labels_checked and call["context"].vocab_size == 10 and call["context"].chunk_tokens == 4
     # The labelled targets in the head's flat order (position t of sequence i at t * 2 + i): the head skips the rest.
     assert call["context"].token_index.tolist() == [0, 2, 3, 4, 5]
+
+
+def test_padding_reaches_a_mixture_of_experts_as_its_padding_mask():
+    """megatron's ``padding_mask`` (True = no token of a sequence: the routers leave those positions out of the
+    load-balancing loss and the expert counts) for padded pairs and a packed row's tail; a dense model gets none."""
+    pairs = [{"chosen_input_ids": [1, 3, 4], "chosen_labels": [-100, 3, 4],
+              "rejected_input_ids": [1, 2, 9, 1, 5], "rejected_labels": [-100, -100, 9, 1, 5]}]
+    padded = collate_pairs(pair_columns(pairs), [0], seq_len=6, pad_id=0, vocab_size=VOCAB)
+    packed = collate_packed_row(pair_columns(pairs), [0], 10, pad_id=0, vocab_size=VOCAB)
+    (call,), _ = _forward(padded, experts=4)
+    assert call["padding"].tolist() == [[False] * 3 + [True] * 3, [False] * 5 + [True]]
+    (call,), _ = _forward(packed, experts=4)
+    assert call["padding"].tolist() == [[False] * 8 + [True] * 2]
+    (call,), _ = _forward(packed)
+    assert call["padding"] is None
 
 
 def test_moving_a_micro_batch_moves_its_tensors_once_and_keeps_its_counts():

@@ -6,21 +6,31 @@ Independent of the checkpoint path on purpose: it reads megatron's own partition
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from simpo_mcore.convert import keymap
 
+LOCAL_EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.")
+
+
+def is_expert(param: torch.Tensor) -> bool:
+    """A routed expert's parameter (megatron marks them for the expert data-parallel reduction)."""
+    return not getattr(param, "allreduce", True)
+
 
 def full_tensor(param: torch.Tensor, value: torch.Tensor, name: str) -> torch.Tensor:
-    """All-gather a tensor-parallel shard along its partition dim (fc1: re-interleave gate/up)."""
-    if not getattr(param, "tensor_model_parallel", False) or ps.get_tensor_model_parallel_world_size() == 1:
+    """All-gather a tensor-parallel shard along its partition dim (over the expert tensor-parallel group for a
+    routed expert; fc1: re-interleave gate/up)."""
+    group = ps.get_expert_tensor_parallel_group() if is_expert(param) else ps.get_tensor_model_parallel_group()
+    if not getattr(param, "tensor_model_parallel", False) or group.size() == 1:
         return value.detach().clone()
-    tp = ps.get_tensor_model_parallel_world_size()
-    parts = [torch.empty_like(value) for _ in range(tp)]
-    dist.all_gather(parts, value.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
-    if name.endswith("mlp.linear_fc1.weight"):  # each rank holds [gate_r; up_r]
+    parts = [torch.empty_like(value) for _ in range(group.size())]
+    dist.all_gather(parts, value.detach().contiguous(), group=group)
+    if name.endswith("linear_fc1.weight"):  # each rank holds [gate_r; up_r]
         gates = [p.chunk(2, dim=0)[0] for p in parts]
         ups = [p.chunk(2, dim=0)[1] for p in parts]
         return torch.cat(gates + ups, dim=0)
@@ -29,7 +39,9 @@ def full_tensor(param: torch.Tensor, value: torch.Tensor, name: str) -> torch.Te
 
 def gather_hf_tensors(chunks: list, arch, kind: str = "grad") -> dict[str, torch.Tensor]:
     """``kind``: ``grad`` (``main_grad`` under DDP, else ``.grad``) or ``weight``."""
-    local: dict[str, torch.Tensor] = {}
+    mine: dict[str, torch.Tensor] = {}
+    dense_holder = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    expert_holder = ps.get_expert_tensor_parallel_rank() == 0 and ps.get_expert_data_parallel_rank() == 0
     for chunk in chunks:
         model = getattr(chunk, "module", chunk)
         for name, param in model.named_parameters():
@@ -38,9 +50,10 @@ def gather_hf_tensors(chunks: list, arch, kind: str = "grad") -> dict[str, torch
             else:
                 value = getattr(param, "main_grad", None)
                 value = param.grad if value is None else value
-            local.update(to_hf(model, name, full_tensor(param, value.float(), name).cpu(), arch))
-    # Only one TP rank per stage contributes; stages then meet on rank 0.
-    mine = local if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0 else {}
+            full = full_tensor(param, value.float(), name).cpu()  # collective: on every rank
+            # One rank per stage contributes each tensor (each expert-parallel rank its own experts).
+            if expert_holder if is_expert(param) else dense_holder:
+                mine.update(to_hf(model, name, full, arch))
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     if dist.get_rank() != 0:
@@ -57,9 +70,14 @@ def to_hf(model, name: str, full: torch.Tensor, arch) -> dict[str, torch.Tensor]
     layers numbered globally (``layer_number`` knows the pipeline / virtual-stage offset)."""
     if name.startswith("decoder.layers."):
         _, _, idx, rest = name.split(".", 3)
-        layer = model.decoder.layers[int(idx)].layer_number - 1
-        spec = next(t for t in keymap.layer_tensors(arch) if rest in (t.mcore, _local_norm_name(t.mcore)))
-        return {keymap.hf_layer_key(layer, hf_name): tensor
+        module = model.decoder.layers[int(idx)]
+        layer, expert = module.layer_number - 1, None
+        if local := LOCAL_EXPERT.match(rest):  # this rank's j-th expert: global ep_rank x local count + j
+            experts = module.mlp.experts
+            expert = experts.ep_group.rank() * experts.num_local_experts + int(local.group(1))
+            rest = "mlp.experts.experts." + rest[local.end():]
+        spec = next(t for t in keymap.layer_tensors(arch, layer) if rest in (t.mcore, _local_norm_name(t.mcore)))
+        return {keymap.hf_layer_key(layer, hf_name.format(e=expert)): tensor
                 for hf_name, tensor in zip(spec.hf, keymap.unpack(full, spec.packing, arch))}
     if name == keymap.EMBEDDING[0]:
         return {keymap.EMBEDDING[1]: full[: arch.vocab_size]}

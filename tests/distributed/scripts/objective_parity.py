@@ -2,14 +2,17 @@
 what it saw.
 
 argv: pairs.json out_root MODEL [MODEL ...], MODEL = "name=hf_dir=ckpt_dir=LAYOUT[/LAYOUT...]" and
-LAYOUT = "tp,pp,sp[,vpp[,cp]]" (vpp 0: none; DP is what the world leaves; the process groups are rebuilt for
-each layout, so one launch covers several models and layouts). For each model, layout and way of batching the
-step (``padded_k<k>``: micro-batches of k pairs padded to the step's longest sequence; ``packed_<capacity>``: the
-global batch packed into rows of at most ``capacity`` positions and split over the data-parallel ranks, as
-training does; under context parallelism each micro-batch then split for this rank by the training's own
-functions, ``data.context_parallel``): per-pair average and summed log-probs, the reduced metrics, the micro-batch
-counts, and the gradients of every parameter (gathered and mapped to HF names) after megatron's schedule + DDP
-finalisation, written to ``out_root/<name>/<tp>-<pp>-<dp>-<sp>[-vpp<v>][-cp<c>]/``.
+LAYOUT = "tp,pp,sp[,vpp][,ep:N][,etp:N][,aux:C][,cp:N]" (DP is what the world leaves; ``ep`` / ``etp``: a mixture
+of experts' expert-parallel and expert tensor-parallel sizes, ``aux``: its ``moe_aux_loss_coeff``; ``cp``: the
+context-parallel size; the process groups are rebuilt for each layout, so one launch covers several models and
+layouts). For each model, layout and way of batching the step (``padded_k<k>``: micro-batches of k pairs padded to
+the step's longest sequence; ``packed_<capacity>``: the global batch packed into rows of at most ``capacity``
+positions and split over the data-parallel ranks, as training does; under context parallelism each micro-batch
+then split for this rank by the training's own functions, ``data.context_parallel``): per-pair average and summed
+log-probs, the reduced metrics (a mixture of experts' too), the micro-batch counts, each data-parallel rank's
+micro-batches (their pairs), and the gradients of every parameter (gathered and mapped to HF names) after
+megatron's schedule + DDP finalisation, written to
+``out_root/<name>/<tp>-<pp>-<dp>-<sp>[-vpp<v>][-ep<N>][-etp<N>][-aux<C>][-cp<c>]/``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,13 @@ from simpo_mcore.data.padded import collate_pairs
 from simpo_mcore.logprobs import TokenLogpsContext
 from simpo_mcore.microbatch import LossScale, MicroBatch
 from simpo_mcore.model.builder import ModelOptions, build_model
-from simpo_mcore.objective import batch_sequence_logps, make_forward_step, reduce_reports, run_schedule
+from simpo_mcore.objective import (
+    batch_sequence_logps,
+    make_forward_step,
+    reduce_moe_stats,
+    reduce_reports,
+    run_schedule,
+)
 from simpo_mcore.optim import wrap_ddp
 from simpo_mcore.parallel import init_distributed, shutdown
 
@@ -83,26 +92,36 @@ def batchings(pairs: list[dict], dp: int, pp: int, vpp: int | None, split: int) 
     return [(f"padded_k{k}", k) for k in padded] + [(f"packed_{c}", c) for c in (max(sizes), sum(sizes))]
 
 
+def parse_layout(spec: str) -> dict:
+    """``"tp,pp,sp[,vpp][,ep:N][,etp:N][,aux:C][,cp:N]"`` -> keyword arguments of :func:`run_layout`."""
+    tp, pp, sp, *rest = spec.split(",")
+    named = dict(item.split(":") for item in rest if ":" in item)
+    vpp = [int(item) for item in rest if ":" not in item]
+    return dict(tp=int(tp), pp=int(pp), sp=bool(int(sp)), vpp=vpp[0] if vpp else None, ep=int(named.get("ep", 1)),
+                etp=int(named["etp"]) if "etp" in named else None, aux=float(named.get("aux", 0.0)),
+                cp=int(named.get("cp", 1)))
+
+
 def main():
     pairs_path, out_root = sys.argv[1:3]
     for model in sys.argv[3:]:
         name, _, ckpt_dir, layouts = model.split("=")
         for spec in layouts.split("/"):
-            values = [int(x) for x in spec.split(",")]
-            tp, pp, sp, vpp, cp = values + [0, 1][len(values) - 3:]  # vpp and cp optional
-            run_layout(ckpt_dir, pairs_path, Path(out_root) / name, tp, pp, bool(sp), vpp or None, cp)
+            run_layout(ckpt_dir, pairs_path, Path(out_root) / name, **parse_layout(spec))
     shutdown()
 
 
-def run_layout(ckpt_dir, pairs_path, out_root, tp, pp, sp, vpp, cp):
-    layout = init_distributed(ParallelConfig(tp=tp, pp=pp, vpp=vpp, cp=cp, sequence_parallel=sp, device="cpu"),
-                              seed=0)
+def run_layout(ckpt_dir, pairs_path, out_root, tp, pp, sp, vpp, ep, etp, aux, cp):
+    parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp, cp=cp, sequence_parallel=sp, ep=ep, etp=etp, device="cpu")
+    layout = init_distributed(parallel, seed=0)
     out_dir = Path(out_root) / (f"{tp}-{pp}-{layout.dp}-{int(sp)}" + (f"-vpp{vpp}" if vpp else "")
-                                + (f"-cp{cp}" if cp > 1 else ""))
+                                + (f"-ep{ep}" if ep > 1 else "") + (f"-etp{etp}" if etp else "")
+                                + (f"-aux{aux:g}" if aux else "") + (f"-cp{cp}" if cp > 1 else ""))
     if layout.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
     arch = CheckpointMeta.read(ckpt_dir).arch
-    chunks = build_model(arch, ModelOptions(tp=tp, pp=pp, vpp=vpp, cp=cp, sequence_parallel=sp))
+    chunks = build_model(arch, ModelOptions(tp=tp, pp=pp, vpp=vpp, cp=cp, sequence_parallel=sp, ep=ep, etp=etp,
+                                            moe_aux_loss_coeff=aux))
     load_model_weights(chunks, ckpt_dir)
     ddp = wrap_ddp(chunks, distributed_optimizer=False, cpu=True)
     from megatron.core.distributed import finalize_model_grads
@@ -151,21 +170,24 @@ def run_layout(ckpt_dir, pairs_path, out_root, tp, pp, sp, vpp, cp):
         for c in ddp:
             c.zero_grad_buffer()
         reports = run_schedule(ddp, forward_step, batches, forward_only=False)
-        metrics = reduce_reports(reports, LOSS.sft_weight, layout.device)
+        metrics = reduce_reports(reports, LOSS.sft_weight, layout.device) | reduce_moe_stats(ddp, scale, layout.device)
         grads = gather_hf_tensors(ddp, arch, "grad")
         all_seen = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(all_seen, seen if layout.tp_rank == layout.cp_rank == 0 else [])
+        torch.distributed.all_gather_object(all_seen, (layout.dp_rank, seen if layout.tp_rank == layout.cp_rank == 0
+                                                       else []))
         counts = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(counts, len(batches))
         if layout.rank == 0:
             logps = {}
-            for part in all_seen:
+            micro_batches = [[] for _ in range(layout.dp)]  # each data-parallel rank's, as lists of pairs
+            for dp_rank, part in all_seen:
                 for idx, sums, avgs in part:
                     k = len(idx)
+                    micro_batches[dp_rank].append(idx)
                     for j, i in enumerate(idx):
                         logps[i] = {"sum": (sums[j], sums[k + j]), "avg": (avgs[j], avgs[k + j])}
             results[name] = {"metrics": metrics, "logps": {str(i): v for i, v in sorted(logps.items())},
-                             "num_microbatches": counts}
+                             "num_microbatches": counts, "micro_batches": micro_batches}
             save_file({n: t.contiguous() for n, t in grads.items()}, str(Path(out_dir) / f"grads_{name}.safetensors"))
     if layout.rank == 0:
         (out_dir / "result.json").write_text(json.dumps(results))
