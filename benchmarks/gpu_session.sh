@@ -18,12 +18,14 @@
 #      HF against simpo_mcore, TE grouped GEMM against SequentialMLP (moe.json; not yet measured on a GPU)
 #   2. simpo-train on the embedded tiny job, TE bf16 and TE FP8 (metrics_*.jsonl): a short run per precision
 #   3. tests/gpu: logits of the TE / SDPA specs in fp32, bf16 and FP8 against HF; Triton head kernels vs torch;
-#      host syncs in a training step
+#      host syncs in a training step; the context-parallel code path at CP 1 against the plain one (one GPU) and
+#      TE's CP attention at CP 2 against CP 1 (on a machine with 2 GPUs or more; skipped on one)
 #   4. an external HF baseline script (if carried as .whl/gpu_baseline.py and time is left): the HF baseline
 #      the targets were set with, on this same card
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 BUDGET=${BUDGET:-480}
+ONLY=${ONLY:-}  # phase names to run, space-separated (e.g. ONLY=gpu-tests on a 2-GPU machine for the CP check)
 START=$(date +%s)
 mkdir -p "$OUT"
 LOG="$OUT/session.log"
@@ -32,6 +34,7 @@ exec > >(tee -a "$LOG") 2>&1
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 phase() {  # phase NAME MAX_SECONDS COMMAND...: run with min(MAX, time left) seconds, never fail the script
     local name=$1 max=$2; shift 2
+    if [[ -n "$ONLY" && " $ONLY " != *" $name "* ]]; then echo "=== $name: not in ONLY"; return 1; fi
     local limit; limit=$(left); (( limit > max )) && limit=$max
     if (( limit < 20 )); then echo "=== $name: skipped, ${limit}s left"; return 1; fi
     echo "=== $name (limit ${limit}s, $(( $(date +%s) - START ))s elapsed)"
@@ -76,7 +79,7 @@ for precision in bf16 fp8; do
     cp "/tmp/tiny_$precision/metrics.jsonl" "$OUT/metrics_$precision.jsonl" 2>/dev/null
 done
 
-SIMPO_MCORE_GPU_REPORT=$OUT/gpu_checks.json phase gpu-tests 100 \
+SIMPO_MCORE_GPU_REPORT=$OUT/gpu_checks.json phase gpu-tests 160 \
     python3 -m pytest -q -p no:cacheprovider -rA tests/gpu
 
 if [[ -f .whl/gpu_baseline.py ]]; then

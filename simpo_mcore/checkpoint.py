@@ -104,9 +104,10 @@ def _restore_rng_tensors(state: dict[str, torch.Tensor]) -> None:
 
 
 def _rng_sharded(layout, present: set[str] | None = None) -> dict:
-    """One ``[pp, tp, dp, n]`` tensor per RNG state, this rank's row at its (pp, tp, dp) position. When
-    loading, ``present`` limits them to the states the checkpoint holds (a CUDA state saved on a GPU is
-    skipped on a CPU and vice versa)."""
+    """One ``[pp, tp, dp x cp, n]`` tensor per RNG state, this rank's row at its (pp, tp, dp, cp) position (the
+    context-parallel ranks of a replica side by side: each has streams of its own). When loading, ``present``
+    limits them to the states the checkpoint holds (a CUDA state saved on a GPU is skipped on a CPU and vice
+    versa)."""
     out = {}
     for name, tensor in _rng_tensors().items():
         key = f"{RNG_KEY}.{name}"
@@ -114,7 +115,8 @@ def _rng_sharded(layout, present: set[str] | None = None) -> dict:
             continue
         out[name] = ShardedTensor.from_rank_offsets(
             key, tensor.reshape(1, 1, 1, -1).clone(), (0, layout.pp_rank, layout.pp),  # [1, 1, 1, n]
-            (1, layout.tp_rank, layout.tp), (2, layout.dp_rank, layout.dp), replica_id=0)
+            (1, layout.tp_rank, layout.tp), (2, layout.dp_rank * layout.cp + layout.cp_rank, layout.dp * layout.cp),
+            replica_id=0)
     return out
 
 
@@ -399,7 +401,9 @@ def publish(root: Path, staging: Path, step: int, keep_last: int, not_ours: set[
 
 
 def _layout_info(layout) -> dict:
-    return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "device": layout.device.type}
+    """The layout a checkpoint was saved at (its RNG streams are restored at the same one only)."""
+    cp = {"cp": layout.cp} if layout.cp > 1 else {}  # absent at CP 1, as in checkpoints saved without CP
+    return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, **cp, "device": layout.device.type}
 
 
 def pairs_consumed(path: Path) -> int | None:

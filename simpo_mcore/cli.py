@@ -3,8 +3,8 @@
 all of that form.
 
 Under ``torchrun`` each rank runs the job. Run as one plain process with a config whose layout
-needs several ranks (``parallel.tp x parallel.pp`` > 1, or expert parallelism) and no GPU, the command
-re-launches itself under ``torch.distributed.run`` on the CPU with that many ranks, so the laptop demo is
+needs several ranks (``parallel.tp x parallel.pp x parallel.cp`` > 1, or expert parallelism) and no GPU, the
+command re-launches itself under ``torch.distributed.run`` on the CPU with that many ranks, so the laptop demo is
 one command.
 """
 
@@ -41,9 +41,9 @@ OVERRIDES_HELP = """overrides:
 TRAIN_HELP = ("""Train a model with SimPO (or a DPO baseline) from a YAML run config.
 
 Run one process per rank: under torchrun on GPUs; on a CPU a config that needs several ranks
-(parallel.tp x parallel.pp, or more for parallel.ep) re-launches itself on that many (or --nproc). Writes checkpoints,
-metrics.jsonl, TensorBoard and (with logging.wandb.project) a W&B run into output_dir, and resumes
-from output_dir/checkpoints/latest when it exists. Rank 0 prints one line every train.log_interval
+(parallel.tp x parallel.pp x parallel.cp, or more for parallel.ep) re-launches itself on that many (or --nproc).
+Writes checkpoints, metrics.jsonl, TensorBoard and (with logging.wandb.project) a W&B run into output_dir, and
+resumes from output_dir/checkpoints/latest when it exists. Rank 0 prints one line every train.log_interval
 steps (a progress bar on a terminal) and a summary at the end.""", """examples:
   simpo-train configs/tiny_cpu.yaml                                  # the CPU demo, 2 ranks
   simpo-train configs/tiny_cpu.yaml train.max_steps=20 output_dir=runs/short
@@ -100,15 +100,15 @@ def _parse_quietly(parser: argparse.ArgumentParser, argv: list[str] | None) -> a
 def _parse(prog: str, argv: list[str] | None):
     parser = _parser(prog, TRAIN_HELP if prog == "simpo-train" else EVAL_HELP)
     parser.add_argument("--nproc", type=int, default=None,
-                        help="CPU only, outside torchrun: ranks to launch (default: tp x pp, or pp x lcm(tp, "
-                             "ep x etp) with experts); more adds data-parallel ranks, DP = nproc / (tp x pp), "
+                        help="CPU only, outside torchrun: ranks to launch (default: tp x pp x cp, or pp x lcm(tp, "
+                             "ep x etp) with experts); more adds data-parallel ranks, DP = nproc / (tp x pp x cp), "
                              "which must divide evenly")
     return _parse_quietly(parser, argv)
 
 
 def launch_ranks(cfg, nproc: int | None) -> int:
     """The ranks a command outside torchrun starts on a CPU: ``--nproc``, else the layout's fewest
-    (``ParallelConfig.min_world_size``: ``tp x pp`` for a dense model)."""
+    (``ParallelConfig.min_world_size``: ``tp x pp x cp`` for a dense model)."""
     return nproc or cfg.parallel.min_world_size()
 
 
@@ -230,7 +230,7 @@ def _ranks_text(cfg, nproc: int | None) -> str:
     """``2 CPU ranks (TP 2)``, ``1 process``, under torchrun ``rank 0 of 8 (TP 2, DP 4)``."""
     p = cfg.parallel
     world = int(os.environ.get("WORLD_SIZE", "0")) or launch_ranks(cfg, nproc)
-    sizes = {"TP": p.tp, "PP": p.pp, "VPP": p.vpp or 1, "DP": world // (p.tp * p.pp), "EP": p.ep}
+    sizes = {"TP": p.tp, "PP": p.pp, "VPP": p.vpp or 1, "CP": p.cp, "DP": world // (p.tp * p.pp * p.cp), "EP": p.ep}
     layout = ", ".join(f"{name} {size}" for name, size in sizes.items() if size > 1)
     if "RANK" in os.environ:
         return f"rank 0 of {world}" + (f" ({layout})" if layout else "")

@@ -17,8 +17,9 @@ open it, so for that run ``torch.cuda`` answers as the CPU in this process (the 
 Each redirection below was needed (see ``docs/cpu_mode.md``):
 
 1. a ``TorchFunctionMode`` that rewrites ``device='cuda'`` arguments to the CPU, makes
-   ``Tensor.cuda()`` a no-op, rewrites ``Tensor.to('cuda')``, and makes the no-argument
-   ``Tensor.type()`` answer ``'torch.cuda.*'``;
+   ``Tensor.cuda()`` a no-op, rewrites ``Tensor.to('cuda')``, makes the no-argument
+   ``Tensor.type()`` answer ``'torch.cuda.*'``, and drops ``pin_memory=True`` (megatron's RoPE under
+   context parallelism makes its chunk index that way; pinning needs a GPU driver);
 2. ``torch.cuda.current_device`` -> ``'cpu'`` (gradient buffers);
 3. ``torch.cuda.{get,set}_rng_state`` / ``manual_seed`` -> the CPU generator (a no-op seed leaves
    CPU-initialised weights unseeded, and TP=1 / TP=2 would then disagree);
@@ -62,6 +63,9 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if "device" in kwargs and (_is_cuda(kwargs["device"]) or isinstance(kwargs["device"], int)):
             kwargs["device"] = torch.device("cpu")
+        if kwargs.get("pin_memory"):
+            # Page-locked host memory needs a GPU driver; it only speeds up copies to a device there is not.
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.to:

@@ -32,7 +32,8 @@ Public API:
   logits (forward chunks over tokens, backward over vocabulary rows; see :class:`_FusedTokenLogps`);
 * :func:`token_logps_output_processor` + :class:`TokenLogpsContext`: the ``GPTModel.forward(...,
   output_processor=...)`` hook that returns ``[b, s]`` token log-probs instead of logits;
-* :func:`sequence_logps`: per-sequence ``sum_logps``, ``num_tokens`` and ``avg_logps``;
+* :func:`sequence_logps`: per-sequence ``sum_logps``, ``num_tokens`` and ``avg_logps`` (over the
+  context-parallel group when given one: :func:`reduce_over_context_parallel`);
   :func:`unpack_token_logps` lays a packed row's token log-probs out per sequence first.
 
 Layouts follow megatron: hidden ``[s, b, h]`` (``[s/tp, b, h]`` under sequence parallelism), weight
@@ -52,11 +53,12 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
+    reduce_from_tensor_model_parallel_region,
     vocab_parallel_cross_entropy,
 )
 
 from simpo_mcore import logprobs_kernels as kernels
-from simpo_mcore.microbatch import LABEL_PAD, check_every_sequence_labelled, check_label_values
+from simpo_mcore.microbatch import LABEL_PAD, check_label_values, check_sequence_counts
 
 # Vocabulary slices in the fused backward are a multiple of this many rows: GEMMs on 16-byte aligned
 # leading dimensions pick the fast kernels, and 8 rows cost nothing in memory.
@@ -483,30 +485,57 @@ def unpack_token_logps(token_logps: torch.Tensor, sequence_index: torch.Tensor) 
     return flat[sequence_index]  # [n, L]
 
 
-
-def sequence_logps(token_logps: torch.Tensor, labels: torch.Tensor, check: bool = True
+def sequence_logps(token_logps: torch.Tensor, labels: torch.Tensor, check: bool = True, cp_group=None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(sum_logps [b] fp32, num_tokens [b] int64, avg_logps [b] fp32)`` over the tokens with label != -100.
 
     Raises if a sequence has no such token: the data pipeline guarantees at least one, and 0/0 would
     otherwise be a NaN in the loss (the SimPO reference's failure on empty responses). ``check=False``
     skips that test (a device sync on a GPU) where the labels were checked on the host (a ``MicroBatch``'s
-    targets are, at collation).
+    targets are, at collation: under context parallelism on the whole sequences, before the split, since a rank
+    may hold none of a sequence's targets).
+
+    ``cp_group``: under context parallelism each rank passes its chunks of every sequence
+    (``data.context_parallel``); the sums and counts are then those of the whole sequences, the same on every
+    rank of the group (:func:`reduce_over_context_parallel`), and ``check`` looks at the whole sequences' counts.
     """
     if token_logps.shape != labels.shape:
         raise ValueError(f"token_logps {tuple(token_logps.shape)} and labels {tuple(labels.shape)} differ")
-    if check:
-        check_every_sequence_labelled(labels)
     mask = labels != LABEL_PAD  # [b, s]
     num_tokens = mask.sum(dim=-1)  # [b]
     sum_logps = torch.where(mask, token_logps.float(), 0.0).sum(dim=-1)  # [b]
+    if cp_group is not None and dist.get_world_size(cp_group) > 1:
+        sum_logps, num_tokens = reduce_over_context_parallel(sum_logps, num_tokens, cp_group)
+    if check:
+        check_sequence_counts(num_tokens)
     avg_logps = sum_logps / num_tokens
     return sum_logps, num_tokens, avg_logps
+
+
+def reduce_over_context_parallel(sum_logps: torch.Tensor, num_tokens: torch.Tensor, cp_group
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence ``(sum_logps [b], num_tokens [b])`` of the whole sequences from each CP rank's partial ones:
+    an all-reduce whose backward is the identity for the sums (megatron's ``reduce_from_..._region`` on the CP
+    group), a plain all-reduce for the counts (no gradient).
+
+    Why the identity. Every rank then holds the same loss ``L(S)`` of the sums ``S_i = sum_r s_ir`` (``s_ir``:
+    rank r's partial sum of sequence i). A token t of sequence i on rank r enters ``L`` only through ``s_ir``, a
+    plain sum, so ``dL/d logp_t = dL/dS_i``: what rank r's backward passes to it, unchanged, and each token sits on
+    exactly one rank, so it gets its gradient exactly once (an all-reduce in the backward would give cp times
+    it). Each rank's parameter gradients are its own tokens' part; megatron's DDP sums them over data- and
+    context-parallel ranks together, and its schedule multiplies each loss by cp so that DDP's average over
+    dp x cp ranks stays a mean over the dp replicas.
+    """
+    sum_logps = reduce_from_tensor_model_parallel_region(sum_logps, group=cp_group)  # [b]
+    num_tokens = num_tokens.clone()
+    dist.all_reduce(num_tokens, group=cp_group)  # [b]
+    return sum_logps, num_tokens
 
 
 __all__ = [
     "TokenLogpsContext",
     "fused_token_logps",
+    "reduce_over_context_parallel",
     "sequence_logps",
     "token_logps_output_processor",
     "unpack_token_logps",

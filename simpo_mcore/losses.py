@@ -27,8 +27,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from simpo_mcore.microbatch import LABEL_PAD
-
 
 def _sigmoid_loss(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
     return (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
@@ -93,12 +91,12 @@ def pair_terms(loss_type: str, beta: float, gamma_beta_ratio: float, label_smoot
     raise ValueError(f"unknown loss.type {loss_type!r}")
 
 
-def sft_nll_sum(token_logps_chosen: torch.Tensor, labels_chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed negative log-likelihood and token count over the response tokens of chosen sequences.
+def sft_nll_sum(sum_logps_chosen: torch.Tensor, num_tokens_chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed negative log-likelihood and token count over the response tokens of chosen sequences, from their
+    per-sequence ``sum_logps`` and ``num_tokens`` ``[k]`` (whole sequences under context parallelism).
 
     The SFT term is ``nll_sum / num_tokens`` over the whole batch (a token mean, as the reference's
     ``nn.CrossEntropyLoss()`` over the concatenated chosen logits), so it is returned unreduced
     and normalised once the global token count is known.
     """
-    mask = labels_chosen != LABEL_PAD
-    return -(token_logps_chosen * mask).sum(), mask.sum()
+    return -sum_logps_chosen.sum(), num_tokens_chosen.sum()

@@ -67,6 +67,17 @@ class MicroBatch:
     mixture-of-experts model leave those positions out of the load-balancing loss and the expert counts."""
     ref_sum_logps: torch.Tensor | None = None
     """DPO only: ``[2k]`` float64 summed log-probs of each sequence under the reference model (chosen first)."""
+    cp: int = 1
+    """Context-parallel ranks sharing these sequences (``data/context_parallel.py``). Above 1, the tensors hold this
+    rank's share: its two chunks of every sequence (``tokens``, ``position_ids``, ``targets``, ``token_index``,
+    ``padding_mask``, ``sequence_index``, ``sequence_targets``: the local ``L``), while the counts (``tokens_real``,
+    ``chosen_tokens``), ``row_index``, ``ref_sum_logps`` and a packed row's boundaries are the whole sequences'.
+    The targets were checked on the whole sequences, before the split: a rank may hold none of a sequence's."""
+    cu_seqlens_padded: torch.Tensor | None = None
+    """Packed row under context parallelism: ``[m + 1]`` int32 boundaries of the segments each padded for the
+    split (megatron's ``cu_seqlens_q_padded``, global); ``cu_seqlens`` then holds the real lengths."""
+    padded_seqlens: tuple[int, ...] | None = None
+    """``cu_seqlens_padded``'s segment lengths on the host."""
     filler: bool = False
     """A copy that only tops up a forward-only schedule call to a multiple of PP micro-batches (the interleaved
     pipeline needs one): its report is dropped."""
@@ -77,8 +88,8 @@ class MicroBatch:
 
     @property
     def tokens_computed(self) -> int:
-        """Positions the model runs on (padding included)."""
-        return self.tokens.numel()
+        """Positions the model runs on (padding included), over the context-parallel ranks that share them."""
+        return self.tokens.numel() * self.cp
 
     @property
     def packed(self) -> bool:
@@ -149,7 +160,13 @@ def check_label_values(labels: torch.Tensor, vocab_size: int) -> None:
 
 def check_every_sequence_labelled(labels: torch.Tensor) -> None:
     """A labelled token in every row of ``[b, s]`` labels: a sequence's average log-prob would be 0/0 otherwise."""
-    empty = (labels != LABEL_PAD).sum(dim=-1) == 0  # [b]
+    check_sequence_counts((labels != LABEL_PAD).sum(dim=-1))
+
+
+def check_sequence_counts(num_tokens: torch.Tensor) -> None:
+    """:func:`check_every_sequence_labelled` from the ``[b]`` labelled-token counts (under context parallelism the
+    counts of the whole sequences, which no rank's labels show)."""
+    empty = num_tokens == 0  # [b]
     if bool(empty.any()):
         raise ValueError(f"sequences {torch.nonzero(empty).flatten().tolist()} have no token with a label "
                          f"(all {LABEL_PAD}): the average is undefined")

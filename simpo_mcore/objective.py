@@ -86,7 +86,9 @@ def token_logps_forward(model, batch: MicroBatch, context: TokenLogpsContext) ->
     does not check them again (collation did). A packed row goes through ``GPTModel`` with megatron's
     ``PackedSeqParams`` (``qkv_format="thd"``): attention stays within each sequence and RoPE restarts at each."""
     context = dataclasses.replace(context, labels_checked=True, token_index=batch.token_index)
-    packed = packed_row_params(batch.cu_seqlens, batch.seqlens) if batch.packed else None
+    packed = None
+    if batch.packed:
+        packed = packed_row_params(batch.cu_seqlens, batch.seqlens, batch.cu_seqlens_padded, batch.padded_seqlens)
     # Only the routers of a mixture of experts read it (padding stays out of their loss and counts).
     padding = batch.padding_mask if model.config.num_moe_experts else None
     return model(batch.tokens, batch.position_ids, None, labels=batch.targets, packed_seq_params=packed,
@@ -96,10 +98,20 @@ def token_logps_forward(model, batch: MicroBatch, context: TokenLogpsContext) ->
 
 def sequence_token_logps(batch: MicroBatch, token_logps: torch.Tensor) -> torch.Tensor:
     """``[2k, L]`` token log-probs per sequence (chosen first) from the model's output for ``batch``
-    (``[2k, L]`` already, or a packed row's ``[1, T]``)."""
+    (``[2k, L]`` already, or a packed row's ``[1, T]``); under context parallelism this rank's tokens of each."""
     if batch.sequence_index is None:
         return token_logps
     return unpack_token_logps(token_logps, batch.sequence_index)
+
+
+def batch_sequence_logps(batch: MicroBatch, token_logps: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sum_logps, num_tokens, avg_logps)``, each ``[2k]`` (chosen first), of the whole sequences of ``batch``
+    from the model's output for it (``[2k, L]``, or a packed row's ``[1, T]``): under context parallelism reduced
+    over the CP group, the same on each of its ranks. Collation checked the targets: no check (a device sync)."""
+    cp_group = ps.get_context_parallel_group() if batch.cp > 1 else None
+    return sequence_logps(sequence_token_logps(batch, token_logps), batch.sequence_targets, check=False,
+                          cp_group=cp_group)
 
 
 def make_forward_step(loss_cfg: LossConfig, context: TokenLogpsContext, device: torch.device,
@@ -119,14 +131,13 @@ def loss_func(loss_cfg: LossConfig, scale: LossScale | None, batch: MicroBatch, 
     """``(loss, {"report": [len(REPORT_FIELDS)]})`` of one micro-batch (on the device) from the model's token
     log-probs ``output``; the loss scaled by ``scale`` as the module docstring derives (``None``: the unscaled
     preference sum, for forward-only passes)."""
-    labels = batch.sequence_targets  # [2k, L]
-    token_logps = sequence_token_logps(batch, output)  # [2k, L]
-    sum_logps, num_tokens, avg_logps = sequence_logps(token_logps, labels, check=False)  # each [2k]
+    sum_logps, num_tokens, avg_logps = batch_sequence_logps(batch, output)  # each [2k]
     k = batch.num_pairs
     terms = pair_terms(loss_cfg.type, loss_cfg.beta, loss_cfg.gamma_beta_ratio,
                        loss_cfg.label_smoothing, avg_logps, sum_logps, batch.ref_sum_logps)
     pref_sum = terms.losses.sum()
-    nll_sum, nll_tokens = sft_nll_sum(token_logps[:k], labels[:k])
+    # From the whole chosen sequences' sums: under context parallelism a rank's own tokens are a part of them.
+    nll_sum, nll_tokens = sft_nll_sum(sum_logps[:k], num_tokens[:k])
 
     if scale is not None:
         contribution = pref_sum / scale.global_pairs
@@ -156,7 +167,8 @@ def loss_func(loss_cfg: LossConfig, scale: LossScale | None, batch: MicroBatch, 
 def run_schedule(chunks: list, forward_step, micro_batches: list[MicroBatch], forward_only: bool) -> list[dict]:
     """One pass of megatron's schedule over ``micro_batches`` (of one shape under pipeline parallelism, which
     sends the first one's ``[s, b, h]`` between stages); the last pipeline stage gets the ``loss_func`` reports
-    back, one per micro-batch."""
+    back, one per micro-batch. megatron divides ``seq_length`` by the context-parallel size for those shapes: it
+    is given the length before the split."""
     if not micro_batches:
         return []
     tokens = micro_batches[0].tokens
@@ -166,7 +178,7 @@ def run_schedule(chunks: list, forward_step, micro_batches: list[MicroBatch], fo
         data_iterator=[iter(micro_batches) for _ in chunks] if many else iter(micro_batches),
         model=chunks if many else chunks[0],
         num_microbatches=len(micro_batches),
-        seq_length=tokens.shape[1],
+        seq_length=tokens.shape[1] * micro_batches[0].cp,
         micro_batch_size=tokens.shape[0],
         forward_only=forward_only,
     )

@@ -42,10 +42,14 @@ class Layout:
     tp: int
     pp: int
     dp: int
+    """Data-parallel replicas (context-parallel ranks of one replica read the same micro-batches)."""
     vpp: int | None
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    cp: int = 1
+    """Context-parallel size: the ranks of a replica that share each sequence."""
+    cp_rank: int = 0
     ep: int = 1
     """Expert-parallel size: an MoE layer's experts are split over ``ep`` ranks that are data-parallel
     replicas of the rest of the model (megatron's expert-model-parallel group)."""
@@ -94,9 +98,9 @@ def init_distributed(cfg: ParallelConfig, seed: int) -> Layout:
     elif cuda != (dist.get_backend() == "nccl"):
         raise RuntimeError(f"a {dist.get_backend()} process group exists but device={'cuda' if cuda else 'cpu'}")
     world = dist.get_world_size()
-    if world % (cfg.tp * cfg.pp):
-        raise ConfigError(
-            f"world size {world} is not divisible by parallel.tp x parallel.pp = {cfg.tp} x {cfg.pp}")
+    if world % (cfg.tp * cfg.pp * cfg.cp):
+        raise ConfigError(f"world size {world} is not divisible by parallel.tp x parallel.pp x parallel.cp = "
+                          f"{cfg.tp} x {cfg.pp} x {cfg.cp}")
     etp = cfg.etp or cfg.tp
     if world % (etp * cfg.ep * cfg.pp):
         raise ConfigError(
@@ -112,6 +116,8 @@ def init_distributed(cfg: ParallelConfig, seed: int) -> Layout:
         tensor_model_parallel_size=cfg.tp,
         pipeline_model_parallel_size=cfg.pp,
         virtual_pipeline_model_parallel_size=cfg.vpp,
+        context_parallel_size=cfg.cp,
+        hierarchical_context_parallel_sizes=cp_hierarchy(cfg.cp, cfg.cp_comm_type, cfg.cp_a2a_size),
         expert_model_parallel_size=cfg.ep,
         expert_tensor_parallel_size=etp,
         distributed_timeout_minutes=cfg.timeout_minutes,
@@ -176,6 +182,14 @@ def agreed[T](fn: Callable[[], T], run: bool = True) -> T | None:
     return result
 
 
+def cp_hierarchy(cp: int, comm_type: str, a2a_size: int | None) -> list[int] | None:
+    """megatron's ``hierarchical_context_parallel_sizes`` (inner all-to-all groups, then the p2p ring between
+    them) for Transformer Engine's ``a2a+p2p`` exchange; ``None`` for the others."""
+    if cp == 1 or comm_type != "a2a+p2p":
+        return None
+    return [a2a_size, cp // a2a_size]
+
+
 def current_layout(device: torch.device, vpp: int | None = None) -> Layout:
     """This rank's place in megatron's groups (which must exist), running on ``device``."""
     ps = parallel_state
@@ -190,6 +204,8 @@ def current_layout(device: torch.device, vpp: int | None = None) -> Layout:
         tp_rank=ps.get_tensor_model_parallel_rank(),
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
+        cp=ps.get_context_parallel_world_size(),
+        cp_rank=ps.get_context_parallel_rank(),
         ep=ps.get_expert_model_parallel_world_size(),
         ep_rank=ps.get_expert_model_parallel_rank(),
         etp=ps.get_expert_tensor_parallel_world_size(),

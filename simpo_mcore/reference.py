@@ -21,8 +21,7 @@ from megatron.core import parallel_state as ps
 
 from simpo_mcore.data.collate import REF_COLUMNS
 from simpo_mcore.data.pipeline import TokenizedSplit
-from simpo_mcore.logprobs import sequence_logps
-from simpo_mcore.objective import run_schedule, sequence_token_logps, token_logps_forward
+from simpo_mcore.objective import batch_sequence_logps, run_schedule, token_logps_forward
 from simpo_mcore.parallel import agreed
 from simpo_mcore.runtime import Runtime
 
@@ -59,9 +58,7 @@ def compute_reference_logps(rt: Runtime, split: TokenizedSplit, name: str = "") 
         output = token_logps_forward(model, batch, rt.logps_context)
 
         def loss_func(token_logps):
-            # Collation checked the targets: no check (a device sync) here.
-            sum_logps, _, _ = sequence_logps(sequence_token_logps(batch, token_logps), batch.sequence_targets,
-                                             check=False)
+            sum_logps, _, _ = batch_sequence_logps(batch, token_logps)
             k = batch.num_pairs
             if not batch.filler:  # a filler's rows belong to another micro-batch (or another rank)
                 out[batch.row_index, 0] = sum_logps[:k].double()
@@ -76,8 +73,9 @@ def compute_reference_logps(rt: Runtime, split: TokenizedSplit, name: str = "") 
         run_schedule(rt.chunks, forward_step, group, forward_only=True)
     for c in rt.chunks:
         c.train()
-    # Rows were filled on the last pipeline stage of their data-parallel replica, once per TP rank.
-    if not ps.is_pipeline_last_stage() or ps.get_tensor_model_parallel_rank() != 0:
+    # Rows were filled on the last pipeline stage of their data-parallel replica, once per TP and CP rank.
+    if not ps.is_pipeline_last_stage() or ps.get_tensor_model_parallel_rank() != 0 \
+            or ps.get_context_parallel_rank() != 0:
         out.zero_()
     dist.all_reduce(out)
     return out.cpu().numpy()

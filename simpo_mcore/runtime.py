@@ -58,7 +58,8 @@ class Runtime:
         """How this run's pairs become micro-batches (packed rows or padded pairs, and their lengths)."""
         layout = self.layout
         return BatchLayout.for_run(self.cfg.data, self.pad_id, layout.tp, self.options.sequence_parallel,
-                                   layout.pp, layout.vpp, vocab_size=self.meta.arch.vocab_size)
+                                   layout.pp, layout.vpp, vocab_size=self.meta.arch.vocab_size, cp=layout.cp,
+                                   cp_rank=layout.cp_rank)
 
     def eval_groups(self, split: TokenizedSplit, progress: str | None = None):
         """``split``'s forward-only micro-batch groups for this rank (evaluation, DPO reference pass);
@@ -188,7 +189,8 @@ def build_runtime(cfg: RunConfig, layout: Layout, *, load_weights: bool = True) 
         log.warning(warning)
     check_vocab(tokenizer, tokenizer_source, meta.arch.vocab_size)
     opts = ModelOptions(
-        spec=spec, precision=cfg.train.precision, tp=layout.tp, pp=layout.pp, vpp=layout.vpp,
+        spec=spec, precision=cfg.train.precision, tp=layout.tp, pp=layout.pp, vpp=layout.vpp, cp=layout.cp,
+        cp_comm_type=cfg.parallel.cp_comm_type, cp_a2a_size=cfg.parallel.cp_a2a_size,
         sequence_parallel=cfg.parallel.sequence_parallel,
         make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
         recompute=cfg.model.recompute, recompute_num_layers=cfg.model.recompute_num_layers,
@@ -203,9 +205,10 @@ def build_runtime(cfg: RunConfig, layout: Layout, *, load_weights: bool = True) 
     logps_context = TokenLogpsContext(vocab_size=meta.arch.vocab_size, chunk_tokens=cfg.model.logprob_chunk_tokens,
                                       kernel=cfg.model.logprob_kernel, recompute=cfg.model.logprob_recompute)
     # Said before the build: loading a large model's weights is one of a start-up's slow phases.
-    log.info("model: %d layers, hidden %d, vocab %d%s | spec %s, %s | TP %d PP %d%s DP %d%s%s | %s | head: %s; %s",
+    log.info("model: %d layers, hidden %d, vocab %d%s | spec %s, %s | TP %d PP %d%s%s DP %d%s%s | %s | head: %s; %s",
              meta.arch.num_layers, meta.arch.hidden_size, meta.arch.vocab_size, _describe_experts(meta.arch), spec,
              cfg.train.precision, layout.tp, layout.pp, f" (VPP {layout.vpp})" if layout.vpp else "",
+             f" CP {layout.cp}" if layout.cp > 1 else "",
              layout.dp, " +SP" if opts.sequence_parallel else "", _describe_expert_layout(meta.arch, layout),
              "GPU" if cuda else "CPU (gloo)", _describe_head(logps_context),
              f"building, weights from {ckpt_dir}" if load_weights else "building (weights from the resumed checkpoint)")

@@ -283,7 +283,7 @@ def build_checkpointer(cfg: RunConfig, rt: Runtime, data: TrainData, model: list
 def build_logger(cfg: RunConfig, layout: Layout, data: TrainData, state: TrainState, wandb: WandbRun | None,
                  resumed: bool, started: float) -> MetricsLogger:
     """The metrics sinks and the console, opened by rank 0 (its failure is every rank's error)."""
-    run_info = {"world_size": layout.world_size, "dp": layout.dp, "total_steps": data.total_steps,
+    run_info = {"world_size": layout.world_size, "dp": layout.dp, "cp": layout.cp, "total_steps": data.total_steps,
                 "train_pairs": len(data.train), "eval_pairs": len(data.eval) if data.eval is not None else 0}
     return agreed(lambda: MetricsLogger(
         cfg.output_dir, layout.rank, data.total_steps, state.step, cfg.train.tensorboard, cfg.train.progress_bar,

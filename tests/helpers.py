@@ -380,6 +380,12 @@ def random_pair(prompt: int, chosen: int, rejected: int, vocab: int, rng: random
     return out
 
 
+def random_pairs(shapes, vocab: int, seed: int, low: int = 0) -> list[dict]:
+    """One :func:`random_pair` per ``(prompt, chosen, rejected)`` length of ``shapes``, from one seeded generator."""
+    rng = random.Random(seed)
+    return [random_pair(prompt, chosen, rejected, vocab, rng, low) for prompt, chosen, rejected in shapes]
+
+
 def pair_columns(pairs: list[dict]) -> dict[str, list]:
     """Pairs as the collators take them: column -> one value per pair."""
     return {name: [p[name] for p in pairs] for name in pairs[0]}

@@ -194,6 +194,21 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Shard activations along the sequence between tensor-parallel regions (needs tp > 1)."""
 
+    cp: int = 1
+    """Context-parallel size: every sequence is split over this many ranks (megatron's load-balanced split: 2 x cp
+    chunks, rank r keeping chunks r and 2cp - 1 - r), so that a sequence's activations and attention are shared
+    by cp ranks (docs/context_parallel.md). The world size is a multiple of tp x pp x cp. Not with ``ep`` > 1 nor
+    a mixture-of-experts model yet (not tested)."""
+
+    cp_comm_type: Literal["p2p", "all_gather", "a2a", "a2a+p2p"] = "p2p"
+    """How Transformer Engine's attention exchanges keys and values under ``cp`` > 1 (``model.spec: te``): ``p2p``
+    (a ring, overlapped with compute), ``all_gather``, ``a2a`` (all-to-all of heads, Ulysses style) or ``a2a+p2p``
+    (all-to-all within groups of ``cp_a2a_size`` ranks, p2p between them). The SDPA spec always all-gathers them."""
+
+    cp_a2a_size: int | None = None
+    """With ``cp_comm_type: a2a+p2p``: the ranks of each all-to-all group (a divisor of ``cp`` between 2 and
+    ``cp / 2``, e.g. the CP ranks within one node). Unset otherwise."""
+
     ep: int = 1
     """Expert-parallel size (mixture-of-experts models): each MoE layer's experts are split over this many
     ranks inside the data-parallel group, as megatron does. Must divide the experts, and ``ep x etp`` the ranks
@@ -212,9 +227,10 @@ class ParallelConfig:
     """Collective timeout in minutes, from 1 to 10080 (a week)."""
 
     def min_world_size(self) -> int:
-        """The fewest ranks this layout runs on: each pipeline stage holds whole tensor-parallel groups (``tp``)
-        and whole expert groups (``ep x etp``, inside the data-parallel group), so ``pp x lcm(tp, ep x etp)``."""
-        return self.pp * math.lcm(self.tp, self.ep * (self.etp or self.tp))
+        """The fewest ranks this layout runs on: each pipeline stage holds whole tensor- and context-parallel groups
+        (``tp x cp``) and whole expert groups (``ep x etp``, inside the data-parallel group), so
+        ``pp x lcm(tp x cp, ep x etp)``."""
+        return self.pp * math.lcm(self.tp * self.cp, self.ep * (self.etp or self.tp))
 
 
 @dataclass

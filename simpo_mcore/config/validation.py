@@ -99,7 +99,7 @@ def check_loss(loss: LossConfig) -> None:
 
 
 def check_parallel(p: ParallelConfig) -> None:
-    _at_least(p, "parallel", ("tp", "pp", "ep", "timeout_minutes"))
+    _at_least(p, "parallel", ("tp", "pp", "cp", "ep", "timeout_minutes"))
     if p.etp is not None and p.etp < 1:
         raise ConfigError(f"parallel.etp must be >= 1 or null, got {p.etp}")
     if p.timeout_minutes > MAX_TIMEOUT_MINUTES:
@@ -112,6 +112,17 @@ def check_parallel(p: ParallelConfig) -> None:
             raise ConfigError("parallel.vpp needs parallel.pp >= 2")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
+    if p.cp_comm_type == "a2a+p2p":
+        a2a = p.cp_a2a_size
+        if a2a is None or not (2 <= a2a <= p.cp // 2 and p.cp % a2a == 0):
+            raise ConfigError(f"parallel.cp_a2a_size must be a divisor of parallel.cp ({p.cp}) between 2 and "
+                              f"{p.cp // 2} with parallel.cp_comm_type: a2a+p2p, got {a2a}")
+    elif p.cp_a2a_size is not None:
+        raise ConfigError(f"parallel.cp_a2a_size is only used with parallel.cp_comm_type: a2a+p2p "
+                          f"(it is {p.cp_comm_type}); leave it unset")
+    if p.ep > 1 and p.cp > 1:
+        raise ConfigError(f"parallel.ep ({p.ep}) with parallel.cp ({p.cp}) is not supported yet: experts under "
+                          "context parallelism are not tested against CP 1; set one of them to 1")
 
 
 def check_optim(o: OptimConfig) -> None:
@@ -185,5 +196,30 @@ def check_across_sections(cfg: RunConfig) -> None:
     if d.packing and spec == "local":
         raise ConfigError("data.packing needs model.spec te or sdpa (megatron's local attention takes no "
                           "packed rows); set data.packing: false to use model.spec: local")
+    if p.cp > 1 and spec == "local":
+        raise ConfigError("parallel.cp > 1 needs model.spec te or sdpa: megatron's local attention has no context "
+                          "parallelism")
+    if p.cp > 1 and spec == "te" and d.packing and p.cp_comm_type in ("all_gather", "a2a+p2p"):
+        raise ConfigError(f"parallel.cp_comm_type: {p.cp_comm_type} takes no packed rows in Transformer Engine's "
+                          "attention (model.spec: te); use p2p or a2a, or data.packing: false")
+    if p.cp > 1 and d.packing:
+        check_context_parallel_rows(d, p)
     if cfg.train.precision == "fp8" and spec in ("local", "sdpa"):
         raise ConfigError(f"train.precision: fp8 needs the Transformer Engine spec; model.spec is {spec!r}")
+
+
+def check_context_parallel_rows(d: DataConfig, p: ParallelConfig) -> None:
+    """Packed rows under context parallelism: each sequence is padded to a multiple of ``split`` (megatron's 2 x cp
+    chunks, x tp under sequence parallelism) and each row to a multiple of ``row`` (each rank's share a multiple of
+    16); a row of ``pack_tokens`` must stay one, and hold a pair of two ``max_length`` sequences so padded."""
+    split = 2 * p.cp * (p.tp if p.sequence_parallel else 1)
+    row = math.lcm(16 * p.cp, split)
+    if d.pack_tokens % row:
+        raise ConfigError(f"data.pack_tokens ({d.pack_tokens}) must be a multiple of {row} under parallel.cp "
+                          f"{p.cp}: each rank computes 1/{p.cp} of a row, a multiple of 16 positions, and every "
+                          f"sequence is split in multiples of {split}")
+    pair = 2 * (-(-d.max_length // split) * split)
+    if d.pack_tokens < pair:
+        raise ConfigError(f"data.pack_tokens ({d.pack_tokens}) must be at least {pair} under parallel.cp {p.cp}: "
+                          f"a pair of two data.max_length ({d.max_length}) sequences, each padded to a multiple of "
+                          f"{split} for the split")

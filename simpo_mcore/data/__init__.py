@@ -11,6 +11,7 @@
 - :mod:`collate`    what both layouts share; a collated micro-batch leaves ready (``simpo_mcore.microbatch``)
 - :mod:`padded`     pairs -> padded micro-batches ``[2k, S]``
 - :mod:`packing`    pairs -> packed rows ``[1, T]`` of whole pairs (``data.packing``)
+- :mod:`context_parallel` a micro-batch's positions kept by each context-parallel rank (megatron's split)
 - :mod:`pipeline`   tokenised splits and each rank's micro-batches of a step (packed or padded)
 - :mod:`synthetic`  the embedded character tokenizer and learnable preference rows
 - :mod:`preview`    what ``simpo-data`` shows: rendered samples, lengths, padding efficiency

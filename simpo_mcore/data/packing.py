@@ -74,6 +74,12 @@ def step_rows(pair_sizes: Sequence[int], capacity: int, dp: int, rows_multiple: 
     return pack_rows(pair_sizes, capacity, groups=dp, multiple_of=rows_multiple)
 
 
+def pair_positions(lengths: Sequence[int], split_multiple: int = 1) -> int:
+    """Positions a pair of (chosen, rejected) ``lengths`` takes in a packed row: under context parallelism each
+    sequence padded to a multiple of ``split_multiple`` for the split (``context_parallel.cp_multiple``)."""
+    return sum(round_up(n, split_multiple) for n in lengths)
+
+
 def row_length(fills: Sequence[int], multiple: int) -> int:
     """Positions of a row holding ``fills`` tokens at most: rounded up to ``multiple`` (at least one multiple)."""
     return round_up(max(1, max(fills, default=0)), multiple)
@@ -138,13 +144,16 @@ def per_sequence(targets: torch.Tensor, sequence_index: torch.Tensor) -> torch.T
 
 
 def packed_padding(pair_sizes: list[list[int]], capacity: int, dp: int, multiple: int, same_shape: bool,
-                   rows_multiple: int = 1) -> tuple[int, int]:
+                   rows_multiple: int = 1, split_multiple: int = 1) -> tuple[int, int]:
     """``(real tokens, positions computed)`` of one global batch packed as :func:`step_rows` and
-    :func:`collate_packed_row` do: ``pair_sizes`` are its pairs' ``[chosen, rejected]`` lengths."""
-    sizes = [sum(pair) for pair in pair_sizes]
+    :func:`collate_packed_row` do: ``pair_sizes`` are its pairs' ``[chosen, rejected]`` lengths. Under context
+    parallelism (``split_multiple`` > 1) each sequence is padded to a multiple of it for the split, as
+    ``pipeline.BatchLayout.pair_sizes`` packs them."""
+    real = sum(sum(pair) for pair in pair_sizes)
+    sizes = [pair_positions(pair, split_multiple) for pair in pair_sizes]
     slots = 0
     for rank_rows in step_rows(sizes, capacity, dp, rows_multiple):
         fills = [sum(sizes[i] for i in row) for row in rank_rows]
         slots += len(fills) * row_length(fills, multiple) if same_shape else \
             sum(row_length([f], multiple) for f in fills)
-    return sum(sizes), slots
+    return real, slots

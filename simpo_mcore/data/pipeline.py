@@ -21,7 +21,8 @@ import pyarrow.compute as pc
 from simpo_mcore.config import DataConfig, TrainConfig
 from simpo_mcore.config.paths import check_local_data_paths
 from simpo_mcore.data.collate import PAD_TO_MULTIPLE_OF, chosen_response_tokens, sequence_lengths
-from simpo_mcore.data.packing import pack_rows, packed_micro_batches, step_rows
+from simpo_mcore.data.context_parallel import cp_multiple, split_packed_rows, split_padded_pairs
+from simpo_mcore.data.packing import pack_rows, packed_micro_batches, pair_positions, step_rows
 from simpo_mcore.data.padded import padded_micro_batches
 from simpo_mcore.data.preference import PAIR_COLUMNS, DataReport, build_preference_dataset
 from simpo_mcore.data.sampler import PairSampler, eval_micro_batches
@@ -83,9 +84,13 @@ def load_split(cfg: DataConfig, tokenizer, split: str, rank: int, output_dir: st
     return TokenizedSplit(dataset, report)
 
 
-def pad_multiple(tp: int, sequence_parallel: bool) -> int:
-    """Sequence lengths are padded to a multiple of 16 (and of TP under sequence parallelism)."""
-    return math.lcm(PAD_TO_MULTIPLE_OF, tp if sequence_parallel else 1)
+def pad_multiple(tp: int, sequence_parallel: bool, cp: int = 1) -> int:
+    """Sequence lengths (padded pairs) and row lengths (packed) are a multiple of 16 (and of TP under sequence
+    parallelism). Under context parallelism each rank's share is: the whole length a multiple of 16 x cp and of
+    megatron's split multiple (:func:`~simpo_mcore.data.context_parallel.cp_multiple`)."""
+    if cp == 1:
+        return math.lcm(PAD_TO_MULTIPLE_OF, tp if sequence_parallel else 1)
+    return math.lcm(PAD_TO_MULTIPLE_OF * cp, cp_multiple(cp, tp, sequence_parallel))
 
 
 @dataclass(frozen=True)
@@ -107,23 +112,45 @@ class BatchLayout:
     vocab_size: int | None = None
     """The model's vocabulary: collation checks every target against it. Needed to collate; ``None`` where a
     layout only describes shapes (``simpo-data``'s padding estimate)."""
+    cp: int = 1
+    """Context-parallel ranks sharing every sequence: each micro-batch is collated whole, its targets checked, then
+    split for this rank (:mod:`~simpo_mcore.data.context_parallel`)."""
+    cp_rank: int = 0
+    split_multiple: int = 1
+    """Under context parallelism every sequence of a packed row is padded to a multiple of this before the split
+    (:func:`~simpo_mcore.data.context_parallel.cp_multiple`; padded pairs are, through ``multiple``). 1: no split;
+    above 1 at ``cp`` 1, the split's code path leaving each rank everything (what tests compare the plain one to)."""
 
     @classmethod
     def for_run(cls, data: DataConfig, pad_id: int, tp: int, sequence_parallel: bool, pp: int,
-                vpp: int | None, vocab_size: int | None = None) -> BatchLayout:
-        return cls(pad_id, pad_multiple(tp, sequence_parallel), data.pack_tokens if data.packing else None,
-                   same_shape=pp > 1, rows_multiple=pp if vpp else 1, vocab_size=vocab_size)
+                vpp: int | None, vocab_size: int | None = None, cp: int = 1, cp_rank: int = 0) -> BatchLayout:
+        return cls(pad_id, pad_multiple(tp, sequence_parallel, cp), data.pack_tokens if data.packing else None,
+                   same_shape=pp > 1, rows_multiple=pp if vpp else 1, vocab_size=vocab_size, cp=cp, cp_rank=cp_rank,
+                   split_multiple=cp_multiple(cp, tp, sequence_parallel) if cp > 1 else 1)
+
+    def pair_sizes(self, lengths: list[tuple[int, int]]) -> list[int]:
+        """Positions each pair of (chosen, rejected) ``lengths`` takes in a packed row: under context parallelism
+        each sequence padded for the split, so that a row of pairs that fit ``pack_tokens`` still fits."""
+        return [pair_positions(pair, self.split_multiple) for pair in lengths]
 
 
 def collate(dataset: datasets.Dataset, micro: list[list[int]], layout: BatchLayout) -> list[MicroBatch]:
-    """Micro-batches (lists of dataset indices) as ``layout`` lays them out."""
+    """Micro-batches (lists of dataset indices) as ``layout`` lays them out: this rank's share of each under
+    context parallelism (collated and checked whole, then split)."""
     if layout.vocab_size is None:
         raise ValueError("BatchLayout.vocab_size is needed to collate: the targets are checked against it")
-    if layout.pack_tokens is not None:
+    cp, rank, split = layout.cp, layout.cp_rank, layout.split_multiple > 1
+    if layout.pack_tokens is None:
+        batches = padded_micro_batches(dataset, micro, layout.pad_id, layout.vocab_size, layout.multiple,
+                                       same_shape=layout.same_shape)
+        return [split_padded_pairs(batch, cp, rank) for batch in batches] if split else batches
+    if not split:
         return packed_micro_batches(dataset, micro, layout.pad_id, layout.vocab_size, layout.multiple,
                                     layout.same_shape)
-    return padded_micro_batches(dataset, micro, layout.pad_id, layout.vocab_size, layout.multiple,
-                                same_shape=layout.same_shape)
+    # Rows of the pairs alone (no tail): the split pads each sequence, then the row, itself.
+    rows = packed_micro_batches(dataset, micro, layout.pad_id, layout.vocab_size, 1, same_shape=False)
+    return split_packed_rows(rows, cp, rank, layout.split_multiple, layout.multiple, layout.same_shape,
+                             layout.pad_id)
 
 
 class TrainBatches:
@@ -137,7 +164,7 @@ class TrainBatches:
         # Packed, the rank's share of a step comes from packing the whole global batch (data/packing.py).
         self.sampler = PairSampler(len(split), cfg.global_batch_pairs, 1 if packed else cfg.micro_batch_pairs,
                                    dp_rank, dp, cfg.seed)
-        self.pair_tokens = [c + r for c, r in sequence_lengths(self.dataset)] if packed else None
+        self.pair_tokens = layout.pair_sizes(sequence_lengths(self.dataset)) if packed else None
         self.chosen_tokens = chosen_response_tokens(self.dataset)
         """Per pair, its chosen response tokens: every rank sums them over the whole global batch."""
 
@@ -174,11 +201,11 @@ def eval_batch_groups(split: TokenizedSplit, micro_batch_pairs: int, batch_layou
     replicas, which exchange tokens at every MoE layer) every rank runs as many micro-batches as the rank with
     the most, its shard topped up with copies of its last micro-batch (of pair 0 for an empty shard)."""
     dataset = split.dataset
-    lengths = sequence_lengths(dataset) if batch_layout.pack_tokens is not None else None
-    micro = eval_shard_micro_batches(dataset, micro_batch_pairs, batch_layout, layout.dp_rank, layout.dp, lengths)
+    sizes = batch_layout.pair_sizes(sequence_lengths(dataset)) if batch_layout.pack_tokens is not None else None
+    micro = eval_shard_micro_batches(dataset, micro_batch_pairs, batch_layout, layout.dp_rank, layout.dp, sizes)
     real = len(micro)
     if aligned:
-        most = max(len(eval_shard_micro_batches(dataset, micro_batch_pairs, batch_layout, r, layout.dp, lengths))
+        most = max(len(eval_shard_micro_batches(dataset, micro_batch_pairs, batch_layout, r, layout.dp, sizes))
                    for r in range(layout.dp))
         micro += [micro[-1] if micro else [0]] * (most - real)
 
@@ -202,12 +229,12 @@ def eval_batch_groups(split: TokenizedSplit, micro_batch_pairs: int, batch_layou
 
 
 def eval_shard_micro_batches(dataset: datasets.Dataset, micro_batch_pairs: int, batch_layout: BatchLayout,
-                             dp_rank: int, dp: int, lengths: list | None) -> list[list[int]]:
+                             dp_rank: int, dp: int, sizes: list[int] | None) -> list[list[int]]:
     """Data-parallel rank ``dp_rank``'s evaluation micro-batches (lists of dataset indices): its contiguous shard
-    of every pair, in micro-batches of ``micro_batch_pairs`` or, packed (``lengths``: the pairs' sequence
-    lengths), in rows of at most ``pack_tokens``."""
+    of every pair, in micro-batches of ``micro_batch_pairs`` or, packed (``sizes``: the positions each pair takes
+    in a row, :meth:`BatchLayout.pair_sizes`), in rows of at most ``pack_tokens``."""
     if batch_layout.pack_tokens is None:
         return eval_micro_batches(len(dataset), micro_batch_pairs, dp_rank, dp)
     shard = [i for m in eval_micro_batches(len(dataset), 1, dp_rank, dp) for i in m]
-    rows = pack_rows([sum(lengths[i]) for i in shard], batch_layout.pack_tokens)[0] if shard else []
+    rows = pack_rows([sizes[i] for i in shard], batch_layout.pack_tokens)[0] if shard else []
     return [[shard[i] for i in row] for row in rows]

@@ -46,14 +46,18 @@ class BatchShape:
     """The step's micro-batches share one length (pipeline parallelism), else each is as long as it needs."""
     rows_multiple: int = 1
     """Packed rows per rank per step: a multiple of this (PP under the interleaved schedule)."""
+    cp: int = 1
+    """Context-parallel ranks sharing every sequence (``parallel.cp``): each computes 1/cp of every micro-batch."""
+    split_multiple: int = 1
+    """Under context parallelism every packed sequence is padded to a multiple of this for the split."""
 
     @classmethod
     def for_run(cls, cfg: RunConfig, dp: int) -> BatchShape:
         """The batch of a run of ``cfg`` at data-parallel size ``dp``."""
         t, p = cfg.train, cfg.parallel
-        layout = BatchLayout.for_run(cfg.data, 0, p.tp, p.sequence_parallel, p.pp, p.vpp)
+        layout = BatchLayout.for_run(cfg.data, 0, p.tp, p.sequence_parallel, p.pp, p.vpp, cp=p.cp)
         return cls(t.micro_batch_pairs, t.global_batch_pairs, dp, layout.multiple, t.seed, layout.pack_tokens,
-                    layout.same_shape, layout.rows_multiple)
+                    layout.same_shape, layout.rows_multiple, layout.cp, layout.split_multiple)
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ class Preview:
     """Real tokens / token slots over one epoch of steps, on all data-parallel ranks."""
     efficiency_note: str
     """How the efficiency was measured, or why it was not."""
+    per_rank_note: str | None = None
+    """Under context parallelism: the positions each rank computes after the split."""
 
 
 def length_stats(values: list[int]) -> LengthStats:
@@ -107,7 +113,7 @@ def batch_layout(batch: BatchShape) -> Layout:
     multiple = batch.pad_to_multiple_of
     if batch.pack_tokens is not None:
         return lambda step: packed_padding(step[0], batch.pack_tokens, batch.dp, multiple, batch.same_shape,
-                                           batch.rows_multiple)
+                                           batch.rows_multiple, batch.split_multiple)
     return lambda step: step_padding(step, multiple, same_shape=batch.same_shape)
 
 
@@ -128,27 +134,52 @@ def describe_layout(batch: BatchShape, steps: int) -> str:
 def batch_efficiency(lengths: list[tuple[int, int]], steps: Iterable[list[list[int]]],
                      layout: Layout) -> float:
     """The fraction of a batch layout's token slots that hold real tokens over ``steps``;
-    ``layout`` lays out one step (:func:`batch_layout`; :func:`batching.step_padding` for one rank's padded
+    ``layout`` lays out one step (:func:`batch_layout`; :func:`padded.step_padding` for one rank's padded
     micro-batches)."""
+    real, slots = batch_totals(lengths, steps, layout)
+    return real / slots
+
+
+def batch_totals(lengths: list[tuple[int, int]], steps: Iterable[list[list[int]]], layout: Layout) -> tuple[int, int]:
+    """``(real tokens, token slots)`` of a batch layout over ``steps`` (see :func:`batch_efficiency`)."""
     real = slots = 0
     for micro_batches in steps:
         step_real, step_slots = layout([[lengths[i] for i in micro] for micro in micro_batches])
         real, slots = real + step_real, slots + step_slots
-    return real / slots
+    return real, slots
+
+
+def per_rank_note(batch: BatchShape, steps: int, real: int, slots: int, longest: int) -> str:
+    """What each context-parallel rank computes: its share of the epoch's positions per step and of the longest
+    sequence (padded for the split), and its largest packed row."""
+    share = steps * batch.dp * batch.cp  # rank-steps of the epoch
+    split = batch.split_multiple if batch.pack_tokens is not None else batch.pad_to_multiple_of
+    rows = f"; packed rows of at most {batch.pack_tokens // batch.cp} positions" if batch.pack_tokens else ""
+    return (f"parallel.cp {batch.cp}: every sequence padded to a multiple of {split} and split over {batch.cp} "
+            f"ranks; each rank computes "
+            f"{slots / share:.0f} positions per step on average ({real / share:.0f} of them real tokens), the "
+            f"longest sequence ({longest} tokens) {-(-longest // split) * split // batch.cp} positions{rows}")
 
 
 def preview_split(dataset: datasets.Dataset, report: DataReport, batch: BatchShape) -> Preview:
     table = dataset.with_format("arrow")
     columns = {name: table[name].to_pylist() for name in ("prompt_length", "chosen_length", "rejected_length")}
+    lengths = sequence_lengths(dataset)
+    cp_note = None
     try:
         steps = list(epoch_steps(len(dataset), batch))
-        efficiency = batch_efficiency(sequence_lengths(dataset), steps, batch_layout(batch))
+        real, slots = batch_totals(lengths, steps, batch_layout(batch))
+        efficiency = real / slots
     except ValueError as exc:  # fewer pairs than a global batch, sizes that do not divide, a pair too long
         efficiency, note = None, f"not computed: {exc}"
     else:
-        note = describe_layout(batch, len(steps) if batch.pack_tokens is not None else len(steps) // batch.dp)
+        num_steps = len(steps) if batch.pack_tokens is not None else len(steps) // batch.dp
+        note = describe_layout(batch, num_steps)
+        if batch.cp > 1:
+            cp_note = per_rank_note(batch, num_steps, real, slots, max(max(pair) for pair in lengths))
     return Preview(report, len(dataset), *(length_stats(columns[c]) for c in columns),
-                   truncated=sum(table["truncated"].to_pylist()), efficiency=efficiency, efficiency_note=note)
+                   truncated=sum(table["truncated"].to_pylist()), efficiency=efficiency, efficiency_note=note,
+                   per_rank_note=cp_note)
 
 
 def marked_text(tokenizer, ids: list[int], labels: list[int], color: bool) -> str:
@@ -208,6 +239,8 @@ def format_preview(preview: Preview, dataset: datasets.Dataset, tokenizer, *, sa
     else:
         lines.append(f"padding efficiency: {100 * preview.efficiency:.1f}% of the batch's tokens are real "
                      f"({preview.efficiency_note})")
+    if preview.per_rank_note is not None:
+        lines.append(f"context parallelism: {preview.per_rank_note}")
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 from simpo_mcore.model.hf_config import ModelArch
 from simpo_mcore.model.moe import freeze_routers, reduce_experts_over_expert_groups
 from simpo_mcore.model.specs import ExtendedTransformerConfig, block_spec
+from simpo_mcore.parallel import cp_hierarchy
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
@@ -35,6 +36,12 @@ class ModelOptions:
     tp: int = 1
     pp: int = 1
     vpp: int | None = None
+    cp: int = 1
+    """Context-parallel size (the process groups must have been made with it)."""
+    cp_comm_type: str = "p2p"
+    """Transformer Engine's key / value exchange under CP: ``p2p``, ``all_gather``, ``a2a`` or ``a2a+p2p``."""
+    cp_a2a_size: int | None = None
+    """With ``a2a+p2p``: the ranks of each all-to-all group."""
     sequence_parallel: bool = False
     make_vocab_size_divisible_by: int = 128
     recompute: str = "none"
@@ -84,6 +91,13 @@ def window_settings(arch: ModelArch) -> dict:
     return dict(window_size=(arch.sliding_window - 1, 0), window_attn_skip_freq=pattern)
 
 
+def context_parallel_settings(opts: ModelOptions) -> dict:
+    """megatron's ``context_parallel_size``, the ``cp_comm_type`` each layer hands TE's attention (none at CP 1,
+    where megatron checks nothing of it) and the hierarchy of ``a2a+p2p``."""
+    if opts.cp == 1:
+        return dict(context_parallel_size=1)
+    return dict(context_parallel_size=opts.cp, cp_comm_type=opts.cp_comm_type,
+                hierarchical_context_parallel_sizes=cp_hierarchy(opts.cp, opts.cp_comm_type, opts.cp_a2a_size))
 def moe_settings(arch: ModelArch, opts: ModelOptions) -> dict:
     """megatron's MoE fields for ``arch`` (none for a dense model): dropless (no capacity factor), routing by
     :class:`simpo_mcore.model.moe.HFTopKRouter` from the softmax over all experts, the logits in the model's
@@ -152,6 +166,11 @@ def check_moe_layout(arch: ModelArch, opts: ModelOptions) -> None:
         return
     if arch.num_experts % opts.ep:
         raise ValueError(f"parallel.ep={opts.ep} must divide the model's {arch.num_experts} experts")
+    if opts.cp > 1:
+        # megatron runs MoE layers under CP (its load-balancing terms reduce over the TP x CP group), but the
+        # project's router and its metrics have not been checked against CP 1 on split sequences.
+        raise ValueError(f"parallel.cp={opts.cp} with a mixture-of-experts model is not supported yet (not tested "
+                         "against CP 1); set parallel.cp: 1")
     if opts.tp > 1 and not opts.sequence_parallel:
         raise ValueError(f"parallel.tp={opts.tp} with a mixture-of-experts model needs "
                          "parallel.sequence_parallel: true (megatron's MoE layers refuse TP without it in training)")
@@ -203,6 +222,7 @@ def transformer_config(arch: ModelArch, opts: ModelOptions) -> ExtendedTransform
         tensor_model_parallel_size=opts.tp,
         pipeline_model_parallel_size=opts.pp,
         virtual_pipeline_model_parallel_size=opts.vpp,
+        **context_parallel_settings(opts),
         sequence_parallel=opts.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,

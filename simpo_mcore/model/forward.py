@@ -28,16 +28,29 @@ class PackedRow(PackedSeqParams):
     without reading ``cu_seqlens`` back from the device. Transformer Engine reads the base fields only."""
 
     seqlens: tuple[int, ...] = ()
+    padded_seqlens: tuple[int, ...] = ()
+    """With ``cu_seqlens_q_padded``: the padded segment lengths (global, before the context-parallel split)."""
 
 
-def packed_row_params(cu_seqlens: torch.Tensor, seqlens: tuple[int, ...]) -> PackedRow:
+def packed_row_params(cu_seqlens: torch.Tensor, seqlens: tuple[int, ...], cu_seqlens_padded: torch.Tensor | None = None,
+                      padded_seqlens: tuple[int, ...] | None = None) -> PackedRow:
     """``GPTModel.forward(packed_seq_params=...)`` for a row whose segments end at ``cu_seqlens`` ([m + 1] int32,
     from 0 to the row's length, on the model's device) and have the host lengths ``seqlens``: attention stays
     within each segment and RoPE restarts at each (megatron applies it per ``cu_seqlens`` segment; TE's fused
     attention takes them as they are). ``max_seqlen`` comes from the host lengths, so nothing waits for the
-    device."""
-    return PackedRow(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_seqlen_q=max(seqlens),
-                     max_seqlen_kv=max(seqlens), seqlens=tuple(seqlens))
+    device.
+
+    Under context parallelism: ``cu_seqlens_padded`` / ``padded_seqlens``, the boundaries (on the device) and host
+    lengths of the segments padded for the split (``data.context_parallel.PackedSplit``), global; ``cu_seqlens``
+    then holds the real lengths. megatron splits the local row and its RoPE by the padded ones, TE's CP attention
+    reads both, and ``max_seqlen`` is the longest padded segment (RoPE's table must cover every padded position)."""
+    if cu_seqlens_padded is None:
+        return PackedRow(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                         max_seqlen_q=max(seqlens), max_seqlen_kv=max(seqlens), seqlens=tuple(seqlens))
+    return PackedRow(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                     cu_seqlens_q_padded=cu_seqlens_padded, cu_seqlens_kv_padded=cu_seqlens_padded,
+                     max_seqlen_q=max(padded_seqlens), max_seqlen_kv=max(padded_seqlens), seqlens=tuple(seqlens),
+                     padded_seqlens=tuple(padded_seqlens))
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -40,6 +41,8 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
 
+from simpo_mcore.data.context_parallel import chunk_positions
+from simpo_mcore.model.cp_attention import ContextParallelCausalAttention
 from simpo_mcore.model.moe import moe_mlp
 
 SPECS = ("te", "sdpa", "local")
@@ -207,6 +210,16 @@ class SDPAttention(MegatronModule):
     a real 8k-token row of 22 sequences (``benchmarks/bench_varlen_attention.py``, docs/packing.md), and
     torch's ``flex_attention`` has no CPU backward. Windows and soft-capping compose with it: :meth:`_attend`
     sees one sequence at a time, its positions from 0.
+
+    Context parallelism (``config.context_parallel_size`` > 1): this rank holds two chunks of every sequence
+    (:mod:`simpo_mcore.data.context_parallel`: chunks r and 2cp - 1 - r). Keys and values are all-gathered over the
+    CP group (``gather_from_sequence_parallel_region``, whose backward reduce-scatters: each key's gradient sums
+    the contributions of every rank's queries), and the causal mask, the window and the soft-capping are applied
+    on each token's position in its sequence, so a chunk boundary changes nothing. Packed rows are split per
+    sequence (their segments are ``cu_seqlens_q_padded``), each attended as above. Plain causal attention on a CPU
+    makes no mask at all (:mod:`~simpo_mcore.model.cp_attention`: by blocks, merged by their log-sum-exps); a
+    window or soft-capped scores take a ``[s / cp, s]`` mask per sequence. Memory: the whole sequence's keys and
+    values on every rank, as TE's ``all_gather`` exchange holds them.
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
@@ -214,14 +227,18 @@ class SDPAttention(MegatronModule):
                  softmax_scale: float | None = None, cp_comm_type: str | None = None,
                  pg_collection=None, **_):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("SDPAttention does not support context parallelism")
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"SDPAttention supports causal attention only, got {attn_mask_type}")
         if pg_collection is None:
             from megatron.core.process_groups_config import ProcessGroupCollection
 
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            self.cp_group = getattr(pg_collection, "cp", None)
+            if self.cp_group is None or self.cp_group.size() != config.context_parallel_size:
+                raise ValueError(f"context_parallel_size is {config.context_parallel_size} but the attention's "
+                                 "context-parallel group is missing or of another size")
         tp = pg_collection.tp.size()
         self.heads = divide(config.num_attention_heads, tp)
         self.groups = divide(config.num_query_groups, tp)
@@ -243,45 +260,92 @@ class SDPAttention(MegatronModule):
             return self._packed(query, key, value, packed_seq_params)
         s, b = query.shape[0], query.shape[1]
         q = query.permute(1, 2, 0, 3)  # [b, np, s, hn]
-        k = key.permute(1, 2, 0, 3)  # [b, ng, s, hn]
-        v = value.permute(1, 2, 0, 3)  # [b, ng, s, hn]
-        out = self._attend(q, k, v)  # [b, np, s, hn]
+        if self.cp_group is not None:
+            key, value = self._gather_cp(key), self._gather_cp(value)  # [cp * s, b, ng, hn], rank-major
+        k = key.permute(1, 2, 0, 3)  # [b, ng, s (x cp), hn]
+        v = value.permute(1, 2, 0, 3)  # [b, ng, s (x cp), hn]
+        out = self._attend(q, k, v) if self.cp_group is None else self._attend_cp(q, k, v, [(0, s)])  # [b, np, s, hn]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, np * hn]
 
     def _packed(self, query, key, value, params):
         """One packed row: ``[t, heads, hn]`` inputs (megatron drops the batch dimension of ``thd``), each
-        segment of ``cu_seqlens`` attended on its own. Returns ``[t, np * hn]``."""
-        if params.qkv_format != "thd" or params.cu_seqlens_q_padded is not None:
-            raise ValueError("SDPAttention takes packed rows as qkv_format='thd' without padded cu_seqlens")
-        # The host copy when the caller gave one (simpo_mcore.model.forward.PackedRow): no device read.
-        seqlens = getattr(params, "seqlens", None) or (params.cu_seqlens_q[1:] - params.cu_seqlens_q[:-1]).tolist()
-        if sum(seqlens) != query.shape[0]:
-            raise ValueError(f"packed segments cover {sum(seqlens)} positions; the row has {query.shape[0]}")
+        segment attended on its own (the padded segments when the row has them). Returns ``[t, np * hn]``."""
+        if params.qkv_format != "thd":
+            raise ValueError(f"SDPAttention takes packed rows as qkv_format='thd', got {params.qkv_format!r}")
+        seqlens = _host_seqlens(params)
+        cp = 1 if self.cp_group is None else self.cp_group.size()
+        local = [n // cp for n in seqlens]
+        t = query.shape[0]
+        if sum(local) != t:
+            raise ValueError(f"packed segments cover {sum(local)} positions of this rank; its row has {t}")
         q = query.permute(1, 0, 2).unsqueeze(0)  # [1, np, t, hn]
-        k = key.permute(1, 0, 2).unsqueeze(0)  # [1, ng, t, hn]
-        v = value.permute(1, 0, 2).unsqueeze(0)  # [1, ng, t, hn]
-        outs, start = [], 0
-        for n in seqlens:
-            outs.append(self._attend(q[:, :, start:start + n], k[:, :, start:start + n], v[:, :, start:start + n]))
-            start += n
-        out = torch.cat(outs, dim=2)  # [1, np, t, hn]
-        return out[0].permute(1, 0, 2).reshape(query.shape[0], -1)  # [t, np * hn]
+        if cp > 1:
+            key, value = self._gather_cp(key), self._gather_cp(value)  # [cp * t, ng, hn], rank-major
+        k = key.permute(1, 0, 2).unsqueeze(0)  # [1, ng, t (x cp), hn]
+        v = value.permute(1, 0, 2).unsqueeze(0)  # [1, ng, t (x cp), hn]
+        starts = [sum(local[:i]) for i in range(len(local))]
+        if cp > 1:
+            out = self._attend_cp(q, k, v, [(start, m) for start, m in zip(starts, local) if m])  # [1, np, t, hn]
+        else:
+            out = torch.cat([self._attend(q[:, :, a:a + m], k[:, :, a:a + m], v[:, :, a:a + m])
+                             for a, m in zip(starts, local) if m], dim=2)  # [1, np, t, hn]
+        return out[0].permute(1, 0, 2).reshape(t, -1)  # [t, np * hn]
 
-    def _attend(self, q, k, v):
-        """Attention of ``[b, np, s, hn]`` queries over ``[b, ng, s, hn]`` keys / values of the same sequences
-        (positions 0..s-1): causal, within the layer's sliding window, scores soft-capped when the model's are."""
+    def _attend_cp(self, q, k, v, segments: list[tuple[int, int]]) -> torch.Tensor:
+        """Under context parallelism: this rank's ``[b, np, t, hn]`` queries, whose sequences sit at ``segments``
+        (local offset, local length), over the keys and values of every rank's rows ``[b, ng, cp x t, hn]``.
+        Plain causal attention on a CPU runs by blocks with no mask (:mod:`~simpo_mcore.model.cp_attention`); a
+        window or soft-capped scores (or a GPU without TE) take each sequence's mask from the positions."""
+        cp, rank, t = self.cp_group.size(), self.cp_group.rank(), q.shape[2]
         dropout = self.dropout if self.training else 0.0
-        if self.window is None and self.softcap is None:
-            return F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=self.softmax_scale, dropout_p=dropout,
-                enable_gqa=self.heads != self.groups)  # [b, np, s, hn]
-        positions = torch.arange(q.shape[2], device=q.device)
-        visible = visible_keys(positions, positions, self.window)  # [s, s]
+        if self.window is None and self.softcap is None and not dropout and q.device.type == "cpu":
+            return ContextParallelCausalAttention.apply(q, k, v, cp, rank, segments, self.softmax_scale)
+        outs = []
+        for start, m in segments:  # this sequence's keys: m positions at the same offset of every rank's row
+            keys = torch.cat([torch.arange(r * t + start, r * t + start + m) for r in range(cp)]).to(q.device)
+            outs.append(self._attend(q[:, :, start:start + m], k.index_select(2, keys), v.index_select(2, keys),
+                                     *self._cp_positions(m * cp, q.device)))
+        return torch.cat(outs, dim=2)  # [b, np, t, hn]
+
+    def _gather_cp(self, x: torch.Tensor) -> torch.Tensor:
+        """Every CP rank's ``x`` stacked along dim 0 (rank-major); the backward reduce-scatters the gradient."""
+        return gather_from_sequence_parallel_region(x, group=self.cp_group)
+
+    def _cp_positions(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(query positions [length / cp], key positions [length])`` of a sequence of ``length`` under CP: this
+        rank's chunks, and every rank's in the rank-major order of :meth:`_gather_cp`."""
+        cp, rank = self.cp_group.size(), self.cp_group.rank()
+        keys = torch.cat([chunk_positions(length, cp, r) for r in range(cp)])  # [length]
+        return chunk_positions(length, cp, rank).to(device), keys.to(device)
+
+    def _attend(self, q, k, v, q_positions=None, k_positions=None):
+        """Attention of ``[b, np, sq, hn]`` queries over ``[b, ng, sk, hn]`` keys / values of the same sequences:
+        causal, within the layer's sliding window, scores soft-capped when the model's are. Positions in the
+        sequence: ``q_positions [sq]`` and ``k_positions [sk]`` (any order), or ``None`` for both 0..s-1."""
+        dropout = self.dropout if self.training else 0.0
+        if q_positions is None:
+            if self.window is None and self.softcap is None:
+                return F.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, scale=self.softmax_scale, dropout_p=dropout,
+                    enable_gqa=self.heads != self.groups)  # [b, np, s, hn]
+            q_positions = k_positions = torch.arange(q.shape[2], device=q.device)
+        # Never empty: every query sees its own key.
+        visible = visible_keys(q_positions, k_positions, self.window)  # [sq, sk]
         if self.softcap is None:
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=visible, scale=self.softmax_scale, dropout_p=dropout,
-                enable_gqa=self.heads != self.groups)  # [b, np, s, hn]
+                enable_gqa=self.heads != self.groups)  # [b, np, sq, hn]
         return softcapped_attention(q, k, v, visible, self.softmax_scale, self.softcap, dropout)
+
+
+def _host_seqlens(params) -> list[int]:
+    """A packed row's segment lengths (the padded ones when it has them), from the host copy the caller gave
+    (:class:`simpo_mcore.model.forward.PackedRow`) without a device read, else from the device."""
+    if params.cu_seqlens_q_padded is not None:
+        cu = params.cu_seqlens_q_padded
+        return list(getattr(params, "padded_seqlens", ())) or (cu[1:] - cu[:-1]).tolist()
+    cu = params.cu_seqlens_q
+    return list(getattr(params, "seqlens", ())) or (cu[1:] - cu[:-1]).tolist()
 
 
 @functools.cache
@@ -310,14 +374,40 @@ def te_core_attention(config: TransformerConfig) -> type:
     """Transformer Engine's core attention for ``config``: megatron's ``TEDotProductAttention`` (which
     passes ``window_size`` to TE on the layers that slide), and with attention soft-capping a subclass that
     also passes TE ``DotProductAttention(softcap=)``. TE builds without that argument are refused: the
-    cap would be dropped. (Wired as TE documents it; not yet measured on a GPU.)"""
+    cap would be dropped. (Wired as TE documents it; not yet measured on a GPU.)
+
+    Context parallelism needs nothing here: with ``config.context_parallel_size`` > 1 megatron's class hands TE
+    the CP group, its global ranks, a CUDA stream of its own and ``config.cp_comm_type`` (the layer passes it;
+    ``a2a+p2p`` takes megatron's hierarchical CP groups instead), and TE exchanges keys and values itself.
+    (Not yet measured on a GPU.) What TE's CP attention cannot do is refused here, by name: soft-capped scores
+    (its CP functions take no cap) and sliding windows over the ``p2p`` / ``a2a+p2p`` exchanges."""
     from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
+    _check_te_context_parallel(config)
     if getattr(config, "attn_logit_softcapping", None) is None:
         return TEDotProductAttention
     if not te_softcap_available():
         raise ValueError(_NO_TE_SOFTCAP)
     return _softcap_te_attention()
+
+
+def _check_te_context_parallel(config: TransformerConfig) -> None:
+    if config.context_parallel_size == 1:
+        return
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError("model.spec: te cannot soft-cap attention scores (attn_logit_softcapping) under "
+                         "parallel.cp > 1: Transformer Engine's context-parallel attention takes no cap; use "
+                         "model.spec: sdpa")
+    if config.window_size is not None and config.cp_comm_type not in ("a2a", "all_gather"):
+        raise ValueError(f"model.spec: te runs sliding-window attention under parallel.cp > 1 only with "
+                         f"parallel.cp_comm_type a2a or all_gather (Transformer Engine's), not {config.cp_comm_type}")
+    # The all-to-all exchanges give each rank whole heads of the whole sequence.
+    a2a = {"a2a": config.context_parallel_size, "a2a+p2p": (config.hierarchical_context_parallel_sizes or [1])[0]}
+    ranks = a2a.get(config.cp_comm_type, 1)
+    groups = config.num_query_groups // config.tensor_model_parallel_size
+    if groups % ranks:
+        raise ValueError(f"parallel.cp_comm_type: {config.cp_comm_type} spreads heads over {ranks} ranks, but each "
+                         f"tensor-parallel rank holds {groups} key / value heads; use p2p or all_gather")
 
 
 @functools.cache
@@ -362,6 +452,9 @@ def layer_spec(spec: str, config: TransformerConfig, moe: bool = False) -> Modul
 
         if spec == "local" and softcap is not None:
             raise ValueError("model.spec: local has no attention soft-capping (this model needs it); use sdpa")
+        if spec == "local" and config.context_parallel_size > 1:
+            raise ValueError("model.spec: local has no context parallelism (megatron's DotProductAttention refuses "
+                             "parallel.cp > 1); use sdpa or te")
         layer = get_gpt_layer_local_spec(num_experts=experts, normalization="RMSNorm",
                                          qk_layernorm=config.qk_layernorm)
         layer.submodules.input_layernorm = RMSNorm

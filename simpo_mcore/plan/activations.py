@@ -102,23 +102,49 @@ def attention_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb: 
     a, tp = impl.act_bytes, par.tp
     q, kv = shape.q_size / tp, shape.kv_size / tp
     heads = shape.num_attention_heads / tp
-    # RoPE'd queries and keys (new tensors); the values: a view of the QKV output, which stays alive whole.
-    out = a * (q + kv) + a * (q + 2 * kv)
     lse = FP32 * heads
+    if par.cp > 1 and recompute != "selective":  # selective: the recomputed attention's inputs, as at CP 1
+        out, copied = _context_parallel_qkv_bytes(shape, impl, par, mb, q, kv)
+    else:
+        # RoPE'd queries and keys (new tensors); the values: a view of the QKV output, which stays alive whole.
+        out = a * (q + kv) + a * (q + 2 * kv)
+        # The projection saves SDPA's output laid out [s, b, q]: a copy of the per-sequence outputs of a packed
+        # row, and (by analysis) of the GPU kernels' [b, s, heads, hn] output; the CPU kernel's output of padded
+        # rows already has that layout (the same storage).
+        copied = mb.packed or impl.cuda
     if impl.spec == "te":
         # flash / cuDNN attention saves its output, which the output projection saves too (one storage).
         out += a * q + (0 if recompute == "selective" else lse) + (q if impl.fp8 else 0)
     else:
-        # SDPA saves its output and log-sum-exp; the projection saves the output laid out [s, b, q]: a copy of
-        # the per-sequence outputs of a packed row, and (by analysis) of the GPU kernels' [b, s, heads, hn]
-        # output; the CPU kernel's output of padded rows already has that layout (the same storage).
-        copied = mb.packed or impl.cuda
+        # SDPA saves its output and log-sum-exp, and the projection its input (see ``copied``).
         out += a * q + (0 if recompute == "selective" else lse + (a * q if copied else 0))
         # unfused RoPE: cos and sin for queries and keys, per position (shared by the rows of a padded batch)
         out += 4 * shape.head_dim * a / mb.rows
     if shape.qk_norm:
         out += _qk_norm_bytes(shape, impl, q + kv, (shape.num_attention_heads + shape.num_query_groups) / tp)
     return out
+
+
+def _context_parallel_qkv_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb: MicroBatchShape,
+                                q: float, kv: float) -> tuple[float, bool]:
+    """Under context parallelism, per local token: what the attention keeps of the queries, keys and values, and
+    whether the output projection's input is a copy of the attention's output. The RoPE'd queries are saved; the
+    RoPE'd keys and the QKV output are not (no operation keeps a view of them).
+
+    * ``te`` (``cp_comm_type: p2p``): Transformer Engine's ring saves the last key / value block it received, one
+      local block (by analysis of ``AttnFuncWithCPAndKVP2P``; not yet measured on a GPU).
+    * ``sdpa`` on a CPU, plain causal attention (``model/cp_attention.py``): the keys and values gathered from every
+      CP rank (cp local blocks), no mask, the output already laid out for the projection. Checked on CPU ranks.
+    * ``sdpa`` with soft-capped scores, or on a GPU: each sequence's keys and values gathered (the same bytes)
+      and its ``[s / cp, s]`` bool mask (``s`` bytes per local token), the output copied (by analysis). Sliding
+      windows take that path too, and their masks are not counted here, as at CP 1 (the shape has no window)."""
+    a = impl.act_bytes
+    if impl.spec == "te":
+        return a * q + a * 2 * kv, False
+    gathered = a * q + a * 2 * kv * par.cp
+    if not impl.cuda and not shape.attention_softcap:
+        return gathered, False
+    return gathered + (mb.longest or mb.tokens / mb.rows), True
 
 
 def _qk_norm_bytes(shape: ModelShape, impl: Implementation, width: float, heads: float) -> float:
@@ -181,7 +207,8 @@ def head_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb: Micro
                vocab_rows: int) -> float:
     """The final norm and the fused log-prob head: the labelled tokens' hidden states (gathered whole under
     sequence parallelism), their index and targets (int64), log-sum-exp (fp32), two bool masks; with
-    ``model.logprob_recompute: false`` also their logits ``[n, V / tp]``."""
+    ``model.logprob_recompute: false`` also their logits ``[n, V / tp]``. Under CP each rank computes its own
+    chunks' labelled tokens, ``labelled / cp`` on average (the rank holding the prompts' chunks fewer)."""
     n = mb.head_tokens / par.cp
     tokens = mb.tokens / par.cp
     per = impl.act_bytes * shape.hidden_size + 2 * IDS + FP32 + 2
@@ -205,8 +232,11 @@ def chunk_saved_bytes(shape: ModelShape, impl: Implementation, par: Parallel, mb
         out += embedding_bytes(mb, par)
     if recompute == "full" or impl.spec == "te":
         # the RoPE frequencies [positions, 1, 1, hn] fp32, one tensor for all layers: saved by every recomputed
-        # block (an argument of its checkpoint) and by TE's fused RoPE
-        out += (mb.longest or mb.tokens / mb.rows) / par.cp * shape.head_dim * FP32
+        # block (an argument of its checkpoint) and by TE's fused RoPE. Under CP padded rows get this rank's
+        # chunks of the table (megatron's get_pos_emb_on_this_cp_rank); a packed row's table covers its longest
+        # (padded) sequence whole on every rank, each layer picking its rank's positions out of it.
+        longest = mb.longest or mb.tokens / mb.rows
+        out += (longest if mb.packed else longest / par.cp) * shape.head_dim * FP32
     if recompute == "full":
         blocks = -(-len(chunk.layers) // recompute_layers)
         out += blocks * mb.tokens / par.cp * impl.act_bytes * shape.hidden_size / par.shard

@@ -30,6 +30,11 @@ Each layout runs the step padded (micro-batches of k pairs) and packed (rows of 
 split over the data-parallel ranks as training splits them), including the interleaved pipeline (PP 2 x VPP 2);
 the packed step must match the reference too, and the padded step to within fp32 rounding: per-sequence sums
 and averages to 1e-6 relative, gradients to 1e-5.
+
+Under context parallelism (CP 2, and CP 2 x DP 2) every micro-batch is split over the two CP ranks as training
+splits it (every sequence padded for the split, none of these a multiple of 4), the per-sequence sums reduced over
+them: the same reference, the same bounds, with ``LossScale`` as at CP 1 (megatron's schedule multiplies each loss
+by cp, DDP averages over dp x cp ranks).
 """
 
 from __future__ import annotations
@@ -221,24 +226,31 @@ LAYOUTS = [(1, 1, 1, False, None), (2, 1, 1, False, None), (1, 2, 1, False, None
 # The tied model where it differs: the shared weight split over two pipeline stages.
 TIED_LAYOUTS = [(2, 2, 1, False, None), (1, 2, 2, False, None)]
 FAMILY_LAYOUTS = [(2, 1, 1, False, None)]
+def cp_layout(tp, pp, dp, sp, vpp, cp) -> tuple:
+    """A context-parallel layout in the launches' tuple: (tp, pp, dp, sp, vpp, ep, aux, etp, cp)."""
+    return (tp, pp, dp, sp, vpp, 1, 0.0, None, cp)
+
+
 AUX = 0.05
 # The mixture of experts: (tp, pp, dp, sp, vpp, ep, moe_aux_loss_coeff, etp).
 MOE_LAYOUTS = [(1, 1, 2, False, None, 2, 0.0, None), (1, 1, 2, False, None, 2, AUX, None),
                (1, 1, 1, False, None, 1, AUX, None), (1, 2, 2, False, None, 2, AUX, None),
                (2, 2, 1, True, None, 2, AUX, 1)]
-MODEL_LAYOUTS = {"untied": LAYOUTS, "tied": TIED_LAYOUTS, "gemma2": FAMILY_LAYOUTS, "qwen25": FAMILY_LAYOUTS,
-                 "qwen3_moe": MOE_LAYOUTS}
+# (tp, pp, dp, sp, vpp, cp): context parallelism, added to the launches of 2 and 4 ranks.
+CP_LAYOUTS = [(1, 1, 1, False, None, 2), (1, 1, 2, False, None, 2)]
+MODEL_LAYOUTS = {"untied": LAYOUTS + [cp_layout(*x) for x in CP_LAYOUTS], "tied": TIED_LAYOUTS,
+                 "gemma2": FAMILY_LAYOUTS, "qwen25": FAMILY_LAYOUTS, "qwen3_moe": MOE_LAYOUTS}
 
 
-def layout_name(tp, pp, dp, sp, vpp, ep=1, aux=0.0, etp=None) -> str:
+def layout_name(tp, pp, dp, sp, vpp, ep=1, aux=0.0, etp=None, cp=1) -> str:
     return (f"{tp}-{pp}-{dp}-{int(sp)}" + (f"-vpp{vpp}" if vpp else "") + (f"-ep{ep}" if ep > 1 else "")
-            + (f"-etp{etp}" if etp else "") + (f"-aux{aux:g}" if aux else ""))
+            + (f"-etp{etp}" if etp else "") + (f"-aux{aux:g}" if aux else "") + (f"-cp{cp}" if cp > 1 else ""))
 
 
-def launch_spec(tp, pp, dp, sp, vpp, ep=1, aux=0.0, etp=None) -> str:
+def launch_spec(tp, pp, dp, sp, vpp, ep=1, aux=0.0, etp=None, cp=1) -> str:
     """The launch's LAYOUT (``scripts/objective_parity.py``)."""
     return (f"{tp},{pp},{int(sp)}" + (f",{vpp}" if vpp else "") + (f",ep:{ep}" if ep > 1 else "")
-            + (f",etp:{etp}" if etp else "") + (f",aux:{aux:g}" if aux else ""))
+            + (f",etp:{etp}" if etp else "") + (f",aux:{aux:g}" if aux else "") + (f",cp:{cp}" if cp > 1 else ""))
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +262,8 @@ def results(setup, tmp_path_factory):
     for model, layouts in MODEL_LAYOUTS.items():
         for layout in layouts:
             tp, pp, dp = layout[:3]
-            by_world.setdefault(tp * pp * dp, {}).setdefault(model, []).append(launch_spec(*layout))
+            cp = layout[8] if len(layout) > 8 else 1
+            by_world.setdefault(tp * pp * dp * cp, {}).setdefault(model, []).append(launch_spec(*layout))
     for world, models in sorted(by_world.items()):
         specs = [f"{m}={root / m / 'hf'}={root / m / 'mcore'}={'/'.join(layouts)}" for m, layouts in models.items()]
         run_ranks("objective_parity.py", world, root / "pairs.json", out, *specs)
@@ -335,6 +348,13 @@ def check_layout(run_dir, expected, inputs, dp, vpp=None):
 @pytest.mark.parametrize("tp,pp,dp,sp,vpp", LAYOUTS, ids=lambda v: str(v))
 def test_objective_matches_reference(setup, results, expected, tp, pp, dp, sp, vpp):
     check_layout(results / "untied" / layout_name(tp, pp, dp, sp, vpp), expected["untied"], inputs(setup), dp, vpp)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp,dp,sp,vpp,cp", CP_LAYOUTS, ids=lambda v: str(v))
+def test_objective_matches_reference_under_context_parallelism(setup, results, expected, tp, pp, dp, sp, vpp, cp):
+    run_dir = results / "untied" / layout_name(*cp_layout(tp, pp, dp, sp, vpp, cp))
+    check_layout(run_dir, expected["untied"], inputs(setup), dp, vpp)
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ STRAIGHT = {
     "tp2pp2": (4, {"tp": 2, "pp": 2}, {}),
     "pp2vpp2": (2, {"pp": 2, "vpp": 2}, {}),
     "tp1_padded": (1, {}, {"data": {"packing": False}}),
+    "cp2": (2, {"cp": 2}, {}),
     # The tiny Qwen3-MoE (train_utils.TINY_MOE) on 2 ranks: EP 1 (DP 2) and EP 2, which also exports.
     "moe_ep1": (2, {}, MOE_RUN, "moe"),
     "moe_ep2": (2, {"ep": 2}, {**MOE_RUN, "checkpoint": {"export_hf": True}}, "moe"),

@@ -1,4 +1,5 @@
-"""DPO baseline: reference log-probs from the starting weights, loss log 2 at step 1, and it learns."""
+"""DPO baseline: reference log-probs from the starting weights, loss log 2 at step 1, and it learns; at TP 2, and
+at CP 2 the same reference and steps."""
 
 from __future__ import annotations
 
@@ -32,6 +33,21 @@ def test_dpo_starts_at_log2_and_falls(tmp_path, tiny):
     stored = np.load(out / "reference_logps" / "train.npz")
     assert stored["logps"].shape == (256, 2) and np.isfinite(stored["logps"]).all()
     assert json.loads(str(stored["fingerprint"]))["rows"] == 256
+
+    # At CP 2 (every sequence split over two ranks, in the reference pass too): the same reference log-probs and,
+    # step after step, the same run (its first 5 steps of the same 30-step schedule).
+    cp_out = tmp_path / "dpo_cp2"
+    run_ranks("train_entry.py", 2, write_config(
+        tmp_path / "dpo_cp2.yaml", *tiny, **{**sections, "output_dir": str(cp_out), "parallel": {"device": "cpu",
+                                                                                                  "cp": 2},
+                                             "train": {"max_steps": 30, "exit_interval": 5}}))
+    cp_ref = np.load(cp_out / "reference_logps" / "train.npz")["logps"]
+    assert np.allclose(cp_ref, stored["logps"], rtol=1e-5, atol=0), np.abs(cp_ref / stored["logps"] - 1).max()
+    cp_m = read_metrics(cp_out)
+    assert sorted(cp_m) == list(range(1, 6))
+    for step in cp_m:
+        for key in ("loss", "grad_norm", "logps/chosen", "rewards/margins"):
+            assert cp_m[step][key] == pytest.approx(m[step][key], rel=1e-5, abs=1e-6), (step, key)
 
     # The stored reference belongs to this data: changing the tokenisation makes it stale (the resume
     # allows the change, so that the reference's own check is what refuses it).

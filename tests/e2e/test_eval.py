@@ -185,9 +185,10 @@ def test_simpo_eval_same_at_tp1_tp2_vpp_and_equals_hf(tmp_path, model):
 def test_dpo_eval_against_itself_is_log2(tmp_path, model):
     """DPO with the evaluated checkpoint as its own reference: every logit is 0, so the loss is
     -logsigmoid(0) = log 2 and the rewards beta * (sum - ref_sum) are 0; logps/* are the summed
-    log-probs (DPO's), which the stored reference file holds per pair. TP=2 x DP=2: each data-
-    parallel replica scores half the pairs (micro-batches of 3 and 1), each TP rank half the vocabulary."""
-    metrics, out = run_eval(tmp_path, model, "dpo", 4, {"tp": 2},
+    log-probs (DPO's), which the stored reference file holds per pair. CP=2 x DP=2: each data-parallel replica
+    scores half the pairs, each of its two context-parallel ranks half of every sequence (the reference pass and the
+    evaluation both), the per-sequence sums reduced over them."""
+    metrics, out = run_eval(tmp_path, model, "dpo", 4, {"cp": 2},
                             loss={"type": "dpo", "beta": 0.1, "gamma_beta_ratio": 0.0, "sft_weight": 0.0})
     assert metrics["num_pairs"] == KEPT
     assert set(METRICS) <= set(metrics) and "sft_loss" not in metrics

@@ -1,6 +1,7 @@
 """Exact resume: 20 steps straight == 10 steps, stop, resume to 20 (model, optimizer state, schedule position,
-data position and RNG restored), with the distributed optimizer, across layouts and with an
-interleaved pipeline; and an interrupted save never costs the previous checkpoint."""
+data position and RNG restored), with the distributed optimizer, across layouts (TP, and the context-parallel
+size both ways: checkpoints hold no trace of CP) and with an interleaved pipeline; and an interrupted save never
+costs the previous checkpoint."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 
 import pytest
 from helpers import run_ranks
-from train_utils import read_metrics, write_config
+from train_utils import assert_grad_norm_tracks, read_metrics, relative_deviation, write_config
 
 FIELDS = ("loss", "grad_norm", "lr", "rewards/chosen", "rewards/rejected", "rewards/margins",
           "rewards/accuracies", "logps/chosen", "logps/rejected", "sft_loss", "consumed_pairs")
@@ -20,10 +21,10 @@ def train(tmp_path, tiny, name, nproc, out, parallel, env=None, **sections):
     return run_ranks("train_entry.py", nproc, cfg, env=env)
 
 
-def assert_identical(a: dict, b: dict, steps, rel: float = 0.0):
+def assert_identical(a: dict, b: dict, steps, rel: float = 0.0, fields=FIELDS):
     """Bit-identical when ``rel`` is 0; else within ``rel`` relative (1e-6 absolute near zero)."""
     for step in steps:
-        for field in FIELDS:
+        for field in fields:
             x, y = a[step][field], b[step][field]
             assert abs(x - y) <= rel * abs(x) + (1e-6 if rel else 0.0), f"step {step} {field}: {x} vs {y}"
 
@@ -50,6 +51,26 @@ def test_exact_resume(tmp_path, tiny, straight, name):
     resumed = read_metrics(out)
     assert sorted(resumed) == list(range(1, 21))
     assert_identical(straight(ref), resumed, range(11, 21), rel)
+
+
+@pytest.mark.slow
+def test_resume_across_context_parallel_sizes(tmp_path, tiny, straight):
+    """7 steps at CP 1, resumed at CP 2 to step 14, resumed at CP 1 to step 20 (a checkpoint written at each CP
+    size, read at the other; the distributed optimizer's state sharded over both CP ranks at CP 2): the first 7
+    steps identical to the straight CP 1 run, then every field within the resharding tolerance (1e-5, as TP 1 ->
+    2), the gradient norm as ``assert_grad_norm_tracks`` bounds it (DP 2 is 1.1e-5 from DP 1 at step 12)."""
+    out = tmp_path / "run"
+    stops = {"exit_interval": 7}
+    for name, nproc, parallel, last in (("cp1", 1, {}, 7), ("cp2", 2, {"cp": 2}, 14), ("back", 1, {}, 20)):
+        train(tmp_path, tiny, name, nproc, out, parallel, train=stops)
+        assert sorted(read_metrics(out)) == list(range(1, last + 1)), name
+    resumed, base = read_metrics(out), straight("tp1")
+    assert_identical(base, resumed, range(1, 8))
+    assert_identical(base, resumed, range(8, 21), 1e-5, fields=[f for f in FIELDS if f != "grad_norm"])
+    grad = assert_grad_norm_tracks(base, resumed, straight("dp2"), range(8, 21))
+    loss = relative_deviation(base, resumed, "loss")
+    print(f"[cp] resumed CP 1 -> 2 -> 1: largest relative deviation from CP 1: loss {max(loss.values()):.1e}, "
+          f"grad norm {max(grad.values()):.1e} (steps {[s for s in grad if grad[s] > 1e-5]} over 1e-5)")
 
 
 @pytest.mark.slow

@@ -109,6 +109,27 @@ def test_within_the_window_equals_full_attention(s, softcap):
     torch.testing.assert_close(sliding(q, k, v, None), full(q, k, v, None), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("softcap", [None, 1.5], ids=["plain", "softcap"])
+@pytest.mark.parametrize("layer", [1, 2], ids=["sliding", "full"])
+def test_a_context_parallel_rank_attends_from_positions(layer, softcap):
+    """What a CP rank computes: its two chunks of a sequence as queries (rank 1 of 4 keeps chunks 1 and 6 of 8
+    chunks of 3: positions 3-5 and 18-20 of 24), every position as a key in the rank-major order of the
+    all-gather. The mask from the positions (a window of 4 reaching across chunk boundaries, soft-capped scores)
+    must give exactly those rows of the whole sequence's attention."""
+    from simpo_mcore.data.context_parallel import chunk_positions
+
+    cfg = config(softcap=softcap)
+    q, k, v = inputs(s=24, b=1, seed=3)
+    mine = chunk_positions(24, 4, 1)  # [6]: 3, 4, 5, 18, 19, 20
+    keys = torch.cat([chunk_positions(24, 4, r) for r in range(4)])  # [24]: every rank's, rank-major
+    assert mine.tolist() == [3, 4, 5, 18, 19, 20]
+    core = attention(cfg, layer)
+    out = core._attend(q[mine].permute(1, 2, 0, 3), k[keys].permute(1, 2, 0, 3), v[keys].permute(1, 2, 0, 3),
+                       mine, keys)  # [1, np, 6, hn]
+    expected = reference(q, k, v, WINDOW if layer == 1 else None, 1 / math.sqrt(HEAD_DIM), softcap)[mine]
+    assert (out.permute(2, 0, 1, 3).reshape(6, 1, -1).double() - expected).abs().max() < 1e-6
+
+
 def test_every_layer_slides_without_a_pattern():
     """Mistral: window_size set, window_attn_skip_freq None -> every layer slides."""
     cfg = config(window_layers=(1, 1))

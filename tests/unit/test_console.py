@@ -20,7 +20,7 @@ from simpo_mcore.metrics_log import EvalRecord, RunTotals, StepConsole, format_s
 
 HELP_COMMANDS = {  # command line: (its usage line, a phrase of its own description, phrases of its options)
     "simpo-train": ([sys.executable, "-m", "simpo_mcore.cli", "simpo-train"], "usage: simpo-train",
-                    "Train a model with SimPO", ["more adds data-parallel ranks, DP = nproc / (tp x pp)"]),
+                    "Train a model with SimPO", ["more adds data-parallel ranks, DP = nproc / (tp x pp x cp)"]),
     "simpo-eval": ([sys.executable, "-m", "simpo_mcore.cli", "simpo-eval"], "usage: simpo-eval",
                    "Evaluate a checkpoint on a preference split", ["more adds data-parallel ranks"]),
     "simpo-data": ([sys.executable, "-m", "simpo_mcore.cli", "simpo-data"], "usage: simpo-data",

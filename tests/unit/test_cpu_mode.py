@@ -44,6 +44,25 @@ def test_redirect_patches_inside_and_restores_outside():
             torch.zeros(1, device="cuda")
 
 
+def test_pinned_memory_is_plain_memory_inside_the_scope_only():
+    """megatron's RoPE under context parallelism (``get_pos_emb_on_this_cp_rank``) builds its chunk index with
+    ``torch.tensor(..., pin_memory=True).cuda()``: inside the scope that runs (unpinned) and picks the chunks
+    rank r keeps, r and 2cp - 1 - r; outside it pinning still needs a GPU."""
+    from types import SimpleNamespace
+
+    from megatron.core.models.common.embeddings.rope_utils import get_pos_emb_on_this_cp_rank
+
+    emb = torch.arange(8.0).reshape(8, 1, 1, 1)  # [s, 1, 1, d]: position p holds p
+    with cpu_mode.redirect():
+        index = torch.tensor([1, 2], pin_memory=True)
+        assert not index.is_pinned() and index.tolist() == [1, 2]
+        rank1_of_2 = SimpleNamespace(size=lambda: 2, rank=lambda: 1)
+        assert get_pos_emb_on_this_cp_rank(emb, 0, rank1_of_2).flatten().tolist() == [2, 3, 4, 5]
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError):
+            torch.tensor([1, 2], pin_memory=True)
+
+
 def test_redirect_restores_after_an_exception():
     before = originals()
     with pytest.raises(KeyError), cpu_mode.redirect():

@@ -14,7 +14,7 @@ import yaml
 from test_data_formats import build_tokenizer, expected_chat, llama_factory_rows, write_rows
 
 from simpo_mcore.cli import data_main
-from simpo_mcore.config import DataConfig, TrainConfig
+from simpo_mcore.config import DataConfig, ParallelConfig, RunConfig, TrainConfig
 from simpo_mcore.data.padded import padded_micro_batches
 from simpo_mcore.data.pipeline import BatchLayout, TokenizedSplit, TrainBatches
 from simpo_mcore.data.preference import build_preference_dataset
@@ -182,3 +182,33 @@ def test_simpo_data_warns_about_max_length_beyond_the_model(tmp_path, capsys):
     assert "format: h4" in out and "rows: 24 read, 24 kept" in out and "3 steps in the epoch" in out
     assert data_main([cfg, "data.max_length=256", "--samples", "0"]) == 0
     assert "warning" not in capsys.readouterr().out
+
+
+def test_preview_counts_the_split_under_context_parallelism(data):
+    """At ``parallel.cp`` 2 (DP 2), packed and padded: the efficiency counts the padding for the split as the
+    training's collation allocates it (every sequence of a packed row to a multiple of 4, rows and padded lengths
+    to 32), and the per-rank line gives what each CP rank computes per step, on average over the epoch."""
+    _, tok, _, ds, report, _ = data
+    split = TokenizedSplit(ds, report)
+    train = TrainConfig(micro_batch_pairs=2, global_batch_pairs=8, seed=3)
+    steps = len(ds) // 8
+    for packing in (True, False):
+        cfg = RunConfig(data=DataConfig(packing=packing, pack_tokens=2 * MAX_LENGTH), train=train,
+                        parallel=ParallelConfig(cp=2))
+        got = preview_split(ds, report, BatchShape.for_run(cfg, dp=2))
+        real = allocated = local = 0
+        for rank in range(2):
+            layout = BatchLayout.for_run(cfg.data, 0, 1, False, 1, None, len(tok), cp=2, cp_rank=1)
+            for step in range(steps):
+                micro = TrainBatches(train, split, layout, rank, 2).step_batches(step * 8).micro_batches
+                real += sum(b.tokens_real for b in micro)
+                allocated += sum(b.tokens_computed for b in micro)
+                local += sum(b.tokens.numel() for b in micro)
+        assert got.efficiency == pytest.approx(real / allocated, abs=1e-12) and local * 2 == allocated
+        longest = max(max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in ds)
+        text = format_preview(got, ds, tok, samples=0)
+        multiple = 4 if packing else 32
+        assert (f"context parallelism: parallel.cp 2: every sequence padded to a multiple of {multiple} and split over "
+                f"2 ranks; each rank computes "
+                f"{local / (steps * 2):.0f} positions per step on average ({real / (steps * 2 * 2):.0f} of them real "
+                f"tokens), the longest sequence ({longest} tokens) ") in text, text

@@ -267,7 +267,7 @@ def test_head_skips_its_device_check_only_when_told(tp_group, monkeypatch, chunk
             hidden_states=hidden, output_layer=layer, output_weight=None, labels=labels,
             context=TokenLogpsContext(vocab_size=VOCAB, chunk_tokens=chunk_tokens, labels_checked=checked))
         assert len(calls) == 1, checked  # one call from the unchecked run, none from the checked one
-    monkeypatch.setattr(logprobs, "check_every_sequence_labelled", lambda *args: calls.append(args))
+    monkeypatch.setattr(logprobs, "check_sequence_counts", lambda *args: calls.append(args))
     sequence_logps(torch.zeros(B, S), labels, check=False)
     assert len(calls) == 1
     sequence_logps(torch.zeros(B, S), labels)

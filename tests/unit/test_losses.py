@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from simpo_mcore.logprobs import sequence_logps
 from simpo_mcore.losses import dpo_loss, pair_terms, sft_nll_sum, simpo_hinge_loss, simpo_loss
 
 
@@ -76,9 +77,11 @@ def test_pair_terms_layout_and_rewards():
 
 
 def test_sft_nll_is_token_sum_over_response():
-    """Masked (-100) positions contribute nothing; count = unmasked tokens."""
+    """The chosen sequences' summed log-probs and counts (masked positions already left out by
+    ``sequence_logps``) give the NLL summed over every response token and the number of those tokens."""
     token_logps = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.25, -9.0]])
     labels = torch.tensor([[-100, 5, 6], [7, -100, -100]])
-    nll, n = sft_nll_sum(token_logps, labels)
+    sum_logps, num_tokens, _ = sequence_logps(token_logps, labels)
+    nll, n = sft_nll_sum(sum_logps, num_tokens)
     assert nll.item() == pytest.approx(2.0 + 3.0 + 0.5)
     assert n.item() == 3

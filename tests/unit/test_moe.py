@@ -192,7 +192,9 @@ def test_shipped_moe_configs_fit_their_models(name, hub):
     (ModelOptions(tp=2, sequence_parallel=True, moe_dispatcher="alltoall"), ARCH,
      "model.moe_token_dispatcher: alltoall with expert tensor parallelism (2)"),
     (ModelOptions(spec="sdpa", moe_grouped_gemm=True), ARCH, "grouped-GEMM experts need the Transformer Engine spec"),
-], ids=["ep_not_dividing_experts", "ep_on_dense", "tp_without_sp", "cpu_alltoall_with_etp", "grouped_without_te"])
+    (ModelOptions(cp=2), ARCH, "parallel.cp=2 with a mixture-of-experts model is not supported yet"),
+], ids=["ep_not_dividing_experts", "ep_on_dense", "tp_without_sp", "cpu_alltoall_with_etp", "grouped_without_te",
+        "context_parallel"])
 def test_moe_layouts_are_refused_naming_the_keys(opts, arch, message):
     from simpo_mcore.model.builder import check_moe_layout
 

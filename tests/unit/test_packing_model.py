@@ -13,7 +13,7 @@ import random
 
 import pytest
 import torch
-from helpers import pair_columns, random_pair
+from helpers import pair_columns, random_pairs
 
 from simpo_mcore.config import LossConfig, ParallelConfig
 from simpo_mcore.data.packing import collate_packed_row
@@ -35,9 +35,7 @@ CPU = torch.device("cpu")
 
 
 def pairs(seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    return [random_pair(prompt, chosen, rejected, VOCAB, rng, low=3)
-            for prompt, chosen, rejected in ((5, 9, 3), (0, 12, 7), (8, 2, 15), (3, 6, 6))]  # one without a prompt
+    return random_pairs(((5, 9, 3), (0, 12, 7), (8, 2, 15), (3, 6, 6)), VOCAB, seed, low=3)  # one without a prompt
 
 
 def padded(rows: list[dict], seq_len: int):

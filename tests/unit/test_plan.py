@@ -303,6 +303,39 @@ def test_plan_imports_neither_torch_nor_megatron():
     assert "simpo-plan" in proc.stdout and "on 8 GPUs of 80 GiB" in proc.stdout
 
 
+def test_long_context_config_fits_by_context_parallelism():
+    """The 32k-token config (pairs of two 32k sequences, one 64k row per micro-batch) on 8 GPUs: its CP 4 x TP 2
+    layout without recomputation fits 80 GiB, the same at CP 1 or 2 does not; per rank the activations at CP c are
+    close to 1 / c of CP 1's (the attention keeps less of the keys under CP: a little below), and the weights,
+    gradients and optimizer state do not change with CP at DP x CP = 4."""
+    path = ROOT / "configs" / "simpo" / "llama3.1_8b_instruct_32k_8gpu.yaml"
+    plan = plan_run(load_config(path), 8, config_path=path, cp_sizes=(1, 2, 4, 8))
+    (mine,) = [p for p in plan.layouts if p.configured]
+    assert (mine.layout.tp, mine.layout.cp, mine.layout.dp, mine.layout.recompute) == (2, 4, 1, "none") and mine.fits
+    by_cp = {p.layout.cp: p for p in plan.layouts if (p.layout.tp, p.layout.pp, p.layout.recompute) == (2, 1, "none")
+             and p.layout.distributed_optimizer}
+    assert not by_cp[1].fits and not by_cp[2].fits and by_cp[4].fits
+    for cp in (2, 4):
+        ratio = by_cp[cp].memory.activations / by_cp[1].memory.activations
+        assert 0.85 / cp <= ratio <= 1 / cp, (cp, ratio)
+        assert by_cp[cp].memory.weights + by_cp[cp].memory.grads + by_cp[cp].memory.optimizer == \
+            by_cp[1].memory.weights + by_cp[1].memory.grads + by_cp[1].memory.optimizer
+
+
+def test_long_context_sizing_tool_is_the_planner():
+    """``tools/long_context_sizing.py`` (the tables of docs/long_context.md) gives, for one 32k pair at CP 4 x TP 2,
+    the activations ``simpo-plan`` gives the 32k config."""
+    proc = subprocess.run([sys.executable, "tools/long_context_sizing.py", "--models",
+                           "meta-llama__Llama-3.1-8B-Instruct", "--lengths", "32768", "--cp", "4", "--recompute",
+                           "none"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| none | 32k |"))
+    saved = float(row.split("|")[3].split("/")[0])
+    path = ROOT / "configs" / "simpo" / "llama3.1_8b_instruct_32k_8gpu.yaml"
+    (mine,) = [p for p in plan_run(load_config(path), 8, config_path=path).layouts if p.configured]
+    assert saved == round(mine.memory.activations / 2**30, 1)
+
+
 @pytest.mark.slow  # a process of the command
 def test_hf_config_flag_and_70b(tmp_path):
     """``--hf-config`` wins over the config's model: the 70B on 64 GPUs fits only with model parallelism."""

@@ -176,6 +176,11 @@ def test_the_first_line_comes_before_torch(tmp_path):
                      timeout=120, until="[simpo_mcore] launching")
     assert run.lines[0][1] == (f"[simpo_mcore] simpo-train {CONFIG}: 4 CPU ranks (TP 2, DP 2), output {out}, "
                                "resuming step_0000100 at step 100 of 300; importing torch"), run.text
+    cp_out = tmp_path / "cp"  # the context-parallel ranks share each sequence: TP x CP ranks, no DP
+    run = CommandRun(["simpo-train", CONFIG, f"output_dir={cp_out}", "parallel.cp=2"], timeout=120,
+                     until="[simpo_mcore] launching")
+    assert run.lines[0][1] == (f"[simpo_mcore] simpo-train {CONFIG}: 4 CPU ranks (TP 2, CP 2), output {cp_out}, "
+                               "a new run; importing torch"), run.text
 
 
 def test_a_latest_that_names_no_training_checkpoint_is_one_error(tmp_path):

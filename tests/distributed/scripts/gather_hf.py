@@ -50,7 +50,7 @@ def gather_hf_tensors(chunks: list, arch, kind: str = "grad") -> dict[str, torch
             else:
                 value = getattr(param, "main_grad", None)
                 value = param.grad if value is None else value
-            full = full_tensor(param, value.float(), name)  # collective: on every rank
+            full = full_tensor(param, value.float(), name).cpu()  # collective: on every rank
             # One rank per stage contributes each tensor (each expert-parallel rank its own experts).
             if expert_holder if is_expert(param) else dense_holder:
                 mine.update(to_hf(model, name, full, arch))

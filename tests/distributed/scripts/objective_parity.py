@@ -2,20 +2,23 @@
 what it saw.
 
 argv: pairs.json out_root MODEL [MODEL ...], MODEL = "name=hf_dir=ckpt_dir=LAYOUT[/LAYOUT...]" and
-LAYOUT = "tp,pp,sp[,vpp][,ep:N][,etp:N][,aux:C]" (DP is what the world leaves; ``ep`` / ``etp``: a mixture of
-experts' expert-parallel and expert tensor-parallel sizes, ``aux``: its ``moe_aux_loss_coeff``; the process groups
-are rebuilt for each layout, so one launch covers several models and layouts). For each model, layout and way of
-batching the step (``padded_k<k>``: micro-batches of k pairs padded to the step's longest sequence;
-``packed_<capacity>``: the global batch packed into rows of at most ``capacity`` tokens and split over the
-data-parallel ranks, as training does): per-pair average and summed log-probs, the reduced metrics (a mixture of
-experts' too), the micro-batch counts, each data-parallel rank's micro-batches (their pairs), and the gradients of
-every parameter (gathered and mapped to HF names) after megatron's schedule + DDP finalisation, written to
-``out_root/<name>/<tp>-<pp>-<dp>-<sp>[-vpp<v>][-ep<N>][-etp<N>][-aux<C>]/``.
+LAYOUT = "tp,pp,sp[,vpp][,ep:N][,etp:N][,aux:C][,cp:N]" (DP is what the world leaves; ``ep`` / ``etp``: a mixture
+of experts' expert-parallel and expert tensor-parallel sizes, ``aux``: its ``moe_aux_loss_coeff``; ``cp``: the
+context-parallel size; the process groups are rebuilt for each layout, so one launch covers several models and
+layouts). For each model, layout and way of batching the step (``padded_k<k>``: micro-batches of k pairs padded to
+the step's longest sequence; ``packed_<capacity>``: the global batch packed into rows of at most ``capacity``
+positions and split over the data-parallel ranks, as training does; under context parallelism each micro-batch
+then split for this rank by the training's own functions, ``data.context_parallel``): per-pair average and summed
+log-probs, the reduced metrics (a mixture of experts' too), the micro-batch counts, each data-parallel rank's
+micro-batches (their pairs), and the gradients of every parameter (gathered and mapped to HF names) after
+megatron's schedule + DDP finalisation, written to
+``out_root/<name>/<tp>-<pp>-<dp>-<sp>[-vpp<v>][-ep<N>][-etp<N>][-aux<C>][-cp<c>]/``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -27,17 +30,18 @@ from safetensors.torch import save_file
 from simpo_mcore.config import LossConfig, ParallelConfig
 from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
 from simpo_mcore.convert.mcore_io import load_model_weights
-from simpo_mcore.data.packing import collate_packed_row, step_rows
+from simpo_mcore.data.context_parallel import cp_multiple, split_packed_rows, split_padded_pairs
+from simpo_mcore.data.packing import collate_packed_row, pair_positions, step_rows
 from simpo_mcore.data.padded import collate_pairs
-from simpo_mcore.logprobs import TokenLogpsContext, sequence_logps
+from simpo_mcore.logprobs import TokenLogpsContext
 from simpo_mcore.microbatch import LossScale, MicroBatch
 from simpo_mcore.model.builder import ModelOptions, build_model
 from simpo_mcore.objective import (
+    batch_sequence_logps,
     make_forward_step,
     reduce_moe_stats,
     reduce_reports,
     run_schedule,
-    sequence_token_logps,
 )
 from simpo_mcore.optim import wrap_ddp
 from simpo_mcore.parallel import init_distributed, shutdown
@@ -53,43 +57,49 @@ def padded_micro_batches(pairs: list[dict], start: int, k: int, seq_len: int, vo
                           seq_len, pad_id=0, vocab_size=vocab) for m in range(0, len(pairs), k)]
 
 
+def pair_sizes(pairs: list[dict], split: int) -> list[int]:
+    """Positions of each pair in a packed row (each sequence padded to ``split`` under context parallelism)."""
+    return [pair_positions((len(p["chosen_input_ids"]), len(p["rejected_input_ids"])), split) for p in pairs]
+
+
 def packed_micro_batches(pairs: list[dict], capacity: int, dp: int, dp_rank: int, rows_multiple: int,
-                         same_shape: bool, vocab: int) -> list[MicroBatch]:
+                         same_shape: bool, vocab: int, cp_split: tuple[int, int, int] | None) -> list[MicroBatch]:
     """This rank's rows of the whole global batch packed as training packs it (``step_rows``), collated
-    (``collate_packed_row``) to their own lengths, or all to the longest under pipeline parallelism."""
-    sizes = [len(p["chosen_input_ids"]) + len(p["rejected_input_ids"]) for p in pairs]
-    rows = step_rows(sizes, capacity, dp, rows_multiple)[dp_rank]
-    fills = [sum(sizes[i] for i in row) for row in rows]
+    (``collate_packed_row``) to their own lengths, or all to the longest under pipeline parallelism. Under context
+    parallelism (``cp_split``: cp, rank, split multiple) collated without a tail, then split as training splits
+    them (``split_packed_rows``)."""
+    split = cp_split[2] if cp_split else 1
+    rows = step_rows(pair_sizes(pairs, split), capacity, dp, rows_multiple)[dp_rank]
+    fills = [sum(len(pairs[i][f"{key}_input_ids"]) for i in row for key in ("chosen", "rejected")) for row in rows]
+    if cp_split:
+        cp, rank, split = cp_split
+        whole = [collate_packed_row(pair_columns([pairs[i] for i in row]), row, fill, pad_id=0, vocab_size=vocab)
+                 for row, fill in zip(rows, fills)]
+        return split_packed_rows(whole, cp, rank, split, math.lcm(MULTIPLE, split), same_shape, pad_id=0)
     longest = -(-max(fills) // MULTIPLE) * MULTIPLE
     return [collate_packed_row(pair_columns([pairs[i] for i in row]), row,
                                longest if same_shape else -(-fill // MULTIPLE) * MULTIPLE, pad_id=0, vocab_size=vocab)
             for row, fill in zip(rows, fills)]
 
 
-def per_sequence(batch: MicroBatch, token_logps: torch.Tensor):
-    """(sum_logps, num_tokens, avg_logps) [2k] of a micro-batch's token log-probs, chosen first (a packed row's
-    laid out per sequence first)."""
-    return sequence_logps(sequence_token_logps(batch, token_logps), batch.sequence_targets)
-
-
-def batchings(pairs: list[dict], dp: int, pp: int, vpp: int | None) -> list[tuple[str, object]]:
+def batchings(pairs: list[dict], dp: int, pp: int, vpp: int | None, split: int) -> list[tuple[str, object]]:
     """(name, k or capacity): one padded micro-batch per rank and several (of 2 pairs at DP=1, of 1 at
     DP=2); packed rows holding one or two pairs, and rows holding a whole rank's share. The interleaved
     schedule needs a multiple of PP micro-batches: there only the padded micro-batches of 2 pairs."""
     per_rank = NUM_PAIRS // dp
     padded = [2] if vpp else [per_rank, 2 if dp == 1 else 1]
-    longest_pair = max(len(p["chosen_input_ids"]) + len(p["rejected_input_ids"]) for p in pairs)
-    everything = sum(len(p["chosen_input_ids"]) + len(p["rejected_input_ids"]) for p in pairs)
-    return [(f"padded_k{k}", k) for k in padded] + [(f"packed_{c}", c) for c in (longest_pair, everything)]
+    sizes = pair_sizes(pairs, split)
+    return [(f"padded_k{k}", k) for k in padded] + [(f"packed_{c}", c) for c in (max(sizes), sum(sizes))]
 
 
 def parse_layout(spec: str) -> dict:
-    """``"tp,pp,sp[,vpp][,ep:N][,etp:N][,aux:C]"`` -> keyword arguments of :func:`run_layout`."""
+    """``"tp,pp,sp[,vpp][,ep:N][,etp:N][,aux:C][,cp:N]"`` -> keyword arguments of :func:`run_layout`."""
     tp, pp, sp, *rest = spec.split(",")
     named = dict(item.split(":") for item in rest if ":" in item)
     vpp = [int(item) for item in rest if ":" not in item]
     return dict(tp=int(tp), pp=int(pp), sp=bool(int(sp)), vpp=vpp[0] if vpp else None, ep=int(named.get("ep", 1)),
-                etp=int(named["etp"]) if "etp" in named else None, aux=float(named.get("aux", 0.0)))
+                etp=int(named["etp"]) if "etp" in named else None, aux=float(named.get("aux", 0.0)),
+                cp=int(named.get("cp", 1)))
 
 
 def main():
@@ -101,16 +111,16 @@ def main():
     shutdown()
 
 
-def run_layout(ckpt_dir, pairs_path, out_root, tp, pp, sp, vpp, ep, etp, aux):
-    parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp, ep=ep, etp=etp, device="cpu")
+def run_layout(ckpt_dir, pairs_path, out_root, tp, pp, sp, vpp, ep, etp, aux, cp):
+    parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp, cp=cp, sequence_parallel=sp, ep=ep, etp=etp, device="cpu")
     layout = init_distributed(parallel, seed=0)
     out_dir = Path(out_root) / (f"{tp}-{pp}-{layout.dp}-{int(sp)}" + (f"-vpp{vpp}" if vpp else "")
                                 + (f"-ep{ep}" if ep > 1 else "") + (f"-etp{etp}" if etp else "")
-                                + (f"-aux{aux:g}" if aux else ""))
+                                + (f"-aux{aux:g}" if aux else "") + (f"-cp{cp}" if cp > 1 else ""))
     if layout.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
     arch = CheckpointMeta.read(ckpt_dir).arch
-    chunks = build_model(arch, ModelOptions(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp, ep=ep, etp=etp,
+    chunks = build_model(arch, ModelOptions(tp=tp, pp=pp, vpp=vpp, cp=cp, sequence_parallel=sp, ep=ep, etp=etp,
                                             moe_aux_loss_coeff=aux))
     load_model_weights(chunks, ckpt_dir)
     ddp = wrap_ddp(chunks, distributed_optimizer=False, cpu=True)
@@ -123,20 +133,24 @@ def run_layout(ckpt_dir, pairs_path, out_root, tp, pp, sp, vpp, ep, etp, aux):
     per_rank = G // layout.dp
     mine = pairs[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]
     longest = max(len(p[f"{key}_input_ids"]) for p in pairs for key in ("chosen", "rejected"))
-    seq_len = -(-longest // MULTIPLE) * MULTIPLE
+    split = cp_multiple(cp, tp, sp) if cp > 1 else 1
+    multiple = math.lcm(MULTIPLE, split)
+    seq_len = -(-longest // multiple) * multiple
     head = TokenLogpsContext(vocab_size=arch.vocab_size, chunk_tokens=16)
     results = {}
-    for name, size in batchings(pairs, layout.dp, pp, vpp):
+    for name, size in batchings(pairs, layout.dp, pp, vpp, split):
         if name.startswith("padded"):
             batches = padded_micro_batches(mine, layout.dp_rank * per_rank, size, seq_len, arch.vocab_size)
+            if cp > 1:
+                batches = [split_padded_pairs(b, cp, layout.cp_rank) for b in batches]
         else:
             batches = packed_micro_batches(pairs, size, layout.dp, layout.dp_rank, pp if vpp else 1, pp > 1,
-                                           arch.vocab_size)
+                                           arch.vocab_size, (cp, layout.cp_rank, split) if cp > 1 else None)
         chosen_tokens = sum(b.chosen_tokens for b in batches)
         totals = torch.tensor([float(chosen_tokens), float(sum(b.num_pairs for b in batches))])
         torch.distributed.all_reduce(totals)
-        # every TP/PP rank of a DP replica counted the same tokens: divide the world sum back
-        chosen_global, pairs_global = (int(x) // (tp * pp) for x in totals.tolist())
+        # every TP/PP/CP rank of a DP replica counted the same tokens: divide the world sum back
+        chosen_global, pairs_global = (int(x) // (tp * pp * cp) for x in totals.tolist())
         assert pairs_global == G
         scale = LossScale(len(batches), layout.dp, G, chosen_global)
         inner = make_forward_step(LOSS, head, layout.device, scale)
@@ -147,7 +161,7 @@ def run_layout(ckpt_dir, pairs_path, out_root, tp, pp, sp, vpp, ep, etp, aux):
             output, loss_func = inner(iter([batch]), model)
 
             def record(token_logps, batch=batch, loss_func=loss_func):
-                sum_logps, _, avg = per_sequence(batch, token_logps)
+                sum_logps, _, avg = batch_sequence_logps(batch, token_logps)
                 seen.append((batch.row_index.tolist(), sum_logps.tolist(), avg.tolist()))
                 return loss_func(token_logps)
 
@@ -159,7 +173,8 @@ def run_layout(ckpt_dir, pairs_path, out_root, tp, pp, sp, vpp, ep, etp, aux):
         metrics = reduce_reports(reports, LOSS.sft_weight, layout.device) | reduce_moe_stats(ddp, scale, layout.device)
         grads = gather_hf_tensors(ddp, arch, "grad")
         all_seen = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(all_seen, (layout.dp_rank, seen if layout.tp_rank == 0 else []))
+        torch.distributed.all_gather_object(all_seen, (layout.dp_rank, seen if layout.tp_rank == layout.cp_rank == 0
+                                                       else []))
         counts = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(counts, len(batches))
         if layout.rank == 0:
