@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -12,6 +13,7 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from simpo_mcore.config import OptimConfig
 
@@ -95,3 +97,91 @@ def apply_optim_config(optimizer, cfg: OptimConfig, lr: float) -> None:
         group["weight_decay"] = cfg.weight_decay * group.get("wd_mult", 1.0)
         group["betas"] = (cfg.adam_beta1, cfg.adam_beta2)
         group["eps"] = cfg.adam_eps
+
+
+# ------------------------------------------------------------------------------------- loading optimizer state
+
+
+def load_optimizer_state(optimizer, saved: dict) -> None:
+    """A checkpoint's optimizer state (as ``dist_checkpointing.load`` returns it) into megatron's ``optimizer``,
+    whose state exists (:func:`materialize_optimizer_state`); the saved groups take the live learning rates."""
+    _match_group_learning_rates(saved, optimizer)
+    with _megatron_019_adam_step_fix(optimizer):
+        optimizer.load_state_dict(saved)
+
+
+def _match_group_learning_rates(saved, optimizer) -> None:
+    """megatron pairs saved and live parameter groups by their settings, ``max_lr`` / ``min_lr`` (the config's
+    lr) among them, so a run resumed with another ``optim.lr`` found no group (a ``KeyError``). The lr is the
+    schedule's, which follows the config: the saved groups take the live groups' values of these two keys
+    (when every live group has the same, as ours do; per-group learning rates are left to megatron)."""
+    live = {(g.get("max_lr"), g.get("min_lr")) for g in optimizer.param_groups}
+    if len(live) != 1:
+        return
+    max_lr, min_lr = live.pop()
+    pending = [saved]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            groups = node.get("param_groups")
+            if isinstance(groups, list):
+                for group in groups:
+                    if isinstance(group, dict) and "max_lr" in group:
+                        group["max_lr"], group["min_lr"] = max_lr, min_lr
+            pending.extend(v for k, v in node.items() if k != "param_groups")
+        elif isinstance(node, (list, tuple)):
+            pending.extend(node)
+
+
+def materialize_optimizer_state(ddp_chunks: list, optimizer) -> None:
+    """Allocate Adam's state with one step that changes nothing (zero gradients, learning rate 0):
+    megatron's optimizers can only load state into tensors that exist (an empty state fails
+    ``DistributedOptimizer.state_dict``'s step assertion). The step counters it sets are
+    overwritten by the load."""
+    zero_grad(ddp_chunks, optimizer)
+    saved = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, saved):
+        group["lr"] = lr
+
+
+@contextlib.contextmanager
+def _megatron_019_adam_step_fix(optimizer):
+    """Work around two megatron-core 0.19 defects when the distributed optimizer loads a
+    ``fully_reshardable`` checkpoint into torch's Adam (no Apex / TE FusedAdam, e.g. on CPU):
+
+    1. ``_set_main_param_and_optimizer_states`` copies every tensor of the live state, including
+       torch Adam's per-parameter ``step``, from the loaded tensors, which (by design) hold no
+       ``step``: ``KeyError: 'step'``. Keys the loaded state lacks are skipped instead.
+    2. ``load_state_dict`` restores the step from the param groups as ONE tensor shared by every
+       parameter; Adam increments each parameter's step in place, so the shared counter would
+       advance once per parameter per update and the bias correction would drift. Each parameter
+       gets its own copy afterwards.
+    """
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    patched = [o for o in inner if isinstance(o, DistributedOptimizer)]
+    for opt in patched:
+        original = opt._set_main_param_and_optimizer_states
+
+        def tolerant(model_param, tensors, _original=original, _opt=opt):
+            group_index, group_order = _opt.model_param_group_index_map[model_param]
+            main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
+            state = _opt.optimizer.state[main_param]
+            missing = {k: state.pop(k) for k in list(state) if k not in tensors and k != "param"}
+            try:
+                _original(model_param, tensors)
+            finally:
+                state.update(missing)
+
+        opt._set_main_param_and_optimizer_states = tolerant
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
+        for opt in inner:
+            for state in getattr(opt, "optimizer", opt).state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()

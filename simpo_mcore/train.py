@@ -101,7 +101,8 @@ class TrainState:
 
 class StopSignal:
     """SIGTERM / SIGUSR1 (SLURM pre-emption) ask for a checkpoint and a clean exit. The flag is
-    all-reduced every step so all ranks stop at the same step."""
+    all-reduced every step so all ranks stop at the same step; one received before the first step (while the
+    run starts) stops it before that step, saving nothing."""
 
     def __init__(self):
         self.received: str | None = None
@@ -111,10 +112,12 @@ class StopSignal:
     def _handler(self, signum, frame):
         self.received = signal.Signals(signum).name
 
-    def received_on_any_rank(self, device) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+
+def on_any_rank(device, *flags: bool) -> list[bool]:
+    """Each of this rank's ``flags`` OR-ed over every rank, in one all-reduce."""
+    values = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
 
 
 def check_batch_sizes(cfg: RunConfig, dp: int) -> int | None:
@@ -269,7 +272,7 @@ def build_checkpointer(cfg: RunConfig, rt: Runtime, data: TrainData, model: list
         layout=rt.layout, meta=rt.meta, tokenizer=rt.tokenizer_source, run_config=asdict(cfg),
         data_fingerprint=data.fingerprint, total_steps=data.total_steps)
     if removed := checkpointer.remove_interrupted():
-        log.warning("removed interrupted checkpoint save(s): %s", ", ".join(removed))
+        log.warning("removed what interrupted checkpoint saves (or their pruning) left: %s", ", ".join(removed))
     if resume_from is not None:
         checkpointer.restore(resume_from, adapt=lambda progress: rebase_progress(progress, changes))
         log.info("resumed from %s at step %d (%d pairs consumed)", resume_from, state.step, state.consumed_pairs)
@@ -350,10 +353,10 @@ class Trainer:
 
     def train(self) -> dict[str, float]:
         """Run to ``total_steps`` (or a stop); returns the final evaluation metrics, else the last step's."""
-        if self.data.eval is not None and self.state.step == 0:
-            self.final_eval = self.evaluate()
         stopped_by = None
-        while self.state.step < self.total_steps:
+        if self.data.eval is not None and self.state.step == 0 and (stopped_by := self.should_stop()) is None:
+            self.final_eval = self.evaluate()
+        while stopped_by is None and self.state.step < self.total_steps:
             if (stopped_by := self.should_stop()) is not None:
                 break
             self.train_step()
@@ -362,8 +365,12 @@ class Trainer:
         return self.finish(stopped_by)
 
     def should_stop(self) -> str | None:
-        """Why to stop before the next step (a signal on any rank, or the exit interval), else None."""
-        if self.stop.received_on_any_rank(self.device):
+        """Why to stop before the next step (a signal on any rank, or the exit interval), else None. The same
+        all-reduce tells whether every rank's asynchronous checkpoint writer is done: then that checkpoint is
+        published here."""
+        signalled, writing = on_any_rank(self.device, self.stop.received is not None, self.checkpointer.writing())
+        self._saved(self.checkpointer.poll(all_done=not writing))
+        if signalled:
             return self.stop.received or "signal on another rank"
         interval = self.cfg.train.exit_interval
         if interval and self.steps_run and self.state.step % interval == 0:
@@ -419,6 +426,7 @@ class Trainer:
         self.logger.print(f"step {state.step}: non-finite loss or gradient (loss={loss}, grad_norm={grad_norm}); "
                           f"update skipped ({state.nonfinite_in_a_row} in a row, {state.skipped_steps} in all)")
         if state.nonfinite_in_a_row >= limit:
+            self._saved(self.checkpointer.wait())  # every rank is here: the save in flight is published
             saved = self.checkpointer.last_path
             last = f"the last checkpoint is {saved}" if saved is not None else "no checkpoint was saved"
             # Every rank gets here at the same step (the finiteness check is all-reduced): one error line each.
@@ -445,9 +453,13 @@ class Trainer:
         return self.evaluate()
 
     def save_checkpoint(self, last_step: bool = False) -> None:
-        """A checkpoint of this step when the checkpointer finds one due (``last_step``: the run ends here)."""
-        if (saved := self.checkpointer.save(self.state.step, last_step)) is not None:
-            self.logger.print(f"checkpoint saved: {saved}")
+        """A checkpoint of this step when the checkpointer finds one due (``last_step``: the run ends here, so
+        whatever is being written is waited for)."""
+        self._saved(self.checkpointer.save(self.state.step, last_step))
+
+    def _saved(self, published: list[Path]) -> None:
+        for path in published:
+            self.logger.print(f"checkpoint saved: {path}")
 
     def finish(self, stopped_by: str | None = None) -> dict[str, float]:
         """Save what is unsaved; a completed run then evaluates and exports. Returns the final evaluation
@@ -493,5 +505,8 @@ class Trainer:
         self.hf_export = out
 
     def close(self, failed: bool = False) -> None:
-        """Close the metrics sinks (a W&B run is marked failed when the run raised)."""
+        """Close the metrics sinks (a W&B run is marked failed when the run raised); a failed run's checkpoint
+        writer is stopped, its save left unpublished (``latest`` names the last complete checkpoint)."""
+        if failed:
+            self.checkpointer.abort()
         self.logger.close(failed)

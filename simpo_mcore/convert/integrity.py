@@ -136,20 +136,37 @@ def _gather(local: dict) -> dict:
 def write_manifest(ckpt_dir: str | Path) -> None:
     """Hash every file of ``ckpt_dir`` (collective) and write ``integrity.json`` (rank 0)."""
     ckpt_dir = Path(ckpt_dir)
+    manifest = collect_manifest(ckpt_dir)
+    rank, world = _world()
+    if rank == 0:
+        store_manifest(ckpt_dir, manifest)
+    if world > 1:
+        dist.barrier()
+
+
+def collect_manifest(ckpt_dir: Path, known: dict[str, tuple[int, str]] | None = None) -> dict:
+    """The manifest of every file of ``ckpt_dir`` (collective: each rank hashes a share, every rank gets it all).
+    ``known``: ``{file: (size, SHA-256)}`` this rank hashed already (its writer's shards, which are its share),
+    taken where the size still matches. Raises ``OSError`` on every rank when a file cannot be read back."""
     rank, world = _world()
     sizes = checkpoint_files(ckpt_dir)
-    digests = _gather(_hash_files(ckpt_dir, {n: sizes[n] for n in share(sizes, rank, world)}))
+    known = {name: digest for name, (size, digest) in (known or {}).items() if sizes.get(name) == size}
+    mine = share(sizes, rank, world)
+    local = {name: known[name] for name in mine if name in known}
+    local.update(_hash_files(ckpt_dir, {name: sizes[name] for name in mine if name not in known}))
+    digests = _gather(local)
     unreadable = {n: d for n, d in digests.items() if d.startswith("error")}
     if unreadable:
         name = next(iter(unreadable))
         raise OSError(f"{ckpt_dir / name} cannot be read back after saving: {unreadable[name]}")
-    if rank == 0:
-        manifest = {"algorithm": ALGORITHM, "files": {n: digests[n] for n in sizes}, "sizes": sizes}
-        tmp = ckpt_dir / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, ckpt_dir / MANIFEST)
-    if world > 1:
-        dist.barrier()
+    return {"algorithm": ALGORITHM, "files": {n: digests[n] for n in sizes}, "sizes": sizes}
+
+
+def store_manifest(ckpt_dir: Path, manifest: dict) -> None:
+    """``integrity.json`` from :func:`collect_manifest`'s result (one process)."""
+    tmp = ckpt_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, ckpt_dir / MANIFEST)
 
 
 def read_manifest(ckpt_dir: Path) -> dict | None:

@@ -43,7 +43,9 @@ METADATA_CLASSES = {
     "torch.distributed.checkpoint.metadata": {
         "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
         "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    # _StoragePrefix: a run's saves after its first reuse megatron's cached local plans, whose storage prefix
+    # (a file-name stem) goes into .metadata's all_local_plans.
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo", "_StoragePrefix"},
     "torch.distributed.checkpoint.planner": {
         "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "LoadPlan", "ReadItem", "LoadItemType"},
     "torch.serialization": {"_get_layout"},  # a layout by name, e.g. "torch.strided"

@@ -5,6 +5,8 @@ costs the previous checkpoint."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from helpers import run_ranks
 from train_utils import assert_grad_norm_tracks, read_metrics, relative_deviation, write_config
@@ -86,3 +88,66 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, tiny, straight):
     assert_identical(straight("tp1"), read_metrics(out), range(4, 21))
     assert not (ckpts / "step_0000006.incomplete").exists()
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000018", "step_0000020"]
+
+
+def pairs_of(ckpt_dir) -> int:
+    return json.loads((ckpt_dir / "simpo_mcore.json").read_text())["info"]["consumed_pairs"]
+
+
+@pytest.mark.slow
+def test_a_batch_change_keeps_the_earlier_checkpoints(tmp_path, tiny):
+    """4 steps of 16 pairs (step_1..4, 16..64 pairs), resumed with 32-pair steps (allowed): the step count restarts
+    at 64 / 32 = 2, and steps 3 and 4 of the new batch are saved beside, not over, the old run's step_3 and step_4
+    (whose files are unchanged); the log says so, and ``latest`` names the newest."""
+    out = tmp_path / "run"
+    ckpts = out / "checkpoints"
+    keep = {"save_interval": 1, "keep_last": 10}
+    train(tmp_path, tiny, "b16", 1, out, {}, train={"global_batch_pairs": 16, "max_steps": 4}, checkpoint=keep)
+    before = {p.name: (p / "integrity.json").read_bytes() for p in ckpts.glob("step_*")}
+    assert sorted(before) == [f"step_000000{s}" for s in range(1, 5)]
+    proc = train(tmp_path, tiny, "b32", 1, out, {}, train={"global_batch_pairs": 32, "max_steps": 6},
+                 checkpoint={**keep, "allow_changes": ["train.global_batch_pairs"]})
+    for name, manifest in before.items():
+        assert (ckpts / name / "integrity.json").read_bytes() == manifest, name
+    assert {p.name: pairs_of(p) for p in ckpts.glob("step_*")} == {
+        "step_0000001": 16, "step_0000002": 32, "step_0000003": 48, "step_0000004": 64,
+        "step_0000003-2": 96, "step_0000004-2": 128, "step_0000005": 160, "step_0000006": 192}
+    assert (ckpts / "latest").read_text().strip() == "step_0000006"
+    log = proc.stdout + proc.stderr
+    assert "checkpoint step_0000003 already exists (48 pairs consumed); it is kept, and this one (96 pairs " \
+           "consumed) is step_0000003-2" in log, log[-3000:]
+
+
+@pytest.mark.slow
+def test_pruning_keeps_the_checkpoint_latest_was_pointed_back_to(tmp_path, tiny):
+    """step_3 is damaged; as the error advises, ``latest`` is pointed back at step_2 and the run relaunched
+    (keep_last 2, a save every 2 steps). Its save at step 4 must not prune step_2 for the damaged step_3: step_3
+    is past the point the run resumed from, another line, never counted nor deleted by pruning."""
+    out = tmp_path / "run"
+    ckpts = out / "checkpoints"
+    train(tmp_path, tiny, "first", 1, out, {}, train={"max_steps": 3}, checkpoint={"save_interval": 1})
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000002", "step_0000003"]
+    shard = sorted((ckpts / "step_0000003").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:-1])  # damaged: a relaunch would refuse it by name
+    (ckpts / "latest").write_text("step_0000002\n")
+    train(tmp_path, tiny, "second", 1, out, {}, train={"max_steps": 4}, checkpoint={"save_interval": 2})
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000002", "step_0000003", "step_0000004"]
+    assert (ckpts / "latest").read_text().strip() == "step_0000004"
+    assert pairs_of(ckpts / "step_0000004") == 32
+
+
+@pytest.mark.slow
+def test_an_asynchronous_checkpoint_holds_the_state_of_its_step(tmp_path, tiny):
+    """2 ranks, the distributed optimizer, a save every 3 steps: an asynchronous save takes the state at its step
+    and gathers the optimizer shards while training goes on (steps 4 and 5 change every tensor meanwhile), yet its
+    shards are byte for byte those of a synchronous save of the same step (``.metadata`` names the directory)."""
+    digests = {}
+    for mode in (False, True):
+        out = tmp_path / f"async_{mode}"
+        train(tmp_path, tiny, f"async_{mode}", 2, out, {}, train={"max_steps": 6},
+              checkpoint={"save_interval": 3, "async_save": mode})
+        for step in ("step_0000003", "step_0000006"):
+            files = json.loads((out / "checkpoints" / step / "integrity.json").read_text())["files"]
+            digests[mode, step] = {n: d for n, d in files.items() if n.endswith(".distcp")}
+    for step in ("step_0000003", "step_0000006"):
+        assert len(digests[True, step]) == 2 and digests[True, step] == digests[False, step], step

@@ -4,9 +4,11 @@ checkpoint lose nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,7 +18,7 @@ import time
 
 import psutil
 import pytest
-from helpers import ROOT, error_lines, launch_ranks, run_ranks, wandb_records
+from helpers import ROOT, SCRIPTS, error_lines, free_port, launch_ranks, run_ranks, wandb_records
 from train_utils import read_metrics, write_config
 
 from simpo_mcore.cli import train_main
@@ -195,3 +197,101 @@ def test_signals_lock_damage_and_relaunch(tmp_path, tiny, straight, capsys):
     assert sorted(b) == list(range(1, steps + 1))
     for step in range(1, steps + 1):
         assert b[step]["loss"] == a[step]["loss"], step
+
+
+def launch_job(cfg, log, env: dict[str, str]) -> subprocess.Popen:
+    """torchrun with 2 CPU ranks of the test entry point (its fault injection in ``env``), in a session of its own."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", str(SCRIPTS / "train_entry.py"), str(cfg)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}",
+                "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "", **env}
+    return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+def test_kill_during_an_asynchronous_write_keeps_the_previous_checkpoint(tmp_path, tiny, straight):
+    """The step-6 save's writers are held back (``TEST_SLOW_WRITE_AT``): training goes on to step 8 meanwhile
+    while ``latest`` still names step 3, the save being unpublished; ``kill -9`` of the launcher then takes the
+    ranks, their writers and their queue servers with it; the relaunch resumes from step 3 and the whole run
+    equals the uninterrupted one bit for bit."""
+    out = tmp_path / "run"
+    ckpts, metrics = out / "checkpoints", out / "metrics.jsonl"
+    cfg = write_config(tmp_path / "k.yaml", *tiny, output_dir=str(out), checkpoint={"save_interval": 3})
+    with open(tmp_path / "k.log", "w+") as log:
+        run = launch_job(cfg, log, {"TEST_SLOW_WRITE_AT": "6"})
+        try:
+            wait_for(lambda: loss_lines(metrics) >= 8, run, "step 8")
+            assert (ckpts / "latest").read_text().strip() == "step_0000003"
+            assert (ckpts / "step_0000006.incomplete").is_dir() and not (ckpts / "step_0000006").exists()
+            everything = psutil.Process(run.pid).children(recursive=True)  # ranks, writers, queue servers
+            assert len(everything) >= 6, [p.cmdline() for p in everything]
+            run.kill()
+            _, alive = psutil.wait_procs(everything, timeout=60)
+            assert not alive, [p.cmdline() for p in alive]
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+    assert (ckpts / "latest").read_text().strip() == "step_0000003"
+
+    run_ranks("train_entry.py", 2, cfg)
+    a, b = straight("dp2"), read_metrics(out)
+    assert sorted(b) == list(range(1, 21))
+    for step in range(1, 21):
+        assert b[step]["loss"] == a[step]["loss"], step
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000018", "step_0000020"]
+
+
+@contextlib.contextmanager
+def small_file_system(path, size: str):
+    """A tmpfs of ``size`` mounted at ``path`` (True) when this process may mount one (root); else nothing (False)."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True).returncode == 0 if shutil.which("mount") else False
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_full_disk_is_one_error_line_and_latest_stays(tmp_path, tiny, async_save):
+    """A save onto a file system with room for one checkpoint of the tiny run (3.3 MB) and not two: the step-6
+    save fails on it; each rank prints one line naming the checkpoint, why and the free space, and exits 2;
+    ``latest`` still names step 3 and the partial save is gone. Without the permission to mount a small file
+    system the writes of the step-6 save fail with ENOSPC instead (``TEST_ENOSPC_AT``)."""
+    out = tmp_path / "disk" / "run"
+    with small_file_system(tmp_path / "disk", "5m") as mounted:
+        cfg = write_config(tmp_path / "f.yaml", *tiny, output_dir=str(out),
+                           checkpoint={"save_interval": 3, "async_save": async_save}, train={"max_steps": 8})
+        ranks = launch_ranks("train_entry.py", 2, cfg, env={} if mounted else {"TEST_ENOSPC_AT": "6"})
+        ckpts = out / "checkpoints"
+        for rank in ranks:
+            assert rank.returncode == 2, rank.stderr[-3000:]
+            assert "Traceback" not in rank.stderr
+        lines = [error_lines(rank.stderr) for rank in ranks]
+        assert len(lines[0]) == 1 and lines[0] == lines[1], lines
+        assert re.fullmatch(
+            rf"simpo-train: error: checkpoint {ckpts}/step_0000006 could not be saved: rank \d: \[Errno 28\] No "
+            rf"space left on device: '{ckpts}/step_0000006\.incomplete/__\d_0\.distcp' \((\d+\.\d [kMG]B|\d+ bytes) "
+            rf"free on the file system of {ckpts}, the checkpoint needs about 3\.\d MB\); latest still names "
+            r"step_0000003, and the partial save was removed\. Make room \(or move output_dir\) and relaunch the "
+            r"same command", lines[0][0]), lines[0][0]
+        assert (ckpts / "latest").read_text().strip() == "step_0000003"
+        assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000003"]
+
+
+@pytest.mark.slow
+def test_a_signal_before_the_first_step_exits_cleanly(tmp_path, tiny):
+    """SIGTERM while the ranks tokenise the data (before step 1, the distributed optimizer has no state yet): every
+    rank stops before the first step, saves nothing (there is nothing trained) and exits 0."""
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "s.yaml", *tiny, output_dir=str(out))
+    ranks = launch_ranks("train_entry.py", 2, cfg, env={"TEST_SIGTERM_IN_STARTUP": "1"})
+    for rank in ranks:
+        assert rank.returncode == 0, rank.stderr[-3000:]
+        assert "Traceback" not in rank.stderr and not error_lines(rank.stderr)
+    assert "stopped by SIGTERM at step 0; resume with the same command" in ranks[0].stdout + ranks[0].stderr
+    assert not (out / "checkpoints").exists() and loss_lines(out / "metrics.jsonl") == 0

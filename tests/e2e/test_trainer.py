@@ -36,12 +36,12 @@ def test_train_step_by_step_equals_the_loop(tmp_path, tiny, straight):
                 assert trainer.state.consumed_pairs == step * cfg.train.global_batch_pairs
                 for key in ("loss", "lr", "grad_norm", "rewards/accuracies"):
                     assert record[key] == base[step][key], (step, key)
-            assert trainer.checkpointer.save(2) is None
+            assert trainer.checkpointer.save(2) == []
             assert not (tmp_path / "run" / "checkpoints").exists()
             assert trainer.should_stop() is None
-            saved = trainer.checkpointer.save(2, last_step=True)
+            (saved,) = trainer.checkpointer.save(2, last_step=True)  # published before it returns
             assert saved == tmp_path / "run" / "checkpoints" / "step_0000002"
-            assert (saved / "simpo_mcore.json").is_file() and trainer.checkpointer.save(2, last_step=True) is None
+            assert (saved / "simpo_mcore.json").is_file() and trainer.checkpointer.save(2, last_step=True) == []
             trainer.close()
 
             # Resumed with half the global batch (allowed): the step counts batches of the new size from the

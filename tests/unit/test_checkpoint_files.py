@@ -12,10 +12,12 @@ import pickle
 import random
 import re
 import shutil
+import threading
 
 import numpy as np
 import pytest
 import torch
+from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.validation import verify_integrity_manifest
 from torch.distributed.checkpoint import FileSystemReader
@@ -23,10 +25,10 @@ from torch.distributed.checkpoint import FileSystemReader
 from simpo_mcore import checkpoint as ckpt
 from simpo_mcore.config import CheckpointConfig
 from simpo_mcore.convert import integrity
-from simpo_mcore.convert.checkpoint_meta import CheckpointMeta
+from simpo_mcore.convert.checkpoint_meta import META_FILE, CheckpointMeta
 from simpo_mcore.convert.hf_io import CheckpointError
 from simpo_mcore.convert.integrity import MANIFEST, checkpoint_files, share, verify_manifest, write_manifest
-from simpo_mcore.convert.mcore_io import save_sharded, verify_checkpoint
+from simpo_mcore.convert.mcore_io import save_sharded, save_strategy, verify_checkpoint
 from simpo_mcore.convert.safe_pickle import RefusedPickle, check_checkpoint_pickles, check_extra_state, read_metadata
 from simpo_mcore.convert.tiny import make_tiny_checkpoint
 
@@ -214,6 +216,23 @@ def test_metadata_reader_admits_what_torch_writes(converted):
     assert "decoder.layers.mlp.linear_fc1.weight" in metadata.state_dict_metadata
 
 
+def test_a_runs_later_saves_are_admitted(tmp_path):
+    """A training run saves with megatron's cached plans (``save_strategy(repeated=True)``): from its second save
+    on, ``.metadata`` holds the plans of the previous one, storage prefixes included; admitted, and the tensor
+    reads back."""
+    strategy = save_strategy(repeated=True)
+    for step in (1, 2, 3):
+        path = tmp_path / f"step_{step}"
+        path.mkdir()
+        tensor = torch.arange(6.0).reshape(2, 3) * step
+        save_sharded({"w": ShardedTensor.from_rank_offsets("w", tensor, replica_id=0)}, path, strategy,
+                     validate=step == 1)
+        check_checkpoint_pickles(path)
+        loaded = dist_checkpointing.load({"w": ShardedTensor.from_rank_offsets("w", torch.empty(2, 3),
+                                                                                replica_id=0)}, str(path))
+        assert torch.equal(loaded["w"], tensor), step
+
+
 def test_transformer_engine_extra_state(tmp_path):
     """TE unpickles a non-empty ``_extra_state`` byte tensor in set_extra_state: its FP8 state (CPU tensors,
     plain values) passes, anything that runs code is refused first."""
@@ -244,17 +263,69 @@ def test_rng_states_round_trip_as_tensors():
     assert got[:4] == want[:4] and torch.equal(got[4], want[4])
 
 
+def pruned() -> None:
+    """Wait for publish's background deletion of what it pruned."""
+    for thread in threading.enumerate():
+        if thread.name == "checkpoint-prune":
+            thread.join()
+
+
+def fake_checkpoint(root, name: str, pairs: int):
+    """A complete checkpoint directory as pruning sees it: a name and the pairs consumed."""
+    path = root / name
+    path.mkdir(parents=True)
+    (path / META_FILE).write_text(json.dumps({"info": {"consumed_pairs": pairs}}))
+    return path
+
+
 def test_keep_last_never_deletes_the_checkpoint_just_written(tmp_path):
     """An older run's higher steps beside a new run's: the newest K by step number alone would delete the new
     run's own checkpoint (and leave `latest` naming a deleted directory)."""
-    for step in (3, 5, 6, 30, 40):
-        (tmp_path / ckpt.step_dir_name(step)).mkdir()
+    for step in (3, 5, 6):
+        fake_checkpoint(tmp_path, ckpt.step_dir_name(step), step * 8)
+    for step in (30, 40):  # another run's, there before this one started: not this run's line
+        fake_checkpoint(tmp_path, ckpt.step_dir_name(step), step * 8)
     (tmp_path / "step_0000007.incomplete").mkdir()
-    assert ckpt.prune_checkpoints(tmp_path, keep_last=2, step=6) == ["step_0000003"]
+    not_ours = ckpt.beyond(tmp_path, 0)
+    assert not_ours == {"step_0000003", "step_0000005", "step_0000006", "step_0000030", "step_0000040"}
+    not_ours -= {"step_0000003", "step_0000005", "step_0000006"}  # as if this run had written them
+    newest = tmp_path / "step_0000006"
+    assert ckpt.prune_checkpoints(tmp_path, 2, newest, not_ours) == ["step_0000003"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "step_0000005", "step_0000006", "step_0000007.incomplete", "step_0000030", "step_0000040"]
-    assert ckpt.prune_checkpoints(tmp_path, keep_last=1, step=6) == ["step_0000005"]
-    assert ckpt.prune_checkpoints(tmp_path, keep_last=1, step=6) == []
+    assert ckpt.prune_checkpoints(tmp_path, 1, newest, not_ours) == ["step_0000005"]
+    assert ckpt.prune_checkpoints(tmp_path, 1, newest, not_ours) == []
+
+
+def test_names_never_repeat_and_pruning_follows_the_line_latest_names(tmp_path):
+    """``latest`` pointed back from a damaged step_3 to step_2 (as the damage error advises), the run resumed
+    there: step_3 is past the point the run started from, so it is neither replaced nor counted by keep_last,
+    and the good step_2 survives the save of step 4 (keep_last 2). A step the run writes again gets a name of
+    its own; the run's progress, not its step numbers, orders what is kept (a global batch changed on resume
+    restarts the step count)."""
+    fake_checkpoint(tmp_path, "step_0000001", 8)
+    fake_checkpoint(tmp_path, "step_0000002", 16)
+    damaged = fake_checkpoint(tmp_path, "step_0000003", 24)
+    (damaged / "__0_0.distcp").write_bytes(b"damaged")
+    (tmp_path / "latest").write_text("step_0000002\n")
+    not_ours = ckpt.beyond(tmp_path, 16)  # what CheckpointManager.restore notes, resuming step_2
+    assert not_ours == {"step_0000003"}
+
+    staged = fake_checkpoint(tmp_path, "step_0000004.incomplete", 32)
+    assert ckpt.publish(tmp_path, staged, 4, 2, not_ours) == "step_0000004"
+    pruned()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000002", "step_0000003", "step_0000004"]
+    assert (tmp_path / "latest").read_text() == "step_0000004\n"
+
+    # The same run (its line) writes step 3 again after a global batch change halved the step count.
+    staged = fake_checkpoint(tmp_path, "step_0000003.incomplete", 48)
+    assert ckpt.publish(tmp_path, staged, 3, 2, not_ours) == "step_0000003-2"
+    assert (damaged / "__0_0.distcp").read_bytes() == b"damaged"  # not replaced
+    assert ckpt.pairs_consumed(tmp_path / "step_0000003-2") == 48
+    assert (tmp_path / "latest").read_text() == "step_0000003-2\n"
+    pruned()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000003", "step_0000003-2",
+                                                          "step_0000004"]
 
 
 def test_the_manager_saves_on_its_interval_and_once_at_the_last_step(tmp_path):

@@ -4,8 +4,8 @@ module graph has no cycle, and imports sit at the top of each module except in t
 The layers, lowest first (docs/architecture.md draws them):
 
     config, cpu_mode, console -> checkpoint_info, schedule, output_dir, resume, preflight -> parallel -> microbatch
-    -> data -> model -> convert -> logprobs_kernels -> logprobs, losses -> objective -> checkpoint, optim,
-    metrics_log -> plan -> runtime -> reference -> evaluate -> train -> cli
+    -> data -> model -> convert -> logprobs_kernels -> logprobs, losses -> objective -> checkpoint, snapshot,
+    optim, metrics_log -> plan -> runtime -> reference -> evaluate -> train -> cli
 
 ``microbatch`` (the typed micro-batch) is the contract between ``data`` (which makes it ready) and ``objective``
 (which runs it): below both, so that the objective needs nothing from ``data``.
@@ -39,7 +39,7 @@ LAYERS = [
     ("logprobs_kernels",),
     ("logprobs", "losses"),
     ("objective",),
-    ("checkpoint", "optim", "metrics_log"),
+    ("checkpoint", "snapshot", "optim", "metrics_log"),
     ("plan",),
     ("runtime",),
     ("reference",),
