@@ -50,8 +50,9 @@ def test_dpo_starts_at_log2_and_falls(tmp_path, tiny):
             assert cp_m[step][key] == pytest.approx(m[step][key], rel=1e-5, abs=1e-6), (step, key)
 
     # The stored reference belongs to this data: changing the tokenisation makes it stale (the resume
-    # allows the change, so that the reference's own check is what refuses it).
-    stale = write_config(tmp_path / "stale.yaml", *tiny, **{**sections, "data": {"max_length": 40},
+    # allows the change, and a step is left to train, so that the reference's own check is what refuses it).
+    more = {**sections, "train": {"max_steps": 31}}
+    stale = write_config(tmp_path / "stale.yaml", *tiny, **{**more, "data": {"max_length": 40},
                                                            "checkpoint": {"allow_changes": ["data.max_length"]}})
     with pytest.raises(AssertionError, match="reference log-probs .* are stale: .* different data"):
         run_ranks("train_entry.py", 2, stale)
@@ -59,4 +60,4 @@ def test_dpo_starts_at_log2_and_falls(tmp_path, tiny):
     # A damaged file is an error naming it, on every rank (rank 0 reads it and tells the others).
     (out / "reference_logps" / "train.npz").write_bytes(b"not an npz")
     with pytest.raises(AssertionError, match="reference log-probs .*train.npz cannot be read"):
-        run_ranks("train_entry.py", 2, cfg)
+        run_ranks("train_entry.py", 2, write_config(tmp_path / "more.yaml", *tiny, **more))
