@@ -100,7 +100,7 @@ def _parse_quietly(parser: argparse.ArgumentParser, argv: list[str] | None) -> a
 def _parse(prog: str, argv: list[str] | None):
     parser = _parser(prog, TRAIN_HELP if prog == "simpo-train" else EVAL_HELP)
     parser.add_argument("--nproc", type=int, default=None,
-                        help="CPU only, outside torchrun: ranks to launch (default: tp x pp x cp, or pp x lcm(tp, "
+                        help="CPU only, outside torchrun: ranks to launch (default: tp x pp x cp, or pp x lcm(tp x cp, "
                              "ep x etp) with experts); more adds data-parallel ranks, DP = nproc / (tp x pp x cp), "
                              "which must divide evenly")
     return _parse_quietly(parser, argv)

@@ -120,9 +120,6 @@ def check_parallel(p: ParallelConfig) -> None:
     elif p.cp_a2a_size is not None:
         raise ConfigError(f"parallel.cp_a2a_size is only used with parallel.cp_comm_type: a2a+p2p "
                           f"(it is {p.cp_comm_type}); leave it unset")
-    if p.ep > 1 and p.cp > 1:
-        raise ConfigError(f"parallel.ep ({p.ep}) with parallel.cp ({p.cp}) is not supported yet: experts under "
-                          "context parallelism are not tested against CP 1; set one of them to 1")
 
 
 def check_optim(o: OptimConfig) -> None:

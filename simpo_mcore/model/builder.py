@@ -136,9 +136,10 @@ def token_dispatcher(opts: ModelOptions) -> str:
 
 
 def experts_span_replicas(opts: ModelOptions) -> bool:
-    """Whether an expert group (``ep x etp`` ranks, laid over the tensor-parallel ranks first, as megatron does)
-    reaches into other data-parallel replicas, whose micro-batches hold other tokens."""
-    return opts.ep * (opts.etp or opts.tp) > opts.tp
+    """Whether an expert group (``ep x etp`` ranks, laid over the tensor- then context-parallel ranks first, as
+    megatron does) reaches into other data-parallel replicas, whose micro-batches hold other tokens (the CP ranks of
+    one replica split the same micro-batches)."""
+    return opts.ep * (opts.etp or opts.tp) > opts.tp * opts.cp
 
 
 def check_dispatcher_for_data(opts: ModelOptions) -> None:
@@ -166,11 +167,6 @@ def check_moe_layout(arch: ModelArch, opts: ModelOptions) -> None:
         return
     if arch.num_experts % opts.ep:
         raise ValueError(f"parallel.ep={opts.ep} must divide the model's {arch.num_experts} experts")
-    if opts.cp > 1:
-        # megatron runs MoE layers under CP (its load-balancing terms reduce over the TP x CP group), but the
-        # project's router and its metrics have not been checked against CP 1 on split sequences.
-        raise ValueError(f"parallel.cp={opts.cp} with a mixture-of-experts model is not supported yet (not tested "
-                         "against CP 1); set parallel.cp: 1")
     if opts.tp > 1 and not opts.sequence_parallel:
         raise ValueError(f"parallel.tp={opts.tp} with a mixture-of-experts model needs "
                          "parallel.sequence_parallel: true (megatron's MoE layers refuse TP without it in training)")

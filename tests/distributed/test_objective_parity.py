@@ -34,7 +34,9 @@ and averages to 1e-6 relative, gradients to 1e-5.
 Under context parallelism (CP 2, and CP 2 x DP 2) every micro-batch is split over the two CP ranks as training
 splits it (every sequence padded for the split, none of these a multiple of 4), the per-sequence sums reduced over
 them: the same reference, the same bounds, with ``LossScale`` as at CP 1 (megatron's schedule multiplies each loss
-by cp, DDP averages over dp x cp ranks).
+by cp, DDP averages over dp x cp ranks). The Qwen3-MoE too, with the load-balancing term, at CP 2 x EP 1, CP 2 x
+EP 2 x DP 2 and CP 2 x EP 4 x DP 2: each CP rank's router loss is its tokens' probabilities against the micro-batch's
+expert counts reduced over the CP group (the term's share), and megatron scales its gradient by cp as the loss's.
 """
 
 from __future__ import annotations
@@ -232,10 +234,13 @@ def cp_layout(tp, pp, dp, sp, vpp, cp) -> tuple:
 
 
 AUX = 0.05
-# The mixture of experts: (tp, pp, dp, sp, vpp, ep, moe_aux_loss_coeff, etp).
+# The mixture of experts: (tp, pp, dp, sp, vpp, ep, moe_aux_loss_coeff, etp[, cp]). Under CP 2: EP 1, EP 2 over
+# the two CP ranks of each replica, and EP 4 over both replicas' CP ranks (the expert data-parallel group spans
+# DP x CP), each with the load-balancing term, whose token counts megatron reduces over TP x CP.
 MOE_LAYOUTS = [(1, 1, 2, False, None, 2, 0.0, None), (1, 1, 2, False, None, 2, AUX, None),
                (1, 1, 1, False, None, 1, AUX, None), (1, 2, 2, False, None, 2, AUX, None),
-               (2, 2, 1, True, None, 2, AUX, 1)]
+               (2, 2, 1, True, None, 2, AUX, 1), (1, 1, 1, False, None, 1, AUX, None, 2),
+               (1, 1, 2, False, None, 2, AUX, None, 2), (1, 1, 2, False, None, 4, AUX, None, 2)]
 # (tp, pp, dp, sp, vpp, cp): context parallelism, added to the launches of 2 and 4 ranks.
 CP_LAYOUTS = [(1, 1, 1, False, None, 2), (1, 1, 2, False, None, 2)]
 MODEL_LAYOUTS = {"untied": LAYOUTS + [cp_layout(*x) for x in CP_LAYOUTS], "tied": TIED_LAYOUTS,
@@ -381,11 +386,12 @@ def test_model_families_match_reference(setup, results, expected, model, tp, pp,
 def test_mixture_of_experts_matches_reference(setup, results, expected, layout):
     """SimPO on a Qwen3-MoE at EP 2 as on the HF model; with the load-balancing loss on (at DP 1, EP 2, EP 2 x
     PP 2 with the stages' MoE layers gathered, TP 2 + SP x PP 2 with the padding split over the TP ranks of the
-    second stage too) the reference gains the term of the module docstring for the step's own micro-batches,
+    second stage too, under CP 2 at EP 1, 2 and 4 with every sequence split over two ranks and each rank's router
+loss its tokens' share) the reference gains the term of the module docstring for the step's own micro-batches,
     whose logged value and gradients must match, and SimPO's metrics do not move. The term carries most of the
     routers' gradient, so a wrong weight cannot pass."""
     _, hfs, pairs = setup
-    tp, pp, dp, sp, vpp, ep, aux, etp = layout
+    tp, pp, dp, sp, vpp, ep, aux, etp = layout[:8]
 
     def reference_of(got):
         return reference(hfs["qwen3_moe"], pairs, got["micro_batches"], aux)

@@ -180,11 +180,17 @@ def test_a_shared_row_length_pads_the_last_segment():
     (["parallel.cp=2", "parallel.tp=8", "parallel.sequence_parallel=true", "data.max_length=33",
       "data.max_prompt_length=8", "data.pack_tokens=96"], "data.pack_tokens (96) must be at least 128 under "
                                                           "parallel.cp 2"),
-    (["parallel.cp=2", "parallel.ep=2"], "parallel.ep (2) with parallel.cp (2) is not supported yet"),
 ])
 def test_context_parallel_settings_that_cannot_run_name_their_keys(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, overrides)
+
+
+def test_experts_under_context_parallelism_are_accepted():
+    """EP 2 x CP 2 (the parity launches' layout): the expert groups lie within the CP ranks of a replica, so two
+    ranks are the smallest world that runs it."""
+    cfg = load_config(None, ["parallel.cp=2", "parallel.ep=2"])
+    assert (cfg.parallel.cp, cfg.parallel.ep, cfg.parallel.min_world_size()) == (2, 2, 2)
 
 
 def test_defaults_and_a_runnable_hierarchy():

@@ -192,14 +192,24 @@ def test_shipped_moe_configs_fit_their_models(name, hub):
     (ModelOptions(tp=2, sequence_parallel=True, moe_dispatcher="alltoall"), ARCH,
      "model.moe_token_dispatcher: alltoall with expert tensor parallelism (2)"),
     (ModelOptions(spec="sdpa", moe_grouped_gemm=True), ARCH, "grouped-GEMM experts need the Transformer Engine spec"),
-    (ModelOptions(cp=2), ARCH, "parallel.cp=2 with a mixture-of-experts model is not supported yet"),
-], ids=["ep_not_dividing_experts", "ep_on_dense", "tp_without_sp", "cpu_alltoall_with_etp", "grouped_without_te",
-        "context_parallel"])
+], ids=["ep_not_dividing_experts", "ep_on_dense", "tp_without_sp", "cpu_alltoall_with_etp", "grouped_without_te"])
 def test_moe_layouts_are_refused_naming_the_keys(opts, arch, message):
     from simpo_mcore.model.builder import check_moe_layout
 
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_moe_layout(arch, opts)
+
+
+def test_expert_groups_under_context_parallelism():
+    """megatron lays an expert group over the tensor- then context-parallel ranks first: EP 2 over the two CP ranks
+    of a replica shares its micro-batches (no aligned evaluation needed, any dispatcher), EP 4 over CP 2 reaches
+    into a second replica; the layout itself is accepted."""
+    from simpo_mcore.model.builder import check_moe_layout, experts_span_replicas
+
+    for opts in (ModelOptions(cp=2), ModelOptions(cp=2, ep=2), ModelOptions(cp=2, tp=2, sequence_parallel=True, ep=2)):
+        check_moe_layout(ARCH, opts)
+    assert not experts_span_replicas(ModelOptions(cp=2, ep=2))
+    assert experts_span_replicas(ModelOptions(cp=2, ep=4)) and experts_span_replicas(ModelOptions(ep=2))
 
 
 def test_expert_groups_must_fit_the_world():
