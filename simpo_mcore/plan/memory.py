@@ -95,13 +95,21 @@ def _close(buckets: list, bucket_start: int, end: int, align: int) -> int:
 def shard_elements(buffer: Buffer, dp: int, dp_rank: int) -> tuple[int, int]:
     """(parameter elements, parameters with any element) in data-parallel rank ``dp_rank``'s shard of every
     bucket: what the distributed optimizer keeps master weights and moments for."""
-    elements, tensors = 0, 0
     shards = []
     for lo, hi in buffer.buckets:
         size = (hi - lo) // dp
         shards.append((lo + dp_rank * size, lo + (dp_rank + 1) * size))
-    for start, end in buffer.ranges:
-        overlap = sum(max(0, min(end, b) - max(start, a)) for a, b in shards)
+    shards.sort()
+    elements, tensors, first = 0, 0, 0
+    # Ranges and shards are each disjoint: one sweep over both in address order (a model of thousands of
+    # expert tensors would otherwise cost ranges x buckets).
+    for start, end in sorted(buffer.ranges):
+        while first < len(shards) and shards[first][1] <= start:
+            first += 1
+        overlap, i = 0, first
+        while i < len(shards) and shards[i][0] < end:
+            overlap += max(0, min(end, shards[i][1]) - max(start, shards[i][0]))
+            i += 1
         elements += overlap
         tensors += overlap > 0
     return elements, tensors
@@ -164,6 +172,16 @@ def stage_parameters(shape: ModelShape, spec: str, tp: int, pp: int, vpp: int | 
     """Per chunk of pipeline rank ``pp_rank``, its parameters (:func:`~simpo_mcore.plan.shape.chunk_parameters`)."""
     return tuple(tuple(chunk_parameters(shape, c, spec, tp, pp, ep, vocab_rows))
                  for c in chunks_of_stage(shape, pp, vpp, pp_rank))
+
+
+@functools.lru_cache(maxsize=4096)
+def stage_static_bytes(shape: ModelShape, spec: str, tp: int, pp: int, vpp: int | None, pp_rank: int, ep: int,
+                       vocab_rows: int, numerics: Numerics, dp: int, edp: int, dp_rank: int,
+                       distributed_optimizer: bool) -> StaticBytes:
+    """:func:`static_bytes` of a pipeline rank's :func:`stage_parameters`, kept per layout: the layouts that differ
+    only in recomputation or micro-batches share them (keyed on sizes, not on thousands of tensors)."""
+    return static_bytes(stage_parameters(shape, spec, tp, pp, vpp, pp_rank, ep, vocab_rows), numerics, dp, edp,
+                        dp_rank, distributed_optimizer)
 
 
 @dataclass(frozen=True)
@@ -257,8 +275,9 @@ def rank_memory(setup: Setup, layout: Layout, mb: MicroBatchShape, pp_rank: int 
     rows = setup.vocab_rows(layout.tp)
     chunks = chunks_of_stage(shape, layout.pp, layout.vpp, pp_rank)
     params = stage_parameters(shape, impl.spec, layout.tp, layout.pp, layout.vpp, pp_rank, layout.ep, rows)
-    static = static_bytes(params, setup.numerics, layout.dp * layout.cp, layout.edp, dp_rank,
-                          layout.distributed_optimizer)
+    static = stage_static_bytes(shape, impl.spec, layout.tp, layout.pp, layout.vpp, pp_rank, layout.ep, rows,
+                                setup.numerics, layout.dp * layout.cp, layout.edp, dp_rank,
+                                layout.distributed_optimizer)
     saved = sum(chunk_saved_bytes(shape, impl, par, mb, c, layout.recompute, layout.recompute_layers,
                                   setup.keep_logits, rows) for c in chunks)
     flight = in_flight_microbatches(layout.pp, layout.vpp, pp_rank, microbatches)
