@@ -24,12 +24,15 @@ demo: $(STAMP)
 demo-parity: $(STAMP)
 	$(BIN)/python tools/demo_parity.py
 
+# The quick subset runs on two workers (single-process tests: one per core); the slow tests launch their own
+# ranks, which already fill the cores, so they run one at a time.
 test: $(STAMP)
 	$(BIN)/ruff check simpo_mcore tools tests benchmarks
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -m "not slow" -n 2
+	$(BIN)/python -m pytest -q -m slow --durations=15
 
 test-quick: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check simpo_mcore tools tests benchmarks

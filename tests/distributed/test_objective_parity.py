@@ -239,8 +239,7 @@ AUX = 0.05
 # DP x CP), each with the load-balancing term, whose token counts megatron reduces over TP x CP.
 MOE_LAYOUTS = [(1, 1, 2, False, None, 2, 0.0, None), (1, 1, 2, False, None, 2, AUX, None),
                (1, 1, 1, False, None, 1, AUX, None), (1, 2, 2, False, None, 2, AUX, None),
-               (2, 2, 1, True, None, 2, AUX, 1), (1, 1, 1, False, None, 1, AUX, None, 2),
-               (1, 1, 2, False, None, 2, AUX, None, 2), (1, 1, 2, False, None, 4, AUX, None, 2)]
+               (2, 2, 1, True, None, 2, AUX, 1), (1, 1, 2, False, None, 2, AUX, None, 2)]
 # (tp, pp, dp, sp, vpp, cp): context parallelism, added to the launches of 2 and 4 ranks.
 CP_LAYOUTS = [(1, 1, 1, False, None, 2), (1, 1, 2, False, None, 2)]
 MODEL_LAYOUTS = {"untied": LAYOUTS + [cp_layout(*x) for x in CP_LAYOUTS], "tied": TIED_LAYOUTS,
